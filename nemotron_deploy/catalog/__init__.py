@@ -1,0 +1,190 @@
+"""What nemotron-deploy knows about GPUs and models, in one place.
+
+The data lives in `gpus.yaml` and `models.yaml` beside this file: adding a GPU type or a model size
+is one entry there. A model can also be read from a NeMo checkpoint's own `model_config.yaml`
+(`ModelSpec.from_model_config`), so any Megatron GPT checkpoint can be sized.
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+HERE = Path(__file__).resolve().parent
+GIB = 1024**3
+
+# Activations whose MLP has a gate (three matrices instead of two).
+GATED_ACTIVATIONS = {"swiglu", "geglu", "reglu", "fast-swiglu", "fast-geglu", "fast-reglu"}
+
+
+class CatalogError(ValueError):
+    """A catalog lookup or a model_config.yaml that can't be used; the message says what to do."""
+
+
+class GpuType(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str
+    description: str
+    smi_names: list[str] = Field(min_length=1)
+    memory_mib: int = Field(gt=0, description="usable memory as nvidia-smi reports memory.total")
+    nvlink_domain: int = Field(ge=1)
+    gpus_per_node: list[int] = Field(min_length=1)
+    default_gpus_per_node: int
+
+    @model_validator(mode="after")
+    def _default_is_allowed(self) -> GpuType:
+        if self.default_gpus_per_node not in self.gpus_per_node:
+            raise ValueError(f"default_gpus_per_node {self.default_gpus_per_node} not in gpus_per_node")
+        return self
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory_mib / 1024
+
+
+class ModelSpec(BaseModel):
+    """The architecture facts sizing needs, named as in NeMo's model_config.yaml."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    key: str
+    description: str = ""
+    num_layers: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    ffn_hidden_size: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_query_groups: int = Field(gt=0)
+    kv_channels: int = Field(gt=0)
+    encoder_seq_length: int = Field(gt=0)
+    vocab_size: int = Field(gt=0)
+    activation: str = "gelu"
+    share_embeddings_and_output_weights: bool = False
+    bytes_per_param: int = 2
+
+    @model_validator(mode="after")
+    def _heads_split_in_groups(self) -> ModelSpec:
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_query_groups ({self.num_query_groups})"
+            )
+        return self
+
+    # --- parameter counts (bias-free linear layers, as Nemotron-4 and most Megatron GPTs) ---
+    @property
+    def attention_params_per_layer(self) -> int:
+        q = self.num_attention_heads * self.kv_channels
+        kv = 2 * self.num_query_groups * self.kv_channels
+        return self.hidden_size * (q + kv) + q * self.hidden_size
+
+    @property
+    def mlp_params_per_layer(self) -> int:
+        matrices = 3 if self.activation in GATED_ACTIVATIONS else 2
+        return matrices * self.hidden_size * self.ffn_hidden_size
+
+    @property
+    def norm_params_per_layer(self) -> int:
+        return 2 * 2 * self.hidden_size  # two layernorms, weight and bias each
+
+    @property
+    def params_per_layer(self) -> int:
+        return self.attention_params_per_layer + self.mlp_params_per_layer + self.norm_params_per_layer
+
+    @property
+    def embedding_params(self) -> int:
+        """One embedding table (the input one, or the output layer when untied)."""
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def parameter_count(self) -> int:
+        tables = 1 if self.share_embeddings_and_output_weights else 2
+        final_norm = 2 * self.hidden_size
+        return self.num_layers * self.params_per_layer + tables * self.embedding_params + final_norm
+
+    @property
+    def weights_gib(self) -> float:
+        return self.parameter_count * self.bytes_per_param / GIB
+
+    @property
+    def kv_bytes_per_token_per_layer(self) -> int:
+        """K and V, one vector per query group, in the model's dtype."""
+        return 2 * self.num_query_groups * self.kv_channels * self.bytes_per_param
+
+    @classmethod
+    def from_model_config(cls, path: str | Path) -> ModelSpec:
+        """Read a NeMo checkpoint's `model_config.yaml` (a checkpoint dir or the file itself)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model_config.yaml"
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise CatalogError(
+                f"{path}: no such file; point --model-config at a checkpoint's model_config.yaml"
+            ) from None
+        except yaml.YAMLError as exc:
+            raise CatalogError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise CatalogError(f"{path}: expected a mapping of model settings, got {type(raw).__name__}")
+        data: dict[str, Any] = dict(raw)
+        if data.get("num_query_groups") is None:  # null in configs without GQA
+            data["num_query_groups"] = data.get("num_attention_heads")
+        if data.get("kv_channels") is None and data.get("hidden_size") and data.get("num_attention_heads"):
+            data["kv_channels"] = data["hidden_size"] // data["num_attention_heads"]
+        if data.get("vocab_size") is None:
+            tokenizer = data.get("tokenizer") or {}
+            data["vocab_size"] = tokenizer.get("vocab_size") or data.get("padded_vocab_size")
+        data.setdefault("share_embeddings_and_output_weights", True)
+        precision = str(data.get("precision", "bf16"))
+        data["bytes_per_param"] = 4 if precision in {"32", "fp32", "32-true"} else 2
+        data["key"] = path.parent.name or str(path)
+        data["description"] = f"read from {path}"
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise CatalogError(f"{path}: can't size this checkpoint: {problems}") from None
+
+
+def _load(name: str) -> dict[str, dict[str, Any]]:
+    return yaml.safe_load((HERE / name).read_text())
+
+
+@cache
+def gpu_types() -> dict[str, GpuType]:
+    return {key: GpuType(key=key, **entry) for key, entry in _load("gpus.yaml").items()}
+
+
+@cache
+def models() -> dict[str, ModelSpec]:
+    return {key: ModelSpec(key=key, **entry) for key, entry in _load("models.yaml").items()}
+
+
+def _lookup(table: dict[str, Any], key: str, what: str) -> Any:
+    if key in table:
+        return table[key]
+    close = difflib.get_close_matches(key, table, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise CatalogError(f"unknown {what} {key!r}{hint}; known: {', '.join(table)}")
+
+
+def gpu_type(key: str) -> GpuType:
+    return _lookup(gpu_types(), key, "GPU type")
+
+
+def model(key: str) -> ModelSpec:
+    return _lookup(models(), key, "model")
+
+
+def gpu_type_for_smi_name(name: str) -> GpuType | None:
+    """The catalog entry whose nvidia-smi name this is, if any."""
+    for gpu in gpu_types().values():
+        if name in gpu.smi_names:
+            return gpu
+    return None

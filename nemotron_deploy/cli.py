@@ -1,0 +1,183 @@
+"""`nemotron-deploy`: plan, render and validate inventories; check health; run the sandbox cluster.
+
+Exit codes: 0 success, 1 a check failed (invalid inventory, plan refused), 2 usage error.
+`health` and `preflight` follow the Nagios plugin convention (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
+Subcommands that run on cluster nodes (health, preflight) import nothing heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+# Subcommands implemented by their own module's main(argv); imported only when used.
+DELEGATED: dict[str, tuple[str, str]] = {
+    "health": ("nemotron_deploy.health", "poll the server until it generates; Nagios/JSON/Prometheus check"),
+    "preflight": ("nemotron_deploy.preflight", "check this node's GPUs with nvidia-smi (Nagios exit codes)"),
+    "sandbox": ("nemotron_deploy.sandbox.cli", "a local Slurm cluster in network namespaces (root)"),
+}
+
+
+def _load_cluster(path: str, model_config: str | None = None):
+    from .catalog import CatalogError, ModelSpec
+    from .inventory import load
+
+    spec = None
+    if model_config:
+        try:
+            spec = ModelSpec.from_model_config(model_config)
+        except CatalogError as exc:
+            raise SystemExit(_fail(str(exc), EXIT_USAGE)) from None
+    return load(path, model_spec=spec)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"nemotron-deploy: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .inventory import InventoryError
+
+    try:
+        cluster = _load_cluster(args.inventory, args.model_config)
+    except InventoryError as exc:
+        return _fail(f"cannot plan {args.inventory}:\n{exc}", EXIT_INVALID)
+    p = cluster.plan
+    if args.json:
+        print(json.dumps(p.as_dict(), indent=2))
+        return EXIT_OK
+    rows = [
+        ("model", f"{p.model} ({p.parameters_billion} B parameters)"),
+        ("gpu", f"{p.gpu} ({p.usable_memory_gib} GiB usable)"),
+        ("nodes per replica", f"{p.nodes} x {p.gpus_per_node} GPUs"),
+        (
+            "tensor parallel",
+            str(p.tensor_parallel) + (" (crosses NVLink domains)" if p.tp_crosses_nvlink else ""),
+        ),
+        ("pipeline parallel", str(p.pipeline_parallel)),
+        ("replicas", f"{p.replicas} (from {p.nodes_available} compute nodes)"),
+        (
+            "per-GPU memory",
+            f"{p.per_gpu_memory_gib} GiB = weights {p.weights_per_gpu_gib} + KV cache "
+            f"{p.kv_cache_per_gpu_gib} (batch {p.batch} x {p.seq_length} tokens) "
+            f"+ reserve {p.runtime_reserve_gib}",
+        ),
+        ("headroom", f"{p.headroom_gib} GiB per GPU"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return EXIT_OK
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from .inventory import InventoryError
+    from .render import write
+
+    try:
+        cluster = _load_cluster(args.inventory)
+    except InventoryError as exc:
+        return _fail(f"not rendering {args.inventory}:\n{exc}", EXIT_INVALID)
+    for path in write(cluster, args.out):
+        print(path)
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .inventory import InventoryError, load
+
+    results = []
+    for path in args.inventories:
+        try:
+            cluster = load(path)
+            results.append(
+                {
+                    "inventory": path,
+                    "valid": True,
+                    "hosts": len(cluster.login) + len(cluster.compute),
+                    "plan": cluster.plan.as_dict(),
+                    "problems": [],
+                }
+            )
+        except InventoryError as exc:
+            results.append(
+                {"inventory": path, "valid": False, "problems": [p.as_dict() for p in exc.problems]}
+            )
+    if args.json:
+        print(json.dumps({"valid": all(r["valid"] for r in results), "inventories": results}, indent=2))
+    else:
+        for r in results:
+            if r["valid"]:
+                p = r["plan"]
+                print(
+                    f"ok       {r['inventory']}: {r['hosts']} hosts, {p['nodes']} x {p['gpus_per_node']} "
+                    f"{p['gpu']}, TP {p['tensor_parallel']} x PP {p['pipeline_parallel']}, "
+                    f"{p['replicas']} replica(s)"
+                )
+            else:
+                print(f"INVALID  {r['inventory']}:")
+                for problem in r["problems"]:
+                    host = f"host {problem['host']}: " if problem["host"] else ""
+                    fld = f"{problem['field']}" if problem["field"] else ""
+                    val = f" = {problem['value']!r}" if problem["value"] is not None else ""
+                    print(
+                        f"  - {host}{fld}{val}: {problem['message']}"
+                        if fld
+                        else f"  - {host}{problem['message']}"
+                    )
+    return EXIT_OK if all(r["valid"] for r in results) else EXIT_INVALID
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nemotron-deploy",
+        description="Deploy NVIDIA Nemotron-4-340B-Base for inference with NeMo on Slurm GPU clusters. "
+        "The deploy itself is `pyinfra INVENTORY deploys/nemotron.py`.",
+        epilog="Exit codes: 0 ok, 1 invalid/refused, 2 usage error; health and preflight use Nagios codes.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("plan", help="size a replica for an inventory's GPUs (nodes, TP, PP, memory)")
+    p.add_argument("inventory", help="pyinfra inventory file, e.g. inventories/h100.py")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--model-config", metavar="PATH", help="size this checkpoint's model_config.yaml instead")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("render", help="write the job files the deploy would install")
+    p.add_argument("inventory")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory to write the files into")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("validate", help="validate inventories, every host and setting (for CI)")
+    p.add_argument("inventories", nargs="+", metavar="INVENTORY")
+    p.add_argument("--json", action="store_true", help="one JSON object with every problem")
+    p.set_defaults(func=cmd_validate)
+
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        module = importlib.import_module(DELEGATED[argv[0]][0])
+        run: Callable[[list[str]], int] = module.main
+        return run(argv[1:])
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

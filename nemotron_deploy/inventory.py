@@ -1,0 +1,334 @@
+"""Load a pyinfra inventory the way pyinfra does, and validate every host's settings before deploying.
+
+Two passes: the inventory *file* is read raw first, for the mistakes pyinfra forgives silently (an
+empty group, a group that is not a list, a duplicate host); then pyinfra's own loader builds the
+inventory (with `group_data/`), and every host's merged data is validated by `ClusterSettings`,
+checked for consistency across hosts, and sized by the planner.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from . import planner
+from .catalog import CatalogError, ModelSpec
+from .settings import (
+    NGC_KEY_LIKE,
+    SECRET_FIELD_NAMES,
+    ClusterSettings,
+    split_host_data,
+)
+
+ROLES = ("login", "compute")
+
+# What to change, for pydantic's generic messages (ours already say it).
+FIXES = {
+    "port": "use a port from 1024 to 65535 (the model card uses 1424)",
+    "gpus_per_node": "set it to the GPUs each compute node really has",
+    "gpu_type": "use a key of nemotron_deploy/catalog/gpus.yaml",
+    "container_runtime": "use one of pyxis, docker, podman, apptainer, host",
+    "mode": "use serve (keep serving) or smoke (one call, then end the job)",
+    "gpu_request": "use gpus-per-node, or gres on clusters that reject --gpus-per-node",
+}
+
+
+class InventoryError(Exception):
+    """One or more problems; each names file, host, field, bad value and the fix."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    message: str
+    host: str | None = None
+    field: str | None = None
+    value: Any = None
+
+    def __str__(self) -> str:
+        where = self.file + (f": host {self.host}" if self.host else "")
+        what = f": {self.field}" if self.field else ""
+        value = f" = {self.value!r}" if self.value is not None else ""
+        return f"{where}{what}{value}: {self.message}"
+
+    def as_dict(self) -> dict:
+        return {
+            "file": self.file,
+            "host": self.host,
+            "field": self.field,
+            "value": _jsonable(self.value),
+            "message": self.message,
+        }
+
+
+@dataclass
+class Cluster:
+    """A validated inventory: who is who, the cluster's settings, and the sized plan."""
+
+    path: str
+    name: str
+    login: list[str]
+    compute: list[str]
+    settings: ClusterSettings
+    plan: planner.Plan
+    host_settings: dict[str, ClusterSettings] = field(default_factory=dict)
+
+    @property
+    def login_host(self) -> str:
+        return self.login[0]
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return repr(value)
+
+
+def _host_name(entry: Any) -> Any:
+    return entry[0] if isinstance(entry, tuple) else entry
+
+
+@contextmanager
+def _pyinfra_state() -> Iterator[None]:
+    """pyinfra's file loader needs a State in context; the CLI has one, `nemotron-deploy` doesn't."""
+    from pyinfra.api.state import State
+    from pyinfra.context import ctx_state
+
+    if ctx_state.isset():
+        yield
+        return
+    with ctx_state.use(State(check_for_changes=False)):
+        yield
+
+
+def check_inventory_file(path: str) -> list[Problem]:
+    """The structural mistakes pyinfra skips over without a word."""
+    from pyinfra_cli.util import exec_file
+
+    problems: list[Problem] = []
+    try:
+        with _pyinfra_state():
+            attrs = exec_file(path, return_locals=True)
+    except Exception as exc:  # the inventory is user code: report whatever it raised
+        return [Problem(path, f"the inventory file fails to run: {type(exc).__name__}: {exc}")]
+
+    groups: dict[str, list] = {}
+    for name, value in attrs.items():
+        if name.startswith("_") or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+            continue
+        hosts = (
+            value[0] if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict) else value
+        )
+        if not isinstance(hosts, (list, tuple)):
+            problems.append(
+                Problem(
+                    path,
+                    "pyinfra ignores a group that is not a list of hosts; make it a list, "
+                    "or prefix the name with '_' if it is not a group",
+                    field=name,
+                    value=value,
+                )
+            )
+            continue
+        if not hosts:
+            problems.append(
+                Problem(path, "empty group: pyinfra skips it silently; list its hosts", field=name, value=[])
+            )
+            continue
+        bad = [
+            h
+            for h in hosts
+            if not isinstance(h, (str, tuple))
+            or (
+                isinstance(h, tuple)
+                and (len(h) != 2 or not isinstance(h[0], str) or not isinstance(h[1], dict))
+            )
+        ]
+        if bad:
+            problems.append(
+                Problem(
+                    path,
+                    "pyinfra ignores this whole group: hosts must be 'name' or ('name', {data})",
+                    field=name,
+                    value=bad[0],
+                )
+            )
+            continue
+        names = [_host_name(h) for h in hosts]
+        for dup in sorted({n for n in names if names.count(n) > 1}):
+            problems.append(
+                Problem(
+                    path,
+                    "duplicate host: pyinfra would merge the entries; list it once",
+                    host=dup,
+                    field=name,
+                )
+            )
+        groups[name] = names
+
+    for role in ROLES:
+        if role not in groups and not any(p.field == role for p in problems):
+            problems.append(Problem(path, f'no `{role}` group: define {role} = ["host", ...]', field=role))
+    for host in sorted(set(groups.get("login", [])) & set(groups.get("compute", []))):
+        problems.append(
+            Problem(
+                path,
+                "host is in both login and compute: jobs are submitted from the login "
+                "node and run on compute nodes; keep them apart",
+                host=host,
+            )
+        )
+    if len(groups.get("login", [])) > 1:
+        problems.append(
+            Problem(
+                path,
+                "more than one login host: the sbatch file and the health timer go on exactly one; keep one",
+                field="login",
+                value=groups["login"],
+            )
+        )
+    return problems
+
+
+def _pydantic_problems(path: str, host: str, exc: ValidationError, data: dict) -> list[Problem]:
+    known = list(ClusterSettings.model_fields)
+    problems = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        name = ".".join(loc) if loc else None
+        value = err.get("input") if loc else None
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc[0], known, n=1)
+            msg = "unknown setting" + (
+                f"; did you mean {close[0]!r}?" if close else "; see nemotron_deploy/settings.py"
+            )
+        elif err["type"] == "missing":
+            desc = ClusterSettings.model_fields[loc[0]].description or ""
+            msg = f"required setting is missing: set it in group_data ({desc})"
+            value = None
+        elif loc and loc[0] in FIXES:
+            msg = f"{msg}; {FIXES[loc[0]]}"
+        if not loc:  # a model-level check: find the field it is about
+            for candidate in ("gpus_per_node", "container_image", "gpu_type", "model"):
+                if candidate in err["msg"] or (candidate == "gpu_type" and "GPU type" in err["msg"]):
+                    name, value = candidate, data.get(candidate)
+                    break
+        problems.append(Problem(path, msg, host=host, field=name, value=value))
+    return problems
+
+
+def _secret_problems(path: str, host: str, data: dict) -> list[Problem]:
+    problems = []
+    for key, value in data.items():
+        if key.lower() in SECRET_FIELD_NAMES or (isinstance(value, str) and NGC_KEY_LIKE.match(value)):
+            problems.append(
+                Problem(
+                    path,
+                    "looks like an NGC key in plain text: secrets never go in inventory data; export it "
+                    "in the environment variable named by ngc_api_key_env, or put it in a 0600 file named by "
+                    "ngc_api_key_file",
+                    host=host,
+                    field=key,
+                    value="<redacted>",
+                )
+            )
+    return problems
+
+
+def load(
+    path: str,
+    override_data: dict | None = None,
+    model_spec: ModelSpec | None = None,
+    inventory: Any = None,
+) -> Cluster:
+    """Load and validate one inventory; raise InventoryError listing every problem found.
+
+    `inventory` is pyinfra's already-built Inventory when called from inside a deploy (so `--data`
+    overrides count); otherwise it is built here with pyinfra's own loader.
+    """
+    from pyinfra_cli.inventory import make_inventory_from_files
+
+    path = str(path)
+    if not Path(path).is_file():
+        raise InventoryError([Problem(path, "no such inventory file")])
+    problems = check_inventory_file(path)
+    if problems:
+        raise InventoryError(problems)
+
+    if inventory is None:
+        with _pyinfra_state():
+            inventory = make_inventory_from_files(path, override_data=override_data or {})
+    login = [h.name for h in inventory.get_group("login")]
+    compute = [h.name for h in inventory.get_group("compute")]
+
+    host_settings: dict[str, ClusterSettings] = {}
+    for host in inventory:
+        ours, _ = split_host_data(host.data.dict())
+        found = _secret_problems(path, host.name, ours)
+        if found:
+            problems += found
+            continue
+        try:
+            host_settings[host.name] = ClusterSettings.model_validate(ours)
+        except ValidationError as exc:
+            problems += _pydantic_problems(path, host.name, exc, ours)
+        except CatalogError as exc:
+            problems.append(Problem(path, str(exc), host=host.name))
+    if problems:
+        raise InventoryError(problems)
+
+    reference_host = compute[0]
+    settings = host_settings[reference_host]
+    for name, other in host_settings.items():
+        for key in ClusterSettings.model_fields:
+            if getattr(other, key) != getattr(settings, key):
+                problems.append(
+                    Problem(
+                        path,
+                        f"differs from {reference_host}'s {getattr(settings, key)!r}: cluster settings must "
+                        "be the same on every host; set it in group_data, not per host",
+                        host=name,
+                        field=key,
+                        value=getattr(other, key),
+                    )
+                )
+    if problems:
+        raise InventoryError(problems)
+
+    try:
+        sized = planner.plan(
+            model_spec or settings.model_spec,
+            settings.gpu,
+            settings.node_gpus,
+            len(compute),
+            batch=settings.inference_batch,
+            runtime_reserve_gib=settings.runtime_reserve_gib,
+            tensor_parallel=settings.tensor_parallel,
+            pipeline_parallel=settings.pipeline_parallel,
+        )
+    except planner.PlanError as exc:
+        msg = str(exc)
+        fld = (
+            "tensor_parallel"
+            if msg.startswith("tensor_parallel")
+            else ("pipeline_parallel" if msg.startswith("pipeline_parallel") else "compute")
+        )
+        raise InventoryError([Problem(path, msg, field=fld)]) from None
+
+    return Cluster(path, Path(path).stem, login, compute, settings, sized, host_settings)
