@@ -5,7 +5,8 @@ The memory model, per GPU, for a candidate (nodes, TP, PP):
     weights   = params of the heaviest pipeline stage x bytes per param / TP
                 where a stage holds num_layers / PP transformer layers, plus one embedding table
                 (the first stage holds the input embedding, the last the untied output layer; both
-                are vocab x hidden, so the heaviest stage is layers/PP + one table)
+                are vocab x hidden, so the heaviest stage is layers/PP + one table; with PP 1 the
+                only stage holds both tables when they are untied)
     kv_cache  = batch x seq_length x layers/PP x (2 x query_groups x kv_channels x bytes) / TP
     reserve   = a fixed runtime allowance (CUDA context, NCCL buffers, activations, allocator
                 fragmentation), `runtime_reserve_gib`, stated in every plan
@@ -71,7 +72,9 @@ def _divisors(n: int) -> list[int]:
 def memory_per_gpu(model: ModelSpec, tp: int, pp: int, batch: int, reserve_gib: float) -> tuple[float, float]:
     """(weights GiB, KV-cache GiB) on the most loaded GPU; see the module docstring."""
     layers_per_stage = model.num_layers // pp
-    stage_params = layers_per_stage * model.params_per_layer + model.embedding_params
+    # PP 1: the one stage is both first (input embedding) and last (output layer, if untied).
+    tables = 2 if pp == 1 and not model.share_embeddings_and_output_weights else 1
+    stage_params = layers_per_stage * model.params_per_layer + tables * model.embedding_params
     weights = stage_params * model.bytes_per_param / tp / GIB
     kv = batch * model.encoder_seq_length * layers_per_stage * model.kv_bytes_per_token_per_layer / tp / GIB
     return weights, kv
