@@ -21,6 +21,10 @@ GIB = 1024**3
 # Activations whose MLP has a gate (three matrices instead of two).
 GATED_ACTIVATIONS = {"swiglu", "geglu", "reglu", "fast-swiglu", "fast-geglu", "fast-reglu"}
 
+# Tokenizers whose vocabulary size a model_config.yaml does not state (NeMo reads it from the tokenizer
+# file): the file name as `tokenizer.model` ends (NeMo may prefix it, `nemo:<hash>_...`) -> pieces.
+KNOWN_TOKENIZER_VOCAB = {"nemotron_2_256k.model": 256000}
+
 
 class CatalogError(ValueError):
     """A catalog lookup or a model_config.yaml that can't be used; the message says what to do."""
@@ -139,7 +143,18 @@ class ModelSpec(BaseModel):
             data["kv_channels"] = data["hidden_size"] // data["num_attention_heads"]
         if data.get("vocab_size") is None:
             tokenizer = data.get("tokenizer") or {}
-            data["vocab_size"] = tokenizer.get("vocab_size") or data.get("padded_vocab_size")
+            tokenizer_file = str(tokenizer.get("model") or "")
+            data["vocab_size"] = (
+                tokenizer.get("vocab_size")
+                or data.get("padded_vocab_size")
+                or next((n for f, n in KNOWN_TOKENIZER_VOCAB.items() if tokenizer_file.endswith(f)), None)
+            )
+            if data["vocab_size"] is None:
+                raise CatalogError(
+                    f"{path}: no vocabulary size: the file gives neither tokenizer.vocab_size nor "
+                    f"padded_vocab_size, and tokenizer.model {tokenizer_file!r} is not a known tokenizer; "
+                    "add tokenizer.vocab_size (the number of pieces in the tokenizer)"
+                )
         data.setdefault("share_embeddings_and_output_weights", True)
         precision = str(data.get("precision", "bf16"))
         data["bytes_per_param"] = 4 if precision in {"32", "fp32", "32-true"} else 2
