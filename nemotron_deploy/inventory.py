@@ -233,22 +233,33 @@ def _pydantic_problems(path: str, host: str, exc: ValidationError, data: dict) -
     return problems
 
 
+def _secret_fields(name: str, value: Any) -> list[str]:
+    """`name` and the dotted names inside it (job_env.X, list items) that hold a key in plain text."""
+    if name.rsplit(".", 1)[-1].lower() in SECRET_FIELD_NAMES:
+        return [name]
+    if isinstance(value, str):
+        return [name] if NGC_KEY_LIKE.match(value) else []
+    if isinstance(value, dict):
+        return [f for k, v in value.items() for f in _secret_fields(f"{name}.{k}", v)]
+    if isinstance(value, (list, tuple)):
+        return [f for i, v in enumerate(value) for f in _secret_fields(f"{name}.{i}", v)]
+    return []
+
+
 def _secret_problems(path: str, host: str, data: dict) -> list[Problem]:
-    problems = []
-    for key, value in data.items():
-        if key.lower() in SECRET_FIELD_NAMES or (isinstance(value, str) and NGC_KEY_LIKE.match(value)):
-            problems.append(
-                Problem(
-                    path,
-                    "looks like an NGC key in plain text: secrets never go in inventory data; export it "
-                    "in the environment variable named by ngc_api_key_env, or put it in a 0600 file named by "
-                    "ngc_api_key_file",
-                    host=host,
-                    field=key,
-                    value="<redacted>",
-                )
-            )
-    return problems
+    return [
+        Problem(
+            path,
+            "looks like an NGC key in plain text: secrets never go in inventory data; export it "
+            "in the environment variable named by ngc_api_key_env, or put it in a 0600 file named by "
+            "ngc_api_key_file",
+            host=host,
+            field=field_name,
+            value="<redacted>",
+        )
+        for key, value in data.items()
+        for field_name in _secret_fields(key, value)
+    ]
 
 
 def load(
