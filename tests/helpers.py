@@ -1,0 +1,98 @@
+"""Helpers for the foundation tests: throw-away inventories beside their own `group_data/`.
+
+pyinfra reads `group_data/` from the inventory file's directory, so a test inventory is a directory
+holding `<name>.py` (the hosts) and `group_data/all.py` + `group_data/<name>.py` (the settings), copied
+from the repository's `inventories/` and then changed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nemotron_deploy import inventory
+
+REPO = Path(__file__).resolve().parent.parent
+INVENTORIES = REPO / "inventories"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+GOLDEN = Path(__file__).resolve().parent / "golden"
+MODEL_CONFIG = FIXTURES / "model_config.yaml"
+SHIPPED = ("h100", "h200", "a100")
+
+# A key that looks like a real NGC personal key (never a real one).
+FAKE_NGC_KEY = "nvapi-Zq3x9LmT0pWv7RkYb2Hs5JdN8cFg4UaE1oXiK6tQ"
+
+
+def write_inventory(
+    directory: Path,
+    base: str = "h100",
+    *,
+    hosts: str | None = None,
+    settings: dict[str, Any] | None = None,
+    extra: str = "",
+    name: str | None = None,
+) -> Path:
+    """Copy inventories/<base>.py and its group data into `directory`, then change them.
+
+    hosts:    replaces the inventory file's text (the `login`/`compute` groups).
+    settings: assignments appended to group_data/<name>.py; a later assignment wins, so these
+              override the shipped values.
+    extra:    raw Python appended to group_data/<name>.py.
+    name:     the inventory's file name (default `base`); group_data/<name>.py follows it.
+    """
+    name = name or base
+    directory.mkdir(parents=True, exist_ok=True)
+    group_data = directory / "group_data"
+    group_data.mkdir(exist_ok=True)
+    shutil.copy(INVENTORIES / "group_data" / "all.py", group_data / "all.py")
+    data = (INVENTORIES / "group_data" / f"{base}.py").read_text()
+    for key, value in (settings or {}).items():
+        data += f"{key} = {value!r}\n"
+    (group_data / f"{name}.py").write_text(data + extra)
+    path = directory / f"{name}.py"
+    path.write_text(hosts if hosts is not None else (INVENTORIES / f"{base}.py").read_text())
+    return path
+
+
+def problems_of(path: Path) -> list[inventory.Problem]:
+    """The problems `inventory.load` reports; fails the test if the inventory loads."""
+    with pytest.raises(inventory.InventoryError) as info:
+        inventory.load(str(path))
+    assert info.value.problems, "InventoryError without problems"
+    return info.value.problems
+
+
+def only_field(problems: list[inventory.Problem], field: str) -> list[inventory.Problem]:
+    """The problems about `field`, asserting there is at least one and that none is about another field."""
+    fields = {p.field for p in problems}
+    assert fields == {field}, f"expected problems about {field!r} only, got {fields}: {problems}"
+    return problems
+
+
+def require_shellcheck() -> str:
+    path = shutil.which("shellcheck")
+    if path is None:
+        pytest.fail("install shellcheck (apt-get install shellcheck)")
+    return path
+
+
+def shellcheck(*files: Path) -> None:
+    """Fail with shellcheck's findings unless every file is clean (all severities)."""
+    result = subprocess.run(
+        [require_shellcheck(), "--format=gcc", *map(str, files)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"shellcheck found problems:\n{result.stdout}{result.stderr}"
+
+
+def run_main(argv: list[str]) -> int:
+    """`nemotron-deploy ARGV` in-process, as an exit code (a SystemExit counts, as in the shell)."""
+    from nemotron_deploy import cli
+
+    try:
+        return cli.main(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
