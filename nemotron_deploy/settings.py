@@ -146,6 +146,10 @@ class ClusterSettings(BaseModel):
     # --- container
     container_runtime: Literal["pyxis", "docker", "podman", "apptainer", "host"] = "pyxis"
     container_image: SafeValue | None = None
+    pull_runtime: Literal["docker", "podman"] | None = Field(
+        None,
+        description="also pull the image with this tool on every compute node (the sandbox: host + podman)",
+    )
     registry_tls_verify: bool = True
     ngc_api_key_env: EnvName | None = "NGC_API_KEY"
     ngc_api_key_file: AbsPath | None = None
@@ -199,6 +203,14 @@ class ClusterSettings(BaseModel):
         if self.container_image:
             return self.container_image
         return DEFAULT_IMAGE.replace("/", "#", 1) if self.container_runtime == "pyxis" else DEFAULT_IMAGE
+
+    @property
+    def eval_script(self) -> str:
+        return f"{self.nemo_dir}/examples/nlp/language_modeling/megatron_gpt_eval.py"
+
+    @staticmethod
+    def container_storage_dir(runtime: str) -> str:
+        return "/var/lib/docker" if runtime == "docker" else "/var/lib/containers"
 
     @property
     def deploy_dir(self) -> str:

@@ -136,6 +136,14 @@ class ModelSpec(BaseModel):
             raise CatalogError(f"{path}: not valid YAML ({exc})") from None
         if not isinstance(raw, dict):
             raise CatalogError(f"{path}: expected a mapping of model settings, got {type(raw).__name__}")
+        try:
+            return cls.from_mapping(raw, key=path.parent.name or str(path), description=f"read from {path}")
+        except CatalogError as exc:
+            raise CatalogError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any], key: str, description: str = "") -> ModelSpec:
+        """A ModelSpec from model_config.yaml's keys, filling what NeMo leaves implicit."""
         data: dict[str, Any] = dict(raw)
         if data.get("num_query_groups") is None:  # null in configs without GQA
             data["num_query_groups"] = data.get("num_attention_heads")
@@ -151,20 +159,20 @@ class ModelSpec(BaseModel):
             )
             if data["vocab_size"] is None:
                 raise CatalogError(
-                    f"{path}: no vocabulary size: the file gives neither tokenizer.vocab_size nor "
+                    "no vocabulary size: the file gives neither tokenizer.vocab_size nor "
                     f"padded_vocab_size, and tokenizer.model {tokenizer_file!r} is not a known tokenizer; "
                     "add tokenizer.vocab_size (the number of pieces in the tokenizer)"
                 )
         data.setdefault("share_embeddings_and_output_weights", True)
         precision = str(data.get("precision", "bf16"))
         data["bytes_per_param"] = 4 if precision in {"32", "fp32", "32-true"} else 2
-        data["key"] = path.parent.name or str(path)
-        data["description"] = f"read from {path}"
+        data["key"] = key
+        data["description"] = description
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise CatalogError(f"{path}: can't size this checkpoint: {problems}") from None
+            raise CatalogError(f"can't size this checkpoint: {problems}") from None
 
 
 def _load(name: str) -> dict[str, dict[str, Any]]:

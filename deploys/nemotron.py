@@ -1,0 +1,35 @@
+"""Deploy Nemotron-4-340B-Base for inference with NeMo on a Slurm cluster.
+
+    pyinfra inventories/h100.py deploys/nemotron.py            # plan, confirm, apply
+    pyinfra -y inventories/h100.py deploys/nemotron.py --dry   # show what would change
+    pyinfra -y inventories/h100.py deploys/nemotron.py --data submit=true
+
+Checks come first: a bad inventory or a node that can't run the job stops the deploy before any
+host is changed. Re-running with nothing changed reports no changes. The steps live in
+nemotron_deploy/deploy.py; this file is the checklist.
+"""
+
+from pyinfra import host, inventory
+
+from nemotron_deploy import deploy
+
+# 1. Validate the inventory: every host, every setting, and the sizing plan.
+cluster = deploy.validated_cluster(inventory)
+
+# 2. Read this host in one SSH command: GPUs, runtimes, Slurm, model dir, every managed path.
+snapshot = deploy.read_host(host, cluster)
+
+# 3. Preflight: GPU model/count/memory/driver, the checkpoint's architecture, runtimes, disk.
+deploy.preflight(host, cluster, snapshot)
+
+# 4. The NeMo container where the job will look for it (per node, or once on shared storage).
+deploy.pull_container(host, cluster, snapshot)
+
+# 5. Job files: call_server.py, nemo_inference.sh, the health check on the nodes; the sbatch file.
+deploy.ensure_files(host, cluster, snapshot)
+
+# 6. The scheduled health check on the login node (venv, user, systemd timer or cron).
+deploy.install_health_check(host, cluster, snapshot)
+
+# 7. Only with --data submit=true: submit, then wait until the server generates.
+deploy.submit(host, cluster)

@@ -1,0 +1,116 @@
+"""Getting the NeMo container onto the cluster, by runtime.
+
+Credentials: the NGC key is uploaded to a 0600 file of the deploying user, read from there by the
+runtime (`--password-stdin`, enroot's netrc file) and never put on a command line, where `ps` and
+pyinfra's output would show it. Every pull goes to a temporary name first and is renamed when
+complete, so an interrupted pull never leaves a half image under the final name.
+"""
+
+from __future__ import annotations
+
+import shlex
+from io import StringIO
+
+from pyinfra import host
+from pyinfra.api import FileUploadCommand, StringCommand, operation
+
+NGC_REGISTRY = "nvcr.io"
+NGC_USER = "$oauthtoken"  # NGC's fixed user name for API-key logins
+
+
+def registry_of(image: str) -> str:
+    """`nvcr.io` from `nvcr.io#nvidia/nemo:tag` or `nvcr.io/nvidia/nemo:tag`."""
+    first = image.replace("#", "/", 1).split("/", 1)[0]
+    return first if ("." in first or ":" in first or first == "localhost") else "docker.io"
+
+
+def _secret_upload(key: str, remote_path: str):
+    return FileUploadCommand(
+        StringIO(key), remote_path, remote_temp_filename=host.get_temp_filename(remote_path)
+    )
+
+
+@operation()
+def pull_image(runtime: str, image: str, present: bool, ngc_key: str | None = None, tls_verify: bool = True):
+    """
+    docker/podman: pull `image` on this node unless it is already in local storage.
+
+    + runtime: "docker" or "podman"
+    + image: reference in docker form (registry/path:tag)
+    + present: the snapshot's answer to "is it already here?"
+    + ngc_key: API key for nvcr.io (logs in with --password-stdin from a 0600 file first)
+    + tls_verify: podman only; False for a plain-HTTP registry such as the sandbox's
+
+    **Example:**
+
+    .. code:: python
+
+        pull_image(name="Pull NeMo", runtime="podman", image="nvcr.io/nvidia/nemo:24.01.framework",
+                   present=False, ngc_key=os.environ.get("NGC_API_KEY"))
+    """
+    if present:
+        return
+    tool = shlex.quote(runtime)
+    tls = " --tls-verify=false" if runtime == "podman" and not tls_verify else ""
+    if ngc_key and registry_of(image) == NGC_REGISTRY:
+        secret = host.get_temp_filename("ngc-key")
+        yield _secret_upload(ngc_key, secret)
+        q = shlex.quote(secret)
+        yield StringCommand(
+            f"chmod 600 {q}; {tool} login{tls} --username {shlex.quote(NGC_USER)} --password-stdin "
+            f"{NGC_REGISTRY} < {q}; rc=$?; rm -f {q}; exit $rc"
+        )
+    yield StringCommand(f"{tool} pull{tls} --quiet {shlex.quote(image)}")
+
+
+@operation()
+def import_image_file(
+    runtime: str,
+    image: str,
+    target: str,
+    present: bool,
+    tmp_dir: str,
+    credentials_path: str | None = None,
+):
+    """
+    pyxis (enroot) or apptainer: import `image` once into a world-readable file on shared storage.
+
+    + runtime: "pyxis" (squashfs via `enroot import`) or "apptainer" (SIF via `apptainer pull`)
+    + image: the inventory's reference (`nvcr.io#nvidia/nemo:tag` for pyxis)
+    + target: the final file, named after the reference so a new tag never reuses an old file
+    + present: the snapshot saw `target` already
+    + tmp_dir: enroot/apptainer scratch on a disk with room (their defaults fill /tmp and /run)
+    + credentials_path: enroot's netrc file (already placed, 0600) or None for anonymous pulls
+
+    **Example:**
+
+    .. code:: python
+
+        import_image_file(name="Import NeMo", runtime="pyxis", image="nvcr.io#nvidia/nemo:24.01.framework",
+                          target="/lustre/images/nvcr.io+nvidia+nemo+24.01.framework.sqsh",
+                          present=False, tmp_dir="/lustre/.enroot-tmp")
+    """
+    if present:
+        return
+    partial = f"{target}.partial"
+    q_tmp, q_partial, q_target = shlex.quote(tmp_dir), shlex.quote(partial), shlex.quote(target)
+    if runtime == "pyxis":
+        env = f"ENROOT_TEMP_PATH={q_tmp} ENROOT_CACHE_PATH={q_tmp}/cache"
+        if credentials_path:
+            env += f" ENROOT_CONFIG_PATH={shlex.quote(credentials_path.rsplit('/', 1)[0])}"
+        fetch = f"{env} enroot import --output {q_partial} {shlex.quote('docker://' + image)}"
+    else:
+        docker_ref = image.replace("#", "/", 1)
+        fetch = (
+            f"APPTAINER_TMPDIR={q_tmp} APPTAINER_CACHEDIR={q_tmp}/cache apptainer pull {q_partial} "
+            + shlex.quote("docker://" + docker_ref)
+        )
+    # 0644: pyxis refuses a 0600 squashfs with "Invalid image format".
+    yield StringCommand(
+        f"mkdir -p {q_tmp} && rm -f {q_partial} && {fetch} && chmod 644 {q_partial} && mv -f {q_partial} {q_target}"
+    )
+
+
+def enroot_credentials(ngc_key: str) -> str:
+    """enroot's netrc line for nvcr.io (the content of a 0600 file, never a command line)."""
+    return f"machine {NGC_REGISTRY} login {NGC_USER} password {ngc_key}\n"

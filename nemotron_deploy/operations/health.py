@@ -1,0 +1,134 @@
+"""The scheduled health check on the login node: its own venv, an unprivileged user, a timer.
+
+systemd (service + timer) where systemd runs, a cron.d entry elsewhere; both run the single check
+every `health_interval_seconds` and write Prometheus textfile metrics for node_exporter.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from pyinfra.api import StringCommand, operation
+
+UNIT = "nemotron-health"
+STATE_DIR = "/var/lib/nemotron-health"
+
+
+def check_command(venv: str, job_name: str, port: int, textfile_dir: str) -> list[str]:
+    """The single check the timer runs (Nagios exit codes; metrics to the textfile collector)."""
+    return [
+        f"{venv}/bin/python",
+        "-m",
+        "nemotron_deploy.health",
+        "--slurm-job",
+        job_name,
+        "--port",
+        str(port),
+        "--prometheus-textfile",
+        f"{textfile_dir}/nemotron.prom",
+        "--state-file",
+        f"{STATE_DIR}/state.json",
+    ]
+
+
+def systemd_units(user: str, command: list[str], interval: int, job_name: str) -> dict[str, str]:
+    exec_start = " ".join(shlex.quote(a) for a in command)
+    service = f"""# Installed by nemotron-deploy. Run by {UNIT}.timer.
+[Unit]
+Description=Nemotron-4-340B health check (Slurm job {job_name})
+After=network-online.target
+
+[Service]
+Type=oneshot
+User={user}
+Environment=PATH=/usr/local/bin:/usr/bin:/bin
+ExecStart={exec_start}
+# Nagios WARNING/CRITICAL/UNKNOWN are check results, not a broken unit.
+SuccessExitStatus=1 2 3
+"""
+    timer = f"""# Installed by nemotron-deploy.
+[Unit]
+Description=Run the Nemotron-4-340B health check every {interval}s
+
+[Timer]
+OnBootSec={interval}
+OnUnitActiveSec={interval}
+AccuracySec=1s
+
+[Install]
+WantedBy=timers.target
+"""
+    return {f"/etc/systemd/system/{UNIT}.service": service, f"/etc/systemd/system/{UNIT}.timer": timer}
+
+
+def cron_entry(user: str, command: list[str], interval: int) -> dict[str, str]:
+    minutes = max(1, round(interval / 60))
+    schedule = "*" if minutes == 1 else f"*/{minutes}"
+    line = " ".join(shlex.quote(a) for a in command)
+    return {
+        f"/etc/cron.d/{UNIT}": (
+            "# Installed by nemotron-deploy: the Nemotron-4-340B health check (Nagios exit codes,\n"
+            "# metrics in the node_exporter textfile directory).\n"
+            "PATH=/usr/local/bin:/usr/bin:/bin\n"
+            f"{schedule} * * * * {user} {line} >/dev/null 2>&1\n"
+        )
+    }
+
+
+@operation()
+def ensure_user(username: str, exists: bool):
+    """
+    Create an unprivileged system user (no login shell, no home) unless it exists.
+
+    **Example:**
+
+    .. code:: python
+
+        ensure_user(name="Health user", username="nemotron-health", exists=False)
+    """
+    if not exists:
+        q = shlex.quote(username)
+        yield StringCommand(
+            f"useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin {q}"
+        )
+
+
+@operation()
+def ensure_venv(
+    venv: str, python_present: bool, wheels: list[str], installed: bool, marker: str, digest: str
+):
+    """
+    Create `venv` and install the uploaded wheels into it, offline, when they changed.
+
+    **Example:**
+
+    .. code:: python
+
+        ensure_venv(venv="/opt/nemotron-deploy/health-venv", python_present=False,
+                    wheels=[".../nemotron_deploy-0.1.0-py3-none-any.whl"], installed=False,
+                    marker=".../installed.sha256", digest="ab12...")
+    """
+    q = shlex.quote(venv)
+    if not python_present:
+        yield StringCommand(f"python3 -m venv {q}")
+    if not installed or not python_present:
+        files = " ".join(shlex.quote(w) for w in wheels)
+        yield StringCommand(
+            f"{q}/bin/python -m pip install --quiet --no-index --no-deps --force-reinstall {files} "
+            f"&& printf %s {shlex.quote(digest)} > {shlex.quote(marker)}"
+        )
+
+
+@operation()
+def enable_timer(kind: str, changed: bool):
+    """
+    Reload systemd and (re)start the timer after its units changed; cron needs nothing.
+
+    **Example:**
+
+    .. code:: python
+
+        enable_timer(name="Enable timer", kind="systemd", changed=True)
+    """
+    if kind == "systemd" and changed:
+        yield StringCommand(f"systemctl daemon-reload && systemctl enable --now {UNIT}.timer")

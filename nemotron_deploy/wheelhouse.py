@@ -1,0 +1,69 @@
+"""Wheels for the login node's health-check venv, built once per source version and cached.
+
+Cluster nodes often can't reach PyPI; the deploy uploads these wheels and installs them with
+`pip --no-index`. The health check needs only this package and prometheus-client (it never imports
+pyinfra or pydantic), so both are installed with --no-deps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO = PACKAGE_DIR.parent
+
+
+def source_digest() -> str:
+    """Hash of everything that goes into our wheel, plus prometheus-client's version."""
+    h = hashlib.sha256()
+    files = [
+        REPO / "pyproject.toml",
+        *sorted(PACKAGE_DIR.rglob("*.py")),
+        *sorted(PACKAGE_DIR.rglob("*.yaml")),
+    ]
+    for path in files:
+        if "__pycache__" in path.parts:
+            continue
+        h.update(str(path.relative_to(REPO)).encode())
+        h.update(path.read_bytes())
+    h.update(f"prometheus-client=={version('prometheus-client')}".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nemotron-deploy" / "wheelhouse"
+
+
+def build() -> tuple[str, list[Path]]:
+    """(digest, wheel paths); builds into the cache on first use for this source digest."""
+    digest = source_digest()
+    target = cache_root() / digest
+    done = target / ".complete"
+    if not done.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--wheel-dir",
+            str(target),
+            str(REPO),
+            f"prometheus-client=={version('prometheus-client')}",
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"building the health-check wheels failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}\n"
+                "pip needs PyPI (or a configured index) on the deploying machine for this step"
+            )
+        done.write_text(digest)
+    return digest, sorted(target.glob("*.whl"))
