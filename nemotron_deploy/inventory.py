@@ -116,6 +116,15 @@ def _pyinfra_state() -> Iterator[None]:
         yield
 
 
+def _user_code_error(exc: Exception) -> tuple[str | None, str]:
+    """(file, "Type: message") for an exception from an inventory or group_data file.
+
+    pyinfra wraps those in UnexpectedExternalError, whose str() itself raises; unwrap it.
+    """
+    inner = getattr(exc, "exception", exc)
+    return getattr(exc, "filename", None), f"{type(inner).__name__}: {inner}"
+
+
 def check_inventory_file(path: str) -> list[Problem]:
     """The structural mistakes pyinfra skips over without a word."""
     from pyinfra_cli.util import exec_file
@@ -125,7 +134,7 @@ def check_inventory_file(path: str) -> list[Problem]:
         with _pyinfra_state():
             attrs = exec_file(path, return_locals=True)
     except Exception as exc:  # the inventory is user code: report whatever it raised
-        return [Problem(path, f"the inventory file fails to run: {type(exc).__name__}: {exc}")]
+        return [Problem(path, f"the inventory file fails to run: {_user_code_error(exc)[1]}")]
 
     groups: dict[str, list] = {}
     for name, value in attrs.items():
@@ -283,8 +292,13 @@ def load(
         raise InventoryError(problems)
 
     if inventory is None:
-        with _pyinfra_state():
-            inventory = make_inventory_from_files(path, override_data=override_data or {})
+        try:
+            with _pyinfra_state():
+                inventory = make_inventory_from_files(path, override_data=override_data or {})
+        except Exception as exc:  # group_data files are user code too
+            file, error = _user_code_error(exc)
+            where = f"group data file {file}" if file else "loading the group data"
+            raise InventoryError([Problem(file or path, f"{where} fails to run: {error}")]) from None
     login = [h.name for h in inventory.get_group("login")]
     compute = [h.name for h in inventory.get_group("compute")]
 
