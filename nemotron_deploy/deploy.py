@@ -187,7 +187,8 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
             probes.append(("free", FreeSpace, (s.images_dir,)))
     extra = []
     if s.image_file:
-        extra.append(s.image_file)
+        creds = _enroot_credentials_path(cluster)
+        extra += [s.image_file, creds, creds.rsplit("/", 1)[0]]
     if role(host, cluster) == "login":
         extra += [f"{s.health_venv}/bin/python", _health_paths(cluster)["marker"]]
     # The paths depend on the init system only for unit files: list both kinds.
@@ -304,13 +305,14 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
             present=bool(snap.get("image")),
             ngc_key=ngc_key(cluster),
             tls_verify=s.registry_tls_verify,
+            login=s.registry_login,
         )
     elif s.image_file and host.name == cluster.compute[0]:
         # One host imports for the whole cluster, onto shared storage.
         key = ngc_key(cluster)
         creds = None
         if key and runtime == "pyxis" and containers.registry_of(s.image) == containers.NGC_REGISTRY:
-            creds = f"{s.node_dir}/enroot/.credentials"
+            creds = _enroot_credentials_path(cluster)
             files.managed_directories(
                 name="enroot config", dirs=[(f"{s.node_dir}/enroot", "700", *ROOT)], current=snap["paths"]
             )
@@ -321,7 +323,7 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
                 mode="600",
                 user="root",
                 group="root",
-                current=None,
+                current=snap["paths"].get(creds),
                 secret=True,
             )
         containers.import_image_file(
@@ -333,6 +335,10 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
             tmp_dir=s.enroot_tmp_dir or f"{s.deploy_dir}/.import-tmp",
             credentials_path=creds,
         )
+
+
+def _enroot_credentials_path(cluster: Cluster) -> str:
+    return f"{cluster.settings.node_dir}/enroot/.credentials"
 
 
 def install_health_check(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:

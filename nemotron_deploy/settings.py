@@ -151,6 +151,9 @@ class ClusterSettings(BaseModel):
         description="also pull the image with this tool on every compute node (the sandbox: host + podman)",
     )
     registry_tls_verify: bool = True
+    registry_login: bool | None = Field(
+        None, description="log in to the image's registry with the NGC key; default: only for nvcr.io"
+    )
     ngc_api_key_env: EnvName | None = "NGC_API_KEY"
     ngc_api_key_file: AbsPath | None = None
     enroot_tmp_dir: AbsPath | None = None

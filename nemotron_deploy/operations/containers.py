@@ -31,7 +31,14 @@ def _secret_upload(key: str, remote_path: str):
 
 
 @operation()
-def pull_image(runtime: str, image: str, present: bool, ngc_key: str | None = None, tls_verify: bool = True):
+def pull_image(
+    runtime: str,
+    image: str,
+    present: bool,
+    ngc_key: str | None = None,
+    tls_verify: bool = True,
+    login: bool | None = None,
+):
     """
     docker/podman: pull `image` on this node unless it is already in local storage.
 
@@ -40,6 +47,7 @@ def pull_image(runtime: str, image: str, present: bool, ngc_key: str | None = No
     + present: the snapshot's answer to "is it already here?"
     + ngc_key: API key for nvcr.io (logs in with --password-stdin from a 0600 file first)
     + tls_verify: podman only; False for a plain-HTTP registry such as the sandbox's
+    + login: log in with the key first; None: only when the image comes from nvcr.io
 
     **Example:**
 
@@ -52,13 +60,14 @@ def pull_image(runtime: str, image: str, present: bool, ngc_key: str | None = No
         return
     tool = shlex.quote(runtime)
     tls = " --tls-verify=false" if runtime == "podman" and not tls_verify else ""
-    if ngc_key and registry_of(image) == NGC_REGISTRY:
-        secret = host.get_temp_filename("ngc-key")
-        yield _secret_upload(ngc_key, secret)
-        q = shlex.quote(secret)
+    registry = registry_of(image)
+    if ngc_key and (login if login is not None else registry == NGC_REGISTRY):
+        private_dir = host.get_temp_filename("nemotron-ngc")
+        yield from _secret_upload(ngc_key, private_dir)
+        q_dir = shlex.quote(private_dir)
         yield StringCommand(
-            f"chmod 600 {q}; {tool} login{tls} --username {shlex.quote(NGC_USER)} --password-stdin "
-            f"{NGC_REGISTRY} < {q}; rc=$?; rm -f {q}; exit $rc"
+            f"{tool} login{tls} --username {shlex.quote(NGC_USER)} --password-stdin "
+            f"{shlex.quote(registry)} < {q_dir}/key; rc=$?; rm -rf {q_dir}; exit $rc"
         )
     yield StringCommand(f"{tool} pull{tls} --quiet {shlex.quote(image)}")
 

@@ -39,7 +39,8 @@ def managed_file(
     + content: the file's text (or bytes, for wheels)
     + mode/user/group: wanted permissions (pyinfra's files.put would default to 0600)
     + current: this path's entry in the host snapshot (None: absent)
-    + secret: never show the content, not even with --diff
+    + secret: never show the content, not even with --diff; upload beside `path` (whose directory
+      must be private) instead of through /tmp
 
     **Example:**
 
@@ -54,7 +55,8 @@ def managed_file(
             for line in generate_color_diff([], content.splitlines(keepends=True)):
                 logger.info("  %s", line)
         stream = StringIO(content) if isinstance(content, str) else BytesIO(content)
-        yield FileUploadCommand(stream, path, remote_temp_filename=host.get_temp_filename(path))
+        temp = f"{path}.upload" if secret else host.get_temp_filename(path)
+        yield FileUploadCommand(stream, path, remote_temp_filename=temp)
         yield _owner_mode(path, mode, user, group)
     elif (current.mode, current.user, current.group) != (mode, user, group):
         yield _owner_mode(path, mode, user, group)
