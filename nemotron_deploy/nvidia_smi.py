@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 # The one query the deploy's fact and preflight run. Every field appears in the real captures
@@ -39,6 +40,7 @@ NVIDIA_SMI_QUERY_ARGV: tuple[str, ...] = (
     "--format=csv",
 )
 NVIDIA_SMI_QUERY = " ".join(NVIDIA_SMI_QUERY_ARGV)
+QUERY_COMMAND = NVIDIA_SMI_QUERY  # the name the deploy's pyinfra fact imports
 NVIDIA_SMI_XML_ARGV: tuple[str, ...] = ("nvidia-smi", "-q", "-x")
 
 # nvidia-smi prints these instead of a value; all mean "no value".
@@ -82,13 +84,17 @@ class GpuInfo:
         }
 
 
-@dataclass(frozen=True)
-class SmiReport:
-    """All GPUs of one nvidia-smi run, plus lines that were not GPU rows (nvidia-smi's errors)."""
+class GpuList(list[GpuInfo]):
+    """The GPUs of one nvidia-smi run, in index order: a plain list of :class:`GpuInfo`, plus the
+    driver version (when all GPUs agree) and the lines that were not GPU rows (nvidia-smi's errors,
+    e.g. "Unable to determine the device handle for GPU0000:CA:00.0: Unknown Error")."""
 
-    gpus: list[GpuInfo]
-    driver_version: str | None = None
-    errors: list[str] = field(default_factory=list)
+    def __init__(
+        self, gpus: Iterable[GpuInfo] = (), driver_version: str | None = None, errors: Iterable[str] = ()
+    ) -> None:
+        super().__init__(gpus)
+        self.driver_version = driver_version
+        self.errors = list(errors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,17 +158,17 @@ def _gpu_from_fields(values: dict[str, str], index_fallback: int, driver: str | 
 # --------------------------------------------------------------------------------------------------
 
 
-def parse_query_csv(text: str, fields: list[str] | tuple[str, ...] | None = None) -> SmiReport:
+def parse_query_csv(text: str | Iterable[str], fields: Sequence[str] | None = None) -> GpuList:
     """Parse ``nvidia-smi --query-gpu=... --format=csv`` output.
 
     With a header line (``--format=csv``), columns are matched by name, so any subset or order of
     fields works and missing columns read as ``None``. For ``noheader`` output pass ``fields`` in
     the order of the query. Lines that don't have the header's number of columns (nvidia-smi's own
     error messages, e.g. "Unable to determine the device handle for GPU...") go to ``errors``.
+    ``text`` is the whole output or its lines (what a pyinfra fact receives).
     """
-    rows = [
-        r for r in csv.reader(text.splitlines(), skipinitialspace=True) if r and any(c.strip() for c in r)
-    ]
+    lines = text.splitlines() if isinstance(text, str) else list(text)
+    rows = [r for r in csv.reader(lines, skipinitialspace=True) if r and any(c.strip() for c in r)]
     if fields is None:
         if not rows:
             raise NvidiaSmiParseError("empty output: expected a CSV header line from nvidia-smi --format=csv")
@@ -184,7 +190,7 @@ def parse_query_csv(text: str, fields: list[str] | tuple[str, ...] | None = None
         values = {name: cell.strip() for name, cell in zip(header, row, strict=True)}
         gpus.append(_gpu_from_fields(values, len(gpus)))
     drivers = {g.driver_version for g in gpus if g.driver_version}
-    return SmiReport(gpus=gpus, driver_version=drivers.pop() if len(drivers) == 1 else None, errors=errors)
+    return GpuList(gpus, driver_version=drivers.pop() if len(drivers) == 1 else None, errors=errors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,7 +222,7 @@ def _xml_uncorrected_volatile(gpu: ET.Element) -> int | None:
     return sum(known) if known else None
 
 
-def parse_query_xml(text: str | bytes) -> SmiReport:
+def parse_query_xml(text: str | bytes) -> GpuList:
     """Parse ``nvidia-smi -q -x``. GPUs are numbered in document order, which is nvidia-smi's index."""
     try:
         root = ET.fromstring(text)
@@ -241,7 +247,7 @@ def parse_query_xml(text: str | bytes) -> SmiReport:
         }
         info = _gpu_from_fields(values, i, driver)
         gpus.append(replace(info, ecc_uncorrected_volatile=_xml_uncorrected_volatile(gpu)))
-    return SmiReport(gpus=gpus, driver_version=driver)
+    return GpuList(gpus, driver_version=driver)
 
 
 def version_tuple(version: str) -> tuple[int, ...]:

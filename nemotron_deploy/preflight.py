@@ -25,8 +25,8 @@ from .nvidia_smi import (
     NVIDIA_SMI_QUERY,
     NVIDIA_SMI_QUERY_ARGV,
     GpuInfo,
+    GpuList,
     NvidiaSmiParseError,
-    SmiReport,
     parse_query_csv,
     parse_query_xml,
     version_tuple,
@@ -166,7 +166,7 @@ def load_gpu_type(key: str, catalog: Path = CATALOG) -> tuple[list[str], int]:
     return [str(n) for n in names], memory
 
 
-def read_nvidia_smi(timeout: float = NVIDIA_SMI_TIMEOUT) -> tuple[SmiReport | None, list[str]]:
+def read_nvidia_smi(timeout: float = NVIDIA_SMI_TIMEOUT) -> tuple[GpuList | None, list[str]]:
     """Run the canonical query. Returns the report (None if unusable) and problems running it."""
     try:
         res = subprocess.run(
@@ -192,12 +192,12 @@ def read_nvidia_smi(timeout: float = NVIDIA_SMI_TIMEOUT) -> tuple[SmiReport | No
     return report, problems
 
 
-def _summary(report: SmiReport) -> str:
-    if not report.gpus:
+def _summary(report: GpuList) -> str:
+    if not report:
         return "no GPUs"
-    names = sorted({g.name or "?" for g in report.gpus})
-    mem = sorted({g.memory_total_mib for g in report.gpus if g.memory_total_mib})
-    text = f"{len(report.gpus)} x {'/'.join(names)}"
+    names = sorted({g.name or "?" for g in report})
+    mem = sorted({g.memory_total_mib for g in report if g.memory_total_mib})
+    text = f"{len(report)} x {'/'.join(names)}"
     if mem:
         text += f" ({'/'.join(str(m) for m in mem)} MiB)"
     if report.driver_version:
@@ -245,7 +245,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def _read_source(opts: argparse.Namespace) -> tuple[SmiReport | None, list[str], str]:
+def _read_source(opts: argparse.Namespace) -> tuple[GpuList | None, list[str], str]:
     if opts.from_csv or opts.from_xml:
         path = opts.from_csv or opts.from_xml
         try:
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         return UNKNOWN
     if report is not None:
         problems += [f"nvidia-smi: {line}" for line in report.errors]
-        problems += check_gpus(report.gpus, names or None, memory, opts.expect_count, opts.min_driver)
+        problems += check_gpus(report, names or None, memory, opts.expect_count, opts.min_driver)
     elif not problems:
         problems.append("nvidia-smi printed nothing that could be parsed")
     status = CRITICAL if problems else OK
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
                     "problems": problems,
                     "source": source,
                     "driver_version": report.driver_version if report else None,
-                    "gpus": [g.as_dict() for g in report.gpus] if report else [],
+                    "gpus": [g.as_dict() for g in report] if report else [],
                     "expect": {
                         "gpu": opts.expect_gpu,
                         "names": names or None,
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         print(f"PREFLIGHT CRITICAL - {count}: " + "; ".join(problems))
     else:
         assert report is not None
-        print(f"PREFLIGHT OK - {_summary(report)} | gpus={len(report.gpus)};;;0")
+        print(f"PREFLIGHT OK - {_summary(report)} | gpus={len(report)};;;0")
     return status
 
 
