@@ -248,7 +248,9 @@ def test_small_gpt_fits_one_node(small_config):
 
 
 def test_cli_plan_with_small_model_config(small_config, capsys):
-    assert run_main(["plan", "--json", "--model-config", str(small_config), "inventories/h100.py"]) == 0
+    assert (
+        run_main(["plan", "--json", "--model-config", str(small_config), str(INVENTORIES / "h100.py")]) == 0
+    )
     p = json.loads(capsys.readouterr().out)
     assert (p["nodes"], p["replicas"], p["gpu"]) == (1, 2, "H100-80GB-SXM")
 
