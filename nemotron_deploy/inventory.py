@@ -56,6 +56,10 @@ class Problem:
     field: str | None = None
     value: Any = None
 
+    def __post_init__(self) -> None:
+        # A problem's value is printed: never let a key in it (e.g. in a malformed group's host data).
+        object.__setattr__(self, "value", _redacted(self.value, (self.field or "").rsplit(".", 1)[-1]))
+
     def __str__(self) -> str:
         where = self.file + (f": host {self.host}" if self.host else "")
         what = f": {self.field}" if self.field else ""
@@ -253,6 +257,15 @@ def _secret_fields(name: str, value: Any) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [f for i, v in enumerate(value) for f in _secret_fields(f"{name}.{i}", v)]
     return []
+
+
+def _redacted(value: Any, name: str = "") -> Any:
+    """`value` with everything `_secret_fields` would flag replaced by <redacted>."""
+    if isinstance(value, dict):
+        return {k: _redacted(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_redacted(v, name) for v in value)
+    return "<redacted>" if _secret_fields(name, value) else value
 
 
 def _secret_problems(path: str, host: str, data: dict) -> list[Problem]:
