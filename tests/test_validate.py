@@ -370,6 +370,25 @@ def test_key_in_per_host_data(tmp_path):
     assert (problem.host, problem.field, problem.value) == ("gpu01", "ngc_api_key", "<redacted>")
 
 
+@pytest.mark.parametrize(
+    "compute",
+    [
+        f'("gpu01", {{"ngc_api_key": "{FAKE_NGC_KEY}"}})',  # the list brackets forgotten
+        f'[["gpu01", {{"ngc_api_key": "{FAKE_NGC_KEY}"}}], "gpu02"]',  # a list instead of a tuple
+    ],
+    ids=["group-not-a-list", "host-not-a-tuple"],
+)
+def test_key_in_a_malformed_group_is_redacted(tmp_path, capsys, compute):
+    path = write_inventory(tmp_path, "h100", hosts=f'login = ["login01"]\ncompute = {compute}\n')
+    (problem,) = problems_of(path)
+    assert problem.field == "compute"
+    assert "pyinfra ignores" in problem.message
+    assert FAKE_NGC_KEY not in str(problem) and "<redacted>" in str(problem)
+    assert "gpu01" in str(problem)  # the rest of the value is still shown
+    assert run_main(["validate", "--json", str(path)]) == 1
+    assert FAKE_NGC_KEY not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("as_json", [False, True])
 def test_secret_never_printed(tmp_path, capsys, as_json):
     path = _bad(tmp_path, ngc_api_key=FAKE_NGC_KEY, slurm_account=FAKE_NGC_KEY, job_env={"K": FAKE_NGC_KEY})
