@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +21,21 @@ PLAN_KEYS = {
     "per_gpu_memory_gib",
     "headroom_gib",
 }
-EXECUTABLE = Path(sys.executable).parent / "nemotron-deploy"
+
+
+def _executable() -> str:
+    """The installed console script: beside the running Python (the venv), else on PATH."""
+    found = shutil.which("nemotron-deploy", path=str(Path(sys.executable).parent)) or shutil.which(
+        "nemotron-deploy"
+    )
+    if found is None:
+        pytest.fail("the nemotron-deploy console script is not installed (pip install -e .)")
+    return found
 
 
 def test_entry_point_help():
     """The installed console script, as an operator runs it."""
-    result = subprocess.run([str(EXECUTABLE), "--help"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    result = subprocess.run([_executable(), "--help"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 0, result.stderr
     for command in ("plan", "render", "validate", "health", "preflight"):
         assert command in result.stdout
@@ -34,7 +44,7 @@ def test_entry_point_help():
 
 def test_entry_point_usage_error_exits_2():
     result = subprocess.run(
-        [str(EXECUTABLE), "frobnicate"], capture_output=True, text=True, timeout=60, cwd=REPO
+        [_executable(), "frobnicate"], capture_output=True, text=True, timeout=60, cwd=REPO
     )
     assert result.returncode == 2
     assert "invalid choice: 'frobnicate'" in result.stderr
