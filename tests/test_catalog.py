@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from helpers import MODEL_CONFIG
+from helpers import FIXTURES, MODEL_CONFIG
 
 from nemotron_deploy import catalog
 from nemotron_deploy.catalog import GIB, CatalogError, ModelSpec
@@ -165,12 +165,14 @@ def test_fp32_checkpoint_is_four_bytes_per_param(tmp_path):
 
 
 def test_h200_memory_matches_the_real_capture():
-    # `nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits` on the real H200 host
-    # (shared fixtures nvidia-smi/h200-x2/query-name-mem.csv).
-    name, mib = "NVIDIA H200, 143771".split(", ")
-    gpu = catalog.gpu_type_for_smi_name(name)
-    assert gpu is not None and gpu.key == "H200-141GB"
-    assert gpu.memory_mib == int(mib)
+    # `nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits` on the real H200 host.
+    lines = (FIXTURES / "nvidia-smi" / "h200-x2" / "query-name-mem.csv").read_text().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        name, mib = (field.strip() for field in line.split(","))
+        gpu = catalog.gpu_type_for_smi_name(name)
+        assert gpu is not None and gpu.key == "H200-141GB"
+        assert gpu.memory_mib == int(mib)
     assert gpu.memory_gib == pytest.approx(140.4, abs=0.01)
 
 
