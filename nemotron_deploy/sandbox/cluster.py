@@ -1,0 +1,341 @@
+"""Bringing the whole sandbox up and down, and reporting on it: the public Python API.
+
+    up(nodes=2, gpus_per_node=8) -> Sandbox   idempotent: an already healthy sandbox of that size is
+                                              returned as is; anything else (other size, a crashed
+                                              leftover) is torn down first
+    down()                                    removes everything: processes, namespaces, links, files
+    status() -> dict                          per node: address, init process, daemons, Slurm state
+    current() -> Sandbox | None               the running sandbox, from the state file
+plus the fault-injection helpers tests use: stop/start one node's sshd, power a node off and on.
+
+`up` writes the state file before creating anything, and `down` also finds what a crashed run left
+behind by name (nsb-* namespaces, the nsbr0 bridge, the state dir), so both are safe to repeat.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from . import etc, gpus, munge, nemo, netns, packages, registry, slurm, sshd
+from . import nodes as node_ops
+from .layout import SHARED_DIR, STATE_DIR, STATE_FILE, Node, Sandbox, plan
+from .proc import SandboxError, tail
+
+Log = Callable[[str], None]
+
+# Daemons (process names) each kind of node runs once up.
+LOGIN_DAEMONS = ("sshd", "munged", "slurmctld", "docker-registry", "cron")
+COMPUTE_DAEMONS = ("sshd", "slurmd")
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _parallel(fn: Callable[[Node], object], items: list[Node] | tuple[Node, ...]) -> list:
+    """Run `fn` for each node in threads (it mostly waits on subprocesses); re-raise the first error."""
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(items)))) as pool:
+        return list(pool.map(fn, items))
+
+
+def current() -> Sandbox | None:
+    """The sandbox described by the state file, or None if there is none (it may not be running)."""
+    try:
+        return Sandbox.from_json(json.loads(STATE_FILE.read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _save(sandbox: Sandbox) -> None:
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = STATE_FILE.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sandbox.to_json(), indent=1) + "\n")
+    tmp.rename(STATE_FILE)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def node_processes(sandbox: Sandbox) -> dict[str, dict[str, int]]:
+    """Node name -> {process name: count} of everything running in the node."""
+    by_ns = netns.pids_by_netns([n.netns for n in sandbox.nodes])
+    out = {}
+    for n in sandbox.nodes:
+        counts: dict[str, int] = {}
+        for pid in by_ns[n.netns]:
+            name = _comm(pid)
+            counts[name] = counts.get(name, 0) + 1
+        out[n.name] = counts
+    return out
+
+
+def _expected(node: Node) -> tuple[str, ...]:
+    return LOGIN_DAEMONS if node.role == "login" else COMPUTE_DAEMONS
+
+
+def _healthy(sandbox: Sandbox) -> bool:
+    """Cheap check (no network traffic): every node's init and daemons are running."""
+    if not netns.bridge_exists() or any(node_ops.init_pid(n) is None for n in sandbox.nodes):
+        return False
+    procs = node_processes(sandbox)
+    return all(procs[n.name].get(d) for n in sandbox.nodes for d in _expected(n))
+
+
+# --- up ------------------------------------------------------------------------------------------
+
+
+def _prepare_files(sandbox: Sandbox) -> None:
+    """Everything written before any node starts: dirs, keys, configs, /etc overlays, fake GPUs."""
+    for d in (STATE_DIR, SHARED_DIR, node_ops.HOME_DIR):
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o755)
+    node_ops.ensure_host_mountpoints()
+    for node in sandbox.nodes:
+        node_ops.prepare_fs(node)
+    etc.prepare(sandbox)
+    sshd.prepare(sandbox)
+    munge.prepare(sandbox.login)
+    slurm.prepare(sandbox)
+    registry.prepare(sandbox)
+    for node in sandbox.compute:
+        gpus.install(node, sandbox.gpus_per_node)
+        nemo.install_emulator(node)
+    nemo.install_model(sandbox)
+
+
+def _start_login(sandbox: Sandbox) -> None:
+    login = sandbox.login
+    munge.start(login)
+    slurm.start_controller(login)
+    registry.start(login)
+    sshd.start(login)
+    node_ops.start_daemon(login, ["cron"], node_ops.host_path(login, "/var/log/cron.log"))
+
+
+def _start_compute(node: Node) -> None:
+    sshd.start(node)
+    slurm.start_slurmd(node)
+
+
+def up(nodes: int = 2, gpus_per_node: int = 8, *, log: Log = _quiet) -> Sandbox:
+    """Bring the sandbox up with `nodes` compute nodes (see module docstring). Needs root."""
+    packages.check_host()
+    wanted = plan(nodes, gpus_per_node)
+    existing = current()
+    if existing == wanted and _healthy(existing):
+        log(f"sandbox already up: {len(existing.compute)} compute nodes, {existing.gpus_per_node} GPUs each")
+        return existing
+    if existing is not None or netns.sandbox_netns() or netns.bridge_exists() or STATE_DIR.exists():
+        log(
+            "tearing down the previous sandbox"
+            + (" (different size)" if existing and existing != wanted else "")
+        )
+        down(log=log)
+
+    timings: dict[str, float] = {}
+    t0 = last = time.monotonic()
+
+    def mark(step: str) -> None:
+        nonlocal last
+        now = time.monotonic()
+        timings[step] = round(now - last, 3)
+        last = now
+
+    installed = packages.ensure_packages(log=log)
+    mark("packages")
+    sandbox = wanted
+    _save(sandbox)  # before creating anything: `down` can always find what to remove
+    _prepare_files(sandbox)
+    mark("files")
+    netns.ensure_bridge()
+    netns.create_nodes(list(sandbox.nodes))
+    mark("network")
+    _parallel(node_ops.start_init, sandbox.nodes)
+    mark("namespaces")
+    _start_login(sandbox)
+    mark("login daemons")
+    _parallel(_start_compute, sandbox.compute)
+    mark("compute daemons")
+    registry.push_image(sandbox)
+    mark("image push")
+    slurm.wait_nodes_idle(sandbox)
+    munge.check(sandbox.compute[0])
+    mark("slurm ready")
+    timings["total"] = round(time.monotonic() - t0, 3)
+    if installed:
+        timings["installed_packages"] = len(installed)
+    sandbox = Sandbox(
+        login=sandbox.login, compute=sandbox.compute, gpus_per_node=sandbox.gpus_per_node, timings=timings
+    )
+    _save(sandbox)
+    if not nemo.emulator_available():
+        log(f"warning: {nemo.EMULATOR} is missing: compute nodes got a placeholder megatron_gpt_eval.py")
+    log(
+        f"sandbox up in {timings['total']:.1f}s: login {sandbox.login.name} {sandbox.login.address}, "
+        f"{len(sandbox.compute)} compute nodes x {sandbox.gpus_per_node} GPUs, registry {sandbox.registry}"
+    )
+    return sandbox
+
+
+# --- down ----------------------------------------------------------------------------------------
+
+
+def _host_mounts_under(path: Path) -> list[str]:
+    prefix = str(path).rstrip("/") + "/"
+    mounts = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        target = line.split()[4].replace("\\040", " ")
+        if target == str(path) or target.startswith(prefix):
+            mounts.append(target)
+    return mounts
+
+
+def down(*, log: Log = _quiet) -> None:
+    """Remove the sandbox completely; safe to run when it is half up, crashed, or not there at all."""
+    packages.check_host()
+    t0 = time.monotonic()
+    sandbox = current()
+    names = set(netns.sandbox_netns())
+    known = {n.netns: n for n in sandbox.nodes} if sandbox else {}
+    names |= set(known)
+    # A stale node without a state file still has its init in its namespace: killing every process
+    # of the namespace gets it, and with it its whole PID namespace.
+    stale = [Node(ns, "", "", ns, STATE_DIR / "nodes" / ns) for ns in names - set(known)]
+    all_nodes = [*known.values(), *stale]
+    if all_nodes:
+        _parallel(node_ops.kill_node, all_nodes)
+    netns.delete_netns(sorted(names))
+    netns.delete_bridge()
+    leftover = [m for m in _host_mounts_under(STATE_DIR) if m]
+    if leftover:
+        raise SandboxError(
+            f"refusing to delete {STATE_DIR}: still mounted on the host: {leftover}; unmount them and rerun"
+        )
+    if STATE_DIR.exists():
+        node_ops.remove_host_mountpoints()
+        shutil.rmtree(STATE_DIR)
+    log(f"sandbox down in {time.monotonic() - t0:.1f}s")
+
+
+# --- status --------------------------------------------------------------------------------------
+
+
+def status() -> dict:
+    """A JSON-able report: is it up, and per node its address, init PID, daemons and Slurm state."""
+    sandbox = current()
+    if sandbox is None:
+        return {"up": False, "state_dir": str(STATE_DIR), "leftovers": netns.sandbox_netns(), "nodes": []}
+    procs = node_processes(sandbox)
+    slurm_states: dict[str, str] = {}
+    if node_ops.init_pid(sandbox.login) is not None:
+        try:
+            slurm_states = slurm.node_states(sandbox.login)
+        except SandboxError:
+            pass
+    report_nodes = []
+    for n in sandbox.nodes:
+        daemons = {d: bool(procs[n.name].get(d)) for d in _expected(n)}
+        report_nodes.append(
+            {
+                "name": n.name,
+                "address": n.address,
+                "role": n.role,
+                "netns": n.netns,
+                "init_pid": node_ops.init_pid(n),
+                "daemons": daemons,
+                "processes": sum(procs[n.name].values()),
+                "slurm_state": slurm_states.get(n.name) if n.role == "compute" else None,
+            }
+        )
+    healthy = _healthy(sandbox)
+    return {
+        "up": healthy,
+        "state_dir": str(sandbox.state_dir),
+        "gpus_per_node": sandbox.gpus_per_node,
+        "login": sandbox.login.name,
+        "compute": sandbox.compute_names,
+        "ssh_key": str(sandbox.ssh_key),
+        "known_hosts": str(sandbox.known_hosts),
+        "shared_dir": str(sandbox.shared_dir),
+        "registry": sandbox.registry,
+        "image": sandbox.image,
+        "registry_access_log": str(sandbox.registry_access_log),
+        "emulator_installed": nemo.emulator_available(),
+        "timings": sandbox.timings,
+        "nodes": report_nodes,
+    }
+
+
+# --- fault injection -----------------------------------------------------------------------------
+
+
+def _require(name: str) -> tuple[Sandbox, Node]:
+    sandbox = current()
+    if sandbox is None:
+        raise SandboxError("the sandbox is not up: run `nemotron-deploy sandbox up`")
+    return sandbox, sandbox.node(name)
+
+
+def stop_node_sshd(name: str) -> None:
+    """Stop sshd on one node (open sessions survive, new connections are refused)."""
+    sshd.stop(_require(name)[1])
+
+
+def start_node_sshd(name: str) -> None:
+    sshd.start(_require(name)[1])
+
+
+def node_down(name: str) -> None:
+    """Power a node off: every process of it dies and its cable is unplugged (connections time out,
+    as with a dead host). Slurm notices after SlurmdTimeout (30 s)."""
+    _, node = _require(name)
+    node_ops.kill_node(node)
+    netns.set_link(node, up=False)
+
+
+def node_up(name: str, timeout: float = 30) -> None:
+    """Power a node back on: fresh /run, its daemons restarted; for a compute node, wait until Slurm
+    has it idle again."""
+    sandbox, node = _require(name)
+    if node_ops.init_pid(node) is not None:
+        return
+    netns.set_link(node, up=True)
+    run_dir = node_ops.host_path(node, "/run")
+    for entry in run_dir.iterdir():  # /run is a tmpfs on real machines: empty after a reboot
+        if entry.name not in ("munge", "lock", "sshd"):
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    node_ops.start_init(node)
+    if node.role == "login":
+        _start_login(sandbox)
+    else:
+        _start_compute(node)
+        slurm.wait_nodes_idle(sandbox, [node.name], timeout=timeout)
+
+
+def node_run(name: str, argv: list[str], **kwargs):
+    """Run a command inside a node without SSH (as root, in all of its namespaces)."""
+    return node_ops.run_in(_require(name)[1], argv, **kwargs)
+
+
+def logs(name: str) -> str:
+    """The tails of a node's logs, for error messages and debugging."""
+    _, node = _require(name)
+    return "\n".join(tail(p, 15) for p in sorted(node_ops.host_path(node, "/var/log").rglob("*.log")))
+
+
+def set_gpu_faults(name: str, **faults) -> None:
+    """Make one compute node's nvidia-smi report faults (see gpus.set_gpu_faults for the keywords)."""
+    gpus.set_gpu_faults(_require(name)[1], **faults)
+
+
+def clear_gpu_faults(name: str) -> None:
+    gpus.clear_gpu_faults(_require(name)[1])

@@ -1,0 +1,82 @@
+"""Fake GPUs on compute nodes: dummy device files for Slurm's gres, and the `nvidia-smi` stand-in.
+
+Nothing here pretends to compute. The device files are character devices with NVIDIA's major number
+(195, like /dev/nvidiaN) in the node-local /opt/nemotron-sandbox/dev, only so that Slurm's gres/gpu
+has files to hand out (opening them fails: no driver). `nvidia-smi` (nvidia_smi.py) prints the real
+captures in nvidia_smi_captures/ widened to the node's GPU count, and obeys a per-node fault file
+that tests write with `set_gpu_faults` to simulate a missing GPU, ECC errors, the wrong model or a
+driver that isn't loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from . import nodes
+from .layout import NODE_DEV_DIR, NODE_GPU_FAULTS, NODE_NVIDIA_SMI_CONFIG, NODE_SANDBOX_DIR, Node
+
+HERE = Path(__file__).resolve().parent
+STAND_IN = HERE / "nvidia_smi.py"
+CAPTURES = HERE / "nvidia_smi_captures" / "h200-x2"
+NODE_CAPTURES = f"{NODE_SANDBOX_DIR}/nvidia-smi-captures/h200-x2"
+NVIDIA_MAJOR = 195
+NVIDIA_CTL_MINOR = 255
+
+
+def _mknod(path: Path, major: int, minor: int) -> None:
+    path.unlink(missing_ok=True)
+    os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+    path.chmod(0o666)  # mknod's mode is filtered by the umask
+
+
+def install(node: Node, gpus: int) -> None:
+    """Device files, the stand-in on the node's PATH, its config and captures (node must be stopped
+    or running: everything goes to node-private bind-mounted dirs)."""
+    dev = nodes.host_path(node, NODE_DEV_DIR)
+    dev.mkdir(parents=True, exist_ok=True)
+    for i in range(gpus):
+        _mknod(dev / f"nvidia{i}", NVIDIA_MAJOR, i)
+    _mknod(dev / "nvidiactl", NVIDIA_MAJOR, NVIDIA_CTL_MINOR)
+
+    captures = nodes.host_path(node, NODE_CAPTURES)
+    shutil.rmtree(captures, ignore_errors=True)
+    shutil.copytree(CAPTURES, captures)
+    config = {"gpus": gpus, "captures": NODE_CAPTURES, "faults": NODE_GPU_FAULTS}
+    nodes.host_path(node, NODE_NVIDIA_SMI_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+
+    binary = nodes.host_path(node, "/usr/local/bin/nvidia-smi")
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(STAND_IN, binary)
+    binary.chmod(0o755)
+
+
+def set_gpu_faults(
+    node: Node,
+    *,
+    gpus: int | None = None,
+    ecc_uncorrected: dict[int, int] | None = None,
+    name: str | None = None,
+    driver_failure: bool = False,
+) -> None:
+    """Make the node's nvidia-smi report a fault (see nvidia_smi.py); takes effect on the next call."""
+    faults: dict = {}
+    if gpus is not None:
+        faults["gpus"] = gpus
+    if ecc_uncorrected:
+        faults["ecc_uncorrected"] = {str(k): v for k, v in ecc_uncorrected.items()}
+    if name:
+        faults["name"] = name
+    if driver_failure:
+        faults["driver_failure"] = True
+    path = nodes.host_path(node, NODE_GPU_FAULTS)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(faults, indent=1) + "\n")
+    tmp.rename(path)
+
+
+def clear_gpu_faults(node: Node) -> None:
+    nodes.host_path(node, NODE_GPU_FAULTS).unlink(missing_ok=True)

@@ -1,0 +1,53 @@
+"""What a deploy finds on the sandbox in place of NeMo and the checkpoint.
+
+- On every compute node, /opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py (node-local
+  /opt, where the NeMo container has it) is a verbatim copy of `nemotron_deploy/emulator.py`, the
+  stdlib-only emulator of NeMo's text-generation server. Until that file exists, a placeholder that
+  exits with an explanation is installed instead (`up` says so).
+- On the shared dir, `models/Nemotron-4-340B-Base/` holds the real checkpoint's model_config.yaml
+  values (package data `model_config.yaml`), an empty `model_weights/` and a placeholder tokenizer.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from . import nodes
+from .layout import NODE_EMULATOR_PATH, Node, Sandbox
+
+HERE = Path(__file__).resolve().parent
+EMULATOR = HERE.parent / "emulator.py"
+MODEL_CONFIG = HERE / "model_config.yaml"
+TOKENIZER_NAME = "nemotron_2_256k.model"
+PLACEHOLDER = """\
+#!/usr/bin/python3
+# Placeholder installed by the nemotron-deploy sandbox: nemotron_deploy/emulator.py did not exist when
+# the sandbox came up. Install it and run `nemotron-deploy sandbox down && nemotron-deploy sandbox up`.
+import sys
+
+sys.exit("megatron_gpt_eval.py: sandbox placeholder, the NeMo emulator (nemotron_deploy/emulator.py) is missing")
+"""
+
+
+def emulator_available() -> bool:
+    return EMULATOR.is_file()
+
+
+def install_emulator(node: Node) -> None:
+    target = nodes.host_path(node, NODE_EMULATOR_PATH)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if emulator_available():
+        shutil.copyfile(EMULATOR, target)
+    else:
+        target.write_text(PLACEHOLDER)
+    target.chmod(0o755)
+
+
+def install_model(sandbox: Sandbox) -> None:
+    model = sandbox.model_dir
+    (model / "model_weights").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(MODEL_CONFIG, model / "model_config.yaml")
+    (model / TOKENIZER_NAME).write_text(
+        "placeholder for the SentencePiece tokenizer of Nemotron-4-340B-Base (nemotron-deploy sandbox)\n"
+    )

@@ -1,0 +1,76 @@
+"""Preconditions of the host: root, a Debian-like system, and the Debian packages the sandbox runs.
+
+Packages are checked with one `dpkg-query` call and only the missing ones are installed, so a second
+`up` costs a few milliseconds here. Installing never starts host services on purpose: the sandbox
+starts its own copies of the daemons inside the node namespaces.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from .proc import SandboxError, run
+
+# Debian package -> why the sandbox needs it.
+REQUIRED_PACKAGES: dict[str, str] = {
+    "iproute2": "ip netns / bridge / veth",
+    "util-linux": "unshare, nsenter, mount, setsid",
+    "openssh-server": "sshd on every node",
+    "openssh-sftp-server": "sftp subsystem (pyinfra uploads files over sftp)",
+    "openssh-client": "ssh-keygen and ssh",
+    "munge": "Slurm authentication",
+    "slurmctld": "Slurm controller on the login node",
+    "slurmd": "Slurm node daemon on compute nodes",
+    "slurm-client": "srun, sbatch, squeue, scancel, sinfo",
+    "docker-registry": "the image registry on the login node",
+    "podman": "image pulls on compute nodes",
+    "skopeo": "pushes the sandbox's NeMo stand-in image to the registry",
+    "python3": "the node init process, the nvidia-smi stand-in and the NeMo emulator",
+    "cron": "cron on the login node (deploys may install /etc/cron.d jobs there)",
+}
+
+
+def check_host() -> None:
+    """Fail with a clear message unless we are root on Linux with apt/dpkg (Debian, Ubuntu)."""
+    if os.name != "posix" or not Path("/proc/self/ns/net").exists():
+        raise SandboxError("the sandbox needs Linux with network namespaces")
+    if os.geteuid() != 0:
+        raise SandboxError(
+            "the sandbox needs root (it creates network namespaces, a bridge and mounts): "
+            "run it with sudo, e.g. `sudo nemotron-deploy sandbox up`"
+        )
+    if not (shutil.which("dpkg-query") and shutil.which("apt-get")):
+        raise SandboxError("the sandbox supports Debian/Ubuntu hosts only (dpkg-query and apt-get not found)")
+
+
+def missing_packages(packages: list[str] | None = None) -> list[str]:
+    wanted = list(packages or REQUIRED_PACKAGES)
+    result = run(
+        ["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n", *wanted],
+        check=False,
+        what="dpkg-query",
+    )
+    installed = {line.split()[0] for line in result.stdout.splitlines() if line.split()[1:] == ["installed"]}
+    return [p for p in wanted if p not in installed]
+
+
+def ensure_packages(log=print) -> list[str]:
+    """Install whatever REQUIRED_PACKAGES are missing; return the list that was installed."""
+    missing = missing_packages()
+    if not missing:
+        return []
+    log(f"installing Debian packages: {' '.join(missing)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run(["apt-get", "update"], env=env, timeout=600, what="apt-get update")
+    run(
+        ["apt-get", "install", "-y", "--no-install-recommends", *missing],
+        env=env,
+        timeout=1800,
+        what=f"apt-get install {' '.join(missing)}",
+    )
+    still = missing_packages(missing)
+    if still:
+        raise SandboxError(f"apt-get reported success but these packages are still missing: {still}")
+    return missing
