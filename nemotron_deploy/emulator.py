@@ -607,7 +607,12 @@ class EmulatorHandle:
         self.port = int(self._server.server_address[1])
         self.url = f"http://{self.host}:{self.port}"
         self.generate_url = self.url + "/generate"
-        threading.Thread(target=self._server.serve_forever, daemon=True, name="emulator-http").start()
+        threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            daemon=True,
+            name="emulator-http",
+        ).start()
         _write_ready_file(self.state.faults.ready_file)
         self.ready.set()
 

@@ -972,13 +972,20 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     wt.add_argument("--wait", action="store_true", help="poll until the server generates (start-up mode)")
     wt.add_argument(
         "--startup-timeout",
+        "--budget",
+        dest="startup_timeout",
         type=parse_duration,
         default=DEFAULT_STARTUP_TIMEOUT,
         metavar="DURATION",
         help="start-up budget, e.g. 2700, 45m, 1h (default 45m; with --slurm-job, counted from job start)",
     )
     wt.add_argument(
-        "--server-pid", type=int, metavar="PID", help="fail at once when this process (the server) exits"
+        "--server-pid",
+        "--watch-pid",
+        dest="server_pid",
+        type=int,
+        metavar="PID",
+        help="fail at once when this process (the server) exits",
     )
     wt.add_argument(
         "--job-check-interval",
