@@ -30,7 +30,8 @@ SLURM_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$|^(\d+-)?\d{1,2}:\d
 # --name=value or --flag: the options the sbatch file passes through as `#SBATCH` lines.
 SBATCH_OPTION = re.compile(r"^--[a-z][a-z0-9-]*(=[A-Za-z0-9._:/@%+=,-]+)?$")
 IMAGE_TAG = re.compile(r"(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127}|@sha256:[0-9a-f]{64})$")
-NGC_KEY_LIKE = re.compile(r"^(nvapi-[A-Za-z0-9_-]{20,}|[A-Za-z0-9+/]{80,}={0,2})$")
+# New-style keys start nvapi-; legacy ones are ~84 base64 characters (never a path: no leading /).
+NGC_KEY_LIKE = re.compile(r"^(nvapi-[A-Za-z0-9_-]{20,}|(?!/)[A-Za-z0-9+/]{80,}={0,2})$")
 SECRET_FIELD_NAMES = {"ngc_api_key", "ngc_key", "ngc_password", "ngc_token", "registry_password", "api_key"}
 
 # Host data keys that belong to pyinfra itself (connectors, sudo, ...), not to this schema.

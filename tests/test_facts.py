@@ -86,7 +86,7 @@ def test_gpu_fact_without_nvidia_smi_is_none_not_a_failure():
 def test_gpu_fact_reports_a_failing_driver(tmp_path):
     bindir = fake_nvidia_smi(
         tmp_path,
-        "echo 'NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.'; exit 9",
+        'echo "NVIDIA-SMI has failed because it couldn\'t communicate with the NVIDIA driver."; exit 9',
     )
     result = run_fact(NvidiaGpus, path_prefix=bindir)
     assert "couldn't communicate with the NVIDIA driver" in result["error"]
@@ -132,10 +132,21 @@ def test_runtimes_fact_sees_srun_without_pyxis(tmp_path):
     assert ContainerRuntimes().process(result.stdout.splitlines())["pyxis"] == "no"
 
 
-def test_slurm_version_from_real_sbatch():
+def test_slurm_version_from_real_sbatch(tmp_path, monkeypatch):
     assert shutil.which("sbatch"), "sbatch missing: run scripts/setup (installs slurm-client)"
-    version = run_fact(SlurmVersion)
-    assert version and version[0].isdigit() and "." in version
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=t\nSlurmctldHost=localhost\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    version = run_fact(SlurmVersion)["version"]
+    assert version[0].isdigit() and "." in version
+
+
+def test_slurm_fact_reports_an_sbatch_that_cannot_run(tmp_path, monkeypatch):
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("NotAKey=1\n")  # a broken config fails at once (a missing one retries for a minute)
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    result = run_fact(SlurmVersion)
+    assert "version" not in result and "ClusterName" in result["error"]
 
 
 def test_free_space_of_a_path_that_does_not_exist_yet(tmp_path):
