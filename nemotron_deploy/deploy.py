@@ -8,10 +8,12 @@ so any failed check stops the deploy before a single change is made.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gevent.lock
 from pyinfra.api.exceptions import PyinfraError
 
 from . import render, wheelhouse
@@ -61,16 +63,17 @@ def validated_cluster(inventory: Any) -> Cluster:
 
 
 def _inventory_path() -> str:
-    """The inventory file pyinfra was given (the click command's INVENTORY argument)."""
-    import click
+    """The inventory file pyinfra was given: its first positional argument that is a .py file.
 
-    ctx = click.get_current_context(silent=True)
-    path = ctx.params.get("inventory") if ctx else None
-    if not path or not Path(path).is_file():
-        raise DeployError(
-            "deploys/nemotron.py needs an inventory file: pyinfra inventories/<name>.py deploys/nemotron.py"
-        )
-    return path
+    (pyinfra keeps no record of it, and the deploy runs in greenlets where click's context is gone.)
+    """
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        if arg.endswith(".py") and Path(arg).is_file() and (i == 0 or args[i - 1] != "--config"):
+            return arg
+    raise DeployError(
+        "deploys/nemotron.py needs an inventory file: pyinfra inventories/<name>.py deploys/nemotron.py"
+    )
 
 
 def role(host: Any, cluster: Cluster) -> str:
@@ -110,13 +113,21 @@ def _health_paths(cluster: Cluster) -> dict[str, str]:
 _artifacts: dict[int, tuple[list[render.RenderedFile], str, list[tuple[str, bytes]]]] = {}
 
 
+_artifacts_lock = gevent.lock.BoundedSemaphore()
+
+
 def artifacts(cluster: Cluster) -> tuple[list[render.RenderedFile], str, list[tuple[str, bytes]]]:
-    """Rendered job files and health-check wheels, made once per run (not once per host)."""
+    """Rendered job files and health-check wheels, made once per run (not once per host).
+
+    pyinfra prepares hosts in parallel greenlets: the lock makes the others wait for the first build.
+    """
     key = id(cluster)
-    if key not in _artifacts:
+    with _artifacts_lock:
+        if key in _artifacts:
+            return _artifacts[key]
         digest, wheels = wheelhouse.build()
         _artifacts[key] = (render.render(cluster), digest, [(w.name, w.read_bytes()) for w in wheels])
-    return _artifacts[key]
+        return _artifacts[key]
 
 
 def health_units(cluster: Cluster, init_system: str | None) -> dict[str, str]:
@@ -176,7 +187,7 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
                 ("free", FreeSpace, (s.container_storage_dir(runtime),)),
             ]
         if s.container_runtime == "host":
-            probes.append(("paths_host", ManagedPaths, (s.eval_script,)))
+            probes.append(("paths_host", ManagedPaths, ((s.eval_script,),)))
     else:
         probes += [
             ("slurm", SlurmVersion, ()),
@@ -277,20 +288,17 @@ def _image_present(cluster: Cluster, snap: dict[str, Any]) -> bool:
 
 def ensure_files(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     """Directories and files (scripts, sbatch, health units, wheels) with explicit owners and modes."""
+    s = cluster.settings
+    if role(host, cluster) == "login":  # owns the health check's directories
+        health.ensure_user(name=f"User {s.health_user}", username=s.health_user, exists=snap["health_user"])
     want = wanted(host, cluster, snap.get("init"))
     current: dict[str, PathState] = snap["paths"]
-    if want.dirs:
-        files.managed_directories(name="Directories", dirs=want.dirs, current=current)
-    for path, content, mode in want.files:
-        files.managed_file(
-            name=f"File {path}",
-            path=path,
-            content=content,
-            mode=mode,
-            user="root",
-            group="root",
-            current=current.get(path),
-        )
+    files.managed_directories(name="Directories", dirs=want.dirs, current=current)
+    files.managed_files(
+        name="Job files" if role(host, cluster) == "compute" else "Job files, health-check wheels and timer",
+        files=[(path, content, mode, *ROOT) for path, content, mode in want.files],
+        current=current,
+    )
 
 
 def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
@@ -316,14 +324,10 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
             files.managed_directories(
                 name="enroot config", dirs=[(f"{s.node_dir}/enroot", "700", *ROOT)], current=snap["paths"]
             )
-            files.managed_file(
+            files.managed_files(
                 name="enroot credentials (0600)",
-                path=creds,
-                content=containers.enroot_credentials(key),
-                mode="600",
-                user="root",
-                group="root",
-                current=snap["paths"].get(creds),
+                files=[(creds, containers.enroot_credentials(key), "600", *ROOT)],
+                current=snap["paths"],
                 secret=True,
             )
         containers.import_image_file(
@@ -349,7 +353,6 @@ def install_health_check(host: Any, cluster: Cluster, snap: dict[str, Any]) -> N
     hp = _health_paths(cluster)
     _, digest, wheels = artifacts(cluster)
     marker_ok = snap["paths"].get(hp["marker"])
-    health.ensure_user(name=f"User {s.health_user}", username=s.health_user, exists=snap["health_user"])
     health.ensure_venv(
         name=f"Health-check venv {s.health_venv}",
         venv=s.health_venv,

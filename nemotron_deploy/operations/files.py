@@ -8,7 +8,7 @@ from io import BytesIO, StringIO
 
 from pyinfra import host, logger, state
 from pyinfra.api import FileUploadCommand, StringCommand, operation
-from pyinfra.api.util import generate_color_diff
+from pyinfra.operations.util.files import generate_color_diff
 
 from ..facts.files import PathState
 
@@ -23,43 +23,42 @@ def _owner_mode(path: str, mode: str, user: str, group: str) -> StringCommand:
 
 
 @operation()
-def managed_file(
-    path: str,
-    content: str | bytes,
-    mode: str,
-    user: str,
-    group: str,
-    current: PathState | None,
+def managed_files(
+    files: list[tuple[str, str | bytes, str, str, str]],
+    current: dict[str, PathState],
     secret: bool = False,
 ):
     """
-    Put `content` at `path` with an explicit owner and mode, unless the snapshot says it is there.
+    Put each file's content in place with an explicit owner and mode, where the snapshot differs.
 
-    + path: remote file
-    + content: the file's text (or bytes, for wheels)
-    + mode/user/group: wanted permissions (pyinfra's files.put would default to 0600)
-    + current: this path's entry in the host snapshot (None: absent)
-    + secret: never show the content, not even with --diff; upload beside `path` (whose directory
+    + files: (path, content, mode, user, group); content is text, or bytes (wheels)
+    + current: the host snapshot's path states (a path missing there is absent on the host)
+    + secret: never show the content, not even with --diff; upload beside the path (whose directory
       must be private) instead of through /tmp
+
+    pyinfra's files.put reads one fact per file and defaults to mode 0600 without `mode=`; this
+    compares checksums from the one batched snapshot and always sets owner and mode.
 
     **Example:**
 
     .. code:: python
 
-        managed_file(name="Install sbatch", path="/shared/jobs/nemotron.sbatch", content=text,
-                     mode="644", user="root", group="root", current=snap["paths"].get(path))
+        managed_files(name="Job files", files=[("/shared/jobs/nemotron.sbatch", text, "644", "root", "root")],
+                      current=snapshot["paths"])
     """
-    if current is None or current.sha256 != sha256_of(content):
-        if state.config.DIFF and not secret and isinstance(content, str):
-            host.log(f"Will {'create' if current is None else 'replace'} {path}", logger.info)
-            for line in generate_color_diff([], content.splitlines(keepends=True)):
-                logger.info("  %s", line)
-        stream = StringIO(content) if isinstance(content, str) else BytesIO(content)
-        temp = f"{path}.upload" if secret else host.get_temp_filename(path)
-        yield FileUploadCommand(stream, path, remote_temp_filename=temp)
-        yield _owner_mode(path, mode, user, group)
-    elif (current.mode, current.user, current.group) != (mode, user, group):
-        yield _owner_mode(path, mode, user, group)
+    for path, content, mode, user, group in files:
+        have = current.get(path)
+        if have is None or have.sha256 != sha256_of(content):
+            if state.config.DIFF and not secret and isinstance(content, str):
+                host.log(f"Will {'create' if have is None else 'replace'} {path}", logger.info)
+                for line in generate_color_diff([], content.splitlines(keepends=True)):
+                    logger.info("  %s", line)
+            stream = StringIO(content) if isinstance(content, str) else BytesIO(content)
+            temp = f"{path}.upload" if secret else host.get_temp_filename(path)
+            yield FileUploadCommand(stream, path, remote_temp_filename=temp)
+            yield _owner_mode(path, mode, user, group)
+        elif (have.mode, have.user, have.group) != (mode, user, group):
+            yield _owner_mode(path, mode, user, group)
 
 
 @operation()

@@ -1,0 +1,13 @@
+"""Shared fixtures. The sandbox cluster (real sshd, Slurm, registry in network namespaces) comes up
+once per session for the tests that need it, and fails them loudly (never skips) when it can't."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    from nemotron_deploy.sandbox.testing import session_sandbox
+
+    yield from session_sandbox()
