@@ -649,8 +649,9 @@ def serve_in_thread(
 ) -> EmulatorHandle:
     """Start the HTTP server in this process on ``host`` (loopback by default) and return a handle.
 
-    ``faults`` are :class:`Faults` keywords (``token_seconds``, ``slow_seconds``, ``crash_after``,
-    ``hang_after``, ``fail_load``, ``ready_file``); environment variables are NOT read here. With
+    ``faults`` are :class:`Faults` keywords (``token_seconds`` (default 0 here), ``slow_seconds``,
+    ``crash_after``, ``hang_after``, ``fail_load``, ``ready_file``); environment variables are NOT
+    read here. A crash closes the port and resets open connections instead of exiting. With
     ``load_delay`` the port stays closed (connection refused) until the delay is over; a free port is
     picked up front when ``port`` is 0 so that the caller knows where to poll.
     """
@@ -828,7 +829,10 @@ def _wait_as_peer(rank: int, nccl_timeout: float) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
     log.info(f"rank {rank}: waiting for rank 0 in torch.distributed.broadcast")
-    time.sleep(nccl_timeout)
+    try:
+        time.sleep(nccl_timeout)
+    except KeyboardInterrupt:
+        return 130
     log.error(
         f"[Rank {rank}] Watchdog caught collective operation timeout: WorkNCCL(OpType=BROADCAST, "
         f"Timeout(ms)={int(nccl_timeout * 1000)}) ran for longer than the timeout."
@@ -907,7 +911,7 @@ def _serve(cfg: dict[str, Any], faults: Faults) -> int:
     try:
         server.serve_forever(poll_interval=0.5)
     except KeyboardInterrupt:
-        pass
+        return 130
     finally:
         server.server_close()
     return 0

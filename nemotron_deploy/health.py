@@ -377,18 +377,30 @@ def expand_hostlist(expr: str) -> list[str]:
     return out
 
 
+_FIRST_NODE: dict[str, str | None] = {}  # --wait asks every few seconds; an allocation's nodes don't change
+
+
 def first_node(nodelist: str) -> str | None:
-    """The first node of an allocation: where global rank 0, hence the HTTP server, runs."""
+    """The first node of an allocation: where global rank 0, hence the HTTP server, runs.
+
+    ``scontrol show hostnames`` is the authority; the local expansion is the fallback for a login
+    node whose scontrol cannot expand (no slurm.conf).
+    """
     if not nodelist or nodelist in ("(null)", "None"):
         return None
-    try:
-        res = _run(["scontrol", "show", "hostnames", nodelist], timeout=10)
-        if res.returncode == 0 and res.stdout.strip():
-            return res.stdout.split()[0]
-    except SlurmError:
-        pass
-    nodes = expand_hostlist(nodelist)
-    return nodes[0] if nodes else None
+    if nodelist not in _FIRST_NODE:
+        node = None
+        try:
+            res = _run(["scontrol", "show", "hostnames", nodelist], timeout=10)
+            if res.returncode == 0 and res.stdout.strip():
+                node = res.stdout.split()[0]
+        except SlurmError:
+            pass
+        if node is None:
+            nodes = expand_hostlist(nodelist)
+            node = nodes[0] if nodes else None
+        _FIRST_NODE[nodelist] = node
+    return _FIRST_NODE[nodelist]
 
 
 def find_job_id(name: str) -> str | None:
@@ -466,7 +478,7 @@ def query_job(job_id: str) -> JobInfo:
         state=state,
         reason=info.get("Reason"),
         nodelist=nodelist,
-        node=first_node(nodelist) if nodelist and state not in ("PENDING",) else None,
+        node=first_node(nodelist) if nodelist and state in ACTIVE_JOB_STATES - {"PENDING"} else None,
         stderr=_expand_output_pattern(stderr, info, job_id) if stderr else None,
         exit_code=info.get("ExitCode"),
     )
@@ -844,7 +856,10 @@ def wait_ready(opts: argparse.Namespace, target: Target) -> Outcome:
                     if deadline is None:  # the start-up budget starts when the job runs
                         deadline = now + opts.startup_timeout
                 next_job_check = now + opts.job_check_interval
-            if host is None:  # --slurm-job whose first lookup failed: try again later
+            if host is None:  # --slurm-job whose lookups failed so far: try again, within the budget
+                if now - start > opts.startup_timeout:
+                    msg = f"no answer from Slurm for {fmt_duration(now - start)}: {last.message if last else ''}"
+                    return finish(Outcome(UNKNOWN, "slurm_error", msg, None))
                 time.sleep(max(0.0, next_job_check - time.monotonic()))
                 continue
             if opts.server_pid and not _pid_alive(opts.server_pid):

@@ -522,6 +522,9 @@ tool, args = os.path.basename(sys.argv[0]), sys.argv[1:]
 with open(config_path + ".calls", "a") as log:
     log.write(tool + " " + " ".join(args) + "\\n")
 jobs = cfg.get("jobs", {{}})
+if cfg.get("down") and tool in ("squeue", "scontrol") and "hostnames" not in args:
+    print("slurm_load_jobs error: Unable to contact slurm controller (connect failure)", file=sys.stderr)
+    sys.exit(1)
 
 def job_state(job_id, job):
     calls = cfg.setdefault("calls", {{}})
@@ -595,6 +598,7 @@ def job(state: str, nodelist: str = "127.0.0.[1-2]", reason: str = "None", **kw)
 def slurm(tmp_path, monkeypatch) -> FakeSlurm:
     fake = FakeSlurm(tmp_path / "slurm")
     monkeypatch.setenv("PATH", f"{fake.bin}:{os.environ['PATH']}")
+    monkeypatch.setattr(health, "_FIRST_NODE", {})  # hostname expansions are cached per process
     return fake
 
 
@@ -637,9 +641,11 @@ def test_slurm_job_by_name_probes_the_first_node(emu, slurm, capsys):
 
 
 def test_slurm_job_falls_back_to_local_hostlist_expansion(emu, slurm, capsys):
-    slurm.set({"jobs": {"4242": job("RUNNING")}})  # scontrol show hostnames fails
-    code, out, _ = run(capsys, "--slurm-job", "4242", "--port", str(emu.port), "--no-state-file")
+    slurm.set({"jobs": {"4242": job("RUNNING", nodelist="127.0.0.[1,5-6]")}})  # show hostnames fails
+    code, out, _ = run(capsys, "--slurm-job", "4242", "--port", str(emu.port), "--json", "--no-state-file")
     assert code == 0, out
+    assert json.loads(out)["job"]["node"] == "127.0.0.1"
+    assert "scontrol show hostnames 127.0.0.[1,5-6]" in slurm.calls()
 
 
 def test_pending_job_is_critical_without_probing(slurm, capsys):
@@ -712,3 +718,13 @@ def test_job_id_watch_with_a_fixed_host(emu, slurm, capsys):
         capsys, "--host", "127.0.0.1", "--port", str(emu.port), "--job-id", "77", "--no-state-file"
     )
     assert code == 2 and "job 77 (nemotron) is TIMEOUT" in out
+
+
+def test_unreachable_slurm_controller_is_unknown(slurm, capsys):
+    slurm.set({"down": True})
+    code, out, _ = run(capsys, "--slurm-job", "nemotron", "--no-state-file")
+    assert code == 3 and "Unable to contact slurm controller" in out
+    code, out, _ = run(
+        capsys, "--slurm-job", "4242", "--wait", "--budget", "0.5", "--job-check-interval", "0.1"
+    )
+    assert code == 3 and out.startswith("NEMOTRON UNKNOWN - slurm_error: no answer from Slurm")
