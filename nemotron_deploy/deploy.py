@@ -380,7 +380,6 @@ def submit(host: Any, cluster: Cluster) -> None:
             "-m",
             "nemotron_deploy.health",
             "--wait",
-            "--progress",
             "--slurm-job",
             s.job_name,
             "--port",

@@ -8,6 +8,7 @@ node also pulls the image from the sandbox registry with podman, so the pull pat
 
 gpu_type = "H200-141GB"
 gpus_per_node = 8
+tensor_parallel = 8
 pipeline_parallel = 2
 slurm_partition = "gpu"
 slurm_exclusive = False
