@@ -1,0 +1,97 @@
+"""The scheduled health check the deploy installs: systemd units that systemd accepts, a cron entry
+cron accepts, and (on the sandbox's login node) the installed command run as the unprivileged user."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from nemotron_deploy.operations import health
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
+    assert shutil.which("systemd-analyze"), "systemd-analyze missing: apt-get install systemd"
+    command = health.check_command(
+        str(Path(sys.executable).parent.parent), "nemotron-340b", 1424, "/tmp/prom"
+    )
+    paths = []
+    for path, text in health.systemd_units("nemotron-health", command, 60, "nemotron-340b").items():
+        local = tmp_path / Path(path).name
+        local.write_text(text)
+        paths.append(str(local))
+    result = subprocess.run(["systemd-analyze", "verify", *paths], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "", f"systemd warned about our units:\n{result.stderr}"
+
+
+def test_service_treats_nagios_results_as_success_and_runs_unprivileged():
+    command = health.check_command("/opt/v", "job", 1424, "/prom")
+    service = health.systemd_units("nemotron-health", command, 60, "job")[
+        "/etc/systemd/system/nemotron-health.service"
+    ]
+    assert "User=nemotron-health" in service
+    assert "SuccessExitStatus=1 2 3" in service
+    assert "ExecStart=/opt/v/bin/python -m nemotron_deploy.health --slurm-job job --port 1424" in service
+
+
+@pytest.mark.parametrize(("interval", "schedule"), [(60, "*"), (30, "*"), (300, "*/5")])
+def test_cron_entry_schedule_and_user(interval, schedule):
+    ((path, text),) = health.cron_entry("nemotron-health", ["/opt/v/bin/python", "-m", "x"], interval).items()
+    assert path == "/etc/cron.d/nemotron-health"
+    line = [entry for entry in text.splitlines() if entry and not entry.startswith(("#", "PATH="))]
+    assert line == [f"{schedule} * * * * nemotron-health /opt/v/bin/python -m x >/dev/null 2>&1"]
+    assert text.endswith("\n"), "cron ignores a last line without a newline"
+
+
+@pytest.mark.sandbox
+def test_installed_check_runs_as_the_health_user_and_writes_metrics(sandbox):
+    """Deploy, then run exactly the command cron would run, as the user cron would run it."""
+    deploy = subprocess.run(
+        [str(REPO / ".venv/bin/pyinfra"), "-y", "inventories/sandbox.py", "deploys/nemotron.py"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+    login = sandbox.login.name
+    cron = subprocess.run(
+        sandbox.ssh_argv(login, "cat /etc/cron.d/nemotron-health"), capture_output=True, text=True
+    )
+    (entry,) = [line for line in cron.stdout.splitlines() if line and not line.startswith(("#", "PATH="))]
+    fields = entry.split(" ", 6)
+    user, command = fields[5], fields[6].removesuffix(" >/dev/null 2>&1")
+    assert user == "nemotron-health"
+    textfile = command.split("--prometheus-textfile ", 1)[1].split(" ", 1)[0]
+    run = subprocess.run(
+        sandbox.ssh_argv(
+            login,
+            f"rm -f {textfile}; su -s /bin/sh {user} -c '{command}'; echo rc=$?; stat -c %U {textfile}; cat {textfile}",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out = run.stdout.splitlines()
+    rc = int(next(line for line in out if line.startswith("rc=")).removeprefix("rc="))
+    assert rc in (0, 1, 2), run.stdout + run.stderr  # a result, not UNKNOWN (3): the check itself works
+    owner_index = next(i for i, line in enumerate(out) if line.startswith("rc=")) + 1
+    assert out[owner_index] == "nemotron-health"
+    metrics = {
+        sample.name: sample
+        for family in text_string_to_metric_families("\n".join(out[owner_index + 1 :]) + "\n")
+        for sample in family.samples
+    }
+    assert {
+        "nemotron_up",
+        "nemotron_probe_duration_seconds",
+        "nemotron_last_success_timestamp_seconds",
+    } <= set(metrics)
+    assert metrics["nemotron_up"].value == (1.0 if rc == 0 else 0.0)
