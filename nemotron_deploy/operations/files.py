@@ -8,6 +8,7 @@ from io import BytesIO, StringIO
 
 from pyinfra import host, logger, state
 from pyinfra.api import FileUploadCommand, StringCommand, operation
+from pyinfra.facts.files import FileContents
 from pyinfra.operations.util.files import generate_color_diff
 
 from ..facts.files import PathState
@@ -50,8 +51,10 @@ def managed_files(
         have = current.get(path)
         if have is None or have.sha256 != sha256_of(content):
             if state.config.DIFF and not secret and isinstance(content, str):
-                host.log(f"Will {'create' if have is None else 'replace'} {path}", logger.info)
-                for line in generate_color_diff([], content.splitlines(keepends=True)):
+                # Only with --diff: one more read, for the old text of a file that changes.
+                old = [f"{line}\n" for line in host.get_fact(FileContents, path=path) or []] if have else []
+                host.log(f"Will {'create' if have is None else 'modify'} {path}", logger.info)
+                for line in generate_color_diff(old, content.splitlines(keepends=True)):
                     logger.info("  %s", line)
             stream = StringIO(content) if isinstance(content, str) else BytesIO(content)
             temp = f"{path}.upload" if secret else host.get_temp_filename(path)
