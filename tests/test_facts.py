@@ -102,7 +102,9 @@ def test_runtimes_fact_finds_what_is_installed(tmp_path):
     for tool, out in {"podman": "podman version 4.3.1", "enroot": "3.4.1"}.items():
         (bindir / tool).write_text(f"#!/bin/sh\necho '{out}'\n")
         (bindir / tool).chmod(0o755)
-    (bindir / "srun").write_text("#!/bin/sh\necho '      --container-image=[USER@][REGISTRY#]IMAGE[:TAG]|PATH'\n")
+    (bindir / "srun").write_text(
+        "#!/bin/sh\necho '      --container-image=[USER@][REGISTRY#]IMAGE[:TAG]|PATH'\n"
+    )
     (bindir / "srun").chmod(0o755)
     env_path = f"{bindir}:/nonexistent"
     result = subprocess.run(
