@@ -332,8 +332,10 @@ def logs(name: str) -> str:
     return "\n".join(tail(p, 15) for p in sorted(node_ops.host_path(node, "/var/log").rglob("*.log")))
 
 
-def set_gpu_faults(name: str, **faults) -> None:
-    """Make one compute node's nvidia-smi report faults (see gpus.set_gpu_faults for the keywords)."""
+def set_gpu_faults(name: str, /, **faults) -> None:
+    """Make one compute node's nvidia-smi report faults (see gpus.set_gpu_faults for the keywords).
+
+    `name` is positional-only: the fault keyword `name=` (the GPU model nvidia-smi reports) is free."""
     gpus.set_gpu_faults(_require(name)[1], **faults)
 
 
