@@ -24,10 +24,13 @@ def registry_of(image: str) -> str:
     return first if ("." in first or ":" in first or first == "localhost") else "docker.io"
 
 
-def _secret_upload(key: str, remote_path: str):
-    return FileUploadCommand(
-        StringIO(key), remote_path, remote_temp_filename=host.get_temp_filename(remote_path)
-    )
+def _secret_upload(key: str, private_dir: str):
+    """Commands that put `key` in `private_dir`/key: the directory is made 0700 first and the upload's
+    temporary file is inside it, so the key is never in a world-readable file or on a command line."""
+    q_dir = shlex.quote(private_dir)
+    yield StringCommand(f"rm -rf {q_dir} && mkdir -m 700 {q_dir}")
+    path = f"{private_dir}/key"
+    yield FileUploadCommand(StringIO(key), path, remote_temp_filename=f"{path}.upload")
 
 
 @operation()
