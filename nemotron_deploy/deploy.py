@@ -263,7 +263,9 @@ def _model_problems(cluster: Cluster, config: dict) -> list[str]:
     s = cluster.settings
     where = f"model_dir {s.model_dir}"
     if "error" in config and len(config) == 1:
-        return [f"{where}: {config['error']}; point model_dir at the checkpoint the job will mount"]
+        return [
+            f"{where}: {config['error']}; point model_dir at the checkpoint the job will mount (the directory holding model_config.yaml)"
+        ]
     try:
         found = ModelSpec.from_mapping(config, key="checkpoint")
     except ValueError as exc:
