@@ -1,7 +1,8 @@
 """Deploy Nemotron-4-340B-Base for inference with NeMo on a Slurm cluster.
 
     pyinfra inventories/h100.py deploys/nemotron.py            # plan, confirm, apply
-    pyinfra -y inventories/h100.py deploys/nemotron.py --dry   # show what would change
+    pyinfra inventories/h100.py deploys/nemotron.py --dry      # show what would change (not with -y:
+                                                               # -y skips pyinfra's change detection)
     pyinfra -y inventories/h100.py deploys/nemotron.py --data submit=true
 
 Checks come first: a bad inventory or a node that can't run the job stops the deploy before any
