@@ -21,7 +21,7 @@ import yaml
 from nemotron_deploy import sandbox as sb_api
 from nemotron_deploy.sandbox import layout, netns, nvidia_smi, slurm
 from nemotron_deploy.sandbox.proc import pid_alive
-from nemotron_deploy.sandbox.testing import session_sandbox
+from nemotron_deploy.sandbox.testing import CREATED_BY_TESTS
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTURES = ROOT / "nemotron_deploy" / "sandbox" / "nvidia_smi_captures" / "h200-x2"
@@ -152,9 +152,11 @@ def test_slurm_hostlist_and_gres():
 # --- the running sandbox (root) ----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sb():
-    yield from session_sandbox(nodes=2, gpus_per_node=8)
+@pytest.fixture
+def sb(sandbox):
+    """The session's sandbox (tests/conftest.py: testing.session_sandbox); these tests need >= 2 nodes."""
+    assert len(sandbox.compute) >= 2 and sandbox.gpus_per_node == 8
+    return sandbox
 
 
 def ssh(
@@ -179,7 +181,7 @@ def wait_for(predicate, timeout: float, what: str):
 @pytest.mark.sandbox
 def test_ssh_reaches_each_node_with_its_hostname_and_address(sb):
     assert sb.login.address == "10.213.0.2"
-    assert sb.compute_addresses == ["10.213.0.11", "10.213.0.12"]
+    assert sb.compute_addresses[:2] == ["10.213.0.11", "10.213.0.12"]
     for node in sb.nodes:
         out = ssh(
             sb, node.name, "hostname; cat /etc/hostname; ip -4 -o addr show dev eth0; id -u nemotron"
@@ -320,18 +322,16 @@ def test_nvidia_smi_stand_in_and_fault_injection(sb):
     assert len(listing) == 8 and all("NVIDIA H200" in line for line in listing)
     assert ssh(sb, node, "nvidia-smi | grep -c 'NVIDIA H200'").stdout.strip() == "8"
     assert ssh(sb, node, "ls /opt/nemotron-sandbox/dev | grep -c '^nvidia[0-9]'").stdout.strip() == "8"
-    try:
-        sb_api.set_gpu_faults(node, gpus=7, ecc_uncorrected={2: 5})
-        out = ssh(
-            sb,
-            node,
-            "nvidia-smi --query-gpu=index,ecc.errors.uncorrected.volatile.total --format=csv,noheader",
-        ).stdout
-        assert out.splitlines() == [f"{i}, {5 if i == 2 else 0}" for i in range(7)]
-        other = ssh(sb, sb.compute[1].name, "nvidia-smi -L | wc -l").stdout.strip()
-        assert other == "8", "faults are per node"
-    finally:
-        sb_api.clear_gpu_faults(node)
+    with sb_api.exclusive_use("inject GPU faults"):
+        try:
+            sb_api.set_gpu_faults(node, gpus=7, ecc_uncorrected={2: 5}, name="NVIDIA H100 80GB HBM3")
+            query = "nvidia-smi --query-gpu=index,name,ecc.errors.uncorrected.volatile.total --format=csv,noheader"
+            out = ssh(sb, node, query).stdout
+            assert out.splitlines() == [f"{i}, NVIDIA H100 80GB HBM3, {5 if i == 2 else 0}" for i in range(7)]
+            other = ssh(sb, sb.compute[1].name, "nvidia-smi -L | wc -l").stdout.strip()
+            assert other == "8", "faults are per node"
+        finally:
+            sb_api.clear_gpu_faults(node)
     assert len(ssh(sb, node, "nvidia-smi -L").stdout.splitlines()) == 8
 
 
@@ -342,6 +342,7 @@ def test_model_dir_and_emulator_are_installed(sb):
     assert config["tokenizer"]["model"] == "nemotron_2_256k.model"
     assert (sb.model_dir / "model_weights").is_dir()
     emulator = ROOT / "nemotron_deploy" / "emulator.py"
+    sb_api.up(nodes=len(sb.compute), gpus_per_node=8)  # a running sandbox gets the current emulator
     for node in sb.compute:
         text = ssh(sb, node.name, f"cat {layout.NODE_EMULATOR_PATH}").stdout
         if emulator.exists():
@@ -371,15 +372,16 @@ def test_status_reports_every_node_and_daemon(sb):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["up"] is True
-    assert [n["name"] for n in report["nodes"]] == ["sb-login", "sb-node01", "sb-node02"]
+    assert [n["name"] for n in report["nodes"]] == ["sb-login", *sb.compute_names]
+    assert [n["address"] for n in report["nodes"]] == [n.address for n in sb.nodes]
     assert all(all(n["daemons"].values()) for n in report["nodes"])
-    assert [n["slurm_state"] for n in report["nodes"][1:]] == ["idle", "idle"]
+    assert {n["slurm_state"] for n in report["nodes"][1:]} <= {"idle", "mixed", "allocated"}
 
 
 @pytest.mark.sandbox
 def test_up_again_is_a_fast_no_op(sb):
     start = time.monotonic()
-    again = sb_api.up(nodes=2, gpus_per_node=8)
+    again = sb_api.up(nodes=len(sb.compute), gpus_per_node=8)
     assert time.monotonic() - start < 2
     assert again == sb
 
@@ -387,29 +389,33 @@ def test_up_again_is_a_fast_no_op(sb):
 @pytest.mark.sandbox
 def test_sshd_stop_and_start_on_one_node(sb):
     node = sb.compute[1].name
-    sb_api.stop_node_sshd(node)
-    try:
-        refused = ssh(sb, node, "true", check=False, timeout=30)
-        assert refused.returncode == 255 and "refused" in refused.stderr
-        assert ssh(sb, sb.compute[0].name, "true").returncode == 0
-    finally:
-        sb_api.start_node_sshd(node)
-    assert ssh(sb, node, "hostname").stdout.strip() == node
+    with sb_api.exclusive_use("stop sshd on a node"):
+        sb_api.stop_node_sshd(node)
+        try:
+            refused = ssh(sb, node, "true", check=False, timeout=30)
+            assert refused.returncode == 255 and "refused" in refused.stderr
+            assert ssh(sb, sb.compute[0].name, "true").returncode == 0
+        finally:
+            sb_api.start_node_sshd(node)
+        assert ssh(sb, node, "hostname").stdout.strip() == node
 
 
 @pytest.mark.sandbox
 def test_node_down_and_up(sb):
     node = sb.compute[1].name
-    sb_api.node_down(node)
-    try:
-        dead = ssh(sb, node, "true", check=False, timeout=30)
-        assert dead.returncode == 255
-        assert sb_api.status()["nodes"][2]["init_pid"] is None
-    finally:
-        sb_api.node_up(node)
-    assert ssh(sb, node, "hostname").stdout.strip() == node
-    lines = ssh(sb, "sb-login", "srun -N2 --ntasks-per-node=1 hostname | sort").stdout.split()
-    assert lines == ["sb-node01", "sb-node02"]
+    with sb_api.exclusive_use("power a node off"):
+        sb_api.node_down(node)
+        try:
+            dead = ssh(sb, node, "true", check=False, timeout=30)
+            assert dead.returncode == 255
+            assert sb_api.status()["nodes"][2]["init_pid"] is None
+        finally:
+            sb_api.node_up(node)
+        assert ssh(sb, node, "hostname").stdout.strip() == node
+        lines = ssh(
+            sb, "sb-login", f"srun -w sb-node01,{node} -N2 --ntasks-per-node=1 hostname | sort"
+        ).stdout.split()
+        assert lines == ["sb-node01", node]
 
 
 def _leftovers(pids: list[int]) -> list[str]:
@@ -433,15 +439,20 @@ def _leftovers(pids: list[int]) -> list[str]:
 
 @pytest.mark.sandbox
 def test_down_leaves_nothing_then_up_works_again(sb):
-    """Last on purpose: tears the sandbox down and brings it back for whoever runs after."""
-    ssh(sb, "sb-login", "sbatch -N2 --ntasks-per-node=2 --wrap 'srun sleep 600'")  # jobs die with the nodes
-    session = subprocess.Popen(sb.ssh_argv("sb-node01", "sleep 600"))  # so do open SSH sessions
-    wait_for(lambda: "sleep" in _procs(sb, "sb-node02"), 30, "the job's tasks")
-    pids = [pid for found in netns.pids_by_netns([n.netns for n in sb.nodes]).values() for pid in found]
-    assert len(pids) >= 3 * 2 + 5
-    sb_api.down()
-    assert session.wait(timeout=30) != 0
-    assert _leftovers(pids) == []
-    sb_api.down()  # safe to repeat
-    again = sb_api.up(nodes=2, gpus_per_node=8)
-    assert ssh(again, "sb-node02", "hostname").stdout.strip() == "sb-node02"
+    """Last on purpose: tears the sandbox down and brings it back (same size) for whoever runs after."""
+    with sb_api.exclusive_use("take the sandbox down and up again"):
+        created_by_tests = CREATED_BY_TESTS.exists()
+        ssh(sb, "sb-login", "sbatch -N2 --ntasks-per-node=2 --wrap 'srun sleep 600'")  # jobs die with nodes
+        session = subprocess.Popen(sb.ssh_argv("sb-node01", "sleep 600"))  # so do open SSH sessions
+        wait_for(lambda: "sleep" in _procs(sb, "sb-node02"), 30, "the job's tasks")
+        pids = [pid for found in netns.pids_by_netns([n.netns for n in sb.nodes]).values() for pid in found]
+        assert len(pids) >= 3 * 2 + 5
+        sb_api.down()
+        assert session.wait(timeout=30) != 0
+        assert _leftovers(pids) == []
+        sb_api.down()  # safe to repeat
+        again = sb_api.up(nodes=len(sb.compute), gpus_per_node=8)
+        if created_by_tests:
+            CREATED_BY_TESTS.touch()
+        assert again == sb
+        assert ssh(again, "sb-node02", "hostname").stdout.strip() == "sb-node02"

@@ -29,6 +29,7 @@ from .cluster import (
     up,
 )
 from .layout import Node, Sandbox
+from .locks import exclusive_use
 from .proc import SandboxError
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "clear_gpu_faults",
     "current",
     "down",
+    "exclusive_use",
     "logs",
     "node_down",
     "node_run",

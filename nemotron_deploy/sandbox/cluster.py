@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import etc, gpus, munge, nemo, netns, packages, registry, slurm, sshd
+from . import etc, gpus, locks, munge, nemo, netns, packages, registry, slurm, sshd
 from . import nodes as node_ops
 from .layout import SHARED_DIR, STATE_DIR, STATE_FILE, Node, Sandbox, plan
 from .proc import SandboxError, tail
@@ -112,6 +112,14 @@ def _prepare_files(sandbox: Sandbox) -> None:
     nemo.install_model(sandbox)
 
 
+def _refresh_programs(sandbox: Sandbox) -> None:
+    """Re-copy the NeMo emulator and the nvidia-smi stand-in if their source changed since `up`, so a
+    running sandbox serves the current code (both are read afresh at every start/call)."""
+    for node in sandbox.compute:
+        nemo.install_emulator(node, only_if_changed=True)
+        gpus.install_stand_in(node, only_if_changed=True)
+
+
 def _start_login(sandbox: Sandbox) -> None:
     login = sandbox.login
     munge.start(login)
@@ -132,15 +140,21 @@ def up(nodes: int = 2, gpus_per_node: int = 8, *, log: Log = _quiet) -> Sandbox:
     wanted = plan(nodes, gpus_per_node)
     existing = current()
     if existing == wanted and _healthy(existing):
+        _refresh_programs(existing)
         log(f"sandbox already up: {len(existing.compute)} compute nodes, {existing.gpus_per_node} GPUs each")
         return existing
-    if existing is not None or netns.sandbox_netns() or netns.bridge_exists() or STATE_DIR.exists():
-        log(
-            "tearing down the previous sandbox"
-            + (" (different size)" if existing and existing != wanted else "")
-        )
-        down(log=log)
+    with locks.exclusive_use("bring the sandbox up", on_wait=log):
+        existing = current()  # someone else may have brought it up while we waited
+        if existing == wanted and _healthy(existing):
+            return existing
+        if existing is not None or netns.sandbox_netns() or netns.bridge_exists() or STATE_DIR.exists():
+            why = " (different size)" if existing and existing != wanted else ""
+            log(f"tearing down the previous sandbox{why}")
+            down(log=log)
+        return _create(wanted, log)
 
+
+def _create(sandbox: Sandbox, log: Log) -> Sandbox:
     timings: dict[str, float] = {}
     t0 = last = time.monotonic()
 
@@ -152,7 +166,6 @@ def up(nodes: int = 2, gpus_per_node: int = 8, *, log: Log = _quiet) -> Sandbox:
 
     installed = packages.ensure_packages(log=log)
     mark("packages")
-    sandbox = wanted
     _save(sandbox)  # before creating anything: `down` can always find what to remove
     _prepare_files(sandbox)
     mark("files")
@@ -202,6 +215,11 @@ def _host_mounts_under(path: Path) -> list[str]:
 def down(*, log: Log = _quiet) -> None:
     """Remove the sandbox completely; safe to run when it is half up, crashed, or not there at all."""
     packages.check_host()
+    with locks.exclusive_use("take the sandbox down", on_wait=log):
+        _remove(log)
+
+
+def _remove(log: Log) -> None:
     t0 = time.monotonic()
     sandbox = current()
     names = set(netns.sandbox_netns())

@@ -46,12 +46,15 @@ def install(node: Node, gpus: int) -> None:
     shutil.rmtree(captures, ignore_errors=True)
     shutil.copytree(CAPTURES, captures)
     config = {"gpus": gpus, "captures": NODE_CAPTURES, "faults": NODE_GPU_FAULTS}
-    nodes.host_path(node, NODE_NVIDIA_SMI_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
+    nodes.install_file(node, NODE_NVIDIA_SMI_CONFIG, json.dumps(config, indent=1).encode() + b"\n")
 
-    binary = nodes.host_path(node, "/usr/local/bin/nvidia-smi")
-    binary.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(STAND_IN, binary)
-    binary.chmod(0o755)
+    install_stand_in(node)
+
+
+def install_stand_in(node: Node, *, only_if_changed: bool = False) -> None:
+    nodes.install_file(
+        node, "/usr/local/bin/nvidia-smi", STAND_IN.read_bytes(), 0o755, only_if_changed=only_if_changed
+    )
 
 
 def set_gpu_faults(
@@ -72,10 +75,7 @@ def set_gpu_faults(
         faults["name"] = name
     if driver_failure:
         faults["driver_failure"] = True
-    path = nodes.host_path(node, NODE_GPU_FAULTS)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(faults, indent=1) + "\n")
-    tmp.rename(path)
+    nodes.install_file(node, NODE_GPU_FAULTS, json.dumps(faults, indent=1).encode() + b"\n")
 
 
 def clear_gpu_faults(node: Node) -> None:

@@ -34,14 +34,9 @@ def emulator_available() -> bool:
     return EMULATOR.is_file()
 
 
-def install_emulator(node: Node) -> None:
-    target = nodes.host_path(node, NODE_EMULATOR_PATH)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if emulator_available():
-        shutil.copyfile(EMULATOR, target)
-    else:
-        target.write_text(PLACEHOLDER)
-    target.chmod(0o755)
+def install_emulator(node: Node, *, only_if_changed: bool = False) -> None:
+    content = EMULATOR.read_bytes() if emulator_available() else PLACEHOLDER.encode()
+    nodes.install_file(node, NODE_EMULATOR_PATH, content, 0o755, only_if_changed=only_if_changed)
 
 
 def install_model(sandbox: Sandbox) -> None:
