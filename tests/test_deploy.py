@@ -1,0 +1,427 @@
+"""The deploy against the sandbox cluster, run as an operator runs it: `pyinfra -y inventories/sandbox.py
+deploys/nemotron.py` in a subprocess, over real SSH, then the nodes are inspected over SSH.
+
+What is checked: the first deploy places every file with its owner and mode, byte-identical to
+`nemotron-deploy render`; a second run changes nothing (and reads each host in one command); a bad
+inventory or a failing preflight stops before any host is changed; a host that is down fails the
+deploy by name while the others finish; a missing image is pulled again on that node only; the NGC
+key never shows; `--dry` plans a change without making it.
+
+The sandbox comes up once per session (tests/conftest.py); each test starts from a converged deploy.
+"""
+
+from __future__ import annotations
+
+import base64
+import shlex
+import subprocess
+import uuid
+
+import pytest
+from helpers import write_inventory
+from sshutil import (
+    COMPUTE_SCRIPTS,
+    CRON_FILE,
+    DEPLOY_SHARED,
+    HEALTH_STATE_DIR,
+    HEALTH_USER,
+    HEALTH_VENV,
+    INVENTORY,
+    JOBS_DIR,
+    LOGS_DIR,
+    NODE_DIR,
+    PULL_OP,
+    REPO,
+    SBATCH,
+    SCRIPTS_DIR,
+    SHARED,
+    TEXTFILE_DIR,
+    clean_env,
+    commands_per_host,
+    compute_script,
+    console_script,
+    converged_attempts,
+    deploy_ok,
+    dry_plan,
+    exists,
+    file_state,
+    image_present,
+    op_statuses,
+    pyinfra,
+    read_bytes,
+    remove_image,
+    reset_deploy,
+    results_table,
+    ssh,
+    stat_paths,
+)
+
+from nemotron_deploy import sandbox as sb_api
+
+pytestmark = pytest.mark.sandbox
+
+FIRST, SECOND = "sb-node01", "sb-node02"
+ROOT_755 = ("755", "root", "root")
+ROOT_644 = ("644", "root", "root")
+
+
+def _healthy_nodes(sandbox) -> None:
+    """Undo what a failed test may have left: GPU faults, a stopped sshd."""
+    for node in sandbox.compute_names:
+        sb_api.clear_gpu_faults(node)
+    status = sb_api.status()
+    for node in status["nodes"]:
+        if not node["daemons"].get("sshd"):
+            sb_api.start_node_sshd(node["name"])
+
+
+@pytest.fixture
+def deployed(sandbox):
+    """The sandbox with a converged deploy (a no-change run when the previous test left it so)."""
+    _healthy_nodes(sandbox)
+    deploy_ok()
+    yield sandbox
+    _healthy_nodes(sandbox)
+
+
+def _watched(sandbox) -> dict[str, dict[str, str]]:
+    """Checksums and mtimes of what the deploy placed on every host, to prove a run changed nothing."""
+    watched = {
+        node: file_state(sandbox, node, [compute_script(name) for name in COMPUTE_SCRIPTS])
+        for node in sandbox.compute_names
+    }
+    watched[sandbox.login_host] = file_state(
+        sandbox, sandbox.login_host, [SBATCH, CRON_FILE, f"{HEALTH_VENV}-wheels/installed.sha256"]
+    )
+    return watched
+
+
+def _remove_on_every_host(sandbox) -> dict[str, str]:
+    """Delete one deployed file per host; {host: path}. A run that changes anything puts them back."""
+    removed = {FIRST: compute_script("call_server.py"), SECOND: compute_script("nemo_inference.sh")}
+    removed[sandbox.login_host] = SBATCH
+    for node, path in removed.items():
+        ssh(sandbox, node, f"rm -f {shlex.quote(path)}")
+    return removed
+
+
+def _assert_untouched(sandbox, removed: dict[str, str], before: dict[str, dict[str, str]]) -> None:
+    back = {node: path for node, path in removed.items() if exists(sandbox, node, path)}
+    assert not back, f"the failed deploy changed hosts: it put back {back}"
+    after = _watched(sandbox)
+    assert after == before, "the failed deploy changed files on the hosts"
+
+
+# --- 1. the first deploy ---------------------------------------------------------------------------
+
+
+def test_first_deploy_places_everything_with_the_right_modes(sandbox, tmp_path):
+    _healthy_nodes(sandbox)
+    reset_deploy(sandbox)
+    for node in sandbox.compute_names:
+        assert not exists(sandbox, node, NODE_DIR), f"reset left {NODE_DIR} on {node}"
+    assert not exists(sandbox, sandbox.login_host, CRON_FILE)
+    assert ssh(sandbox, sandbox.login_host, f"id {HEALTH_USER}", check=False).returncode != 0
+
+    run = deploy_ok()
+    total = results_table(run.output)["Grand total"]
+    assert total["Error"] == "-" and total["Success"] != "-", (
+        f"a first deploy must change things:\n{run.output}"
+    )
+
+    rendered = tmp_path / "rendered"
+    render = subprocess.run(
+        [console_script("nemotron-deploy"), "render", INVENTORY, "--out", str(rendered)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert render.returncode == 0, render.stdout + render.stderr
+    assert sorted(p.name for p in rendered.iterdir()) == sorted([*COMPUTE_SCRIPTS, "nemotron.sbatch"])
+
+    for node in sandbox.compute_names:
+        scripts = [compute_script(name) for name in COMPUTE_SCRIPTS]
+        modes = stat_paths(sandbox, node, [NODE_DIR, SCRIPTS_DIR, *scripts])
+        assert modes == {path: ROOT_755 for path in [NODE_DIR, SCRIPTS_DIR, *scripts]}, node
+        for name in COMPUTE_SCRIPTS:
+            assert read_bytes(sandbox, node, compute_script(name)) == (rendered / name).read_bytes(), (
+                f"{name} on {node} differs from `nemotron-deploy render`"
+            )
+
+    login = sandbox.login_host
+    modes = stat_paths(sandbox, login, [DEPLOY_SHARED, JOBS_DIR, LOGS_DIR, SBATCH, CRON_FILE])
+    assert modes == {
+        DEPLOY_SHARED: ROOT_755,
+        JOBS_DIR: ROOT_755,
+        LOGS_DIR: ("1777", "root", "root"),
+        SBATCH: ROOT_644,
+        CRON_FILE: ROOT_644,
+    }
+    assert read_bytes(sandbox, login, SBATCH) == (rendered / "nemotron.sbatch").read_bytes()
+
+    # The health check: cron (the login node has no systemd), its user, venv and directories.
+    assert not exists(sandbox, login, "/etc/systemd/system/nemotron-health.timer")
+    cron = read_bytes(sandbox, login, CRON_FILE).decode()
+    assert (
+        f" {HEALTH_USER} {HEALTH_VENV}/bin/python -m nemotron_deploy.health --slurm-job nemotron-340b" in cron
+    )
+    user = ssh(sandbox, login, f"getent passwd {HEALTH_USER}").stdout.strip().split(":")
+    assert user[6] == "/usr/sbin/nologin" and int(user[2]) < 1000, f"not a system user: {user}"
+    assert stat_paths(sandbox, login, [HEALTH_STATE_DIR, TEXTFILE_DIR]) == {
+        HEALTH_STATE_DIR: ("750", HEALTH_USER, HEALTH_USER),
+        TEXTFILE_DIR: ("775", "root", HEALTH_USER),
+    }
+    ssh(sandbox, login, f"{HEALTH_VENV}/bin/python -c 'import nemotron_deploy.health, prometheus_client'")
+    # What cron runs, as the user cron runs it as: no job yet (CRITICAL), but the metrics are written.
+    command = cron.splitlines()[-1].split(f" {HEALTH_USER} ", 1)[1].removesuffix(" >/dev/null 2>&1")
+    check = ssh(sandbox, login, f"runuser -u {HEALTH_USER} -- {command}", check=False)
+    assert check.returncode in (0, 1, 2), f"the health check itself failed:\n{check.stdout}{check.stderr}"
+    prom = ssh(sandbox, login, f"cat {TEXTFILE_DIR}/nemotron.prom").stdout
+    assert "nemotron_up " in prom, prom
+
+
+# --- 2. a second run ---------------------------------------------------------------------------------
+
+
+def test_second_run_reports_zero_changes(sandbox):
+    _healthy_nodes(sandbox)
+
+    def attempt() -> None:
+        plan = dry_plan()
+        assert plan, "the dry run listed no operations"
+        changes = {name: hosts for name, hosts in plan.items() if hosts}
+        assert not changes, f"a converged deploy plans changes: {plan}"
+
+        run = deploy_ok("-vvv")
+        table = results_table(run.output)
+        assert table["Grand total"]["Success"] == "-", f"a second run changed things:\n{run.output[-3000:]}"
+        assert table["Grand total"]["Error"] == "-"
+        assert all(row["Success"] == "-" for row in table.values()), table
+
+        counts = commands_per_host(run.output)
+        print(f"no-change re-deploy: {run.seconds:.1f}s, shell commands per host: {counts}")
+        assert set(counts) == {sandbox.login_host, *sandbox.compute_names}, counts
+        assert max(counts.values()) <= 3, f"every fact is batched into one command per host: {counts}"
+
+    converged_attempts(attempt)
+
+
+# --- 3. a bad inventory ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "why"),
+    [
+        ("port", 80, "greater than or equal to 1024"),
+        ("slurm_partition", "gpu; touch /tmp/nemotron-pwned", "must start with a letter or digit"),
+    ],
+)
+def test_bad_inventory_stops_before_any_host_is_touched(deployed, tmp_path, field, value, why):
+    sandbox = deployed
+    inventory = write_inventory(tmp_path / "inv", base="sandbox", settings={field: value})
+    removed = _remove_on_every_host(sandbox)
+    before = _watched(sandbox)
+
+    run = pyinfra(inventory=inventory)
+    assert run.rc != 0, f"an invalid inventory deployed:\n{run.describe()}"
+    assert f"{field} = {value!r}" in run.output and why in run.output, run.describe()
+    assert "nothing was changed" in run.output
+    assert "Starting operation" not in run.output, run.describe()
+    _assert_untouched(sandbox, removed, before)
+    for node in sandbox.compute_names:
+        assert not exists(sandbox, node, "/tmp/nemotron-pwned")
+
+
+# --- 4. preflight ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("faults", "expected"),
+    [
+        ({"gpus": 4}, ["found 4 GPU(s), expected 8"]),
+        ({"name": "NVIDIA H100 80GB HBM3"}, ["'NVIDIA H100 80GB HBM3', expected 'NVIDIA H200'"]),
+        ({"ecc_uncorrected": {3: 2}}, ["GPU 3", "2 uncorrected volatile ECC error(s)"]),
+    ],
+    ids=["fewer-gpus", "wrong-model", "ecc-error"],
+)
+def test_preflight_stops_before_any_change(deployed, faults, expected):
+    sandbox = deployed
+    removed = _remove_on_every_host(sandbox)
+    before = _watched(sandbox)
+    sb_api.set_gpu_faults(SECOND, **faults)
+    try:
+        run = pyinfra()
+    finally:
+        sb_api.clear_gpu_faults(SECOND)
+    assert run.rc != 0, f"the deploy went ahead on a faulty node:\n{run.describe()}"
+    assert f"preflight failed on {SECOND}" in run.output, run.describe()
+    assert f"preflight failed on {FIRST}" not in run.output
+    for text in expected:
+        assert text in run.output, run.describe()
+    assert "Starting operation" not in run.output
+    _assert_untouched(sandbox, removed, before)
+
+
+@pytest.mark.parametrize(
+    "model_dir",
+    [f"{SHARED}/models", f"{SHARED}/models/Nemotron-4-340B-Base-typo"],
+    ids=["parent-dir", "missing-dir"],
+)
+def test_preflight_names_model_config_for_a_wrong_model_dir(deployed, tmp_path, model_dir):
+    sandbox = deployed
+    inventory = write_inventory(tmp_path / "inv", base="sandbox", settings={"model_dir": model_dir})
+    removed = _remove_on_every_host(sandbox)
+    before = _watched(sandbox)
+    run = pyinfra(inventory=inventory)
+    assert run.rc != 0, run.describe()
+    assert "preflight failed on sb-node0" in run.output
+    assert f"model_dir {model_dir}" in run.output and "model_config.yaml" in run.output, run.describe()
+    _assert_untouched(sandbox, removed, before)
+
+
+def test_skip_preflight_lets_the_deploy_through(deployed):
+    sandbox = deployed
+    removed = _remove_on_every_host(sandbox)
+    sb_api.set_gpu_faults(SECOND, gpus=4)
+    try:
+        run = pyinfra("--data", "skip_preflight=true")
+    finally:
+        sb_api.clear_gpu_faults(SECOND)
+    assert run.rc == 0, run.describe()
+    missing = {node: path for node, path in removed.items() if not exists(sandbox, node, path)}
+    assert not missing, f"skip_preflight=true deployed but did not restore {missing}"
+
+
+# --- 5. a host that is down --------------------------------------------------------------------------
+
+
+def test_a_host_that_is_down_fails_by_name_and_the_others_finish(deployed):
+    sandbox = deployed
+    removed = _remove_on_every_host(sandbox)
+    sb_api.stop_node_sshd(SECOND)
+    try:
+        run = pyinfra()
+    finally:
+        sb_api.start_node_sshd(SECOND)
+    assert run.rc != 0, f"a deploy with an unreachable host reported success:\n{run.describe()}"
+    assert f"[{SECOND}] Could not connect" in run.output, run.describe()
+    for node in (FIRST, sandbox.login_host):
+        assert exists(sandbox, node, removed[node]), f"{node} did not finish while {SECOND} was down"
+    assert not exists(sandbox, SECOND, removed[SECOND])
+
+    run = deploy_ok()
+    assert op_statuses(run.output, "Job files").get(SECOND) == "Success", run.output
+    assert exists(sandbox, SECOND, removed[SECOND])
+
+    def then_no_change() -> None:
+        run = deploy_ok()
+        assert results_table(run.output)["Grand total"]["Success"] == "-", run.output
+
+    converged_attempts(then_no_change)
+
+
+# --- 6. the image -----------------------------------------------------------------------------------
+
+
+def test_a_missing_image_is_pulled_again_on_that_node_only(deployed):
+    sandbox = deployed
+    for node in sandbox.compute_names:
+        assert image_present(sandbox, node), f"the deploy did not pull the image on {node}"
+    remove_image(sandbox, SECOND)
+    log = sandbox.registry_access_log
+    offset = log.stat().st_size
+
+    run = deploy_ok()
+    assert op_statuses(run.output, PULL_OP) == {
+        FIRST: "No changes",
+        SECOND: "Success",
+        sandbox.login_host: "Skipped",
+    }, run.output
+    assert image_present(sandbox, SECOND)
+    manifest_clients = {
+        line.split()[0]
+        for line in log.read_bytes()[offset:].decode(errors="replace").splitlines()
+        if "/manifests/" in line
+    }
+    assert manifest_clients == {sandbox.node(SECOND).address}, manifest_clients
+
+
+# --- 7. the NGC key ---------------------------------------------------------------------------------------
+
+
+def test_credentials_never_show(deployed):
+    sandbox = deployed
+    key = f"nvapi-TEST{uuid.uuid4().hex}"
+    for node in sandbox.compute_names:
+        remove_image(sandbox, node)
+    try:
+        run = pyinfra("-vvv", "--data", "registry_login=true", env=clean_env(NGC_API_KEY=key))
+        assert run.rc == 0, run.describe().replace(key, "<KEY>")
+        assert key not in run.output, "the NGC key is in pyinfra's -vvv output"
+        assert op_statuses(run.output, PULL_OP) == {
+            **dict.fromkeys(sandbox.compute_names, "Success"),
+            sandbox.login_host: "Skipped",
+        }
+        assert "podman login" in run.output, "the deploy did not log in (registry_login=true)"
+        debug_log = REPO / "pyinfra-debug.log"
+        assert not debug_log.exists() or key not in debug_log.read_text(errors="replace")
+
+        # Not in any file: the shared dir (same path on the host), nor the nodes' private dirs.
+        found = subprocess.run(["grep", "-rlF", key, SHARED], capture_output=True, text=True)
+        assert found.returncode == 1, f"the key is in shared files: {found.stdout}{found.stderr}"
+        auth_line = base64.b64encode(f"$oauthtoken:{key}".encode()).decode()
+        for node in [*sandbox.compute_names, sandbox.login_host]:
+            grep = ssh(
+                sandbox,
+                node,
+                "grep -rlsF -f - /tmp /var/tmp /root /opt /run /etc",
+                input=key + "\n",
+                check=False,
+            )
+            assert grep.returncode == 1, f"the key is in files on {node}: {grep.stdout}"
+            leftovers = ssh(sandbox, node, "ls -d /tmp/pyinfra-* 2>/dev/null; true").stdout
+            assert not leftovers.strip(), f"upload leftovers on {node}: {leftovers}"
+        for node in sandbox.compute_names:
+            assert image_present(sandbox, node)
+            auth = ssh(
+                sandbox,
+                node,
+                'for f in "${XDG_RUNTIME_DIR:-/nonexistent}/containers/auth.json" /run/containers/0/auth.json; do '
+                '[ -e "$f" ] && stat -c "%a %U %n" "$f" && cat "$f" && break; done',
+                check=False,
+            ).stdout
+            assert auth.startswith("600 root "), f"podman's auth file on {node} is not 0600 root:\n{auth}"
+            assert auth_line in auth, f"{node}: podman's auth file does not hold the login made with the key"
+    finally:
+        for node in sandbox.compute_names:
+            ssh(sandbox, node, "podman logout --all >/dev/null 2>&1; true")
+
+
+# --- 8. --dry ------------------------------------------------------------------------------------------
+
+
+def test_dry_run_shows_the_change_without_making_it(sandbox):
+    _healthy_nodes(sandbox)
+    path = compute_script("nemo_inference.sh")
+
+    def attempt() -> None:
+        ssh(sandbox, FIRST, f"rm -f {path}")
+        before = _watched(sandbox)
+
+        plan = dry_plan()
+        assert FIRST in plan["Job files"], f"--dry --json does not plan the missing file: {plan}"
+        changed_hosts = set().union(*plan.values())
+        assert changed_hosts == {FIRST}, f"--dry plans changes beyond {FIRST}'s missing file: {plan}"
+
+        run = pyinfra("--dry", yes=False)
+        assert run.rc == 0, run.describe()
+        detected = run.output.split("--> Detected changes:", 1)[-1].splitlines()
+        assert any(line.strip().startswith("Job files") and f"1 ({FIRST})" in line for line in detected), (
+            run.output
+        )
+
+        assert not exists(sandbox, FIRST, path), "--dry put the file back"
+        assert _watched(sandbox) == before, "--dry changed files"
+
+    converged_attempts(attempt)
