@@ -29,7 +29,7 @@ from .cluster import (
     up,
 )
 from .layout import Node, Sandbox
-from .locks import exclusive_use
+from .locks import exclusive_use, shared_use
 from .proc import SandboxError
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "node_run",
     "node_up",
     "set_gpu_faults",
+    "shared_use",
     "start_node_sshd",
     "status",
     "stop_node_sshd",

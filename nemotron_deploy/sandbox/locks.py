@@ -85,6 +85,17 @@ def hold_shared(what: str = "use the sandbox", timeout: float = DEFAULT_TIMEOUT)
     _state.session_users += 1
 
 
+@contextmanager
+def shared_use(what: str = "use the sandbox", timeout: float = DEFAULT_TIMEOUT) -> Iterator[None]:
+    """Context manager: hold the lock shared meanwhile (e.g. a benchmark run), so no test session
+    resizes or removes the sandbox under it."""
+    hold_shared(what, timeout)
+    try:
+        yield
+    finally:
+        release_shared()
+
+
 def release_shared() -> None:
     if _state.session is None:
         return

@@ -1,8 +1,8 @@
 """Preconditions of the host: root, a Debian-like system, and the Debian packages the sandbox runs.
 
 Packages are checked with one `dpkg-query` call and only the missing ones are installed, so a second
-`up` costs a few milliseconds here. Installing never starts host services on purpose: the sandbox
-starts its own copies of the daemons inside the node namespaces.
+`up` costs a few milliseconds here. Installing starts no host services (a temporary policy-rc.d, the
+Debian way): the sandbox starts its own copies of the daemons inside the node namespaces.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from .proc import SandboxError, run
 # Debian package -> why the sandbox needs it.
 REQUIRED_PACKAGES: dict[str, str] = {
     "iproute2": "ip netns / bridge / veth",
-    "util-linux": "unshare, nsenter, mount, setsid",
+    "util-linux": "unshare, nsenter, setsid, setpriv",
+    "mount": "mount (bind and overlay mounts inside the nodes)",
+    "procps": "ps and friends inside the nodes",
     "openssh-server": "sshd on every node",
     "openssh-sftp-server": "sftp subsystem (pyinfra uploads files over sftp)",
     "openssh-client": "ssh-keygen and ssh",
@@ -64,12 +66,25 @@ def ensure_packages(log=print) -> list[str]:
     log(f"installing Debian packages: {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     run(["apt-get", "update"], env=env, timeout=600, what="apt-get update")
-    run(
-        ["apt-get", "install", "-y", "--no-install-recommends", *missing],
-        env=env,
-        timeout=1800,
-        what=f"apt-get install {' '.join(missing)}",
-    )
+    # Keep the packages' maintainer scripts from starting host copies of sshd, munged, slurmd and
+    # docker-registry (Debian's policy-rc.d convention), unless the host already has a policy.
+    policy = Path("/usr/sbin/policy-rc.d")
+    ours = not policy.exists()
+    if ours:
+        policy.write_text(
+            "#!/bin/sh\n# nemotron-deploy sandbox: installing packages, start no services\nexit 101\n"
+        )
+        policy.chmod(0o755)
+    try:
+        run(
+            ["apt-get", "install", "-y", "--no-install-recommends", *missing],
+            env=env,
+            timeout=1800,
+            what=f"apt-get install {' '.join(missing)}",
+        )
+    finally:
+        if ours:
+            policy.unlink(missing_ok=True)
     still = missing_packages(missing)
     if still:
         raise SandboxError(f"apt-get reported success but these packages are still missing: {still}")
