@@ -66,9 +66,23 @@ def waiter_argv(kind: str, port: int) -> list[str]:
     return ["bash", "-c", CARD_LOOP, "card-loop", common.LOOPBACK, str(port)]
 
 
+_ports: set[int] = set()
+_ports_lock = threading.Lock()
+
+
+def _unique_port() -> int:
+    """A free port no other start of this run was given (the kernel may hand one out twice)."""
+    with _ports_lock:
+        while True:
+            port = common.free_port()
+            if port not in _ports:
+                _ports.add(port)
+                return port
+
+
 def _one(kind: str, delay: float, workdir: Path, model: Path, index: int) -> dict:
     """One start: emulator + waiter launched together; returns the sample (latency or error)."""
-    port = common.free_port()
+    port = _unique_port()
     ready = workdir / f"{kind}-{index}.ready"
     emu = common.start_emulator(model, port, delay, ready)
     waiter = subprocess.Popen(

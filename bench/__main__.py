@@ -1,0 +1,164 @@
+"""``python -m bench``: run every benchmark and write the results (see ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import check_cost, cluster, common, deploy_scaling, readiness, registry, report
+
+PARTS = ("readiness", "check", "deploy", "registry")
+SANDBOX_PARTS = ("deploy", "registry")
+DEFAULT_OUT = common.REPO / "bench" / "results"
+
+DESCRIPTION = """\
+Benchmarks of nemotron-deploy. Writes README-table.md (paste-ready for the README's performance
+section), results.csv, samples.csv, results.json and bench.png into --out.
+
+parts (--parts, default all):
+  readiness  --readiness-starts emulator starts (random load delay, loopback, own port each):
+             time from "can generate" (NEMO_EMULATOR_READY_FILE) to the return of
+             `python -m nemotron_deploy.health --wait`, and of the model card's curl loop + sleep 5
+  check      one single check vs curl vs a bare stdlib Python probe: wall + CPU, --check-runs each;
+             import time of nemotron_deploy.health
+  deploy     first deploy (after a reset, image already pulled) and no-change re-deploy for each of
+             --sizes compute nodes, --runs interleaved rounds, next to the floor (one OpenSSH round
+             trip per host that stats + checksums every managed path); SSH commands per host in a
+             no-change re-deploy (pyinfra --debug)
+  registry   bytes the sandbox registry serves for one deploy that pulls the image, per size
+
+The deploy and registry parts need root and the sandbox: it is brought up with max(--sizes) compute
+nodes if it has fewer (one sandbox for all sizes: the inventory selects the first N nodes), and put
+back to the size it had afterwards (--keep-sandbox leaves it as is). They leave the sandbox deployed.
+"""
+
+EPILOG = """\
+examples:
+  sudo .venv/bin/python -m bench                      # everything: about 6-8 minutes on 2 cores
+  sudo bench/run                                      # the same, from any directory
+  .venv/bin/python -m bench --parts readiness,check   # loopback only, no root, about 1 minute
+  sudo .venv/bin/python -m bench --sizes 2 --runs 1 --readiness-starts 2 --check-runs 3 --out /tmp/b
+"""
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        values = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers, e.g. 2,4,8,16") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: node counts must be >= 1")
+    return values
+
+
+def _parts(text: str) -> list[str]:
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {unknown}: choose from {','.join(PARTS)}")
+    return [p for p in PARTS if p in parts]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory (default bench/results)")
+    p.add_argument(
+        "--parts", type=_parts, default=list(PARTS), help=f"comma-separated subset of {','.join(PARTS)}"
+    )
+    p.add_argument(
+        "--sizes", type=_csv_ints, default=[2, 4, 8, 16], help="compute node counts (default 2,4,8,16)"
+    )
+    p.add_argument("--runs", type=int, default=3, help="interleaved deploy rounds per size (default 3)")
+    p.add_argument("--readiness-starts", type=int, default=20, help="emulator starts per waiter (default 20)")
+    p.add_argument(
+        "--delay",
+        type=float,
+        nargs=2,
+        default=(0.5, 3.0),
+        metavar=("MIN", "MAX"),
+        help="emulator load delay range in seconds (default 0.5 3)",
+    )
+    p.add_argument(
+        "--check-runs", type=int, default=30, help="runs of each single-check variant (default 30)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="seed for the load delays (default: random)")
+    p.add_argument(
+        "--lock",
+        choices=("exclusive", "none"),
+        default="exclusive",
+        help="sandbox lock for the deploy and registry parts: exclusive (default) waits for test "
+        "sessions to finish and keeps new ones out meanwhile (a reset under a running test breaks it, "
+        "and its traffic would skew the numbers); none: the caller holds it (tests/test_bench.py)",
+    )
+    p.add_argument(
+        "--keep-sandbox", action="store_true", help="leave the sandbox at the size the benchmark used"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if min(args.runs, args.readiness_starts, args.check_runs) < 1:
+        parser().error("--runs, --readiness-starts and --check-runs must be >= 1")
+    os.chdir(common.REPO)  # the inventory and deploy paths are relative to the repository
+    needs_sandbox = any(p in SANDBOX_PARTS for p in args.parts)
+    if needs_sandbox and os.geteuid() != 0:
+        print(
+            "the deploy and registry parts need root (the sandbox): run with sudo, or --parts readiness,check"
+        )
+        return 2
+    t0 = time.monotonic()
+
+    def log(msg: str) -> None:
+        print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
+
+    results: dict = {
+        "command": "python -m bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": common.machine(),
+        "parts": args.parts,
+    }
+    before: int | None = None
+    resized = False
+    try:
+        if "readiness" in args.parts:
+            results["readiness"] = readiness.run(args.readiness_starts, *args.delay, seed=args.seed, log=log)
+        if "check" in args.parts:
+            results["check_cost"] = check_cost.run(args.check_runs, log=log)
+        if needs_sandbox:
+            with cluster.sandbox_lock(args.lock, log=log):
+                try:
+                    sandbox, before = cluster.ensure_nodes(max(args.sizes), log=log)
+                    resized = before != len(sandbox.compute)
+                    results["sandbox_nodes"] = len(sandbox.compute)
+                    if "deploy" in args.parts:
+                        results["deploy"] = deploy_scaling.run(sandbox, args.sizes, args.runs, log=log)
+                    if "registry" in args.parts:
+                        results["registry"] = registry.run(sandbox, args.sizes, log=log)
+                finally:
+                    if resized and not args.keep_sandbox:
+                        cluster.restore(before, log=log)
+    except Exception as exc:  # noqa: BLE001 - say which part broke, keep what was measured
+        log(f"benchmark failed: {type(exc).__name__}: {exc}")
+        results["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        common.cleanup()
+    results["total_seconds"] = time.monotonic() - t0
+    paths = report.write(results, args.out)
+    print()
+    print(paths["table"].read_text())
+    for name, path in paths.items():
+        print(f"{name:>8}: {path}")
+    return 1 if "error" in results else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

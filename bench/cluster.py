@@ -1,0 +1,197 @@
+"""The sandbox as the benchmarks use it: its size, a reset to "never deployed", image removal, and
+the pyinfra deploy as a timed subprocess.
+
+Why one sandbox of the largest size for every node count: the inventory (``NEMOTRON_SANDBOX_NODES``)
+selects the first N compute nodes, so the runs for 2, 4, 8 and 16 nodes can be interleaved without
+tearing the cluster down between them (``sandbox.up`` with another size means down + up). The nodes
+a run doesn't list sit idle: an sshd and a slurmd waiting on a socket.
+
+Resets and image removals run inside the nodes with ``sandbox.node_run`` (namespaces, no SSH), so
+they neither add SSH sessions to what is counted nor depend on the code under test.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from . import common
+
+INVENTORY = "inventories/sandbox.py"
+DEPLOY = "deploys/nemotron.py"
+NODE_DIR = "/opt/nemotron-deploy"  # node_dir (compute) and the health venv's parent (login)
+CRON_FILE = "/etc/cron.d/nemotron-health"
+DEPLOY_TIMEOUT = 600
+
+
+def sandbox_api():
+    from nemotron_deploy import sandbox
+
+    return sandbox
+
+
+def node_count() -> int | None:
+    """Compute nodes of the running sandbox, or None when it isn't up."""
+    sb = sandbox_api()
+    current = sb.current()
+    if current is None or not sb.status().get("up"):
+        return None
+    return len(current.compute)
+
+
+def ensure_nodes(nodes: int, log=print):
+    """A running sandbox with at least ``nodes`` compute nodes; (sandbox, node count found before)."""
+    sb = sandbox_api()
+    before = node_count()
+    if before is not None and before >= nodes:
+        return sb.current(), before
+    log(f"sandbox: bringing it up with {nodes} compute nodes (it had {before or 'none'})")
+    return sb.up(nodes=nodes, log=lambda m: log(f"sandbox: {m}")), before
+
+
+def restore(before: int | None, log=print) -> None:
+    """Put the sandbox back to the size it had before the benchmark (down if it wasn't up)."""
+    sb = sandbox_api()
+    now = node_count()
+    if now == before:
+        return
+    if before is None:
+        log("sandbox: taking it down again (it wasn't up before the benchmark)")
+        sb.down(log=lambda m: log(f"sandbox: {m}"))
+    else:
+        log(f"sandbox: restoring {before} compute nodes")
+        sb.up(nodes=before, log=lambda m: log(f"sandbox: {m}"))
+
+
+@contextmanager
+def sandbox_lock(mode: str, log=print) -> Iterator[None]:
+    """Hold the sandbox lock exclusively while deploys are measured (``mode`` "none": the caller does).
+
+    Test sessions hold it shared; waiting for exclusive use means no test runs, resets or deploys
+    while the benchmark does, and ``up``/``down`` inside (a resize, the restore) are re-entrant.
+    """
+    if mode == "none":
+        yield
+        return
+    with sandbox_api().exclusive_use("benchmark deploys (they reset the deploy)", on_wait=log):
+        yield
+
+
+def _parallel(fn, items) -> list:
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(items)))) as pool:
+        return list(pool.map(fn, items))
+
+
+def reset(sandbox, nodes: int, settings) -> None:
+    """Remove what the deploy placed, so the next deploy is a first deploy (image excepted).
+
+    Compute nodes 1..N: node-local /opt/nemotron-deploy. Login: /opt/nemotron-deploy (the health
+    venv and its wheels), /etc/cron.d/nemotron-health, the health check's state and textfile dirs
+    and its user. Shared: <shared>/nemotron-deploy (sbatch, logs), after cancelling the deploy's
+    Slurm jobs, whose logs live there. The pulled image stays: first deploys are measured with the
+    image already pulled (the registry part measures the pull on its own).
+    """
+    from nemotron_deploy.operations.health import STATE_DIR
+
+    sb = sandbox_api()
+    user = settings.health_user
+    shared = f"{sandbox.shared_dir}/nemotron-deploy"
+    login_script = (
+        f"scancel --name {settings.job_name} 2>/dev/null; "
+        f"rm -rf {NODE_DIR} {CRON_FILE} {shared} {STATE_DIR} {settings.prometheus_textfile_dir}; "
+        f"if id {user} >/dev/null 2>&1; then userdel {user}; fi; "
+        f"if getent group {user} >/dev/null; then groupdel {user}; fi; true"
+    )
+    jobs = [(sandbox.login.name, ["sh", "-c", login_script])]
+    jobs += [(n.name, ["rm", "-rf", NODE_DIR]) for n in sandbox.compute[:nodes]]
+    _parallel(lambda job: sb.node_run(job[0], job[1], timeout=60), jobs)
+
+
+def remove_images(sandbox, nodes: int, image: str) -> None:
+    """``podman rmi`` the deploy's image on compute nodes 1..N, so the next deploy pulls it again."""
+    sb = sandbox_api()
+
+    def rmi(node) -> None:
+        sb.node_run(node.name, ["podman", "rmi", "--force", "--ignore", image], timeout=120)
+
+    _parallel(rmi, list(sandbox.compute[:nodes]))
+
+
+def runtimes(sandbox) -> list[str]:
+    """Container tools installed on the first compute node (which ones the sandbox can run)."""
+    sb = sandbox_api()
+    script = (
+        "for t in podman docker apptainer singularity enroot; do command -v $t >/dev/null && echo $t; done"
+    )
+    res = sb.node_run(sandbox.compute[0].name, ["sh", "-c", script], check=False, timeout=30)
+    return res.stdout.split()
+
+
+@dataclass
+class DeployRun:
+    """One ``pyinfra`` run: wall time, exit code, changed/no-change counts, its output."""
+
+    nodes: int
+    wall: float
+    returncode: int
+    output: str
+    changed: int | None = None
+    no_change: int | None = None
+    errors: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.errors
+
+
+def _count(cell: str) -> int:
+    return 0 if cell == "-" else int(cell)
+
+
+def parse_totals(output: str) -> tuple[int | None, int | None, int | None]:
+    """(success i.e. changed, error, no change) from pyinfra's "Grand total" results line."""
+    m = re.search(r"Grand total\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", output)
+    if not m:
+        return None, None, None
+    return _count(m.group(2)), _count(m.group(3)), _count(m.group(4))
+
+
+def pyinfra() -> str:
+    path = common.REPO / ".venv" / "bin" / "pyinfra"
+    return str(path) if path.exists() else "pyinfra"
+
+
+def deploy(nodes: int, *extra: str) -> DeployRun:
+    """``pyinfra -y inventories/sandbox.py deploys/nemotron.py`` for the first ``nodes`` nodes, timed."""
+    argv = [pyinfra(), "-y", INVENTORY, DEPLOY, *extra]
+    env = common.child_env(NEMOTRON_SANDBOX_NODES=str(nodes))
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        argv,
+        cwd=common.REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=DEPLOY_TIMEOUT,
+    )
+    wall = time.perf_counter() - t0
+    changed, errors, no_change = parse_totals(proc.stdout)
+    return DeployRun(nodes, wall, proc.returncode, proc.stdout, changed, no_change, errors)
+
+
+def tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def load_cluster():
+    """The validated sandbox inventory, as the deploy sees it (paths don't depend on the node count)."""
+    from nemotron_deploy.inventory import load
+
+    return load(str(common.REPO / INVENTORY))

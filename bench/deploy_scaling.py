@@ -1,0 +1,162 @@
+"""Deploy scaling: first and no-change deploy wall time per compute-node count, against the floor.
+
+The floor is what any deploy that checks its files must at least do: one OpenSSH round trip per
+host (login + N compute), all hosts in parallel, running the deploy's own stat + sha256sum snippet
+(``ManagedPaths``) over the paths the deploy manages on that host (``deploy.wanted()`` for both init
+systems plus the venv's python and marker, the same list ``deploy.read_host`` batches into its one
+fact command). On this machine every node's sshd shares the same cores, so the floor grows with N;
+the deploy is judged against the floor measured in the same round.
+
+One round = for every size (rotated each round, so no size always follows the same one): reset
+(remove what the deploy placed; the image stays pulled), first deploy, no-change re-deploy, floor.
+Rounds repeat ``runs`` times, interleaved, so machine drift hits every size alike. One more
+``--debug`` re-deploy per size (untimed) counts the SSH commands each host receives.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import time
+from types import SimpleNamespace
+
+from . import cluster, common
+
+
+class BenchError(RuntimeError):
+    """A deploy failed: the numbers would be meaningless, so the part stops and says why."""
+
+
+def managed_paths(clu) -> dict[str, tuple[str, ...]]:
+    """role -> the paths the deploy's snapshot stats and checksums on a host of that role."""
+    from nemotron_deploy import deploy
+
+    out: dict[str, tuple[str, ...]] = {}
+    for role, name in (("login", clu.login[0]), ("compute", clu.compute[0])):
+        host = SimpleNamespace(name=name)
+        paths = deploy.wanted(host, clu, "systemd").paths + deploy.wanted(host, clu, "cron").paths
+        if role == "login":  # read_host also checks the venv and its marker there
+            s = clu.settings
+            paths += (f"{s.health_venv}/bin/python", f"{s.health_venv}-wheels/installed.sha256")
+        out[role] = tuple(dict.fromkeys(paths))
+    return out
+
+
+def floor_command(paths: tuple[str, ...]) -> str:
+    """``sh -c '<ManagedPaths snippet>'``: the deploy's own stat + sha256sum loop over ``paths``."""
+    from nemotron_deploy.facts.files import ManagedPaths
+
+    return "sh -c " + shlex.quote(ManagedPaths().snippet(paths))
+
+
+def floor(sandbox, nodes: int, paths: dict[str, tuple[str, ...]]) -> dict:
+    """One OpenSSH round trip per host (login + first N compute), all in parallel; wall time."""
+    hosts = [(sandbox.login.name, paths["login"])]
+    hosts += [(n.name, paths["compute"]) for n in sandbox.compute[:nodes]]
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            sandbox.ssh_argv(name, floor_command(p)),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, p in hosts
+    ]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    wall = time.perf_counter() - t0
+    failed = [name for (name, _), proc in zip(hosts, procs, strict=True) if proc.returncode != 0]
+    if failed:
+        errors = "; ".join(
+            err.strip() for (_, err), proc in zip(outputs, procs, strict=True) if proc.returncode
+        )
+        raise BenchError(f"floor: ssh failed on {failed}: {errors}")
+    checksummed = sum(out.count("\nF ") + out.startswith("F ") for out, _ in outputs)
+    return {"wall": wall, "hosts": len(hosts), "files_checksummed": checksummed}
+
+
+def count_ssh_commands(output: str) -> dict[str, int]:
+    """Host -> commands pyinfra ran on it, from the ``--debug`` log of one deploy."""
+    counts: dict[str, int] = {}
+    for host in re.findall(r"Running command on (\S+?): ", output):
+        counts[host] = counts.get(host, 0) + 1
+    return counts
+
+
+def _deploy(nodes: int, what: str, *extra: str) -> cluster.DeployRun:
+    run = cluster.deploy(nodes, *extra)
+    if not run.ok:
+        raise BenchError(
+            f"{what} on {nodes} nodes failed (exit {run.returncode}):\n{cluster.tail(run.output)}"
+        )
+    return run
+
+
+def rotated(sizes: list[int], r: int) -> list[int]:
+    k = r % len(sizes)
+    return sizes[k:] + sizes[:k]
+
+
+def run(sandbox, sizes: list[int], runs: int = 3, log=print) -> dict:
+    """Interleaved rounds over ``sizes``; returns samples, per-size summaries and command counts."""
+    clu = cluster.load_cluster()
+    paths = managed_paths(clu)
+    t0 = time.monotonic()
+    # Warm-up at the largest size: pulls the image on every node, builds the health wheels, fills
+    # the bytecode cache. Nothing of it is measured.
+    warm = _deploy(max(sizes), "warm-up deploy")
+    log(f"deploy: warm-up at {max(sizes)} nodes {warm.wall:.1f}s")
+    samples: list[dict] = []
+    for r in range(runs):
+        for n in rotated(sizes, r):
+            cluster.reset(sandbox, n, clu.settings)
+            first = _deploy(n, "first deploy")
+            again = _deploy(n, "no-change re-deploy")
+            fl = floor(sandbox, n, paths)
+            samples.append(
+                {
+                    "round": r,
+                    "nodes": n,
+                    "first": first.wall,
+                    "first_changed": first.changed,
+                    "redeploy": again.wall,
+                    "redeploy_changed": again.changed,
+                    "floor": fl["wall"],
+                    "floor_files": fl["files_checksummed"],
+                }
+            )
+            log(
+                f"deploy: round {r + 1}/{runs} {n:>2} nodes: first {first.wall:.2f}s "
+                f"({first.changed} changed), re-deploy {again.wall:.2f}s ({again.changed} changed), "
+                f"floor {fl['wall']:.2f}s"
+            )
+    commands: dict[int, dict] = {}
+    for n in sizes:
+        dbg = _deploy(n, "--debug re-deploy", "--debug")
+        counts = count_ssh_commands(dbg.output)
+        commands[n] = {
+            "per_host": counts,
+            "max": max(counts.values(), default=0),
+            "uploads": dbg.output.count("Attempting upload of"),
+            "changed": dbg.changed,
+        }
+        log(f"deploy: {n} nodes, SSH commands per host in a no-change re-deploy: max {commands[n]['max']}")
+    summary = {}
+    for n in sizes:
+        rows = [s for s in samples if s["nodes"] == n]
+        summary[n] = {
+            key: common.Summary.of([s[key] for s in rows]).as_dict() for key in ("first", "redeploy", "floor")
+        }
+        summary[n]["redeploy_changed_max"] = max((s["redeploy_changed"] or 0) for s in rows)
+    return {
+        "sizes": sizes,
+        "runs": runs,
+        "paths": {k: list(v) for k, v in paths.items()},
+        "samples": samples,
+        "summary": summary,
+        "commands": commands,
+        "first_deploy_pull": "excluded: measured with the image already pulled on every node",
+        "seconds": round(time.monotonic() - t0, 1),
+    }

@@ -1,0 +1,98 @@
+"""Registry traffic: bytes the sandbox registry serves for one deploy that pulls the image.
+
+For each node count: ``podman rmi`` the deploy's image on compute nodes 1..N, remember the end of
+the registry's access log (``Sandbox.registry_access_log``, Apache combined format, one line per
+request with the bytes sent), run the deploy, and add up the new lines that come from those N
+nodes' addresses (traffic from anyone else in the same seconds is not counted). The deploy's other
+files are in place, so the pull is the only change; the wall time of that deploy is reported too.
+
+The sandbox's deploy pulls with ``pull_runtime`` (podman); other runtimes are listed as found on
+the nodes, and only those the inventory can pull with are measured.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from . import cluster, common
+
+LINE = re.compile(r'^(\S+) \S+ \S+ \[[^\]]*\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-)')
+PULL_RUNTIMES = ("podman",)  # what inventories/group_data/sandbox.py can pull with
+
+
+def parse(text: str) -> list[dict]:
+    """Access-log lines -> {client, method, path, status, bytes}."""
+    out = []
+    for line in text.splitlines():
+        m = LINE.match(line)
+        if m:
+            client, method, path, status, size = m.groups()
+            out.append(
+                {
+                    "client": client,
+                    "method": method,
+                    "path": path,
+                    "status": int(status),
+                    "bytes": 0 if size == "-" else int(size),
+                }
+            )
+    return out
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_from(path: Path, offset: int) -> str:
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        return fh.read().decode("utf-8", "replace")
+
+
+def traffic(entries: list[dict], clients: set[str]) -> dict:
+    mine = [e for e in entries if e["client"] in clients]
+    per_client: dict[str, int] = {}
+    for e in mine:
+        per_client[e["client"]] = per_client.get(e["client"], 0) + e["bytes"]
+    return {
+        "bytes": sum(e["bytes"] for e in mine),
+        "requests": len(mine),
+        "blob_bytes": sum(e["bytes"] for e in mine if "/blobs/" in e["path"]),
+        "manifest_bytes": sum(e["bytes"] for e in mine if "/manifests/" in e["path"]),
+        "per_node": common.Summary.of([float(v) for v in per_client.values()]).as_dict(),
+        "nodes_pulling": len(per_client),
+    }
+
+
+def run(sandbox, sizes: list[int], log=print) -> dict:
+    """Bytes served per deploy for each size and each runtime the sandbox can pull with."""
+    clu = cluster.load_cluster()
+    image = clu.settings.image
+    runtime = clu.settings.pull_runtime or clu.settings.container_runtime
+    found = cluster.runtimes(sandbox)
+    access_log = Path(sandbox.registry_access_log)
+    out: dict = {"image": image, "runtimes_found": found, "pull_runtime": runtime, "rows": []}
+    t0 = time.monotonic()
+    for n in sizes:
+        cluster.remove_images(sandbox, n, image)
+        offset = _log_size(access_log)
+        run_ = cluster.deploy(n)
+        if not run_.ok:
+            raise RuntimeError(f"deploy with pull on {n} nodes failed:\n{cluster.tail(run_.output)}")
+        time.sleep(0.3)  # the registry writes its access log line after the response
+        entries = parse(_read_from(access_log, offset))
+        row = {"runtime": runtime, "nodes": n, "deploy_wall": run_.wall, "changed": run_.changed}
+        row.update(traffic(entries, {node.address for node in sandbox.compute[:n]}))
+        out["rows"].append(row)
+        log(
+            f"registry: {runtime} {n:>2} nodes: {row['bytes']} bytes in {row['requests']} requests "
+            f"({row['nodes_pulling']} nodes pulled), deploy with pull {run_.wall:.2f}s"
+        )
+    out["not_measured"] = [r for r in found if r not in PULL_RUNTIMES]
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    return out

@@ -1,0 +1,494 @@
+"""The outputs: ``README-table.md`` (paste-ready), ``results.csv`` (summaries), ``samples.csv`` (every
+measurement), ``results.json`` (everything) and ``bench.png`` (one panel per part).
+
+Targets are evaluated here, from numbers of this one run only, and a missed target is printed as
+missed with the measured value: the table is meant to go into the README as is.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+RE_DEPLOY_FLOOR_LIMIT = 4.0
+SSH_COMMANDS_LIMIT = 3
+READINESS_P95_LIMIT = 1.0
+CHECK_COST_LIMIT = 1.5
+
+
+def _s(x: float) -> str:
+    """Seconds, with as many digits as the size deserves."""
+    if x != x:
+        return "n/a"
+    if x >= 10:
+        return f"{x:.1f} s"
+    if x >= 1:
+        return f"{x:.2f} s"
+    return f"{x * 1000:.0f} ms" if x >= 0.1 else f"{x * 1000:.1f} ms"
+
+
+def _cell(summary: dict) -> str:
+    if not summary.get("n"):
+        return "n/a"
+    if summary["n"] == 1:
+        return _s(summary["median"])
+    return f"{_s(summary['median'])} ({_s(summary['min'])}–{_s(summary['max'])})"
+
+
+def _bytes(n: float) -> str:
+    if n != n:
+        return "n/a"
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and a == a and b == b else float("nan")
+
+
+def _x(r: float) -> str:
+    return "n/a" if r != r else f"{r:.2f}x"
+
+
+# --------------------------------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------------------------------
+
+
+def slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares seconds per added compute node."""
+    if len(points) < 2:
+        return float("nan")
+    mx = sum(p[0] for p in points) / len(points)
+    my = sum(p[1] for p in points) / len(points)
+    den = sum((p[0] - mx) ** 2 for p in points)
+    return sum((p[0] - mx) * (p[1] - my) for p in points) / den if den else float("nan")
+
+
+def growth(results: dict) -> dict | None:
+    """How first deploy and floor grow from the smallest to the largest size, in one run."""
+    dep = results.get("deploy")
+    if not dep or len(dep["sizes"]) < 2:
+        return None
+    summ = dep["summary"]
+    lo, hi = min(dep["sizes"]), max(dep["sizes"])
+    med = {k: {n: summ[n][k]["median"] for n in dep["sizes"]} for k in ("first", "floor", "redeploy")}
+    return {
+        "lo": lo,
+        "hi": hi,
+        "first_factor": _ratio(med["first"][hi], med["first"][lo]),
+        "floor_factor": _ratio(med["floor"][hi], med["floor"][lo]),
+        "first_slope": slope(sorted(med["first"].items())),
+        "floor_slope": slope(sorted(med["floor"].items())),
+        "redeploy_slope": slope(sorted(med["redeploy"].items())),
+    }
+
+
+def targets(results: dict) -> list[dict]:
+    """Every target of the issue with its measured value and whether this run met it."""
+    out: list[dict] = []
+    dep = results.get("deploy")
+    if dep:
+        hi = max(dep["sizes"])
+        s = dep["summary"][hi]
+        r = _ratio(s["redeploy"]["median"], s["floor"]["median"])
+        out.append(
+            {
+                "target": f"no-change re-deploy at {hi} nodes within {RE_DEPLOY_FLOOR_LIMIT:g}x the floor",
+                "measured": f"{_x(r)} ({_s(s['redeploy']['median'])} vs {_s(s['floor']['median'])})",
+                "met": r <= RE_DEPLOY_FLOOR_LIMIT,
+            }
+        )
+        worst = max(c["max"] for c in dep["commands"].values())
+        uploads = max(c["uploads"] for c in dep["commands"].values())
+        out.append(
+            {
+                "target": f"at most {SSH_COMMANDS_LIMIT} SSH commands per host in a no-change re-deploy",
+                "measured": f"{worst} (max over hosts and sizes; {uploads} file uploads)",
+                "met": worst <= SSH_COMMANDS_LIMIT and uploads == 0,
+            }
+        )
+        g = growth(results)
+        if g:
+            out.append(
+                {
+                    "target": "first deploy (image already pulled) grows no faster than the floor",
+                    "measured": (
+                        f"{g['lo']}→{g['hi']} nodes: first deploy {_x(g['first_factor'])}, floor "
+                        f"{_x(g['floor_factor'])}; per added node {_s(g['first_slope'])} vs "
+                        f"{_s(g['floor_slope'])}"
+                    ),
+                    "met": g["first_factor"] <= g["floor_factor"],
+                }
+            )
+    rd = results.get("readiness")
+    if rd:
+        p95 = rd["ours"]["summary"]["p95"]
+        out.append(
+            {
+                "target": f"readiness latency p95 <= {READINESS_P95_LIMIT:g} s (health --wait)",
+                "measured": f"{_s(p95)} ({rd['ours']['errors']} failed starts)",
+                "met": p95 <= READINESS_P95_LIMIT and rd["ours"]["errors"] == 0,
+            }
+        )
+    cc = results.get("check_cost")
+    if cc:
+        r = cc["ratio_wall_vs_bare"]
+        out.append(
+            {
+                "target": f"one check within {CHECK_COST_LIMIT:g}x the bare Python probe (wall)",
+                "measured": f"{_x(r)} wall, {_x(cc['ratio_cpu_vs_bare'])} CPU",
+                "met": r <= CHECK_COST_LIMIT and cc["health"]["failures"] == 0,
+            }
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------------
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        f"Measured by `{results['command']}` on {results['date']}: {m['cores']} cores, "
+        f"{m['memory_gib']} GiB RAM ({m['cpu']}), Python {m['python']}; median (min–max) unless noted; "
+        f"the runner took {results['total_seconds']:.0f} s.",
+        "",
+    ]
+    dep = results.get("deploy")
+    if dep:
+        lines += [
+            f"**Deploy scaling** on the sandbox cluster (login + N compute nodes, real OpenSSH), "
+            f"{dep['runs']} interleaved runs per size. First deploy: after removing what the deploy "
+            "placed, with the image already pulled (pull excluded). Floor: one OpenSSH round trip per "
+            "host, all hosts in parallel, running the deploy's stat + sha256sum loop over every path "
+            "it manages. Every sshd shares this machine's cores, so the floor grows with N.",
+            "",
+            "| compute nodes | first deploy | no-change re-deploy | floor | re-deploy / floor "
+            "| SSH commands per host (re-deploy) |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for n in dep["sizes"]:
+            s = dep["summary"][n]
+            c = dep["commands"][n]
+            ratio = _ratio(s["redeploy"]["median"], s["floor"]["median"])
+            lines.append(
+                f"| {n} | {_cell(s['first'])} | {_cell(s['redeploy'])} | {_cell(s['floor'])} "
+                f"| {_x(ratio)} | {c['max']} |"
+            )
+        changed = {n: dep["summary"][n]["redeploy_changed_max"] for n in dep["sizes"]}
+        if any(changed.values()):
+            lines.append(
+                f"\nWarning: some re-deploys changed something (operations changed, by size: {changed}); "
+                "they were not no-change runs (was the code or the cluster modified during the run?)."
+            )
+        lines.append("")
+    rd = results.get("readiness")
+    if rd:
+        lo, hi = rd["delay_range"]
+        lines += [
+            f"**Readiness latency**: {rd['starts']} emulator starts per waiter, random load delay "
+            f"{lo:g}–{hi:g} s, loopback; time from the moment the server can generate to the moment "
+            "the waiter returns.",
+            "",
+            "| waiter | median | p95 | min–max | failed |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        names = {
+            "ours": "`nemotron-deploy health --wait`",
+            "card": "model card: `curl -X PUT` every 10 s, then `sleep 5`",
+        }
+        for kind in ("ours", "card"):
+            s = rd[kind]["summary"]
+            lines.append(
+                f"| {names[kind]} | {_s(s['median'])} | {_s(s['p95'])} | {_s(s['min'])}–{_s(s['max'])} "
+                f"| {rd[kind]['errors']} |"
+            )
+        lines.append("")
+    cc = results.get("check_cost")
+    if cc:
+        bare = cc["bare-python"]
+        lines += [
+            f"**Check cost**: one single check against a healthy emulator, {cc['runs']} runs each, "
+            "round-robin; CPU = user + system of the process.",
+            "",
+            "| probe | wall | CPU | wall vs bare Python |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        names = {
+            "health": "`python -m nemotron_deploy.health --no-state-file`",
+            "curl": "`curl -s -X PUT` (same body)",
+            "bare-python": "bare stdlib `urllib` PUT (same interpreter)",
+        }
+        for v in ("health", "curl", "bare-python"):
+            r = _ratio(cc[v]["wall"]["median"], bare["wall"]["median"])
+            lines.append(f"| {names[v]} | {_cell(cc[v]['wall'])} | {_cell(cc[v]['cpu'])} | {_x(r)} |")
+        imp = cc["import"]
+        lines += [
+            f"| `import nemotron_deploy.health` (start-up difference) | {_cell(imp['difference'])} | | |",
+            f"| `import nemotron_deploy.health` (`-X importtime`) | {_cell(imp['importtime'])} | | |",
+            "",
+        ]
+    rg = results.get("registry")
+    if rg:
+        lines += [
+            "**Registry traffic**: bytes the sandbox registry served for one deploy that pulls the "
+            f"image (`{rg['image']}`, removed from the nodes first).",
+            "",
+            "| runtime | compute nodes | bytes served | per node | requests | deploy with pull |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in rg["rows"]:
+            lines.append(
+                f"| {row['runtime']} | {row['nodes']} | {_bytes(row['bytes'])} "
+                f"| {_bytes(row['per_node']['median'])} | {row['requests']} | {_s(row['deploy_wall'])} |"
+            )
+        if rg["not_measured"]:
+            lines.append(
+                f"\n(also installed on the nodes but not a pull runtime of the sandbox: {rg['not_measured']})"
+            )
+        lines.append("")
+    tg = targets(results)
+    if tg:
+        lines += [
+            "**Targets** (ratios from this one run)",
+            "",
+            "| target | measured | |",
+            "| --- | --- | --- |",
+        ]
+        lines += [f"| {t['target']} | {t['measured']} | {'met' if t['met'] else '**missed**'} |" for t in tg]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# CSV
+# --------------------------------------------------------------------------------------------------
+
+SUMMARY_FIELDS = ["part", "variant", "nodes", "metric", "unit", "n", "median", "min", "max", "p95"]
+
+
+def summary_rows(results: dict) -> list[dict]:
+    rows: list[dict] = []
+
+    def add(part: str, variant: str, nodes, metric: str, unit: str, s: dict) -> None:
+        rows.append({"part": part, "variant": variant, "nodes": nodes, "metric": metric, "unit": unit, **s})
+
+    dep = results.get("deploy")
+    if dep:
+        for n in dep["sizes"]:
+            for key in ("first", "redeploy", "floor"):
+                add("deploy", key, n, "wall", "s", dep["summary"][n][key])
+            c = dep["commands"][n]["max"]
+            add("deploy", "redeploy", n, "ssh_commands_per_host_max", "count", _point(c))
+    rd = results.get("readiness")
+    if rd:
+        for kind in ("ours", "card"):
+            add("readiness", kind, "", "latency", "s", rd[kind]["summary"])
+    cc = results.get("check_cost")
+    if cc:
+        for v in ("health", "curl", "bare-python"):
+            add("check_cost", v, "", "wall", "s", cc[v]["wall"])
+            add("check_cost", v, "", "cpu", "s", cc[v]["cpu"])
+        for key in ("difference", "importtime"):
+            add("check_cost", f"import_{key}", "", "wall", "s", cc["import"][key])
+    rg = results.get("registry")
+    if rg:
+        for row in rg["rows"]:
+            add("registry", row["runtime"], row["nodes"], "bytes", "B", _point(row["bytes"]))
+            add(
+                "registry",
+                row["runtime"],
+                row["nodes"],
+                "deploy_with_pull_wall",
+                "s",
+                _point(row["deploy_wall"]),
+            )
+    return rows
+
+
+def _point(v: float) -> dict:
+    return {"n": 1, "median": v, "min": v, "max": v, "p95": v}
+
+
+def sample_rows(results: dict) -> list[dict]:
+    rows: list[dict] = []
+    dep = results.get("deploy")
+    if dep:
+        for s in dep["samples"]:
+            for key in ("first", "redeploy", "floor"):
+                rows.append(
+                    {
+                        "part": "deploy",
+                        "variant": key,
+                        "nodes": s["nodes"],
+                        "index": s["round"],
+                        "value": s[key],
+                    }
+                )
+    rd = results.get("readiness")
+    if rd:
+        for kind in ("ours", "card"):
+            for s in rd[kind]["samples"]:
+                rows.append(
+                    {
+                        "part": "readiness",
+                        "variant": kind,
+                        "nodes": "",
+                        "index": s["index"],
+                        "value": s["latency"],
+                    }
+                )
+    cc = results.get("check_cost")
+    if cc:
+        for v in ("health", "curl", "bare-python"):
+            for metric in ("wall", "cpu"):
+                for i, value in enumerate(cc[v]["samples"][metric]):
+                    rows.append(
+                        {
+                            "part": "check_cost",
+                            "variant": f"{v}:{metric}",
+                            "nodes": "",
+                            "index": i,
+                            "value": value,
+                        }
+                    )
+    return rows
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: _fmt(row.get(k, "")) for k in fields})
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) and not math.isnan(v) else v
+
+
+# --------------------------------------------------------------------------------------------------
+# Plot
+# --------------------------------------------------------------------------------------------------
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    m = results["machine"]
+    fig.suptitle(f"nemotron-deploy benchmarks ({m['cores']} cores, {m['memory_gib']} GiB, {results['date']})")
+    _plot_deploy(axes[0][0], results.get("deploy"))
+    _plot_readiness(axes[0][1], results.get("readiness"))
+    _plot_check(axes[1][0], results.get("check_cost"))
+    _plot_registry(axes[1][1], results.get("registry"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _empty(ax, title: str) -> None:
+    ax.set_title(title)
+    ax.text(0.5, 0.5, "not run", ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def _plot_deploy(ax, dep) -> None:
+    if not dep:
+        return _empty(ax, "Deploy scaling")
+    sizes = dep["sizes"]
+    for key, label, style in (
+        ("first", "first deploy (image pulled)", "o-"),
+        ("redeploy", "no-change re-deploy", "s-"),
+        ("floor", "floor: 1 SSH round trip/host", "^-"),
+    ):
+        med = [dep["summary"][n][key]["median"] for n in sizes]
+        lo = [med[i] - dep["summary"][n][key]["min"] for i, n in enumerate(sizes)]
+        hi = [dep["summary"][n][key]["max"] - med[i] for i, n in enumerate(sizes)]
+        ax.errorbar(sizes, med, yerr=[lo, hi], fmt=style, capsize=3, label=label)
+    limit = [RE_DEPLOY_FLOOR_LIMIT * dep["summary"][n]["floor"]["median"] for n in sizes]
+    ax.plot(sizes, limit, "k--", linewidth=1, label=f"{RE_DEPLOY_FLOOR_LIMIT:g}x floor (re-deploy target)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.set_xlabel("compute nodes")
+    ax.set_ylabel("wall time [s] (median, min–max)")
+    ax.set_title("Deploy scaling")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+
+
+def _plot_readiness(ax, rd) -> None:
+    if not rd:
+        return _empty(ax, "Readiness latency")
+    data = [
+        [s["latency"] for s in rd[k]["samples"] if s["latency"] == s["latency"]] for k in ("ours", "card")
+    ]
+    ax.boxplot(data, whis=(0, 100))
+    ax.set_xticks([1, 2], ["health --wait", "model card loop"])
+    for i, values in enumerate(data, start=1):
+        ax.plot([i] * len(values), values, "k.", alpha=0.5)
+    ax.axhline(READINESS_P95_LIMIT, color="r", linestyle="--", linewidth=1, label="1 s (p95 target)")
+    ax.set_yscale("log")
+    ax.set_ylabel("ready → waiter returns [s]")
+    ax.set_title(f"Readiness latency ({rd['starts']} starts each)")
+    ax.legend(fontsize=8)
+
+
+def _plot_check(ax, cc) -> None:
+    if not cc:
+        return _empty(ax, "Check cost")
+    variants = ["health", "curl", "bare-python"]
+    wall = [cc[v]["wall"]["median"] * 1e3 for v in variants]
+    cpu = [cc[v]["cpu"]["median"] * 1e3 for v in variants]
+    xs = range(len(variants))
+    ax.bar([x - 0.2 for x in xs], wall, width=0.4, label="wall")
+    ax.bar([x + 0.2 for x in xs], cpu, width=0.4, label="CPU")
+    ax.set_xticks(list(xs), ["health check", "curl", "bare Python"])
+    ax.set_ylabel("ms (median)")
+    ax.set_title(f"One check ({cc['runs']} runs each)")
+    ax.legend(fontsize=8)
+
+
+def _plot_registry(ax, rg) -> None:
+    if not rg or not rg["rows"]:
+        return _empty(ax, "Registry traffic")
+    for runtime in sorted({r["runtime"] for r in rg["rows"]}):
+        rows = [r for r in rg["rows"] if r["runtime"] == runtime]
+        ax.plot([r["nodes"] for r in rows], [r["bytes"] / (1 << 20) for r in rows], "o-", label=runtime)
+    ax.set_xlabel("compute nodes")
+    ax.set_ylabel("MiB served per deploy")
+    ax.set_title("Registry traffic (one deploy that pulls)")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def write(results: dict, out_dir: Path) -> dict[str, Path]:
+    """Write every output into ``out_dir``; returns name -> path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "table": out_dir / "README-table.md",
+        "csv": out_dir / "results.csv",
+        "samples": out_dir / "samples.csv",
+        "json": out_dir / "results.json",
+        "plot": out_dir / "bench.png",
+    }
+    results = dict(results, targets=targets(results))
+    paths["table"].write_text(markdown(results))
+    _write_csv(paths["csv"], SUMMARY_FIELDS, summary_rows(results))
+    _write_csv(paths["samples"], ["part", "variant", "nodes", "index", "value"], sample_rows(results))
+    paths["json"].write_text(json.dumps(results, indent=1, default=str) + "\n")
+    plot(results, paths["plot"])
+    return paths
