@@ -1,0 +1,97 @@
+"""Smoke test of the benchmark runner (`python -m bench`): every part, tiny counts, 2 nodes.
+
+It proves the runner works end to end (deploys over real SSH, the emulator, the registry log, the
+report files), not how fast anything is: the numbers are only checked for being sensible. It uses
+the session's 2-node sandbox as it is and must leave it that way (no resize, no teardown): the
+other sandbox tests of the session run on it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nemotron_deploy import sandbox as sb_api
+
+pytestmark = pytest.mark.sandbox
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = REPO / ".venv" / "bin" / "python"
+OUTPUTS = ("README-table.md", "results.csv", "samples.csv", "results.json", "bench.png")
+
+
+def test_runner_smoke_writes_every_output_with_sensible_numbers(sandbox, tmp_path):
+    nodes_before = len(sandbox.compute)
+    out = tmp_path / "results"
+    argv = [
+        str(PYTHON) if PYTHON.exists() else sys.executable,
+        "-m",
+        "bench",
+        "--out",
+        str(out),
+        "--sizes",
+        "2",
+        "--runs",
+        "1",
+    ]
+    argv += ["--readiness-starts", "2", "--check-runs", "3", "--seed", "1"]
+    # The smoke resets the deploy: no other session may use the sandbox meanwhile. The runner would
+    # wait for this session's shared lock, so it is told that its caller holds the lock.
+    with sb_api.exclusive_use("benchmark smoke test (resets the deploy)"):
+        proc = subprocess.run(
+            [*argv, "--lock", "none"], cwd=REPO, capture_output=True, text=True, timeout=600
+        )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    for name in OUTPUTS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, f"{name} missing or empty"
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    results = json.loads((out / "results.json").read_text())
+    assert "error" not in results
+    assert results["machine"]["cores"] >= 1
+
+    ours, card = results["readiness"]["ours"], results["readiness"]["card"]
+    assert ours["errors"] == card["errors"] == 0
+    assert ours["summary"]["n"] == card["summary"]["n"] == 2
+    assert 0 < ours["summary"]["max"] < 5
+    assert card["summary"]["min"] >= 5  # the card's loop always ends with `sleep 5`
+
+    cost = results["check_cost"]
+    for variant in ("health", "curl", "bare-python"):
+        assert cost[variant]["failures"] == 0
+        assert cost[variant]["wall"]["n"] == 3
+        assert 0 < cost[variant]["wall"]["median"] < 5
+        assert 0 <= cost[variant]["cpu"]["median"] < 5
+    assert cost["ratio_wall_vs_bare"] > 0
+
+    deploy = results["deploy"]["summary"]["2"]
+    for key in ("first", "redeploy", "floor"):
+        assert deploy[key]["n"] == 1 and 0 < deploy[key]["median"] < 300
+    assert deploy["redeploy_changed_max"] == 0
+    sample = results["deploy"]["samples"][0]
+    assert sample["first_changed"] > 0  # the reset really made it a first deploy
+    assert sample["floor_files"] > 0
+    commands = results["deploy"]["commands"]["2"]
+    assert set(commands["per_host"]) == {sandbox.login.name, *sandbox.compute_names}
+    assert commands["max"] >= 1
+
+    (row,) = results["registry"]["rows"]
+    assert row["runtime"] == "podman" and row["nodes"] == 2
+    assert row["nodes_pulling"] == 2 and row["bytes"] > 0 and row["blob_bytes"] > 0
+
+    with open(out / "results.csv", newline="") as fh:
+        parts = {r["part"] for r in csv.DictReader(fh)}
+    assert parts == {"deploy", "readiness", "check_cost", "registry"}
+    table = (out / "README-table.md").read_text()
+    assert "| 2 |" in table and "**Targets**" in table and "health --wait" in table
+
+    # The session's sandbox is left as the fixture brought it up, deployed.
+    current = sb_api.current()
+    assert current is not None and len(current.compute) == nodes_before
+    assert sb_api.status()["up"]
