@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import nodes
 from .layout import NODE_DEV_DIR, NODE_GPU_FAULTS, NODE_NVIDIA_SMI_CONFIG, NODE_SANDBOX_DIR, Node
+from .proc import SandboxError
 
 HERE = Path(__file__).resolve().parent
 STAND_IN = HERE / "nvidia_smi.py"
@@ -42,6 +43,11 @@ def install(node: Node, gpus: int) -> None:
         _mknod(dev / f"nvidia{i}", NVIDIA_MAJOR, i)
     _mknod(dev / "nvidiactl", NVIDIA_MAJOR, NVIDIA_CTL_MINOR)
 
+    if not (CAPTURES / "q.xml").is_file():
+        raise SandboxError(
+            f"the nvidia-smi captures are missing from the installed package ({CAPTURES}): install "
+            "nemotron-deploy from a checkout (pip install -e .) or with its package data"
+        )
     captures = nodes.host_path(node, NODE_CAPTURES)
     shutil.rmtree(captures, ignore_errors=True)
     shutil.copytree(CAPTURES, captures)

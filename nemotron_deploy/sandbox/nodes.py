@@ -18,7 +18,6 @@ Everything else (/work, /var/lib, /srv...) is the host's: deploys should not wri
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -258,9 +257,3 @@ def kill_node(node: Node, timeout: float = 15) -> None:
         timeout=timeout,
         what=f"every process of {node.name} to exit",
     )
-
-
-def ensure_dirs_writable_by(path: Path, uid: int, gid: int, mode: int = 0o700) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chown(path, uid, gid)
-    path.chmod(mode)

@@ -120,10 +120,3 @@ def push_image(sandbox: Sandbox) -> None:
     )  # fmt: skip
     if not has_image(sandbox):
         raise SandboxError(f"skopeo pushed {sandbox.image} but the registry doesn't serve it\n{tail(LOG)}")
-
-
-def pull(node: Node, image_ref: str):
-    """`podman pull <image>` on a compute node (relies on its registries.conf marking it insecure)."""
-    return nodes.run_in(
-        node, ["podman", "pull", "--quiet", image_ref], timeout=120, what=f"podman pull on {node.name}"
-    )

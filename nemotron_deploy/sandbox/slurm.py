@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from . import nodes
 from .layout import NODE_DEV_DIR, Node, Sandbox
-from .proc import SandboxError, tail, wait_until
+from .proc import tail, wait_until
 
 SLURMCTLD_LOG = "/var/log/slurm/slurmctld.log"
 SLURMD_LOG = "/var/log/slurm/slurmd.log"
@@ -147,8 +147,3 @@ def wait_nodes_idle(sandbox: Sandbox, names: list[str] | None = None, timeout: f
         )
 
     wait_until(ready, timeout=timeout, what=f"Slurm nodes {names} to be idle", hint=hint)
-
-
-def ensure_running(sandbox: Sandbox) -> None:
-    if not controller_up(sandbox.login):
-        raise SandboxError("slurmctld is not answering on the login node")

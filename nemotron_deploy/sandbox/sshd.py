@@ -9,7 +9,6 @@ The same key also logs in as the unprivileged user (the authorized_keys file is 
 
 from __future__ import annotations
 
-import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -113,11 +112,3 @@ def stop(node: Node, timeout: float = 10) -> None:
     nodes.host_path(node, "/run/sshd.pid").unlink(missing_ok=True)
     if port_open(node.address):
         raise SandboxError(f"sshd on {node.name} was stopped but {node.address}:22 still accepts connections")
-
-
-def check_login(sandbox: Sandbox, node: Node) -> str:
-    """`ssh root@node hostname` with the sandbox key and strict host key checking; returns the output."""
-    result = run(
-        sandbox.ssh_argv(node.name, "hostname"), timeout=20, what=f"ssh to {node.name}", env=dict(os.environ)
-    )
-    return result.stdout.strip()
