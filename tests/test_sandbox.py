@@ -298,6 +298,8 @@ def test_sbatch_then_scancel_leaves_no_process_on_any_node(sb):
 @pytest.mark.sandbox
 def test_podman_pulls_the_image_from_the_registry_on_each_compute_node(sb):
     before = sb.registry_access_log.read_text().count("\n")
+    host_storage = Path("/var/lib/containers/storage")
+    host_storage_before = host_storage.exists() and sorted(p.name for p in host_storage.iterdir())
     for node in sb.compute:
         ssh(
             sb,
@@ -312,7 +314,9 @@ def test_podman_pulls_the_image_from_the_registry_on_each_compute_node(sb):
         assert sum(int(line.split('" ')[1].split()[1]) for line in blobs) > 1_000_000, (
             "the 1 MiB layer was served"
         )
-    assert not Path("/var/lib/containers/storage").exists(), "podman storage must stay node-local"
+    for node in sb.compute:  # podman storage is node-local; the host's is untouched
+        assert (node.local_dir / "var-lib-containers" / "storage" / "overlay-images").is_dir()
+    assert (host_storage.exists() and sorted(p.name for p in host_storage.iterdir())) == host_storage_before
 
 
 @pytest.mark.sandbox
