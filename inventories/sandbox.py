@@ -9,8 +9,17 @@ number: `nemotron-deploy sandbox up --nodes $NEMOTRON_SANDBOX_NODES`.
 import os
 
 from nemotron_deploy.sandbox import layout as _layout
+from nemotron_deploy.sandbox import netns as _netns
 
 _sandbox = _layout.plan(int(os.environ.get("NEMOTRON_SANDBOX_NODES", "2")))
+
+# Without the sandbox's bridge, 10.213.0.x would follow the default route off this machine: refuse to
+# hand pyinfra these addresses then. (`nemotron-deploy validate/plan/render` never connect.)
+if not os.environ.get("NEMOTRON_DEPLOY_OFFLINE") and not _netns.bridge_exists():
+    raise RuntimeError(
+        "the sandbox cluster is not up, so its hosts can't be reached: run "
+        "`sudo .venv/bin/nemotron-deploy sandbox up` first (or `sudo scripts/rehearse`)"
+    )
 
 
 def _ssh(node):

@@ -9,6 +9,7 @@ checked for consistency across hosts, and sized by the planner.
 from __future__ import annotations
 
 import difflib
+import os
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,17 +108,30 @@ def _host_name(entry: Any) -> Any:
     return entry[0] if isinstance(entry, tuple) else entry
 
 
+# Set while inventories are read for validation only (nothing connects): an inventory may then skip
+# checks that only matter before connecting, such as the sandbox's "is the bridge up?".
+OFFLINE_ENV = "NEMOTRON_DEPLOY_OFFLINE"
+
+
 @contextmanager
 def _pyinfra_state() -> Iterator[None]:
     """pyinfra's file loader needs a State in context; the CLI has one, `nemotron-deploy` doesn't."""
     from pyinfra.api.state import State
     from pyinfra.context import ctx_state
 
-    if ctx_state.isset():
-        yield
-        return
-    with ctx_state.use(State(check_for_changes=False)):
-        yield
+    previous = os.environ.get(OFFLINE_ENV)
+    os.environ[OFFLINE_ENV] = "1"
+    try:
+        if ctx_state.isset():
+            yield
+        else:
+            with ctx_state.use(State(check_for_changes=False)):
+                yield
+    finally:
+        if previous is None:
+            del os.environ[OFFLINE_ENV]
+        else:
+            os.environ[OFFLINE_ENV] = previous
 
 
 def _user_code_error(exc: Exception) -> tuple[str | None, str]:
