@@ -37,7 +37,7 @@ back to the size it had afterwards (--keep-sandbox leaves it as is). They leave 
 
 EPILOG = """\
 examples:
-  sudo .venv/bin/python -m bench                      # everything: about 6-8 minutes on 2 cores
+  sudo .venv/bin/python -m bench                      # everything: about 6 minutes (5-8) on 2 cores
   sudo bench/run                                      # the same, from any directory
   .venv/bin/python -m bench --parts readiness,check   # loopback only, no root, about 1 minute
   sudo .venv/bin/python -m bench --sizes 2 --runs 1 --readiness-starts 2 --check-runs 3 --out /tmp/b

@@ -161,6 +161,12 @@ def parse_totals(output: str) -> tuple[int | None, int | None, int | None]:
     return _count(m.group(2)), _count(m.group(3)), _count(m.group(4))
 
 
+def op_changed(output: str, operation: str) -> int | None:
+    """Hosts on which the operation whose name starts with ``operation`` changed something."""
+    m = re.search(rf"^\s*{re.escape(operation)}.*?\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s*$", output, re.MULTILINE)
+    return _count(m.group(2)) if m else None
+
+
 def pyinfra() -> str:
     path = common.REPO / ".venv" / "bin" / "pyinfra"
     return str(path) if path.exists() else "pyinfra"

@@ -121,6 +121,7 @@ def run(sandbox, sizes: list[int], runs: int = 3, log=print) -> dict:
                     "nodes": n,
                     "first": first.wall,
                     "first_changed": first.changed,
+                    "first_pulled": cluster.op_changed(first.output, "Pull "),
                     "redeploy": again.wall,
                     "redeploy_changed": again.changed,
                     "floor": fl["wall"],
@@ -150,6 +151,7 @@ def run(sandbox, sizes: list[int], runs: int = 3, log=print) -> dict:
             key: common.Summary.of([s[key] for s in rows]).as_dict() for key in ("first", "redeploy", "floor")
         }
         summary[n]["redeploy_changed_max"] = max((s["redeploy_changed"] or 0) for s in rows)
+        summary[n]["first_pulled_max"] = max((s["first_pulled"] or 0) for s in rows)
     return {
         "sizes": sizes,
         "runs": runs,

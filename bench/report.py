@@ -116,7 +116,10 @@ def targets(results: dict) -> list[dict]:
         if g:
             out.append(
                 {
-                    "target": "first deploy (image already pulled) grows no faster than the floor",
+                    "target": (
+                        f"first deploy (image already pulled) grows no faster than the floor "
+                        f"(growth factor {g['lo']}→{g['hi']} nodes; per added node shown too)"
+                    ),
                     "measured": (
                         f"{g['lo']}→{g['hi']} nodes: first deploy {_x(g['first_factor'])}, floor "
                         f"{_x(g['floor_factor'])}; per added node {_s(g['first_slope'])} vs "
@@ -181,6 +184,12 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {n} | {_cell(s['first'])} | {_cell(s['redeploy'])} | {_cell(s['floor'])} "
                 f"| {_x(ratio)} | {c['max']} |"
+            )
+        pulled = {n: dep["summary"][n].get("first_pulled_max", 0) for n in dep["sizes"]}
+        if any(pulled.values()):
+            lines.append(
+                f"\nWarning: some first deploys pulled the image (nodes pulling, by size: {pulled}): "
+                "their times include a pull (was the image removed during the run?)."
             )
         changed = {n: dep["summary"][n]["redeploy_changed_max"] for n in dep["sizes"]}
         if any(changed.values()):

@@ -3,7 +3,8 @@
 It proves the runner works end to end (deploys over real SSH, the emulator, the registry log, the
 report files), not how fast anything is: the numbers are only checked for being sensible. It uses
 the session's 2-node sandbox as it is and must leave it that way (no resize, no teardown): the
-other sandbox tests of the session run on it.
+other sandbox tests of the session run on it. It holds the sandbox lock exclusively while the
+runner resets and re-deploys, so a concurrent test session never sees its deploy vanish.
 """
 
 from __future__ import annotations
