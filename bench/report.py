@@ -168,7 +168,7 @@ def markdown(results: dict) -> str:
     if dep:
         lines += [
             f"**Deploy scaling** on the sandbox cluster (login + N compute nodes, real OpenSSH), "
-            f"{dep['runs']} interleaved runs per size. First deploy: after removing what the deploy "
+            f"{dep['runs']} run(s) per size, interleaved. First deploy: after removing what the deploy "
             "placed, with the image already pulled (pull excluded). Floor: one OpenSSH round trip per "
             "host, all hosts in parallel, running the deploy's stat + sha256sum loop over every path "
             "it manages. Every sshd shares this machine's cores, so the floor grows with N.",
@@ -432,7 +432,7 @@ def _plot_deploy(ax, dep) -> None:
     ax.set_xlabel("compute nodes")
     ax.set_ylabel("wall time [s] (median, min–max)")
     ax.set_title("Deploy scaling")
-    ax.set_ylim(bottom=0)
+    ax.set_yscale("log")  # first deploys are ~10x the re-deploys: both must stay readable
     ax.legend(fontsize=8)
 
 
@@ -474,6 +474,7 @@ def _plot_registry(ax, rg) -> None:
     for runtime in sorted({r["runtime"] for r in rg["rows"]}):
         rows = [r for r in rg["rows"] if r["runtime"] == runtime]
         ax.plot([r["nodes"] for r in rows], [r["bytes"] / (1 << 20) for r in rows], "o-", label=runtime)
+    ax.set_xticks(sorted({r["nodes"] for r in rg["rows"]}))  # linear: bytes should grow linearly in N
     ax.set_xlabel("compute nodes")
     ax.set_ylabel("MiB served per deploy")
     ax.set_title("Registry traffic (one deploy that pulls)")
