@@ -1,0 +1,278 @@
+"""End to end on the sandbox cluster: deploy, submit the 2-node job, get answers from the server with
+the deployed client and with the model card's own client, check where the 16 tasks ran, that a job
+leaves no process behind when it ends (smoke) or is cancelled (serve), that a re-deploy after a
+submit changes nothing, and that the health check fails fast with the state of a job killed during
+start-up.
+
+Every test cancels the jobs it submitted, so the next one starts with an idle cluster.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sshutil import (
+    HEALTH_VENV,
+    JOB_NAME,
+    LOGS_DIR,
+    PORT,
+    REPO,
+    SBATCH,
+    Run,
+    cancel_jobs,
+    console_script,
+    converged_attempts,
+    deploy_ok,
+    job_ids,
+    job_state,
+    leftover_processes,
+    pyinfra,
+    results_table,
+    ssh,
+    wait_for,
+)
+
+from nemotron_deploy import sandbox as sb_api
+
+pytestmark = pytest.mark.sandbox
+
+MODEL_CARD_CLIENT = REPO.parent / "shared" / "model-card" / "call_server.py"
+OK_LINE = re.compile(r"NEMOTRON OK - ready after \S+ \(\d+ attempts\): generated")
+FIRST = "sb-node01"
+
+
+def _idle(sandbox) -> None:
+    """No GPU faults, sshd everywhere, no job of ours queued or running."""
+    for node in sandbox.compute_names:
+        sb_api.clear_gpu_faults(node)
+    for node in sb_api.status()["nodes"]:
+        if not node["daemons"].get("sshd"):
+            sb_api.start_node_sshd(node["name"])
+    cancel_jobs(sandbox)
+
+
+def _submit(*data: str) -> Run:
+    """Deploy with `--data submit=true` (plus `data`), which waits until the health check says OK."""
+    args = [a for d in ("submit=true", *data) for a in ("--data", d)]
+    run = pyinfra(*args, timeout=240)
+    assert run.rc == 0, f"deploy with submit=true failed:\n{run.describe()}"
+    return run
+
+
+def _only_job(sandbox) -> str:
+    ids = job_ids(sandbox)
+    assert len(ids) == 1, f"expected one {JOB_NAME} job, Slurm has {ids}"
+    return ids[0]
+
+
+def _logs(job_id: str) -> tuple[str, str]:
+    base = Path(LOGS_DIR) / f"{JOB_NAME}-{job_id}"
+    return (
+        Path(f"{base}.out").read_text(errors="replace"),
+        Path(f"{base}.err").read_text(errors="replace"),
+    )
+
+
+def _no_job_processes_left(sandbox, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while left := leftover_processes(sandbox):
+        if time.monotonic() > deadline:
+            pytest.fail(f"job processes still running {timeout}s after the job ended: {left}", pytrace=False)
+        time.sleep(0.5)
+
+
+_serving: dict[str, tuple[str, Run]] = {}
+
+
+@pytest.fixture
+def serving(sandbox):
+    """A serve-mode job submitted by the deploy, shared by the tests that only look at it: submitted
+    again if a test in between ended it. (job id, the submitting deploy's run)."""
+    job = _serving.get("job")
+    if job is None or job_state(sandbox, job[0]) != "RUNNING":
+        _idle(sandbox)
+        run = _submit()
+        _serving["job"] = (_only_job(sandbox), run)
+    return _serving["job"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cancel_at_the_end(sandbox):
+    yield
+    _serving.clear()
+    cancel_jobs(sandbox)
+
+
+# --- 1. the whole path ---------------------------------------------------------------------------
+
+
+def test_the_whole_path_both_clients_get_an_answer(sandbox, serving, tmp_path):
+    if not MODEL_CARD_CLIENT.is_file():
+        pytest.fail(
+            f"this test needs ../shared/model-card/call_server.py (the model card's client) at {MODEL_CARD_CLIENT}",
+            pytrace=False,
+        )
+    job_id, run = serving
+    assert OK_LINE.search(run.output), f"the deploy's output has no health OK line:\n{run.output[-3000:]}"
+    assert job_state(sandbox, job_id) == "RUNNING"
+
+    # The deployed client, from the rendered files, run here against the job's first node.
+    rendered = tmp_path / "rendered"
+    subprocess.run(
+        [console_script("nemotron-deploy"), "render", "inventories/sandbox.py", "--out", str(rendered)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    first = sandbox.node(FIRST).address
+    ours = subprocess.run(
+        [sys.executable, str(rendered / "call_server.py"), "--host", first, "--port", str(PORT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ours.returncode == 0, ours.stdout + ours.stderr
+    prompt, answer = ours.stdout.split("\n", 1)
+    assert prompt == "Write a poem on NVIDIA in the style of Shakespeare"
+    assert answer.strip(), f"no answer: {ours.stdout!r}"
+
+    # The model card's own client, unchanged: it talks to localhost:1424, so it runs on the node.
+    requests_ok = ssh(sandbox, FIRST, "/usr/bin/python3 -c 'import requests'", check=False)
+    if requests_ok.returncode != 0:
+        pytest.fail(
+            "setup gap: the model card's client needs `requests`, and /usr/bin/python3 on the compute node "
+            f"can't import it (install python3-requests on the host; the nodes share its /usr):\n"
+            f"{requests_ok.stderr}",
+            pytrace=False,
+        )
+    card = ssh(sandbox, FIRST, "python3 -", input=MODEL_CARD_CLIENT.read_text(), check=False)
+    assert card.returncode == 0, f"the model card's client failed:\n{card.stdout}{card.stderr}"
+    # Greedy generation is deterministic: both clients print the prompt and the same continuation.
+    assert card.stdout == ours.stdout, f"model card client:\n{card.stdout}\ndeployed client:\n{ours.stdout}"
+
+
+# --- 2. where the tasks run ----------------------------------------------------------------------
+
+
+def test_sixteen_tasks_run_eight_per_node_with_the_right_node_ids(sandbox, serving):
+    job_id, _ = serving
+    # Each rank's own environment, as srun gave it to the server process (not what the batch shell saw).
+    script = (
+        "for p in $(pgrep -f megatron_gpt_eval.py); do "
+        "tr '\\0' '\\n' < /proc/$p/environ | grep -E '^SLURM_(JOB_ID|PROCID|NODEID|LOCALID)=' | sort | "
+        "paste -sd' '; done"
+    )
+    seen: dict[int, tuple[str, int, int]] = {}
+    for node in sandbox.compute_names:
+        for line in ssh(sandbox, node, script).stdout.splitlines():
+            env = dict(item.split("=", 1) for item in line.split())
+            if env.get("SLURM_JOB_ID") != job_id:
+                continue
+            rank = int(env["SLURM_PROCID"])
+            assert rank not in seen, f"rank {rank} runs twice: {seen[rank]} and {node}"
+            seen[rank] = (node, int(env["SLURM_NODEID"]), int(env["SLURM_LOCALID"]))
+    expected = {rank: (sandbox.compute_names[rank // 8], rank // 8, rank % 8) for rank in range(16)}
+    assert seen == expected, f"(node, node id, local id) per rank:\n{seen}"
+
+    # The emulator's log says the same: every rank 0-15 loaded, and rank 0 serves.
+    _, err = _logs(job_id)
+    loaded = {int(r) for r in re.findall(r"megatron_gpt_eval:\d+ rank(\d+)\] Loaded checkpoint", err)}
+    assert loaded == set(range(16)), f"ranks that loaded: {sorted(loaded)}"
+    assert "[rank 0 node 0] server ready" in err, err[-2000:]
+
+
+# --- 4. a re-deploy after a submit ---------------------------------------------------------------------
+
+
+def test_a_redeploy_after_submit_reports_zero_changes(sandbox, serving):
+    job_id, _ = serving
+
+    def no_change() -> None:
+        run = deploy_ok()
+        table = results_table(run.output)
+        assert table["Grand total"]["Success"] == "-", f"re-deploy after submit changed things:\n{run.output}"
+
+    converged_attempts(no_change)
+    assert job_ids(sandbox) == [job_id], "the re-deploy (submit=false) touched the running job"
+
+
+# --- 3. nothing is left behind ----------------------------------------------------------------------------
+
+
+def test_a_smoke_job_ends_by_itself_and_leaves_nothing(sandbox):
+    _idle(sandbox)
+    try:
+        run = _submit("mode=smoke")
+        assert OK_LINE.search(run.output), run.output[-3000:]
+        ids = job_ids(sandbox, states="all")
+        job_id = max(ids, key=int)
+        wait_for(lambda: job_state(sandbox, job_id) == "COMPLETED", 30, f"smoke job {job_id} to complete")
+        out, err = _logs(job_id)
+        assert "Write a poem on NVIDIA in the style of Shakespeare\n" in out, out[-2000:]
+        assert "smoke call finished with status 0" in err, err[-2000:]
+        _no_job_processes_left(sandbox)
+    finally:
+        cancel_jobs(sandbox)
+        deploy_ok()  # back to the inventory's mode (serve) for the next tests
+
+
+def test_a_cancelled_serve_job_leaves_nothing(sandbox):
+    _idle(sandbox)
+    try:
+        _submit()
+        job_id = _only_job(sandbox)
+        running = leftover_processes(sandbox)
+        assert set(running) == set(sandbox.compute_names), f"the job should run on both nodes: {running}"
+        ssh(sandbox, sandbox.login_host, f"scancel {job_id}")
+        wait_for(lambda: job_state(sandbox, job_id) == "CANCELLED", 30, f"job {job_id} to be cancelled")
+        _no_job_processes_left(sandbox)
+    finally:
+        cancel_jobs(sandbox)
+
+
+# --- 5. the health check and a job killed during start-up ------------------------------------------------
+
+
+def test_health_fails_fast_with_the_state_of_a_job_killed_during_startup(sandbox):
+    _idle(sandbox)
+    deploy_ok()  # the sbatch file and the health venv are in place
+    login = sandbox.login_host
+    try:
+        job_id = ssh(
+            sandbox, login, f"sbatch --parsable --export=ALL,NEMO_EMULATOR_LOAD_DELAY=60 {SBATCH}"
+        ).stdout.strip()
+        assert job_id.isdigit(), job_id
+        wait_for(lambda: job_state(sandbox, job_id) == "RUNNING", 30, f"job {job_id} to start")
+        health = subprocess.Popen(
+            sandbox.ssh_argv(
+                login,
+                f"{HEALTH_VENV}/bin/python -m nemotron_deploy.health --wait --slurm-job {JOB_NAME} "
+                "--budget 120 --no-progress",
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            time.sleep(2)  # the check is waiting: the server is still "loading" for a minute
+            assert health.poll() is None, (
+                f"health returned before the server could answer: {health.stdout.read()}"
+            )
+            ssh(sandbox, login, f"scancel {job_id}")
+            cancelled = time.monotonic()
+            output, _ = health.communicate(timeout=30)
+            took = time.monotonic() - cancelled
+        finally:
+            if health.poll() is None:
+                health.kill()
+        assert health.returncode == 2, f"expected CRITICAL (2), got {health.returncode}:\n{output}"
+        assert "CANCELLED" in output and job_id in output, output
+        assert took < 10, f"health took {took:.1f}s to notice the cancelled job:\n{output}"
+    finally:
+        cancel_jobs(sandbox)
