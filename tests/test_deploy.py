@@ -65,6 +65,14 @@ ROOT_755 = ("755", "root", "root")
 ROOT_644 = ("644", "root", "root")
 
 
+@pytest.fixture(autouse=True)
+def _alone(sandbox):
+    """These tests reset the deploy, inject GPU faults, stop sshd and remove images: no other user of
+    the sandbox (a concurrent test session, a benchmark) runs meanwhile (see sandbox/locks.py)."""
+    with sb_api.exclusive_use("deploy tests (reset the deploy, inject faults, stop sshd)"):
+        yield
+
+
 def _healthy_nodes(sandbox) -> None:
     """Undo what a failed test may have left: GPU faults, a stopped sshd."""
     for node in sandbox.compute_names:

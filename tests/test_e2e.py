@@ -102,10 +102,13 @@ def serving(sandbox):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _cancel_at_the_end(sandbox):
-    yield
-    _serving.clear()
-    cancel_jobs(sandbox)
+def _alone(sandbox):
+    """These tests submit and cancel jobs that take every GPU of the cluster: no other user of the
+    sandbox runs meanwhile (see sandbox/locks.py); the last job is cancelled at the end."""
+    with sb_api.exclusive_use("end-to-end tests (submit and cancel jobs)"):
+        yield
+        _serving.clear()
+        cancel_jobs(sandbox)
 
 
 # --- 1. the whole path ---------------------------------------------------------------------------
