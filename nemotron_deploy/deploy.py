@@ -390,9 +390,13 @@ def submit(host: Any, cluster: Cluster) -> None:
             str(s.health_startup_budget_seconds),
         ]
     )
+    smoke = s.mode == "smoke"  # the job ends by itself after one call: wait for its end instead
     slurm.submit_and_wait(
-        name=f"Submit {s.job_name} and wait until it generates",
+        name=f"Submit {s.job_name} and wait until it "
+        + ("completes its smoke test" if smoke else "generates"),
         sbatch_path=f"{s.jobs_dir}/nemotron.sbatch",
         job_name=s.job_name,
         health_command=command,
+        until_done=smoke,
+        budget_seconds=s.health_startup_budget_seconds + 600,
     )
