@@ -211,11 +211,11 @@ def test_a_redeploy_after_submit_reports_zero_changes(sandbox, serving):
 def test_a_smoke_job_ends_by_itself_and_leaves_nothing(sandbox):
     _idle(sandbox)
     try:
-        run = _submit("mode=smoke")
-        assert OK_LINE.search(run.output), run.output[-3000:]
-        ids = job_ids(sandbox, states="all")
-        job_id = max(ids, key=int)
-        wait_for(lambda: job_state(sandbox, job_id) == "COMPLETED", 30, f"smoke job {job_id} to complete")
+        run = _submit("mode=smoke")  # waits until the job has ended
+        job_id = max(job_ids(sandbox, states="all"), key=int)
+        assert f"job {job_id} COMPLETED: the smoke test passed" in run.output, run.output[-3000:]
+        assert OK_LINE.search(run.output), run.output[-3000:]  # the job's own health check, from its .out
+        assert job_state(sandbox, job_id) == "COMPLETED"
         out, err = _logs(job_id)
         assert "Write a poem on NVIDIA in the style of Shakespeare\n" in out, out[-2000:]
         assert "smoke call finished with status 0" in err, err[-2000:]
