@@ -50,6 +50,12 @@ def submit_and_wait(
         q_name = shlex.quote(job_name)
         ok, out = host.run_shell_command(f"squeue -h -n {q_name} -t PENDING,RUNNING,CONFIGURING -o %i")
         existing = [line.strip() for line in out.stdout_lines if line.strip()] if ok else []
+        if existing and until_done:
+            # A smoke run needs a job of its own: waiting for a serving job to end would never finish.
+            raise RuntimeError(
+                f"job {job_name} is already queued or running ({', '.join(existing)}): cancel it with "
+                f"`scancel --name={job_name}` before a smoke run, or deploy with mode=serve"
+            )
         if existing:
             print(f"{host.print_prefix}job {job_name} already queued or running: {', '.join(existing)}")
             job_id = existing[-1]

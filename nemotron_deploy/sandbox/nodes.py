@@ -45,6 +45,9 @@ PRIVATE_DIRS: dict[str, str] = {
     "/var/log": "var-log",
     "/var/spool": "var-spool",
     "/var/lib/containers": "var-lib-containers",
+    # Where the deploy's health check keeps state and writes node_exporter metrics (login node).
+    "/var/lib/nemotron-health": "var-lib-nemotron-health",
+    "/var/lib/prometheus": "var-lib-prometheus",
     "/root": "root",
 }
 STICKY_DIRS = {"/tmp", "/var/tmp"}
