@@ -96,8 +96,13 @@ def ngc_key(cluster: Cluster) -> str | None:
     """The NGC key from the environment variable or file the inventory names; never from data."""
     s = cluster.settings
     if s.ngc_api_key_file:
+        key_file = Path(s.ngc_api_key_file)
         try:
-            return Path(s.ngc_api_key_file).read_text().strip() or None
+            if key_file.stat().st_mode & 0o077:
+                raise DeployError(
+                    f"ngc_api_key_file {key_file} is readable by other users: `chmod 600 {key_file}` first"
+                )
+            return key_file.read_text().strip() or None
         except OSError as exc:
             raise DeployError(
                 f"ngc_api_key_file {s.ngc_api_key_file}: {exc.strerror}; fix the path or unset it"
