@@ -30,15 +30,10 @@ def run(
 ) -> subprocess.CompletedProcess[str]:
     """Run `argv`, capture its output; on failure raise SandboxError with the command's stderr."""
     try:
-        result = subprocess.run(
-            list(argv),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            input=input,
-            env=env,
-            stdin=None if input is not None else subprocess.DEVNULL,
-        )
+        # gevent's subprocess (patched in when pyinfra is imported) refuses stdin= beside input=,
+        # even stdin=None: pass exactly one of them.
+        feed = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
+        result = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, env=env, **feed)
     except FileNotFoundError as exc:
         raise SandboxError(f"{what or argv[0]}: command not found: {argv[0]} ({exc})") from None
     except subprocess.TimeoutExpired:
