@@ -387,6 +387,7 @@ def submit(host: Any, cluster: Cluster) -> None:
             "-m",
             "nemotron_deploy.health",
             "--wait",
+            "--progress-lines",
             "--slurm-job",
             s.job_name,
             "--port",

@@ -48,6 +48,7 @@ DEFAULT_BUSY_CRITICAL_AFTER = 3
 DEFAULT_JOB_CHECK_INTERVAL = 2.0
 DEFAULT_PROMPT = "The capital of France is"
 POLL_START = 0.1
+PROGRESS_LINE_SECONDS = 15  # --progress-lines: at least one line this often while waiting
 POLL_CAP = 5.0
 # A refused connect costs one round trip; polling it often is what keeps readiness latency < 1 s.
 POLL_CAP_REFUSED = 0.25
@@ -772,16 +773,28 @@ def next_interval(reason: str, current: float) -> float:
 
 
 class Progress:
-    """One updating status line on a terminal; silent when stderr is not a TTY."""
+    """Start-up progress: one updating line on a terminal; with --progress-lines, a plain line when
+    the state changes and every PROGRESS_LINE_SECONDS otherwise (for logs, pyinfra, CI); else silent."""
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self, enabled: bool, lines: bool = False) -> None:
+        self.enabled = enabled or lines
+        self.lines = lines
         self.last = 0.0
+        self.last_key: str | None = None
         self.shown = False
 
-    def update(self, text: str, force: bool = False) -> None:
+    def update(self, text: str, force: bool = False, key: str | None = None) -> None:
         now = time.monotonic()
-        if not self.enabled or (not force and now - self.last < 0.2):
+        if not self.enabled:
+            return
+        if self.lines:
+            if key == self.last_key and now - self.last < PROGRESS_LINE_SECONDS and not force:
+                return
+            self.last, self.last_key = now, key
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+            return
+        if not force and now - self.last < 0.2:
             return
         self.last = now
         width = 200
@@ -812,7 +825,7 @@ def _job_failure(job: JobInfo, elapsed: float) -> Outcome:
 
 def wait_ready(opts: argparse.Namespace, target: Target) -> Outcome:
     """Poll until the server generates, the job dies, the server process exits or the budget ends."""
-    progress = Progress(enabled=not opts.no_progress and sys.stderr.isatty())
+    progress = Progress(enabled=not opts.no_progress and sys.stderr.isatty(), lines=opts.progress_lines)
     start = time.monotonic()
     host = target.host
     job: JobInfo | None = None
@@ -849,7 +862,9 @@ def wait_ready(opts: argparse.Namespace, target: Target) -> Outcome:
                     if job.state == "PENDING" or not job.node:
                         pending_interval = min(pending_interval * 1.5, PENDING_POLL_CAP)
                         next_job_check = now + pending_interval
-                        progress.update(f"waiting for {job.describe()} ({fmt_duration(now - start)})")
+                        progress.update(
+                            f"waiting for {job.describe()} ({fmt_duration(now - start)})", key=job.state
+                        )
                         time.sleep(max(0.0, next_job_check - time.monotonic()))
                         continue
                     host = job.node
@@ -895,7 +910,8 @@ def wait_ready(opts: argparse.Namespace, target: Target) -> Outcome:
                 job_text = f", job {job.job_id} {job.state}" if job else ""
                 progress.update(
                     f"waiting for {target.label(host)}: {fmt_duration(time.monotonic() - start)} elapsed, "
-                    f"{attempts} attempts{job_text}, last: {last.reason} ({last.message})"
+                    f"{attempts} attempts{job_text}, last: {last.reason} ({last.message})",
+                    key=f"{last.reason}{job_text}",
                 )
             wake = min(next_probe, deadline, next_job_check if target.watches_job else deadline)
             time.sleep(max(0.0, wake - time.monotonic()))
@@ -1010,6 +1026,12 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help=f"seconds between Slurm job state checks (default {DEFAULT_JOB_CHECK_INTERVAL:g})",
     )
     wt.add_argument("--no-progress", action="store_true", help="no progress line even on a terminal")
+    wt.add_argument(
+        "--progress-lines",
+        action="store_true",
+        help=f"progress as plain lines (on each change, else every {PROGRESS_LINE_SECONDS} s) even when "
+        "stderr is not a terminal",
+    )
 
     out = p.add_argument_group("output and state")
     out.add_argument("--json", action="store_true", help="print one JSON object instead of the Nagios line")

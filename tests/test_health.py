@@ -731,3 +731,32 @@ def test_unreachable_slurm_controller_is_unknown(slurm, capsys):
         capsys, "--slurm-job", "4242", "--wait", "--budget", "0.5", "--job-check-interval", "0.1"
     )
     assert code == 3 and out.startswith("NEMOTRON UNKNOWN - slurm_error: no answer from Slurm")
+
+
+def test_progress_lines_for_logs_when_not_a_terminal():
+    """pyinfra and Slurm job logs aren't terminals: --progress-lines still says what it waits for."""
+    port = free_port()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nemotron_deploy.health",
+            "--wait",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--budget",
+            "1",
+            "--progress-lines",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert lines and lines[0].startswith(f"waiting for 127.0.0.1:{port}") and "refused" in lines[0]
+    assert "\x1b" not in proc.stderr, "plain lines, no terminal control codes"
+    assert len(lines) <= 3, "one line per change (or per 15 s), not one per poll"
+    assert proc.stdout.startswith("NEMOTRON CRITICAL - startup_timeout")

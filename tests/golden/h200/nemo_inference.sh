@@ -61,7 +61,7 @@ fi
 
 log "waiting for the server on port ${PORT} to generate (budget ${STARTUP_BUDGET}s)"
 if ! "${PYTHON}" "${SCRIPTS_DIR}/nemotron_health.py" --wait --host 127.0.0.1 --port "${PORT}" \
-        --budget "${STARTUP_BUDGET}" --watch-pid "${SERVER_PID}"; then
+        --budget "${STARTUP_BUDGET}" --watch-pid "${SERVER_PID}" --progress-lines; then
     log "the server never answered a generation; stopping"
     stop_server
     exit 1
