@@ -60,12 +60,11 @@ def submit_and_wait(
             print(f"{host.print_prefix}job {job_name} already queued or running: {', '.join(existing)}")
             job_id = existing[-1]
         else:
-            ok, out = host.run_shell_command(
-                f"sbatch --parsable {shlex.quote(sbatch_path)}", print_output=True
-            )
+            ok, out = host.run_shell_command(f"sbatch --parsable {shlex.quote(sbatch_path)}")
             if not ok:
                 raise RuntimeError(f"sbatch {sbatch_path} failed: {out.stderr}")
             job_id = out.stdout.strip().split(";")[0]
+            print(f"{host.print_prefix}submitted {sbatch_path} as job {job_id}")
         if until_done:
             _wait_until_done(host, job_id, budget_seconds)
             return
