@@ -191,8 +191,6 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
                 ("image", ImagePresent, (runtime, s.image)),
                 ("free", FreeSpace, (s.container_storage_dir(runtime),)),
             ]
-        if s.container_runtime == "host":
-            probes.append(("paths_host", ManagedPaths, ((s.eval_script,),)))
     else:
         probes += [
             ("slurm", SlurmVersion, ()),
@@ -201,14 +199,19 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
         ]
         if s.image_file:
             probes.append(("free", FreeSpace, (s.images_dir,)))
-    extra = []
+    paths = list(wanted(host, cluster, "systemd").paths)
     if s.image_file:
         creds = _enroot_credentials_path(cluster)
-        extra += [s.image_file, creds, creds.rsplit("/", 1)[0]]
+        paths += [s.image_file, creds, creds.rsplit("/", 1)[0]]
     if role(host, cluster) == "login":
-        extra += [f"{s.health_venv}/bin/python", _health_paths(cluster)["marker"]]
-    # The paths depend on the init system only for unit files: list both kinds.
-    paths = wanted(host, cluster, "systemd").paths + wanted(host, cluster, "cron").paths + tuple(extra)
+        # The init system is only known after this read: list the cron entry beside the systemd units.
+        paths += [
+            *health_units(cluster, "cron"),
+            f"{s.health_venv}/bin/python",
+            _health_paths(cluster)["marker"],
+        ]
+    elif s.container_runtime == "host":
+        paths.append(s.eval_script)
     probes.append(("paths", ManagedPaths, (tuple(dict.fromkeys(paths)),)))
     return snapshot(host, tuple(probes))
 
@@ -249,7 +252,7 @@ def preflight(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
             )
         elif runtime in ("docker", "podman", "apptainer") and runtime not in runtimes:
             problems.append(f"{runtime} is not installed here; install it or change container_runtime")
-        if s.container_runtime == "host" and s.eval_script not in snap["paths_host"]:
+        if s.container_runtime == "host" and s.eval_script not in snap["paths"]:
             problems.append(f"container_runtime is host but {s.eval_script} does not exist here")
     free = snap.get("free")
     if free is not None and free < s.min_free_gib and not _image_present(cluster, snap):
