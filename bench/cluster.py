@@ -30,7 +30,7 @@ DEPLOY_TIMEOUT = 600
 
 
 def sandbox_api():
-    from nemotron_deploy import sandbox
+    from nemotron_rehearsal import sandbox
 
     return sandbox
 

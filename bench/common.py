@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nemotron_rehearsal import EMULATOR, MODEL_CONFIG
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"  # never a pyenv shim: those add ~80 ms per start
-EMULATOR = REPO / "nemotron_deploy" / "emulator.py"
-MODEL_CONFIG = REPO / "nemotron_deploy" / "sandbox" / "model_config.yaml"
 LOOPBACK = "127.0.0.1"
 
 

@@ -8,8 +8,8 @@ number: `nemotron-deploy sandbox up --nodes $NEMOTRON_SANDBOX_NODES`.
 
 import os
 
-from nemotron_deploy.sandbox import layout as _layout
-from nemotron_deploy.sandbox import netns as _netns
+from nemotron_rehearsal.sandbox import layout as _layout
+from nemotron_rehearsal.sandbox import netns as _netns
 
 _sandbox = _layout.plan(int(os.environ.get("NEMOTRON_SANDBOX_NODES", "2")))
 

@@ -18,7 +18,7 @@ EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 DELEGATED: dict[str, tuple[str, str]] = {
     "health": ("nemotron_deploy.health", "poll the server until it generates; Nagios/JSON/Prometheus check"),
     "preflight": ("nemotron_deploy.preflight", "check this node's GPUs with nvidia-smi (Nagios exit codes)"),
-    "sandbox": ("nemotron_deploy.sandbox.cli", "a local Slurm cluster in network namespaces (root)"),
+    "sandbox": ("nemotron_rehearsal.sandbox.cli", "a local Slurm cluster in network namespaces (root)"),
 }
 
 
@@ -168,7 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:
         import importlib
 
-        module = importlib.import_module(DELEGATED[argv[0]][0])
+        try:
+            module = importlib.import_module(DELEGATED[argv[0]][0])
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("nemotron_rehearsal"):
+                raise
+            # The sandbox is the rehearsal, installed from a clone only: clusters never get it.
+            return _fail(
+                f"'{argv[0]}' needs the rehearsal package, which is not installed: run scripts/setup "
+                "in a clone of nemotron-deploy (it installs ./rehearsal beside the product)",
+                EXIT_USAGE,
+            )
         run: Callable[[list[str]], int] = module.main
         return run(argv[1:])
     parser = build_parser()

@@ -5,7 +5,7 @@ same typed view of a node's GPUs, and nvidia-smi's output has traps that a naive
 units inside values (``143771 MiB``), units in the CSV header (``memory.total [MiB]``), bracketed
 non-values (``[N/A]``, ``[Not Supported]``, ``[Unknown Error]``), ``Yes``/``No`` booleans, and
 error lines mixed into the output when a GPU has fallen off the bus. Every field name and format
-here was checked against the real captures in ``tests/fixtures/nvidia-smi/h200-x2/``.
+here was checked against the real captures in ``rehearsal/nemotron_rehearsal/sandbox/nvidia_smi_captures/h200-x2/``.
 
 Standard library only, so that it can run on a bare GPU node.
 """

@@ -8,6 +8,6 @@ import pytest
 
 @pytest.fixture(scope="session")
 def sandbox():
-    from nemotron_deploy.sandbox.testing import session_sandbox
+    from nemotron_rehearsal.sandbox.testing import session_sandbox
 
     yield from session_sandbox()

@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from nemotron_deploy import sandbox as sb_api
+from nemotron_rehearsal import sandbox as sb_api
 
 pytestmark = pytest.mark.sandbox
 

@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 from helpers import write_inventory
+from nemotron_rehearsal import sandbox as sb_api
 from sshutil import (
     COMPUTE_SCRIPTS,
     CRON_FILE,
@@ -55,8 +56,6 @@ from sshutil import (
     ssh,
     stat_paths,
 )
-
-from nemotron_deploy import sandbox as sb_api
 
 pytestmark = pytest.mark.sandbox
 

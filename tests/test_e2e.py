@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from nemotron_rehearsal import sandbox as sb_api
 from sshutil import (
     HEALTH_VENV,
     JOB_NAME,
@@ -36,8 +37,6 @@ from sshutil import (
     ssh,
     wait_for,
 )
-
-from nemotron_deploy import sandbox as sb_api
 
 pytestmark = pytest.mark.sandbox
 

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from nemotron_deploy.emulator import continuation, serve_in_thread
+from nemotron_rehearsal import EMULATOR as EMULATOR_FILE
+from nemotron_rehearsal.emulator import continuation, serve_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
-EMULATOR = REPO / "nemotron_deploy" / "emulator.py"
+EMULATOR = EMULATOR_FILE
 CALL_SERVER = REPO.parent / "shared" / "model-card" / "call_server.py"
 SYSTEM_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 JSON = {"Content-Type": "application/json"}

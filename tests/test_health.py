@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import pytest
+from nemotron_rehearsal.emulator import serve_in_thread
 from prometheus_client.parser import text_string_to_metric_families
 
 from nemotron_deploy import health
-from nemotron_deploy.emulator import serve_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
 HEALTH_FILE = REPO / "nemotron_deploy" / "health.py"

@@ -1,4 +1,4 @@
-"""nvidia-smi parsing against the real captures of a 2 x H200 host (tests/fixtures/nvidia-smi/h200-x2/)."""
+"""nvidia-smi parsing against the real captures of a 2 x H200 host (rehearsal/nemotron_rehearsal/sandbox/nvidia_smi_captures/h200-x2/)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from nemotron_rehearsal import NVIDIA_SMI_CAPTURES
 
 from nemotron_deploy import nvidia_smi
 from nemotron_deploy.nvidia_smi import (
@@ -20,7 +21,7 @@ from nemotron_deploy.nvidia_smi import (
     version_tuple,
 )
 
-CAPTURES = Path(__file__).resolve().parent / "fixtures" / "nvidia-smi" / "h200-x2"
+CAPTURES = NVIDIA_SMI_CAPTURES
 UUIDS = ["GPU-6f63702a-74e5-3c6a-73cf-fa81fee82a9f", "GPU-27771d49-33aa-a84b-baff-7e69ee768833"]
 
 

@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from nemotron_rehearsal import NVIDIA_SMI_CAPTURES
 
 from nemotron_deploy import preflight
 from nemotron_deploy.nvidia_smi import NVIDIA_SMI_QUERY_ARGV, parse_query_csv, parse_query_xml
 from nemotron_deploy.preflight import check_gpus
 
-CAPTURES = Path(__file__).resolve().parent / "fixtures" / "nvidia-smi" / "h200-x2"
+CAPTURES = NVIDIA_SMI_CAPTURES
 H200 = {"expect_names": ["NVIDIA H200"], "expect_memory_mib": 143771, "expect_count": 2}
 
 

@@ -17,15 +17,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from nemotron_deploy import sandbox as sb_api
-from nemotron_deploy.sandbox import layout, netns, nvidia_smi, slurm
-from nemotron_deploy.sandbox.proc import pid_alive
-from nemotron_deploy.sandbox.testing import CREATED_BY_TESTS
+from nemotron_rehearsal import EMULATOR, NVIDIA_SMI_CAPTURES, PACKAGE_DIR
+from nemotron_rehearsal import sandbox as sb_api
+from nemotron_rehearsal.sandbox import layout, netns, nvidia_smi, slurm
+from nemotron_rehearsal.sandbox.proc import pid_alive
+from nemotron_rehearsal.sandbox.testing import CREATED_BY_TESTS
 
 ROOT = Path(__file__).resolve().parent.parent
-CAPTURES = ROOT / "nemotron_deploy" / "sandbox" / "nvidia_smi_captures" / "h200-x2"
-STAND_IN = ROOT / "nemotron_deploy" / "sandbox" / "nvidia_smi.py"
+CAPTURES = NVIDIA_SMI_CAPTURES
+STAND_IN = PACKAGE_DIR / "sandbox" / "nvidia_smi.py"
 
 
 # --- the nvidia-smi stand-in, run locally against the packaged captures ---------------------------
@@ -345,7 +345,7 @@ def test_model_dir_and_emulator_are_installed(sb):
     assert config["tensor_model_parallel_size"] == 8 and config["num_layers"] == 96
     assert config["tokenizer"]["model"] == "nemotron_2_256k.model"
     assert (sb.model_dir / "model_weights").is_dir()
-    emulator = ROOT / "nemotron_deploy" / "emulator.py"
+    emulator = EMULATOR
     sb_api.up(nodes=len(sb.compute), gpus_per_node=8)  # a running sandbox gets the current emulator
     for node in sb.compute:
         text = ssh(sb, node.name, f"cat {layout.NODE_EMULATOR_PATH}").stdout
@@ -370,7 +370,7 @@ def test_pyinfra_reaches_every_node_through_the_inventory(sb):
 @pytest.mark.sandbox
 def test_status_reports_every_node_and_daemon(sb):
     result = subprocess.run(
-        [sys.executable, "-m", "nemotron_deploy.sandbox.cli", "status", "--json"],
+        [sys.executable, "-m", "nemotron_rehearsal.sandbox.cli", "status", "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

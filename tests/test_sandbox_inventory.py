@@ -7,8 +7,7 @@ import runpy
 from pathlib import Path
 
 import pytest
-
-from nemotron_deploy.sandbox import netns
+from nemotron_rehearsal.sandbox import netns
 
 INVENTORY = Path(__file__).resolve().parent.parent / "inventories" / "sandbox.py"
 

@@ -6,7 +6,7 @@ with its own hostname, address, sshd and node-local directories; together they r
 stand-in of the NeMo image, an `nvidia-smi` stand-in answering from real H200 captures, and NeMo's
 server emulator at the path the NeMo container uses. Needs root on Debian/Ubuntu.
 
-    from nemotron_deploy import sandbox
+    from nemotron_rehearsal import sandbox
     sb = sandbox.up(nodes=2, gpus_per_node=8)   # seconds; returns at once if already up
     subprocess.run(sb.ssh_argv("sb-login", "sinfo"))
     sandbox.down()

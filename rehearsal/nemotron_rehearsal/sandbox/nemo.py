@@ -1,7 +1,7 @@
 """What a deploy finds on the sandbox in place of NeMo and the checkpoint.
 
 - On every compute node, /opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py (node-local
-  /opt, where the NeMo container has it) is a verbatim copy of `nemotron_deploy/emulator.py`, the
+  /opt, where the NeMo container has it) is a verbatim copy of `rehearsal/nemotron_rehearsal/emulator.py`, the
   stdlib-only emulator of NeMo's text-generation server. Until that file exists, a placeholder that
   exits with an explanation is installed instead (`up` says so).
 - On the shared dir, `models/Nemotron-4-340B-Base/` holds the real checkpoint's model_config.yaml
@@ -22,11 +22,11 @@ MODEL_CONFIG = HERE / "model_config.yaml"
 TOKENIZER_NAME = "nemotron_2_256k.model"
 PLACEHOLDER = """\
 #!/usr/bin/python3
-# Placeholder installed by the nemotron-deploy sandbox: nemotron_deploy/emulator.py did not exist when
+# Placeholder installed by the nemotron-deploy sandbox: rehearsal/nemotron_rehearsal/emulator.py did not exist when
 # the sandbox came up. Install it and run `nemotron-deploy sandbox down && nemotron-deploy sandbox up`.
 import sys
 
-sys.exit("megatron_gpt_eval.py: sandbox placeholder, the NeMo emulator (nemotron_deploy/emulator.py) is missing")
+sys.exit("megatron_gpt_eval.py: sandbox placeholder, the NeMo emulator (rehearsal/nemotron_rehearsal/emulator.py) is missing")
 """
 
 

@@ -1,0 +1,99 @@
+"""What ships to a cluster is the product only: the health-check wheel and `pip install .` carry no
+rehearsal code (sandbox, NeMo stand-in, fake nvidia-smi), and the wheel's digest, which decides
+whether every login node reinstalls its venv, does not move when only rehearsal code changes."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+# Names that only the rehearsal has; none may appear in a shipped wheel.
+REHEARSAL_MARKERS = ("sandbox", "emulator", "nvidia_smi_captures", "rehearsal", "model_config.yaml")
+
+
+def _tracked_copy(dest: Path) -> Path:
+    """The repository's tracked files (what a fresh clone has), copied to `dest`."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        src = REPO / name.decode()
+        if not src.is_file():
+            continue  # deleted in the working tree
+        target = dest / name.decode()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(src.read_bytes())
+    return dest
+
+
+def _build(repo: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, list[Path]]:
+    """wheelhouse.build() of the package in `repo` (the wheels the deploy uploads), in a fresh cache.
+
+    wheelhouse.py is loaded from `repo` itself (it finds the package beside it), not the installed one.
+    """
+    spec = importlib.util.spec_from_file_location(
+        "_wheelhouse_under_test", repo / "nemotron_deploy" / "wheelhouse.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return module.build()
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _tracked_copy(tmp_path_factory.mktemp("clone") / "nemotron-deploy")
+
+
+def test_health_wheel_carries_no_rehearsal_code(
+    clone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, wheels = _build(clone, tmp_path / "cache", monkeypatch)
+    ours = [w for w in wheels if w.name.startswith("nemotron_deploy-")]
+    assert len(ours) == 1, wheels
+    names = zipfile.ZipFile(ours[0]).namelist()
+    assert "nemotron_deploy/health.py" in names and "nemotron_deploy/catalog/gpus.yaml" in names
+    leaked = [n for n in names if any(m in n for m in REHEARSAL_MARKERS)]
+    assert leaked == [], f"rehearsal code in the shipped wheel: {leaked}"
+
+
+def test_pip_install_of_the_root_is_the_product_only(clone: Path, tmp_path: Path) -> None:
+    """`pip install .` of a clone: what a user gets; built as a wheel so nothing is installed here."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), str(clone)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("nemotron_deploy-*.whl")
+    top_levels = {n.split("/", 1)[0] for n in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in top_levels if not t.endswith(".dist-info")} == {"nemotron_deploy"}
+    leaked = [n for n in zipfile.ZipFile(wheel).namelist() if any(m in n for m in REHEARSAL_MARKERS)]
+    assert leaked == []
+
+
+def test_digest_moves_with_the_product_not_the_rehearsal(
+    clone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before, _ = _build(clone, tmp_path / "c1", monkeypatch)
+    emulator = clone / "rehearsal" / "nemotron_rehearsal" / "emulator.py"
+    assert emulator.is_file(), "the NeMo stand-in should live in the rehearsal package"
+    emulator.write_text(emulator.read_text() + "\n# a rehearsal-only edit\n")
+    stand_in = clone / "rehearsal" / "nemotron_rehearsal" / "sandbox" / "nvidia_smi.py"
+    stand_in.write_text(stand_in.read_text() + "\n# another\n")
+    assert _build(clone, tmp_path / "c2", monkeypatch)[0] == before, (
+        "a rehearsal edit changed the shipped digest"
+    )
+
+    health = clone / "nemotron_deploy" / "health.py"
+    health.write_text(health.read_text() + "\n# a product edit\n")
+    assert _build(clone, tmp_path / "c3", monkeypatch)[0] != before, "a product edit must change the digest"
