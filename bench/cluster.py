@@ -96,14 +96,14 @@ def reset(sandbox, nodes: int, settings) -> None:
     Slurm jobs, whose logs live there. The pulled image stays: first deploys are measured with the
     image already pulled (the registry part measures the pull on its own).
     """
-    from nemotron_deploy.operations.health import STATE_DIR
+    from nemotron_deploy.operations.health_timer import METRICS_DIR, STATE_DIR
 
     sb = sandbox_api()
     user = settings.health_user
     shared = f"{sandbox.shared_dir}/nemotron-deploy"
     login_script = (
         f"scancel --name {settings.job_name} 2>/dev/null; "
-        f"rm -rf {NODE_DIR} {CRON_FILE} {shared} {STATE_DIR} {settings.prometheus_textfile_dir}; "
+        f"rm -rf {NODE_DIR} {CRON_FILE} {shared} {STATE_DIR} {METRICS_DIR} {settings.prometheus_textfile_dir}; "
         f"if id {user} >/dev/null 2>&1; then userdel {user}; fi; "
         f"if getent group {user} >/dev/null; then groupdel {user}; fi; true"
     )

@@ -2,8 +2,8 @@
 
 The floor is what any deploy that checks its files must at least do: one OpenSSH round trip per
 host (login + N compute), all hosts in parallel, running the deploy's own stat + sha256sum snippet
-(``ManagedPaths``) over the paths the deploy manages on that host (``deploy.wanted()`` for both init
-systems plus the venv's python and marker, the same list ``deploy.read_host`` batches into its one
+(``ManagedPaths``) over the paths the deploy manages on that host (``desired.for_host()`` for both init
+systems plus the venv's python and marker, the same list ``host_checks.read_host`` batches into its one
 fact command). On this machine every node's sshd shares the same cores, so the floor grows with N;
 the deploy is judged against the floor measured in the same round.
 
@@ -19,7 +19,6 @@ import re
 import shlex
 import subprocess
 import time
-from types import SimpleNamespace
 
 from . import cluster, common
 
@@ -30,12 +29,11 @@ class BenchError(RuntimeError):
 
 def managed_paths(clu) -> dict[str, tuple[str, ...]]:
     """role -> the paths the deploy's snapshot stats and checksums on a host of that role."""
-    from nemotron_deploy import deploy
+    from nemotron_deploy import desired
 
     out: dict[str, tuple[str, ...]] = {}
     for role, name in (("login", clu.login[0]), ("compute", clu.compute[0])):
-        host = SimpleNamespace(name=name)
-        paths = deploy.wanted(host, clu, "systemd").paths + deploy.wanted(host, clu, "cron").paths
+        paths = desired.for_host(clu, name, "systemd").paths + desired.for_host(clu, name, "cron").paths
         if role == "login":  # read_host also checks the venv and its marker there
             s = clu.settings
             paths += (f"{s.health_venv}/bin/python", f"{s.health_venv}-wheels/installed.sha256")

@@ -7,21 +7,21 @@
 
 Checks come first: a bad inventory or a node that can't run the job stops the deploy before any
 host is changed. Re-running with nothing changed reports no changes. The steps live in
-nemotron_deploy/deploy.py; this file is the checklist.
+nemotron_deploy/ (deploy.py, host_checks.py, desired.py); this file is the checklist.
 """
 
 from pyinfra import host, inventory
 
-from nemotron_deploy import deploy
+from nemotron_deploy import deploy, host_checks
 
 # 1. Validate the inventory: every host, every setting, and the sizing plan.
 cluster = deploy.validated_cluster(inventory)
 
 # 2. Read this host in one SSH command: GPUs, runtimes, Slurm, model dir, every managed path.
-snapshot = deploy.read_host(host, cluster)
+snapshot = host_checks.read_host(host, cluster)
 
 # 3. Preflight: GPU model/count/memory/driver, the checkpoint's architecture, runtimes, disk.
-deploy.preflight(host, cluster, snapshot)
+host_checks.check_host(host, cluster, snapshot)
 
 # 4. The NeMo container where the job will look for it (per node, or once on shared storage).
 deploy.pull_container(host, cluster, snapshot)
@@ -33,4 +33,4 @@ deploy.ensure_files(host, cluster, snapshot)
 deploy.install_health_check(host, cluster, snapshot)
 
 # 7. Only with --data submit=true: submit, then wait until the server generates.
-deploy.submit(host, cluster)
+deploy.submit_job(host, cluster)

@@ -34,10 +34,35 @@ import socket
 import sys
 import time
 
+from .nagios import CRITICAL, OK, STATUS_NAMES, UNKNOWN, WARNING
+from .slurm import (
+    PENDING_STATES,
+    JobInfo,
+    SlurmError,
+    expand_hostlist,
+    find_job_id,
+    first_node,
+    parse_scontrol_record,
+    query_job,
+    read_record,
+)
+
 TYPE_CHECKING = False  # typing costs ~4 ms of import time on every run; annotations are strings
 if TYPE_CHECKING:
-    import subprocess
     from typing import Any
+
+# Re-exported: the check's own names for what it reports (tests and callers use health.X).
+__all__ = [
+    "CRITICAL",
+    "OK",
+    "STATUS_NAMES",
+    "UNKNOWN",
+    "WARNING",
+    "expand_hostlist",
+    "first_node",
+    "parse_scontrol_record",
+    "main",
+]
 
 PROG = "nemotron-deploy health"
 DEFAULT_PORT = 1424  # the model card's port (NeMo's own default is 5555)
@@ -56,8 +81,6 @@ PENDING_POLL_CAP = 15.0
 MAX_BODY = 1 << 20
 TAIL_LINES = 20
 
-OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
-STATUS_NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 
 # reason code -> what it means. The probe's own outcomes come first.
 REASONS: dict[str, str] = {
@@ -80,19 +103,10 @@ REASONS: dict[str, str] = {
     "slurm_error": "Slurm could not be asked about the job",
     "internal_error": "the health check itself failed",
 }
-ACTIVE_JOB_STATES = frozenset({"PENDING", "RUNNING", "CONFIGURING", "COMPLETING"})
 
 
 class UsageError(Exception):
     """Bad arguments: UNKNOWN (3), with a message that says what to pass instead."""
-
-
-class SlurmError(Exception):
-    """Slurm could not be asked (command missing, controller unreachable): UNKNOWN."""
-
-    def __init__(self, message: str, *, missing: bool = False) -> None:
-        super().__init__(message)
-        self.missing = missing
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,218 +287,6 @@ def _host_for_url(host: str) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-class JobInfo:
-    """What Slurm says about the job (``scontrol show job -o``, else ``sacct``, else nothing)."""
-
-    __slots__ = ("job_id", "name", "state", "reason", "nodelist", "node", "stderr", "exit_code", "source")
-
-    def __init__(self, job_id: str, **kw: Any) -> None:
-        self.job_id = job_id
-        self.name: str | None = kw.get("name")
-        self.state: str = kw.get("state") or "UNKNOWN"
-        self.reason: str | None = kw.get("reason")
-        self.nodelist: str | None = kw.get("nodelist")
-        self.node: str | None = kw.get("node")
-        self.stderr: str | None = kw.get("stderr")
-        self.exit_code: str | None = kw.get("exit_code")
-        self.source: str = kw.get("source", "scontrol")
-
-    @property
-    def active(self) -> bool:
-        return self.state in ACTIVE_JOB_STATES
-
-    def describe(self) -> str:
-        text = f"job {self.job_id}" + (f" ({self.name})" if self.name else "") + f" is {self.state}"
-        extras = []
-        if self.reason and self.reason not in ("None", "(null)"):
-            extras.append(f"reason {self.reason}")
-        if self.exit_code and not self.active and self.exit_code != "0:0":
-            extras.append(f"exit code {self.exit_code}")
-        if self.source == "gone":
-            text = (
-                f"no job named {self.name!r} in the queue"
-                if self.job_id == "?"
-                else f"job {self.job_id} is no longer in the queue (and sacct has no record of it)"
-            )
-        return text + (f" ({', '.join(extras)})" if extras else "")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}
-
-
-def _run(argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run a Slurm command; missing command or timeout -> :class:`SlurmError`."""
-    import shutil
-    import subprocess
-
-    if shutil.which(argv[0]) is None:
-        raise SlurmError(
-            f"{argv[0]} not found on PATH: run this on a Slurm login node, or give --host/--url instead "
-            "of --slurm-job",
-            missing=True,
-        )
-    try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise SlurmError(f"{' '.join(argv)} did not answer within {timeout:g}s (slurmctld busy?)") from None
-
-
-def parse_scontrol_record(line: str) -> dict[str, str]:
-    """Parse one ``scontrol show job -o`` line into ``{"JobId": ..., "JobState": ...}``.
-
-    Values may contain ``=`` (``TRES=cpu=16,node=2``) and, for some keys, spaces; a new field starts
-    only where whitespace is followed by ``Key=``.
-    """
-    fields: dict[str, str] = {}
-    matches = list(re.finditer(r"(?:^|\s)([A-Za-z][\w:/.]*)=", line.strip()))
-    text = line.strip()
-    for i, m in enumerate(matches):
-        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
-        fields[m.group(1)] = text[m.end() : end].strip()
-    return fields
-
-
-def _hostlist_split(expr: str) -> list[str]:
-    parts, depth, cur = [], 0, ""
-    for ch in expr:
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-            continue
-        depth += ch == "["
-        depth -= ch == "]"
-        cur += ch
-    parts.append(cur)
-    return [p for p in parts if p]
-
-
-def expand_hostlist(expr: str) -> list[str]:
-    """Expand a Slurm hostlist (``gpu[01-03,07],login1``) like ``scontrol show hostnames`` does."""
-    out: list[str] = []
-    for part in _hostlist_split(expr.strip()):
-        m = re.search(r"\[([^\]]*)\]", part)
-        if not m:
-            out.append(part)
-            continue
-        prefix, suffix = part[: m.start()], part[m.end() :]
-        for rng in m.group(1).split(","):
-            lo, _, hi = rng.partition("-")
-            if not hi:
-                out.extend(expand_hostlist(prefix + lo + suffix))
-                continue
-            width = len(lo)
-            for n in range(int(lo), int(hi) + 1):
-                out.extend(expand_hostlist(f"{prefix}{n:0{width}d}{suffix}"))
-    return out
-
-
-_FIRST_NODE: dict[str, str | None] = {}  # --wait asks every few seconds; an allocation's nodes don't change
-
-
-def first_node(nodelist: str) -> str | None:
-    """The first node of an allocation: where global rank 0, hence the HTTP server, runs.
-
-    ``scontrol show hostnames`` is the authority; the local expansion is the fallback for a login
-    node whose scontrol cannot expand (no slurm.conf).
-    """
-    if not nodelist or nodelist in ("(null)", "None"):
-        return None
-    if nodelist not in _FIRST_NODE:
-        node = None
-        try:
-            res = _run(["scontrol", "show", "hostnames", nodelist], timeout=10)
-            if res.returncode == 0 and res.stdout.strip():
-                node = res.stdout.split()[0]
-        except SlurmError:
-            pass
-        if node is None:
-            nodes = expand_hostlist(nodelist)
-            node = nodes[0] if nodes else None
-        _FIRST_NODE[nodelist] = node
-    return _FIRST_NODE[nodelist]
-
-
-def find_job_id(name: str) -> str | None:
-    """The id of the user's job called ``name``: an active one first, the newest among equals."""
-    res = _run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i %T"])
-    if res.returncode != 0:
-        raise SlurmError(f"squeue -n {name} failed: {(res.stderr or res.stdout).strip()}")
-    rows = [line.split() for line in res.stdout.splitlines() if line.strip()]
-    if not rows:
-        return None
-
-    def key(row: list[str]) -> tuple[bool, int]:
-        digits = re.match(r"\d+", row[0])
-        return (len(row) > 1 and row[1] in ACTIVE_JOB_STATES, int(digits.group(0)) if digits else 0)
-
-    return max(rows, key=key)[0]
-
-
-def _expand_output_pattern(path: str, info: dict[str, str], job_id: str) -> str:
-    """Expand the %-patterns sbatch allows in --error paths, in case scontrol shows them raw."""
-    if "%" not in path:
-        return path
-    user = re.sub(r"\(.*\)$", "", info.get("UserId", ""))
-    table = {
-        "j": job_id,
-        "J": job_id,
-        "x": info.get("JobName", ""),
-        "u": user,
-        "A": info.get("ArrayJobId", job_id),
-        "a": info.get("ArrayTaskId", ""),
-        "N": info.get("BatchHost", ""),
-        "%": "%",
-    }
-    return re.sub(r"%(%|[0-9]*[jJxuAaN])", lambda m: table.get(m.group(1)[-1], m.group(0)), path)
-
-
-def _sacct_state(job_id: str) -> JobInfo | None:
-    """State of a job that left slurmctld's memory, if accounting is there to tell."""
-    import shutil
-
-    if shutil.which("sacct") is None:
-        return None
-    res = _run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,JobName,State,ExitCode,NodeList"])
-    if res.returncode != 0:
-        return None
-    for line in res.stdout.splitlines():
-        cols = line.split("|")
-        if len(cols) >= 4 and cols[0].split("+")[0] == job_id and cols[2]:
-            return JobInfo(
-                job_id,
-                name=cols[1] or None,
-                state=cols[2].split()[0],
-                exit_code=cols[3] or None,
-                nodelist=cols[4] if len(cols) > 4 else None,
-                source="sacct",
-            )
-    return None
-
-
-def query_job(job_id: str) -> JobInfo:
-    """Current state of ``job_id``; a job Slurm no longer knows comes back with state ``GONE``."""
-    res = _run(["scontrol", "show", "job", "-o", job_id])
-    text = (res.stderr or "") + (res.stdout or "")
-    if res.returncode != 0 or not res.stdout.strip():
-        if "Invalid job id" in text or (res.returncode == 0 and not res.stdout.strip()):
-            return _sacct_state(job_id) or JobInfo(job_id, state="GONE", source="gone")
-        raise SlurmError(f"scontrol show job {job_id} failed: {text.strip() or f'exit {res.returncode}'}")
-    info = parse_scontrol_record(res.stdout.strip().splitlines()[0])
-    nodelist = info.get("NodeList")
-    state = (info.get("JobState") or "UNKNOWN").split()[0]
-    stderr = info.get("StdErr") or info.get("StdOut")
-    return JobInfo(
-        info.get("JobId", job_id),
-        name=info.get("JobName"),
-        state=state,
-        reason=info.get("Reason"),
-        nodelist=nodelist,
-        node=first_node(nodelist) if nodelist and state in ACTIVE_JOB_STATES - {"PENDING"} else None,
-        stderr=_expand_output_pattern(stderr, info, job_id) if stderr else None,
-        exit_code=info.get("ExitCode"),
-    )
-
-
 def tail_file(path: str | None, lines: int = TAIL_LINES) -> list[str]:
     """The last ``lines`` lines of a (possibly huge) log file, or one line saying why not."""
     if not path:
@@ -659,8 +461,16 @@ def write_textfile(path: str, outcome: Outcome, state: dict[str, Any], target: s
 class Target:
     """Where to probe: a fixed host/port, or a Slurm job's first node."""
 
-    def __init__(self, host: str | None, port: int, job_spec: str | None, job_id: str | None) -> None:
+    def __init__(
+        self,
+        host: str | None,
+        port: int,
+        job_spec: str | None,
+        job_id: str | None,
+        record: str | None = None,
+    ) -> None:
         self.host = host
+        self.record = record  # --job-record: the batch script's own record, for jobs squeue hides
         self.port = port
         self.job_spec = job_spec  # --slurm-job: the host comes from the job
         self.job_id = job_id  # --job-id: the host is fixed, the job is only watched
@@ -688,9 +498,24 @@ class Target:
         if self._resolved_id is None and not re.fullmatch(r"\d+(_\d+)?", spec):
             found = find_job_id(spec)
             if found is None:
-                return JobInfo("?", name=spec, state="GONE", source="gone")
+                return self._recorded_job(spec) or JobInfo("?", name=spec, state="GONE", source="gone")
             self._resolved_id = found
         return query_job(self._resolved_id or spec)
+
+    def _recorded_job(self, name: str) -> JobInfo | None:
+        """The job as its batch script recorded it: squeue shows nothing where Slurm runs with
+        PrivateData=jobs and this user (the scheduled check's) does not own the job."""
+        rec = read_record(self.record)
+        if rec is None or rec.get("job_name") != name:
+            return None
+        return JobInfo(
+            str(rec["job_id"]),
+            name=name,
+            state="RECORDED",
+            node=str(rec["node"]),
+            source="record",
+            reason=f"not visible to this user (Slurm PrivateData); recorded by {self.record}",
+        )
 
 
 def check_once(opts: argparse.Namespace, target: Target) -> Outcome:
@@ -704,7 +529,7 @@ def check_once(opts: argparse.Namespace, target: Target) -> Outcome:
             out.job = job
             return out
         if target.job_spec:
-            if job.state == "PENDING" or not job.node:
+            if job.state in PENDING_STATES or not job.node:
                 out = Outcome(CRITICAL, "job_pending", job.describe() + ": no node to probe yet", None)
                 out.job = job
                 return out
@@ -859,7 +684,7 @@ def wait_ready(opts: argparse.Namespace, target: Target) -> Outcome:
                 if job is not None and not job.active:
                     return finish(_job_failure(job, now - start))
                 if job is not None and target.job_spec:
-                    if job.state == "PENDING" or not job.node:
+                    if job.state in PENDING_STATES or not job.node:
                         pending_interval = min(pending_interval * 1.5, PENDING_POLL_CAP)
                         next_job_check = now + pending_interval
                         progress.update(
@@ -972,10 +797,16 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     one.add_argument(
         "--slurm-job",
         metavar="NAME|ID",
-        help="probe the first node of this Slurm job (digits = job id, else job name among your jobs)",
+        help="probe the first node of this Slurm job (digits = job id, else the newest job of that name that squeue shows you: all jobs, or only your own where Slurm sets PrivateData=jobs; see --job-record)",
     )
     where.add_argument(
         "--port", type=int, help=f"server port with --host/--slurm-job (default {DEFAULT_PORT})"
+    )
+    where.add_argument(
+        "--job-record",
+        metavar="PATH",
+        help="with --slurm-job NAME: the record the job's batch script writes (job id, first node), read "
+        "when squeue shows no such job to this user, as on clusters with PrivateData=jobs",
     )
     where.add_argument(
         "--job-id",
@@ -1083,7 +914,7 @@ def _target_from_args(opts: argparse.Namespace) -> Target:
     if opts.slurm_job:
         if opts.job_id:
             raise UsageError("--job-id is for --host/--url; --slurm-job already names the job")
-        return Target(None, port, opts.slurm_job, None)
+        return Target(None, port, opts.slurm_job, None, record=opts.job_record)
     raise UsageError("say what to check: --url URL, --host HOST [--port P] or --slurm-job NAME|ID")
 
 

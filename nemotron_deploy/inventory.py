@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import types
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ class Cluster:
     settings: ClusterSettings
     plan: planner.Plan
     host_settings: dict[str, ClusterSettings] = field(default_factory=dict)
+    # Names this validation for per-run caches (rendered files, wheels); never reused, unlike id().
+    key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def login_host(self) -> str:

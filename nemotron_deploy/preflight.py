@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .nagios import CRITICAL, OK, STATUS_NAMES, UNKNOWN, WARNING  # noqa: F401  (the check's codes)
 from .nvidia_smi import (
     NVIDIA_SMI_QUERY,
     NVIDIA_SMI_QUERY_ARGV,
@@ -33,8 +34,6 @@ from .nvidia_smi import (
 )
 
 PROG = "nemotron-deploy preflight"
-OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
-STATUS_NAMES = {OK: "OK", WARNING: "WARNING", CRITICAL: "CRITICAL", UNKNOWN: "UNKNOWN"}
 CATALOG = Path(__file__).resolve().parent / "catalog" / "gpus.yaml"
 MEMORY_TOLERANCE = 0.02  # drivers and board variants shift memory.total by a few hundred MiB
 NVIDIA_SMI_TIMEOUT = 60.0  # nvidia-smi can hang for minutes on a wedged GPU

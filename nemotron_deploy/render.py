@@ -5,7 +5,9 @@ The deploy installs exactly these bytes, so `nemotron-deploy render` shows what 
 
 from __future__ import annotations
 
+import io
 import shlex
+import zipfile
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -16,7 +18,10 @@ from .inventory import Cluster
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATES = REPO / "scripts" / "templates"
-HEALTH_MODULE = Path(__file__).resolve().parent / "health.py"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The health check and the stdlib-only modules it imports: what rank 0 runs inside the container.
+HEALTH_MODULES = ("__init__.py", "nagios.py", "slurm.py", "health.py")
+HEALTH_APP = "nemotron_health.pyz"
 
 # Variables every task must see inside a container (docker/podman start with a clean environment).
 SLURM_TASK_ENV = (
@@ -36,7 +41,7 @@ SLURM_TASK_ENV = (
 @dataclass(frozen=True)
 class RenderedFile:
     name: str
-    content: str
+    content: str | bytes
     mode: str  # octal, as pyinfra's files operations take it
     role: str  # "compute": next to the GPUs (or shared storage); "login": where jobs are submitted
 
@@ -91,10 +96,28 @@ def render(cluster: Cluster) -> list[RenderedFile]:
             "nemotron.sbatch", env.get_template("nemotron.sbatch.j2").render(context), "644", "login"
         ),
     ]
-    if HEALTH_MODULE.is_file():
-        # The launch script's rank 0 runs the health check from inside the container: ship it verbatim.
-        files.append(RenderedFile("nemotron_health.py", HEALTH_MODULE.read_text(), "755", "compute"))
+    # The launch script's rank 0 runs the health check from inside the container, where this package
+    # is not installed: ship it as one zipapp (`python3 nemotron_health.pyz --wait ...`).
+    files.append(RenderedFile(HEALTH_APP, health_zipapp(), "755", "compute"))
     return files
+
+
+@cache
+def health_zipapp() -> bytes:
+    """The health check as a zipapp, byte-identical for identical sources (fixed timestamps, stored)."""
+    buf = io.BytesIO()
+    buf.write(b"#!/usr/bin/env python3\n")
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as app:
+
+        def add(name: str, data: bytes) -> None:
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            app.writestr(info, data)
+
+        add("__main__.py", b"import sys\n\nfrom nemotron_deploy.health import main\n\nsys.exit(main())\n")
+        for module in HEALTH_MODULES:
+            add(f"nemotron_deploy/{module}", (PACKAGE_DIR / module).read_bytes())
+    return buf.getvalue()
 
 
 def write(cluster: Cluster, out_dir: str | Path) -> list[Path]:
@@ -103,7 +126,10 @@ def write(cluster: Cluster, out_dir: str | Path) -> list[Path]:
     written = []
     for f in render(cluster):
         path = out / f.name
-        path.write_text(f.content)
+        if isinstance(f.content, bytes):
+            path.write_bytes(f.content)
+        else:
+            path.write_text(f.content)
         path.chmod(int(f.mode, 8))
         written.append(path)
     return written

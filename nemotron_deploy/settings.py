@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from . import catalog
+from . import catalog, slurm
 from .catalog import GpuType, ModelSpec
 
 DEFAULT_IMAGE = "nvcr.io/nvidia/nemo:24.01.framework"
@@ -232,6 +232,11 @@ class ClusterSettings(BaseModel):
     @property
     def logs_dir(self) -> str:
         return f"{self.deploy_dir}/logs"
+
+    @property
+    def job_record(self) -> str:
+        """Where the batch script records its job id and first node for checks squeue hides it from."""
+        return slurm.record_path(self.logs_dir, self.job_name)
 
     @property
     def images_dir(self) -> str:

@@ -34,10 +34,11 @@ LOGS_DIR = f"{DEPLOY_SHARED}/logs"
 SBATCH = f"{JOBS_DIR}/nemotron.sbatch"
 NODE_DIR = "/opt/nemotron-deploy"
 SCRIPTS_DIR = f"{NODE_DIR}/scripts"
-COMPUTE_SCRIPTS = ("call_server.py", "nemo_inference.sh", "nemotron_health.py")
+COMPUTE_SCRIPTS = ("call_server.py", "nemo_inference.sh", "nemotron_health.pyz")
 HEALTH_VENV = f"{NODE_DIR}/health-venv"
 HEALTH_USER = "nemotron-health"
 HEALTH_STATE_DIR = "/var/lib/nemotron-health"
+HEALTH_METRICS_DIR = "/var/lib/nemotron-health-metrics"
 TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
 CRON_FILE = "/etc/cron.d/nemotron-health"
 IMAGE = "10.213.0.2:5000/nvidia/nemo:24.01.framework"
@@ -45,7 +46,7 @@ JOB_NAME = "nemotron-340b"
 PORT = 1424
 PULL_OP = f"Pull {IMAGE} (podman)"
 # Processes a job leaves behind if it is not stopped properly.
-JOB_PROCESSES = ("megatron_gpt_eval.py", "nemo_inference.sh", "nemotron_health.py")
+JOB_PROCESSES = ("megatron_gpt_eval.py", "nemo_inference.sh", "nemotron_health.pyz")
 
 T = TypeVar("T")
 
@@ -227,7 +228,7 @@ def reset_deploy(sandbox) -> None:
     ssh(
         sandbox,
         sandbox.login_host,
-        f"rm -rf {NODE_DIR} {DEPLOY_SHARED} {CRON_FILE} {HEALTH_STATE_DIR} {TEXTFILE_DIR}; "
+        f"rm -rf {NODE_DIR} {DEPLOY_SHARED} {CRON_FILE} {HEALTH_STATE_DIR} {HEALTH_METRICS_DIR} {TEXTFILE_DIR}; "
         f"if id {HEALTH_USER} >/dev/null 2>&1; then userdel {HEALTH_USER}; fi; "
         f"getent group {HEALTH_USER} >/dev/null && groupdel {HEALTH_USER}; true",
     )

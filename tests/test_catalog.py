@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from helpers import FIXTURES, MODEL_CONFIG
+from helpers import MODEL_CONFIG
+from nemotron_rehearsal import NVIDIA_SMI_CAPTURES
 
 from nemotron_deploy import catalog
 from nemotron_deploy.catalog import GIB, CatalogError, ModelSpec
@@ -166,7 +167,7 @@ def test_fp32_checkpoint_is_four_bytes_per_param(tmp_path):
 
 def test_h200_memory_matches_the_real_capture():
     # `nvidia-smi --query-gpu=name,memory.total --format=csv,noheader,nounits` on the real H200 host.
-    lines = (FIXTURES / "nvidia-smi" / "h200-x2" / "query-name-mem.csv").read_text().splitlines()
+    lines = (NVIDIA_SMI_CAPTURES / "query-name-mem.csv").read_text().splitlines()
     assert len(lines) == 2
     for line in lines:
         name, mib = (field.strip() for field in line.split(","))

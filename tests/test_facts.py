@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from nemotron_rehearsal import NVIDIA_SMI_CAPTURES
 
 from nemotron_deploy.facts.disk import FreeSpace
 from nemotron_deploy.facts.files import ManagedPaths
@@ -23,7 +24,7 @@ from nemotron_deploy.facts.system import InitSystem, UserExists
 from nemotron_deploy.nvidia_smi import QUERY_COMMAND
 
 FIXTURES = Path(__file__).parent / "fixtures"
-CAPTURE = FIXTURES / "nvidia-smi" / "h200-x2"
+CAPTURE = NVIDIA_SMI_CAPTURES
 
 
 def run_fact(fact_cls, *args, path_prefix: str | None = None):

@@ -11,7 +11,6 @@ import json
 import os
 import pty
 import select
-import shutil
 import socket
 import socketserver
 import stat
@@ -26,9 +25,9 @@ from nemotron_rehearsal.emulator import serve_in_thread
 from prometheus_client.parser import text_string_to_metric_families
 
 from nemotron_deploy import health
+from nemotron_deploy import slurm as slurm_module
 
 REPO = Path(__file__).resolve().parents[1]
-HEALTH_FILE = REPO / "nemotron_deploy" / "health.py"
 SYSTEM_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 
 
@@ -461,9 +460,12 @@ def test_wait_shows_progress_on_a_terminal_only():
     assert quiet.stderr == "" and quiet.stdout.startswith("NEMOTRON CRITICAL")
 
 
-def test_health_py_runs_as_a_single_file(emu, tmp_path):
-    lone = tmp_path / "nemotron_health.py"
-    shutil.copyfile(HEALTH_FILE, lone)
+def test_the_shipped_zipapp_runs_alone(emu, tmp_path):
+    """What rank 0 runs inside the container, where this package is not installed (-I: no site)."""
+    from nemotron_deploy import render
+
+    lone = tmp_path / render.HEALTH_APP
+    lone.write_bytes(render.health_zipapp())
     result = subprocess.run(
         [
             SYSTEM_PYTHON,
@@ -601,7 +603,7 @@ def job(state: str, nodelist: str = "127.0.0.[1-2]", reason: str = "None", **kw)
 def slurm(tmp_path, monkeypatch) -> FakeSlurm:
     fake = FakeSlurm(tmp_path / "slurm")
     monkeypatch.setenv("PATH", f"{fake.bin}:{os.environ['PATH']}")
-    monkeypatch.setattr(health, "_FIRST_NODE", {})  # hostname expansions are cached per process
+    monkeypatch.setattr(slurm_module, "_FIRST_NODE", {})  # hostname expansions are cached per process
     return fake
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nemotron_deploy.operations import health
+from nemotron_deploy.operations import health_timer as health
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -19,10 +19,15 @@ REPO = Path(__file__).resolve().parent.parent
 def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
     assert shutil.which("systemd-analyze"), "systemd-analyze missing: apt-get install systemd"
     command = health.check_command(
-        str(Path(sys.executable).parent.parent), "nemotron-340b", 1424, "/tmp/prom"
+        venv=str(Path(sys.executable).parent.parent),
+        job_name="nemotron-340b",
+        port=1424,
+        job_record="/shared/logs/nemotron-340b.job.json",
     )
     paths = []
-    for path, text in health.systemd_units("nemotron-health", command, 60, "nemotron-340b").items():
+    for path, text in health.systemd_units(
+        user="nemotron-health", command=command, interval=60, job_name="nemotron-340b"
+    ).items():
         local = tmp_path / Path(path).name
         local.write_text(text)
         paths.append(str(local))
@@ -32,18 +37,23 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
 
 
 def test_service_treats_nagios_results_as_success_and_runs_unprivileged():
-    command = health.check_command("/opt/v", "job", 1424, "/prom")
-    service = health.systemd_units("nemotron-health", command, 60, "job")[
+    command = health.check_command(venv="/opt/v", job_name="job", port=1424, job_record="/s/job.job.json")
+    service = health.systemd_units(user="nemotron-health", command=command, interval=60, job_name="job")[
         "/etc/systemd/system/nemotron-health.service"
     ]
     assert "User=nemotron-health" in service
     assert "SuccessExitStatus=1 2 3" in service
-    assert "ExecStart=/opt/v/bin/python -m nemotron_deploy.health --slurm-job job --port 1424" in service
+    assert (
+        "ExecStart=/opt/v/bin/python -m nemotron_deploy.health --slurm-job job --job-record /s/job.job.json --port 1424"
+        in service
+    )
 
 
 @pytest.mark.parametrize(("interval", "schedule"), [(60, "*"), (30, "*"), (300, "*/5")])
 def test_cron_entry_schedule_and_user(interval, schedule):
-    ((path, text),) = health.cron_entry("nemotron-health", ["/opt/v/bin/python", "-m", "x"], interval).items()
+    ((path, text),) = health.cron_entry(
+        user="nemotron-health", command=["/opt/v/bin/python", "-m", "x"], interval=interval
+    ).items()
     assert path == "/etc/cron.d/nemotron-health"
     line = [entry for entry in text.splitlines() if entry and not entry.startswith(("#", "PATH="))]
     assert line == [f"{schedule} * * * * nemotron-health /opt/v/bin/python -m x >/dev/null 2>&1"]

@@ -34,7 +34,8 @@ def shipped() -> dict[str, inventory.Cluster]:
 
 
 def _files(cluster: inventory.Cluster) -> dict[str, str]:
-    return {f.name: f.content for f in render.render(cluster)}
+    """The rendered text files (the health zipapp is bytes, tested on its own)."""
+    return {f.name: f.content for f in render.render(cluster) if isinstance(f.content, str)}
 
 
 def _code(text: str) -> str:
@@ -97,13 +98,12 @@ def test_cli_render_writes_exactly_the_rendered_files(name, shipped, tmp_path, c
     assert run_main(["render", str(INVENTORIES / f"{name}.py"), "--out", str(out)]) == 0
     expected = [f.name for f in render.render(shipped[name])]
     assert set(ALWAYS) <= set(expected)
-    assert ("nemotron_health.py" in expected) == render.HEALTH_MODULE.is_file()
+    assert render.HEALTH_APP in expected
     assert sorted(p.name for p in out.iterdir()) == sorted(expected)
     assert capsys.readouterr().out.split() == [str(out / n) for n in expected]
     for filename in ALWAYS:
         assert (out / filename).read_bytes() == (GOLDEN / name / filename).read_bytes()
-    if render.HEALTH_MODULE.is_file():
-        assert (out / "nemotron_health.py").read_bytes() == render.HEALTH_MODULE.read_bytes()
+    assert (out / render.HEALTH_APP).read_bytes() == render.health_zipapp()
 
 
 def test_file_modes_and_roles(shipped, tmp_path):
@@ -301,7 +301,7 @@ def test_strict_mode(name, shipped):
 def test_readiness_is_a_generation_not_a_tcp_check(name, shipped):
     task = _code(_files(shipped[name])["nemo_inference.sh"])
     assert "curl" not in task
-    assert 'nemotron_health.py" --wait' in task
+    assert 'nemotron_health.pyz" --wait' in task
 
 
 @pytest.mark.parametrize("name", SHIPPED)

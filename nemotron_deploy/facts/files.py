@@ -11,7 +11,7 @@ from .base import ProbeFact
 @dataclass(frozen=True)
 class PathState:
     path: str
-    kind: str  # "file", "directory", "other"
+    kind: str  # "file", "directory", "link" (not followed: `sha256` holds its target), "other"
     mode: str  # octal, e.g. "755"
     user: str
     group: str
@@ -25,14 +25,15 @@ class ManagedPaths(ProbeFact):
         quoted = " ".join(shlex.quote(p) for p in paths)
         return (
             f"for p in {quoted}; do "
-            "if [ -f \"$p\" ]; then printf 'F %s %s %s ' $(stat -c '%a %U %G' \"$p\"); "
+            'if [ -L "$p" ]; then printf \'L - - - %s %s\\n\' "$(readlink "$p")" "$p"; '
+            "elif [ -f \"$p\" ]; then printf 'F %s %s %s ' $(stat -c '%a %U %G' \"$p\"); "
             "sha256sum \"$p\" | cut -d' ' -f1 | tr '\\n' ' '; printf '%s\\n' \"$p\"; "
             'elif [ -d "$p" ]; then printf \'D %s %s %s - %s\\n\' $(stat -c \'%a %U %G\' "$p") "$p"; '
             'elif [ -e "$p" ]; then printf \'O - - - - %s\\n\' "$p"; fi; done'
         )
 
     def process(self, output: list[str]) -> dict[str, PathState]:
-        kinds = {"F": "file", "D": "directory", "O": "other"}
+        kinds = {"F": "file", "D": "directory", "L": "link", "O": "other"}
         states = {}
         for line in output:
             fields = line.split(" ", 5)

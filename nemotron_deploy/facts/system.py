@@ -25,3 +25,17 @@ class UserExists(ProbeFact):
 
     def process(self, output: list[str]) -> bool:
         return output[-1:] == ["yes"]
+
+
+class UnitEnabled(ProbeFact):
+    """True when systemd has `unit` enabled; False when it is disabled, masked, or unknown (no
+    systemctl, or no such unit). Read every run so a timer an admin disabled is noticed."""
+
+    def snippet(self, unit: str) -> str:
+        return (
+            f"if command -v systemctl >/dev/null 2>&1; then systemctl is-enabled {shlex.quote(unit)}; "
+            "else echo missing; fi"
+        )
+
+    def process(self, output: list[str]) -> bool:
+        return output[-1:] == ["enabled"]

@@ -11,6 +11,7 @@ from pyinfra.api import FileUploadCommand, StringCommand, operation
 from pyinfra.facts.files import FileContents
 from pyinfra.operations.util.files import generate_color_diff
 
+from ..desired import WantedDir, WantedFile, WantedLink
 from ..facts.files import PathState
 
 
@@ -24,15 +25,11 @@ def _owner_mode(path: str, mode: str, user: str, group: str) -> StringCommand:
 
 
 @operation()
-def managed_files(
-    files: list[tuple[str, str | bytes, str, str, str]],
-    current: dict[str, PathState],
-    secret: bool = False,
-):
+def managed_files(files: list[WantedFile], current: dict[str, PathState], secret: bool = False):
     """
     Put each file's content in place with an explicit owner and mode, where the snapshot differs.
 
-    + files: (path, content, mode, user, group); content is text, or bytes (wheels)
+    + files: what each file should hold; content is text, or bytes (wheels)
     + current: the host snapshot's path states (a path missing there is absent on the host)
     + secret: never show the content, not even with --diff; upload beside the path (whose directory
       must be private) instead of through /tmp
@@ -44,53 +41,76 @@ def managed_files(
 
     .. code:: python
 
-        managed_files(name="Job files", files=[("/shared/jobs/nemotron.sbatch", text, "644", "root", "root")],
+        managed_files(name="Job files", files=[WantedFile("/shared/jobs/nemotron.sbatch", text, "644")],
                       current=snapshot["paths"])
     """
-    for path, content, mode, user, group in files:
-        have = current.get(path)
-        if have is None or have.sha256 != sha256_of(content):
-            if state.config.DIFF and not secret and isinstance(content, str):
+    for f in files:
+        have = current.get(f.path)
+        if have is None or have.kind != "file" or have.sha256 != sha256_of(f.content):
+            if state.config.DIFF and not secret and isinstance(f.content, str):
                 # Only with --diff: one more read, for the old text of a file that changes.
-                old = [f"{line}\n" for line in host.get_fact(FileContents, path=path) or []] if have else []
-                host.log(f"Will {'create' if have is None else 'modify'} {path}", logger.info)
-                for line in generate_color_diff(old, content.splitlines(keepends=True)):
+                old = [f"{line}\n" for line in host.get_fact(FileContents, path=f.path) or []] if have else []
+                host.log(f"Will {'create' if have is None else 'modify'} {f.path}", logger.info)
+                for line in generate_color_diff(old, f.content.splitlines(keepends=True)):
                     logger.info("  %s", line)
-            stream = StringIO(content) if isinstance(content, str) else BytesIO(content)
-            temp = f"{path}.upload" if secret else host.get_temp_filename(path)
-            yield FileUploadCommand(stream, path, remote_temp_filename=temp)
-            yield _owner_mode(path, mode, user, group)
-        elif (have.mode, have.user, have.group) != (mode, user, group):
-            yield _owner_mode(path, mode, user, group)
+            stream = StringIO(f.content) if isinstance(f.content, str) else BytesIO(f.content)
+            temp = f"{f.path}.upload" if secret else host.get_temp_filename(f.path)
+            yield FileUploadCommand(stream, f.path, remote_temp_filename=temp)
+            yield _owner_mode(f.path, f.mode, f.user, f.group)
+        elif (have.mode, have.user, have.group) != (f.mode, f.user, f.group):
+            yield _owner_mode(f.path, f.mode, f.user, f.group)
 
 
 @operation()
-def managed_directories(dirs: list[tuple[str, str, str, str]], current: dict[str, PathState]):
+def managed_directories(dirs: list[WantedDir], current: dict[str, PathState]):
     """
-    Create directories and fix their owner/mode, all in one command, only where the snapshot differs.
+    Create missing directories with their owner and mode, all in one command.
 
-    + dirs: (path, mode, user, group) tuples, parents before children
+    A directory that already exists keeps its owner and mode unless the deploy owns it by name
+    (`adopt`): pointing a setting at /etc must never hand /etc to another user.
+
+    + dirs: parents before children
     + current: the host snapshot's path states
 
     **Example:**
 
     .. code:: python
 
-        managed_directories(name="Job dirs", dirs=[("/shared/jobs", "755", "root", "root")],
+        managed_directories(name="Job dirs", dirs=[WantedDir("/shared/jobs", "755", adopt=True)],
                             current=snap["paths"])
     """
     steps = []
-    for path, mode, user, group in dirs:
-        have = current.get(path)
-        if (
-            have is not None
-            and have.kind == "directory"
-            and (have.mode, have.user, have.group) == (mode, user, group)
+    for d in dirs:
+        have = current.get(d.path)
+        q = shlex.quote(d.path)
+        owner = f"chown {shlex.quote(d.user)}:{shlex.quote(d.group)} {q} && chmod {d.mode} {q}"
+        if have is None:
+            steps.append(f"mkdir -p {q} && {owner}")
+        elif d.adopt and (have.kind, have.mode, have.user, have.group) != (
+            "directory",
+            d.mode,
+            d.user,
+            d.group,
         ):
-            continue
-        q = shlex.quote(path)
-        steps.append(
-            f"mkdir -p {q} && chown {shlex.quote(user)}:{shlex.quote(group)} {q} && chmod {mode} {q}"
-        )
+            steps.append(owner)
     if steps:
         yield StringCommand(" && ".join(steps))
+
+
+@operation()
+def managed_links(links: list[WantedLink], current: dict[str, PathState]):
+    """
+    Symlinks the deploy owns inside directories it does not (e.g. node_exporter's textfile dir).
+
+    **Example:**
+
+    .. code:: python
+
+        managed_links(name="Metrics link", links=[WantedLink("/var/lib/node-exporter/nemotron.prom",
+                      "/var/lib/nemotron-health-metrics/nemotron.prom")], current=snap["paths"])
+    """
+    for link in links:
+        have = current.get(link.path)
+        if have is None or have.kind != "link" or have.sha256 != link.target:
+            # -n: replace a link, never follow it; -T: refuse to write into a directory of that name.
+            yield StringCommand(f"ln -sfnT {shlex.quote(link.target)} {shlex.quote(link.path)}")

@@ -80,6 +80,8 @@ SlurmctldTimeout=30
 MessageTimeout=10
 InactiveLimit=0
 MinJobAge=300
+# What many sites set: a job is visible only to its owner (and root), not to the health check's user.
+PrivateData=jobs
 {node_lines}
 PartitionName={sandbox.partition} Nodes={hostlist(sandbox.compute_names)} Default=YES MaxTime=INFINITE State=UP
 """

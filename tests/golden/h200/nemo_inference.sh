@@ -4,7 +4,7 @@
 # Runs on every Slurm task (1 node(s) x 8 tasks, one per GPU): starts NeMo's
 # megatron_gpt_eval.py as a text-generation server with TP 8 x PP 1.
 # Global rank 0 (first node) serves HTTP on port 1424; it waits until the server really generates
-# (nemotron_health.py --wait, not a TCP/404 check), then:
+# (nemotron_health.pyz --wait, not a TCP/404 check), then:
 #   smoke: makes one call_server.py call, then ends the step on every node (a done file on shared
 #          storage tells the other ranks to stop their own server: no pkill, nothing else is touched);
 #   serve: keeps serving until the job is cancelled or the server dies.
@@ -60,7 +60,7 @@ if [[ "${RANK}" != 0 ]]; then
 fi
 
 log "waiting for the server on port ${PORT} to generate (budget ${STARTUP_BUDGET}s)"
-if ! "${PYTHON}" "${SCRIPTS_DIR}/nemotron_health.py" --wait --host 127.0.0.1 --port "${PORT}" \
+if ! "${PYTHON}" "${SCRIPTS_DIR}/nemotron_health.pyz" --wait --host 127.0.0.1 --port "${PORT}" \
         --budget "${STARTUP_BUDGET}" --watch-pid "${SERVER_PID}" --progress-lines; then
     log "the server never answered a generation; stopping"
     stop_server

@@ -11,27 +11,37 @@ import shlex
 from pyinfra.api import StringCommand, operation
 
 UNIT = "nemotron-health"
-STATE_DIR = "/var/lib/nemotron-health"
+STATE_DIR = "/var/lib/nemotron-health"  # the check's state file: private to the health user
+# The check writes its metrics here (atomically: temp file + rename in a directory it owns); the
+# deploy links node_exporter's textfile dir to the file instead of re-owning that directory.
+METRICS_DIR = "/var/lib/nemotron-health-metrics"
+METRICS_FILE = "nemotron.prom"
 
 
-def check_command(venv: str, job_name: str, port: int, textfile_dir: str) -> list[str]:
-    """The single check the timer runs (Nagios exit codes; metrics to the textfile collector)."""
+def metrics_path() -> str:
+    return f"{METRICS_DIR}/{METRICS_FILE}"
+
+
+def check_command(*, venv: str, job_name: str, port: int, job_record: str) -> list[str]:
+    """The single check the timer runs (Nagios exit codes; metrics for the textfile collector)."""
     return [
         f"{venv}/bin/python",
         "-m",
         "nemotron_deploy.health",
         "--slurm-job",
         job_name,
+        "--job-record",
+        job_record,
         "--port",
         str(port),
         "--prometheus-textfile",
-        f"{textfile_dir}/nemotron.prom",
+        metrics_path(),
         "--state-file",
         f"{STATE_DIR}/state.json",
     ]
 
 
-def systemd_units(user: str, command: list[str], interval: int, job_name: str) -> dict[str, str]:
+def systemd_units(*, user: str, command: list[str], interval: int, job_name: str) -> dict[str, str]:
     exec_start = " ".join(shlex.quote(a) for a in command)
     service = f"""# Installed by nemotron-deploy. Run by {UNIT}.timer.
 [Unit]
@@ -61,7 +71,7 @@ WantedBy=timers.target
     return {f"/etc/systemd/system/{UNIT}.service": service, f"/etc/systemd/system/{UNIT}.timer": timer}
 
 
-def cron_entry(user: str, command: list[str], interval: int) -> dict[str, str]:
+def cron_entry(*, user: str, command: list[str], interval: int) -> dict[str, str]:
     minutes = max(1, round(interval / 60))
     schedule = "*" if minutes == 1 else f"*/{minutes}"
     line = " ".join(shlex.quote(a) for a in command)
@@ -120,15 +130,21 @@ def ensure_venv(
 
 
 @operation()
-def enable_timer(kind: str, changed: bool):
+def enable_timer(kind: str, units_changed: bool, enabled: bool):
     """
-    Reload systemd and (re)start the timer after its units changed; cron needs nothing.
+    systemd: reload after the units changed, and enable + start the timer whenever it is not
+    enabled (a run that failed after uploading the units, or an admin who disabled it). cron reads
+    /etc/cron.d by itself: nothing to do.
 
     **Example:**
 
     .. code:: python
 
-        enable_timer(name="Enable timer", kind="systemd", changed=True)
+        enable_timer(name="Enable timer", kind="systemd", units_changed=False, enabled=False)
     """
-    if kind == "systemd" and changed:
-        yield StringCommand(f"systemctl daemon-reload && systemctl enable --now {UNIT}.timer")
+    if kind != "systemd":
+        return
+    if units_changed:
+        yield StringCommand("systemctl daemon-reload")
+    if units_changed or not enabled:
+        yield StringCommand(f"systemctl enable --now {UNIT}.timer")

@@ -2,22 +2,41 @@
 
 from __future__ import annotations
 
-import re
 import shlex
 import time
 
 import gevent
 from pyinfra.api import FunctionCommand, operation
 
-# States of a job that has not ended yet (squeue's and scontrol's names).
-ACTIVE_STATES = frozenset(
-    {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING", "SIGNALING"}
-)
+from ..slurm import ACTIVE_STATES, ENDING_STATES, active_rows, parse_scontrol_record
+
+# How long a job of the same name may take to finish COMPLETING before a new one is submitted.
+ENDING_WAIT_SECONDS = 300
 
 
-def job_record(line: str) -> dict[str, str]:
-    """`scontrol show job -o` output as {"JobState": ..., "ExitCode": ..., "StdOut": ...}."""
-    return dict(re.findall(r"(\w+)=(\S*)", line))
+def wait_command(*, venv: str, job_name: str, port: int, budget: int) -> str:
+    """The health check that waits until the submitted job generates (progress as plain lines)."""
+    argv = [f"{venv}/bin/python", "-m", "nemotron_deploy.health", "--wait", "--progress-lines"]
+    argv += ["--slurm-job", job_name, "--port", str(port), "--budget", str(budget)]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def submit_decision(rows: list[tuple[str, str]]) -> tuple[str, list[str]]:
+    """What to do given the jobs of that name that have not ended: ("reuse", [id]) for one that is
+    queued or running (the newest), ("wait", ids) while only ending ones remain, else ("submit", [])."""
+    live = [job_id for job_id, state in rows if state not in ENDING_STATES]
+    if live:
+        return "reuse", [live[-1]]
+    if rows:
+        return "wait", [job_id for job_id, _ in rows]
+    return "submit", []
+
+
+def _queued(host, job_name: str) -> list[tuple[str, str]]:
+    ok, out = host.run_shell_command(f"squeue -h -t all -n {shlex.quote(job_name)} -o '%i %T'")
+    if not ok:
+        raise RuntimeError(f"squeue failed: {out.stderr or out.stdout}")
+    return active_rows(out.stdout)
 
 
 @operation(is_idempotent=False)
@@ -47,18 +66,25 @@ def submit_and_wait(
     """
 
     def run(state, host):
-        q_name = shlex.quote(job_name)
-        ok, out = host.run_shell_command(f"squeue -h -n {q_name} -t PENDING,RUNNING,CONFIGURING -o %i")
-        existing = [line.strip() for line in out.stdout_lines if line.strip()] if ok else []
-        if existing and until_done:
+        action, ids = submit_decision(_queued(host, job_name))
+        deadline = time.monotonic() + ENDING_WAIT_SECONDS
+        while action == "wait":
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"job(s) {', '.join(ids)} of {job_name} still COMPLETING after {ENDING_WAIT_SECONDS}s"
+                )
+            print(f"{host.print_prefix}job(s) {', '.join(ids)} of {job_name} still ending; waiting")
+            gevent.sleep(2)
+            action, ids = submit_decision(_queued(host, job_name))
+        if action == "reuse" and until_done:
             # A smoke run needs a job of its own: waiting for a serving job to end would never finish.
             raise RuntimeError(
-                f"job {job_name} is already queued or running ({', '.join(existing)}): cancel it with "
+                f"job {job_name} is already queued or running ({ids[0]}): cancel it with "
                 f"`scancel --name={job_name}` before a smoke run, or deploy with mode=serve"
             )
-        if existing:
-            print(f"{host.print_prefix}job {job_name} already queued or running: {', '.join(existing)}")
-            job_id = existing[-1]
+        if action == "reuse":
+            print(f"{host.print_prefix}job {job_name} already queued or running: {ids[0]}")
+            job_id = ids[0]
         else:
             ok, out = host.run_shell_command(f"sbatch --parsable {shlex.quote(sbatch_path)}")
             if not ok:
@@ -81,7 +107,7 @@ def _wait_until_done(host, job_id: str, budget_seconds: int) -> None:
         ok, out = host.run_shell_command(f"scontrol show job -o {shlex.quote(job_id)}")
         if not ok:
             raise RuntimeError(f"scontrol show job {job_id} failed: {out.stderr or out.stdout}")
-        job = job_record(out.stdout.strip())
+        job = parse_scontrol_record(out.stdout.strip())
         if job.get("JobState") not in ACTIVE_STATES:
             break
         if time.monotonic() > deadline:

@@ -1,0 +1,159 @@
+"""What each host should have: directories, files and links, from one place so that the snapshot read
+(host_checks.read_host) and the operations (deploy.ensure_files) agree on every path.
+
+Ownership rule: the deploy sets owner and mode on directories it creates, and on existing ones only
+where it owns them by name (`adopt`). Where it needs to write into a directory someone else owns
+(node_exporter's textfile dir), it places a link it owns there, never changes the directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+import gevent.lock
+
+from . import render, wheelhouse
+from .inventory import Cluster
+from .operations import health_timer
+
+
+@dataclass(frozen=True)
+class WantedDir:
+    path: str
+    mode: str  # octal, e.g. "755"
+    user: str = "root"
+    group: str = "root"
+    adopt: bool = False  # ours by name: fix owner and mode even if it existed before the deploy
+
+
+@dataclass(frozen=True)
+class WantedFile:
+    path: str
+    content: str | bytes
+    mode: str
+    user: str = "root"
+    group: str = "root"
+
+
+@dataclass(frozen=True)
+class WantedLink:
+    path: str
+    target: str
+
+
+@dataclass
+class HostState:
+    dirs: list[WantedDir] = field(default_factory=list)
+    files: list[WantedFile] = field(default_factory=list)
+    links: list[WantedLink] = field(default_factory=list)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(x.path for x in [*self.dirs, *self.files, *self.links])
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """Made once per run, not once per host: the rendered job files and the health-check wheels."""
+
+    job_files: list[render.RenderedFile]
+    wheels_digest: str
+    wheels: list[tuple[str, bytes]]
+
+
+_artifacts: dict[str, Artifacts] = {}
+_artifacts_lock = gevent.lock.BoundedSemaphore()  # pyinfra prepares hosts in greenlets: the rest wait
+
+
+def artifacts(cluster: Cluster) -> Artifacts:
+    with _artifacts_lock:
+        if cluster.key not in _artifacts:
+            digest, wheels = wheelhouse.build()
+            _artifacts[cluster.key] = Artifacts(
+                render.render(cluster), digest, [(w.name, w.read_bytes()) for w in wheels]
+            )
+        return _artifacts[cluster.key]
+
+
+def owned_by_name(path: str) -> bool:
+    """A directory named for this project (/opt/nemotron-deploy, ...) is ours to own."""
+    return "nemotron" in PurePosixPath(path).name
+
+
+def role(cluster: Cluster, host_name: str) -> str:
+    return "login" if host_name in cluster.login else "compute"
+
+
+def wheels_dir(cluster: Cluster) -> str:
+    return f"{cluster.settings.health_venv}-wheels"
+
+
+def wheels_marker(cluster: Cluster) -> str:
+    return f"{wheels_dir(cluster)}/installed.sha256"
+
+
+def enroot_credentials(cluster: Cluster) -> str:
+    return f"{cluster.settings.node_dir}/enroot/.credentials"
+
+
+def health_units(cluster: Cluster, init_system: str | None) -> dict[str, str]:
+    s = cluster.settings
+    command = health_timer.check_command(
+        venv=s.health_venv, job_name=s.job_name, port=s.port, job_record=s.job_record
+    )
+    if init_system == "systemd":
+        return health_timer.systemd_units(
+            user=s.health_user, command=command, interval=s.health_interval_seconds, job_name=s.job_name
+        )
+    return health_timer.cron_entry(user=s.health_user, command=command, interval=s.health_interval_seconds)
+
+
+def for_host(cluster: Cluster, host_name: str, init_system: str | None = None) -> HostState:
+    s = cluster.settings
+    want = HostState()
+    job_files = artifacts(cluster).job_files
+    compute_files = [
+        WantedFile(f"{s.scripts_dir}/{f.name}", f.content, f.mode) for f in job_files if f.role == "compute"
+    ]
+    if role(cluster, host_name) == "compute":
+        if not s.scripts_on_shared_storage:
+            want.dirs += [
+                WantedDir(s.node_dir, "755", adopt=owned_by_name(s.node_dir)),
+                WantedDir(s.scripts_dir, "755", adopt=True),
+            ]
+            want.files += compute_files
+        return want
+
+    want.dirs += [
+        WantedDir(s.deploy_dir, "755", adopt=True),
+        WantedDir(s.jobs_dir, "755", adopt=True),
+        # Jobs run as whoever submits them; sticky so they can't remove each other's logs and records.
+        WantedDir(s.logs_dir, "1777", adopt=True),
+    ]
+    if s.image_file:
+        want.dirs.append(WantedDir(s.images_dir, "755", adopt=True))
+    if s.scripts_on_shared_storage:
+        want.dirs.append(WantedDir(s.scripts_dir, "755", adopt=True))
+        want.files += compute_files
+    want.files += [
+        WantedFile(f"{s.jobs_dir}/{f.name}", f.content, f.mode) for f in job_files if f.role == "login"
+    ]
+
+    venv_parent = str(PurePosixPath(s.health_venv).parent)
+    user = s.health_user
+    want.dirs += [
+        WantedDir(venv_parent, "755", adopt=owned_by_name(venv_parent)),
+        WantedDir(wheels_dir(cluster), "755", adopt=True),
+        WantedDir(health_timer.STATE_DIR, "750", user, user, adopt=True),
+        WantedDir(health_timer.METRICS_DIR, "755", user, user, adopt=True),
+        WantedDir(s.prometheus_textfile_dir, "755"),  # node_exporter's: created if absent, never re-owned
+    ]
+    want.links.append(
+        WantedLink(f"{s.prometheus_textfile_dir}/{health_timer.METRICS_FILE}", health_timer.metrics_path())
+    )
+    want.files += [
+        WantedFile(f"{wheels_dir(cluster)}/{name}", data, "644") for name, data in artifacts(cluster).wheels
+    ]
+    want.files += [WantedFile(path, text, "644") for path, text in health_units(cluster, init_system).items()]
+    return want

@@ -1,0 +1,166 @@
+"""Reading a host (one SSH command) and checking it before any change: the deploy's preflight.
+
+`preflight.py` checks GPUs from nvidia-smi output (also on its own, on a node); this module asks
+every other question the deploy has of a host and turns the answers into one error per host.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import desired
+from .catalog import ModelSpec
+from .errors import DeployError
+from .facts.disk import FreeSpace
+from .facts.files import ManagedPaths
+from .facts.gpus import NvidiaGpus
+from .facts.images import ImagePresent
+from .facts.model import ModelConfig
+from .facts.runtimes import ContainerRuntimes
+from .facts.slurm import SlurmVersion
+from .facts.snapshot import snapshot
+from .facts.system import InitSystem, UnitEnabled, UserExists
+from .inventory import Cluster
+from .operations.health_timer import UNIT
+from .preflight import check_gpus
+
+# Model facts that must match between the checkpoint and the plan (a wrong path dies after hours).
+ARCHITECTURE_KEYS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+)
+
+
+def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
+    """Everything the deploy needs from this host, in one SSH command."""
+    s = cluster.settings
+    role = desired.role(cluster, host.name)
+    probes: list[tuple[str, type, tuple]] = [("runtimes", ContainerRuntimes, ())]
+    if role == "compute":
+        probes += [("gpus", NvidiaGpus, ()), ("model", ModelConfig, (s.model_dir,))]
+        if s.container_runtime in ("docker", "podman") or s.pull_runtime in ("docker", "podman"):
+            runtime = s.pull_runtime or s.container_runtime
+            probes += [
+                ("image", ImagePresent, (runtime, s.image)),
+                ("free", FreeSpace, (s.container_storage_dir(runtime),)),
+            ]
+    else:
+        probes += [
+            ("slurm", SlurmVersion, ()),
+            ("init", InitSystem, ()),
+            ("timer_enabled", UnitEnabled, (f"{UNIT}.timer",)),
+            ("health_user", UserExists, (s.health_user,)),
+        ]
+        if s.image_file:
+            probes.append(("free", FreeSpace, (s.images_dir,)))
+    paths = list(desired.for_host(cluster, host.name, "systemd").paths)
+    if s.image_file:
+        creds = desired.enroot_credentials(cluster)
+        paths += [s.image_file, creds, creds.rsplit("/", 1)[0]]
+    if role == "login":
+        # The init system is only known after this read: list the cron entry beside the systemd units.
+        paths += [
+            *desired.health_units(cluster, "cron"),
+            f"{s.health_venv}/bin/python",
+            desired.wheels_marker(cluster),
+        ]
+    elif s.container_runtime == "host":
+        paths.append(s.eval_script)
+    probes.append(("paths", ManagedPaths, (tuple(dict.fromkeys(paths)),)))
+    return snapshot(host, tuple(probes))
+
+
+def check_host(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
+    """Stop the deploy, before any change, if this host can't run the job as planned."""
+    s = cluster.settings
+    if s.skip_preflight:
+        return
+    role = desired.role(cluster, host.name)
+    problems = login_problems(snap) if role == "login" else compute_problems(cluster, snap)
+    free = snap.get("free")
+    if free is not None and free < s.min_free_gib and not image_present(cluster, snap):
+        problems.append(
+            f"only {free} GiB free where the image goes; need {s.min_free_gib} GiB (min_free_gib)"
+        )
+    if problems:
+        raise DeployError(
+            f"preflight failed on {host.name} ({role}); nothing was changed:\n  - "
+            + "\n  - ".join(problems)
+            + "\n(fix the node or the inventory; `--data skip_preflight=true` skips these checks)"
+        )
+
+
+def login_problems(snap: dict[str, Any]) -> list[str]:
+    slurm = snap["slurm"]
+    if slurm is None:
+        return ["Slurm's sbatch is not installed here: the login node must be able to submit jobs"]
+    if "error" in slurm:
+        return [
+            f"sbatch is installed but fails: {slurm['error']}; fix the Slurm client here "
+            "(slurm.conf, munge) so that `sbatch --version` works"
+        ]
+    return []
+
+
+def compute_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
+    s = cluster.settings
+    problems: list[str] = []
+    runtimes = snap["runtimes"]
+    gpus = snap["gpus"]
+    if gpus is None:
+        problems.append("nvidia-smi not found: this is not a GPU node with NVIDIA's driver installed")
+    elif isinstance(gpus, dict):
+        problems.append(f"nvidia-smi failed: {gpus['error']}")
+    else:
+        problems += check_gpus(
+            gpus,
+            expect_names=s.gpu.smi_names,
+            expect_memory_mib=s.gpu.memory_mib,
+            expect_count=s.node_gpus,
+            min_driver=s.min_driver_version,
+        )
+    problems += model_problems(cluster, snap["model"])
+    runtime = s.pull_runtime or s.container_runtime
+    if s.container_runtime == "pyxis" and (not runtimes.get("enroot") or runtimes.get("pyxis") != "yes"):
+        problems.append(
+            "pyxis is not usable here (need enroot and srun --container-image): install pyxis on every "
+            "node and restart slurmd, or set container_runtime to one this node has "
+            f"({', '.join(sorted(runtimes)) or 'none found'})"
+        )
+    elif runtime in ("docker", "podman", "apptainer") and runtime not in runtimes:
+        problems.append(f"{runtime} is not installed here; install it or change container_runtime")
+    if s.container_runtime == "host" and s.eval_script not in snap["paths"]:
+        problems.append(f"container_runtime is host but {s.eval_script} does not exist here")
+    return problems
+
+
+def model_problems(cluster: Cluster, config: dict) -> list[str]:
+    s = cluster.settings
+    where = f"model_dir {s.model_dir}"
+    if "error" in config and len(config) == 1:
+        return [
+            f"{where}: {config['error']}; point model_dir at the checkpoint the job will mount (the directory holding model_config.yaml)"
+        ]
+    try:
+        found = ModelSpec.from_mapping(config, key="checkpoint")
+    except ValueError as exc:
+        return [f"{where}: model_config.yaml can't be read as a GPT config: {exc}"]
+    expected = s.model_spec
+    diffs = [
+        f"{k} {getattr(found, k)} (planned {getattr(expected, k)})"
+        for k in ARCHITECTURE_KEYS
+        if getattr(found, k) != getattr(expected, k)
+    ]
+    if diffs:
+        return [f"{where} holds a different model than planned ({s.model}): " + ", ".join(diffs)]
+    return []
+
+
+def image_present(cluster: Cluster, snap: dict[str, Any]) -> bool:
+    s = cluster.settings
+    if s.image_file:
+        return s.image_file in snap["paths"]
+    return bool(snap.get("image"))

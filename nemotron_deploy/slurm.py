@@ -1,0 +1,296 @@
+"""What this project knows about Slurm, in one place: job states, `scontrol`/`squeue`/`sacct` output,
+hostlists, and the job record that stands in for `squeue` where Slurm hides other users' jobs.
+
+Standard library only, imported lazily where it costs: the health check imports this every minute on
+login nodes and inside the job's container.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import subprocess
+    from typing import Any
+
+# Job states (squeue %T / scontrol JobState names). A job in any of these has not ended: a second job
+# of that name must not be submitted beside it, and a health check must not call it gone.
+PENDING_STATES = frozenset(
+    {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+)
+# Ending: its processes are being torn down (a new job may be submitted once it has left).
+ENDING_STATES = frozenset({"COMPLETING", "STAGE_OUT"})
+ACTIVE_STATES = (
+    PENDING_STATES | ENDING_STATES | frozenset({"RUNNING", "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING"})
+)
+# States in which the job holds its nodes and rank 0 may serve.
+ALLOCATED_STATES = ACTIVE_STATES - PENDING_STATES
+
+
+class SlurmError(Exception):
+    """Slurm could not be asked (command missing, controller unreachable): UNKNOWN."""
+
+    def __init__(self, message: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+class JobInfo:
+    """What Slurm says about the job (``scontrol show job -o``, else ``sacct``, else nothing)."""
+
+    __slots__ = ("job_id", "name", "state", "reason", "nodelist", "node", "stderr", "exit_code", "source")
+
+    def __init__(self, job_id: str, **kw: Any) -> None:
+        self.job_id = job_id
+        self.name: str | None = kw.get("name")
+        self.state: str = kw.get("state") or "UNKNOWN"
+        self.reason: str | None = kw.get("reason")
+        self.nodelist: str | None = kw.get("nodelist")
+        self.node: str | None = kw.get("node")
+        self.stderr: str | None = kw.get("stderr")
+        self.exit_code: str | None = kw.get("exit_code")
+        self.source: str = kw.get("source", "scontrol")
+
+    @property
+    def active(self) -> bool:
+        # A recorded job's state is hidden from us: the probe of its node decides.
+        return self.state in ACTIVE_STATES or self.source == "record"
+
+    def describe(self) -> str:
+        text = f"job {self.job_id}" + (f" ({self.name})" if self.name else "") + f" is {self.state}"
+        extras = []
+        if self.reason and self.reason not in ("None", "(null)"):
+            extras.append(f"reason {self.reason}")
+        if self.exit_code and not self.active and self.exit_code != "0:0":
+            extras.append(f"exit code {self.exit_code}")
+        if self.source == "record":
+            return f"job {self.job_id} ({self.name}) is {self.reason}; rank 0 runs on {self.node}"
+        if self.source == "gone":
+            text = (
+                f"no job named {self.name!r} in the queue"
+                if self.job_id == "?"
+                else f"job {self.job_id} is no longer in the queue (and sacct has no record of it)"
+            )
+        return text + (f" ({', '.join(extras)})" if extras else "")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+def _run(argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run a Slurm command; missing command or timeout -> :class:`SlurmError`."""
+    import shutil
+    import subprocess
+
+    if shutil.which(argv[0]) is None:
+        raise SlurmError(
+            f"{argv[0]} not found on PATH: run this on a Slurm login node, or give --host/--url instead "
+            "of --slurm-job",
+            missing=True,
+        )
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise SlurmError(f"{' '.join(argv)} did not answer within {timeout:g}s (slurmctld busy?)") from None
+
+
+def parse_scontrol_record(line: str) -> dict[str, str]:
+    """Parse one ``scontrol show job -o`` line into ``{"JobId": ..., "JobState": ...}``.
+
+    Values may contain ``=`` (``TRES=cpu=16,node=2``) and, for some keys, spaces; a new field starts
+    only where whitespace is followed by ``Key=``.
+    """
+    fields: dict[str, str] = {}
+    matches = list(re.finditer(r"(?:^|\s)([A-Za-z][\w:/.]*)=", line.strip()))
+    text = line.strip()
+    for i, m in enumerate(matches):
+        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
+        fields[m.group(1)] = text[m.end() : end].strip()
+    return fields
+
+
+def _hostlist_split(expr: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in expr:
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        depth += ch == "["
+        depth -= ch == "]"
+        cur += ch
+    parts.append(cur)
+    return [p for p in parts if p]
+
+
+def expand_hostlist(expr: str) -> list[str]:
+    """Expand a Slurm hostlist (``gpu[01-03,07],login1``) like ``scontrol show hostnames`` does."""
+    out: list[str] = []
+    for part in _hostlist_split(expr.strip()):
+        m = re.search(r"\[([^\]]*)\]", part)
+        if not m:
+            out.append(part)
+            continue
+        prefix, suffix = part[: m.start()], part[m.end() :]
+        for rng in m.group(1).split(","):
+            lo, _, hi = rng.partition("-")
+            if not hi:
+                out.extend(expand_hostlist(prefix + lo + suffix))
+                continue
+            width = len(lo)
+            for n in range(int(lo), int(hi) + 1):
+                out.extend(expand_hostlist(f"{prefix}{n:0{width}d}{suffix}"))
+    return out
+
+
+_FIRST_NODE: dict[str, str | None] = {}  # --wait asks every few seconds; an allocation's nodes don't change
+
+
+def first_node(nodelist: str) -> str | None:
+    """The first node of an allocation: where global rank 0, hence the HTTP server, runs.
+
+    ``scontrol show hostnames`` is the authority; the local expansion is the fallback for a login
+    node whose scontrol cannot expand (no slurm.conf).
+    """
+    if not nodelist or nodelist in ("(null)", "None"):
+        return None
+    if nodelist not in _FIRST_NODE:
+        node = None
+        try:
+            res = _run(["scontrol", "show", "hostnames", nodelist], timeout=10)
+            if res.returncode == 0 and res.stdout.strip():
+                node = res.stdout.split()[0]
+        except SlurmError:
+            pass
+        if node is None:
+            nodes = expand_hostlist(nodelist)
+            node = nodes[0] if nodes else None
+        _FIRST_NODE[nodelist] = node
+    return _FIRST_NODE[nodelist]
+
+
+def find_job_id(name: str) -> str | None:
+    """The id of the user's job called ``name``: an active one first, the newest among equals."""
+    res = _run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i %T"])
+    if res.returncode != 0:
+        raise SlurmError(f"squeue -n {name} failed: {(res.stderr or res.stdout).strip()}")
+    rows = [line.split() for line in res.stdout.splitlines() if line.strip()]
+    if not rows:
+        return None
+
+    def key(row: list[str]) -> tuple[bool, int]:
+        digits = re.match(r"\d+", row[0])
+        return (len(row) > 1 and row[1] in ACTIVE_STATES, int(digits.group(0)) if digits else 0)
+
+    return max(rows, key=key)[0]
+
+
+def _expand_output_pattern(path: str, info: dict[str, str], job_id: str) -> str:
+    """Expand the %-patterns sbatch allows in --error paths, in case scontrol shows them raw."""
+    if "%" not in path:
+        return path
+    user = re.sub(r"\(.*\)$", "", info.get("UserId", ""))
+    table = {
+        "j": job_id,
+        "J": job_id,
+        "x": info.get("JobName", ""),
+        "u": user,
+        "A": info.get("ArrayJobId", job_id),
+        "a": info.get("ArrayTaskId", ""),
+        "N": info.get("BatchHost", ""),
+        "%": "%",
+    }
+    return re.sub(r"%(%|[0-9]*[jJxuAaN])", lambda m: table.get(m.group(1)[-1], m.group(0)), path)
+
+
+def _sacct_state(job_id: str) -> JobInfo | None:
+    """State of a job that left slurmctld's memory, if accounting is there to tell."""
+    import shutil
+
+    if shutil.which("sacct") is None:
+        return None
+    res = _run(["sacct", "-n", "-P", "-X", "-j", job_id, "-o", "JobID,JobName,State,ExitCode,NodeList"])
+    if res.returncode != 0:
+        return None
+    for line in res.stdout.splitlines():
+        cols = line.split("|")
+        if len(cols) >= 4 and cols[0].split("+")[0] == job_id and cols[2]:
+            return JobInfo(
+                job_id,
+                name=cols[1] or None,
+                state=cols[2].split()[0],
+                exit_code=cols[3] or None,
+                nodelist=cols[4] if len(cols) > 4 else None,
+                source="sacct",
+            )
+    return None
+
+
+def query_job(job_id: str) -> JobInfo:
+    """Current state of ``job_id``; a job Slurm no longer knows comes back with state ``GONE``."""
+    res = _run(["scontrol", "show", "job", "-o", job_id])
+    text = (res.stderr or "") + (res.stdout or "")
+    if res.returncode != 0 or not res.stdout.strip():
+        if "Invalid job id" in text or (res.returncode == 0 and not res.stdout.strip()):
+            return _sacct_state(job_id) or JobInfo(job_id, state="GONE", source="gone")
+        raise SlurmError(f"scontrol show job {job_id} failed: {text.strip() or f'exit {res.returncode}'}")
+    info = parse_scontrol_record(res.stdout.strip().splitlines()[0])
+    nodelist = info.get("NodeList")
+    state = (info.get("JobState") or "UNKNOWN").split()[0]
+    stderr = info.get("StdErr") or info.get("StdOut")
+    return JobInfo(
+        info.get("JobId", job_id),
+        name=info.get("JobName"),
+        state=state,
+        reason=info.get("Reason"),
+        nodelist=nodelist,
+        node=first_node(nodelist) if nodelist and state in ALLOCATED_STATES else None,
+        stderr=_expand_output_pattern(stderr, info, job_id) if stderr else None,
+        exit_code=info.get("ExitCode"),
+    )
+
+
+def queued_jobs(name: str) -> list[tuple[str, str]]:
+    """[(job id, state)] of the caller's visible jobs called `name` that have not ended, oldest first."""
+    res = _run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i %T"])
+    if res.returncode != 0:
+        raise SlurmError(f"squeue -n {name} failed: {(res.stderr or res.stdout).strip()}")
+    return active_rows(res.stdout)
+
+
+def active_rows(squeue_output: str) -> list[tuple[str, str]]:
+    """`squeue -o '%i %T'` lines -> [(job id, state)] of jobs that have not ended, oldest first."""
+    rows = [line.split() for line in squeue_output.splitlines() if len(line.split()) == 2]
+    return sorted(((r[0], r[1]) for r in rows if r[1] in ACTIVE_STATES), key=lambda r: _job_number(r[0]))
+
+
+def _job_number(job_id: str) -> int:
+    digits = re.match(r"\d+", job_id)
+    return int(digits.group(0)) if digits else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The job record: what the batch script writes about itself where every user may read it, because
+# sites with `PrivateData=jobs` show a job only to its owner (and operators), not to the health user.
+# --------------------------------------------------------------------------------------------------
+
+
+def record_path(records_dir: str, job_name: str) -> str:
+    return os.path.join(records_dir, f"{job_name}.job.json")
+
+
+def read_record(path: str | None) -> dict[str, Any] | None:
+    """The record's fields (job_id, job_name, node, user, started), or None if absent/unreadable."""
+    if not path:
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not str(data.get("job_id", "")).isdigit() or not data.get("node"):
+        return None
+    return data
