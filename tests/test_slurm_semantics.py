@@ -1,0 +1,158 @@
+"""One meaning of a Slurm job state everywhere (health, submit), the job record that stands in for
+squeue under PrivateData=jobs, and the deploy decisions that depend on what a host reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+from nemotron_rehearsal.emulator import serve_in_thread
+from test_health import FakeSlurm, job, run
+
+from nemotron_deploy import slurm
+from nemotron_deploy.facts.slurm import SlurmVersion
+from nemotron_deploy.host_checks import login_problems
+from nemotron_deploy.operations import health_timer
+from nemotron_deploy.operations.submit import submit_decision
+
+
+@pytest.fixture
+def emu():
+    handle = serve_in_thread()
+    yield handle
+    handle.stop()
+
+
+# --- job states ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", ["SUSPENDED", "COMPLETING", "REQUEUED", "CONFIGURING", "STOPPED"])
+def test_a_job_in_a_not_ended_state_is_not_gone(state, emu, slurm_fake, capsys):
+    """Before: health counted only PENDING/RUNNING/CONFIGURING/COMPLETING, so a SUSPENDED job was
+    reported gone (and `--wait` gave up on it)."""
+    slurm_fake.set({"jobs": {"4242": job(state)}, "hostnames": {"127.0.0.[1-2]": ["127.0.0.1"]}})
+    code, out, _ = run(
+        capsys, "--slurm-job", "nemotron", "--port", str(emu.port), "--json", "--no-state-file"
+    )
+    data = json.loads(out)
+    assert data["reason"] != "job_gone", data
+    if state in slurm.ALLOCATED_STATES:
+        assert code == 0 and data["job"]["node"] == "127.0.0.1"
+
+
+def test_squeue_filter_and_states_agree():
+    rows = slurm.active_rows("12 COMPLETED\n10 SUSPENDED\n11 COMPLETING\n9 CANCELLED\n13 PENDING\n")
+    assert rows == [("10", "SUSPENDED"), ("11", "COMPLETING"), ("13", "PENDING")]
+
+
+@pytest.mark.parametrize(
+    ("rows", "decision"),
+    [
+        ([], ("submit", [])),
+        ([("7", "RUNNING")], ("reuse", ["7"])),
+        ([("7", "SUSPENDED")], ("reuse", ["7"])),
+        # Before: squeue -t PENDING,RUNNING,CONFIGURING missed it and a second job went in beside it.
+        ([("7", "COMPLETING")], ("wait", ["7"])),
+        ([("7", "COMPLETING"), ("8", "PENDING")], ("reuse", ["8"])),
+    ],
+)
+def test_submit_decision(rows, decision):
+    assert submit_decision(rows) == decision
+
+
+# --- PrivateData=jobs: the job record ----------------------------------------------------------------
+
+
+def _record(tmp_path, **fields) -> str:
+    path = tmp_path / "nemotron.job.json"
+    path.write_text(json.dumps({"job_id": "4242", "job_name": "nemotron", "node": "127.0.0.1", **fields}))
+    return str(path)
+
+
+def test_a_job_squeue_hides_is_found_by_its_record(emu, slurm_fake, capsys, tmp_path):
+    slurm_fake.set({"jobs": {}})  # what squeue shows the health user under PrivateData=jobs
+    record = _record(tmp_path)
+    code, out, _ = run(
+        capsys, "--slurm-job", "nemotron", "--job-record", record, "--port", str(emu.port), "--json",
+        "--no-state-file",
+    )  # fmt: skip
+    data = json.loads(out)
+    assert code == 0 and data["reason"] == "ok", data
+    assert data["job"]["job_id"] == "4242" and data["job"]["source"] == "record"
+    assert "PrivateData" in data["job"]["reason"]
+
+
+def test_without_a_record_a_hidden_job_is_gone(slurm_fake, capsys, tmp_path):
+    slurm_fake.set({"jobs": {}})
+    missing = str(tmp_path / "none.job.json")
+    code, out, _ = run(
+        capsys, "--slurm-job", "nemotron", "--job-record", missing, "--json", "--no-state-file"
+    )
+    assert code == 2 and json.loads(out)["reason"] == "job_gone"
+
+
+def test_a_record_for_another_job_name_is_ignored(slurm_fake, capsys, tmp_path):
+    slurm_fake.set({"jobs": {}})
+    record = _record(tmp_path, job_name="other")
+    code, out, _ = run(capsys, "--slurm-job", "nemotron", "--job-record", record, "--json", "--no-state-file")
+    assert code == 2 and json.loads(out)["reason"] == "job_gone"
+
+
+@pytest.fixture
+def slurm_fake(tmp_path, monkeypatch):
+    fake = FakeSlurm(tmp_path / "slurm")
+    monkeypatch.setenv("PATH", f"{fake.bin}:{os.environ['PATH']}")
+    monkeypatch.setattr(slurm, "_FIRST_NODE", {})
+    return fake
+
+
+# --- what a host reports -----------------------------------------------------------------------------
+
+
+def _commands(op, **kwargs) -> list[str]:
+    return [str(c) for c in op._inner(**kwargs)]
+
+
+def test_a_disabled_timer_is_enabled_again_though_its_units_did_not_change():
+    """Before: enabled only when its unit files changed in this run."""
+    assert _commands(health_timer.enable_timer, kind="systemd", units_changed=False, enabled=False) == [
+        "systemctl enable --now nemotron-health.timer"
+    ]
+    assert _commands(health_timer.enable_timer, kind="systemd", units_changed=False, enabled=True) == []
+    assert _commands(health_timer.enable_timer, kind="systemd", units_changed=True, enabled=True) == [
+        "systemctl daemon-reload",
+        "systemctl enable --now nemotron-health.timer",
+    ]
+    assert _commands(health_timer.enable_timer, kind="cron", units_changed=True, enabled=False) == []
+
+
+def test_a_broken_sbatch_stops_the_deploy():
+    """Before: the fact's error dict counted as 'sbatch present'."""
+    broken = SlurmVersion().process(
+        ["sbatch: error: s_p_parse_file: unable to read /etc/slurm/slurm.conf", "@@rc=1"]
+    )
+    (problem,) = login_problems({"slurm": broken})
+    assert "sbatch is installed but fails" in problem and "slurm.conf" in problem
+    assert login_problems({"slurm": None}) and not login_problems({"slurm": {"version": "22.05.8"}})
+
+
+def test_the_inventory_file_is_the_one_pyinfra_loaded(monkeypatch, tmp_path):
+    """Not guessed from sys.argv: from the file group pyinfra adds and the code pyinfra executed."""
+    from pyinfra_cli import util
+
+    from nemotron_deploy import deploy
+
+    inv = tmp_path / "inv" / "mycluster.py"
+    codes = {
+        str(inv): None,
+        str(tmp_path / "inv" / "group_data" / "mycluster.py"): None,
+        str(tmp_path / "inv" / "group_data" / "all.py"): None,
+        "deploys/nemotron.py": None,
+    }
+    monkeypatch.setattr(util, "PYTHON_CODES", codes)
+    monkeypatch.setattr(sys, "argv", ["pyinfra", "--config", "x.py", "other.py"])
+    inventory = SimpleNamespace(groups={"login": [], "compute": [], "mycluster": []})
+    assert deploy.inventory_file(inventory) == str(inv)
