@@ -83,6 +83,87 @@ def _env_name(value: str) -> str:
     return value
 
 
+# Directories no setting may hand over to the deploy: it creates the directories it owns and sets
+# their owner and mode, which on one of these would break the machine. (Directories it only uses, such
+# as model_dir or nemo_dir, may be anywhere.)
+SYSTEM_DIRS = frozenset(
+    {
+        "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lost+found", "/media", "/mnt", "/opt", "/proc",
+        "/root", "/run", "/sbin", "/snap", "/srv", "/sys", "/tmp",
+        "/usr", "/usr/bin", "/usr/sbin", "/usr/libexec", "/usr/include", "/usr/share", "/usr/src",
+        "/usr/local", "/usr/local/bin", "/usr/local/sbin", "/usr/local/etc", "/usr/local/include",
+        "/usr/local/share", "/usr/local/src",
+        "/var", "/var/lib", "/var/log", "/var/cache", "/var/tmp", "/var/spool", "/var/run", "/var/lock",
+        "/var/opt", "/var/mail", "/var/local", "/var/backups",
+        "/etc/systemd", "/etc/systemd/system", "/etc/cron.d", "/etc/default",
+    }
+)  # fmt: skip
+# /lib, /lib32, /lib64, /libx32, /usr/lib*, /usr/local/lib*; and anything in the kernel's filesystems.
+SYSTEM_DIR_PATTERN = re.compile(r"^(/usr(/local)?)?/lib(32|64|x32)?$|^/(proc|sys|dev)(/|$)")
+# A valid minimum NVIDIA driver version, as nvidia-smi prints it: 535.104.05, 390.157, or just 535.
+DRIVER_VERSION = re.compile(r"^\d+(\.\d+){0,3}$")
+
+
+def is_system_dir(path: str) -> bool:
+    return path in SYSTEM_DIRS or bool(SYSTEM_DIR_PATTERN.match(path))
+
+
+def _owned_dir(example: str, how: str):
+    """A directory the deploy creates and owns (`how`): never a system directory."""
+
+    def check(value: str) -> str:
+        if is_system_dir(value):
+            raise ValueError(
+                f"{value} is a system directory, and the deploy owns this one ({how}), so it would "
+                f"take {value} over; use a directory of its own, e.g. {example}"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+def _health_venv(value: str) -> str:
+    """The deploy owns the venv and the directory it is in (root, 755)."""
+    parent = str(PurePosixPath(value).parent)
+    for path, what in ((value, "the venv"), (parent, "the venv's parent directory")):
+        if is_system_dir(path):
+            raise ValueError(
+                f"{path} is a system directory, and the deploy owns {what} (creates it, owner root, "
+                f"mode 755), so it would take {path} over; put the venv in a directory of its own, "
+                "e.g. /opt/nemotron-deploy/health-venv"
+            )
+    return value
+
+
+def _shared_dir(value: str) -> str:
+    if value == "/":
+        raise ValueError(
+            "/ is not a shared filesystem: the deploy keeps job files, logs and images in "
+            "<shared_dir>/nemotron-deploy, which the login and compute nodes must all see; name the "
+            "shared filesystem's directory, e.g. /lustre/nemotron"
+        )
+    return value
+
+
+def _driver_version(value: str) -> str:
+    if not DRIVER_VERSION.match(value):
+        raise ValueError(
+            "must be a dotted numeric NVIDIA driver version as nvidia-smi prints it, e.g. 535.104.05 "
+            "(the lowest driver the compute nodes may run)"
+        )
+    return value
+
+
+def _health_user(value: str) -> str:
+    if value == "root":
+        raise ValueError(
+            "the health check runs every minute as this user and must not run as root: it needs no "
+            "privilege (it only calls the server and writes metrics), and a fault in it would then "
+            "act as root; use the default, nemotron-health (the deploy creates it)"
+        )
+    return value
+
+
 SafeValue = Annotated[str, AfterValidator(_safe_value)]
 SafeName = Annotated[str, AfterValidator(_safe_name)]
 AbsPath = Annotated[str, AfterValidator(_absolute_path)]
@@ -138,8 +219,12 @@ class ClusterSettings(BaseModel):
 
     # --- paths on the cluster
     model_dir: AbsPath = Field(description="the checkpoint directory (holds model_config.yaml)")
-    shared_dir: AbsPath = Field(description="shared filesystem root for job files, logs and images")
-    node_dir: AbsPath = "/opt/nemotron-deploy"
+    shared_dir: Annotated[AbsPath, AfterValidator(_shared_dir)] = Field(
+        description="shared filesystem root for job files, logs and images"
+    )
+    node_dir: Annotated[AbsPath, _owned_dir("/opt/nemotron-deploy", "creates it, owner root, mode 755")] = (
+        "/opt/nemotron-deploy"
+    )
     scripts_on_shared_storage: bool = False
     nemo_dir: AbsPath = "/opt/NeMo"
     python: AbsPath = "/usr/bin/python3"
@@ -158,17 +243,22 @@ class ClusterSettings(BaseModel):
     ngc_api_key_env: EnvName | None = "NGC_API_KEY"
     ngc_api_key_file: AbsPath | None = None
     enroot_tmp_dir: AbsPath | None = None
-    min_driver_version: Annotated[str, AfterValidator(_safe_value)] = "535.104.05"
+    min_driver_version: Annotated[str, AfterValidator(_driver_version)] = "535.104.05"
     min_free_gib: int = Field(60, ge=0, description="free space needed where the image goes")
 
     # --- server
     port: int = Field(1424, ge=1024, le=65535)
 
     # --- scheduled health check (login node)
-    health_user: SafeName = "nemotron-health"
-    health_venv: AbsPath = "/opt/nemotron-deploy/health-venv"
+    health_user: Annotated[SafeName, AfterValidator(_health_user)] = "nemotron-health"
+    health_venv: Annotated[AbsPath, AfterValidator(_health_venv)] = "/opt/nemotron-deploy/health-venv"
     health_interval_seconds: int = Field(60, ge=10)
-    prometheus_textfile_dir: AbsPath = "/var/lib/prometheus/node-exporter"
+    prometheus_textfile_dir: Annotated[
+        AbsPath,
+        _owned_dir(
+            "/var/lib/prometheus/node-exporter", "creates it, owner root, group the health user, mode 775"
+        ),
+    ] = "/var/lib/prometheus/node-exporter"
     health_startup_budget_seconds: int = Field(2700, ge=60)
 
     # --- deploy switches (`--data skip_preflight=true`, `--data submit=true`)
