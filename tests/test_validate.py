@@ -414,10 +414,17 @@ def test_unknown_setting_suggests_the_right_one(tmp_path):
         assert "unknown setting; did you mean 'slurm_partition'?" in p.message
 
 
+def test_unknown_setting_like_no_other_points_at_the_list(tmp_path):
+    path = _bad(tmp_path, frobnicate=1)
+    for p in only_field(problems_of(path), "frobnicate"):
+        assert p.message == "unknown setting; `nemotron-deploy settings` lists them all"
+
+
 def test_missing_required_setting(tmp_path):
     path = write_inventory(tmp_path, "h100", extra="del model_dir\n")
     for p in only_field(problems_of(path), "model_dir"):
-        assert "required setting is missing" in p.message
+        assert "required setting is missing: set it in group_data (The checkpoint directory" in p.message
+        assert "Required" not in p.message  # the description's first sentence only
         assert p.value is None
 
 
