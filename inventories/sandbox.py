@@ -18,7 +18,7 @@ _sandbox = _layout.plan(int(os.environ.get("NEMOTRON_SANDBOX_NODES", "2")))
 if not os.environ.get("NEMOTRON_DEPLOY_OFFLINE") and not _netns.bridge_exists():
     raise RuntimeError(
         "the sandbox cluster is not up, so its hosts can't be reached: run "
-        "`sudo .venv/bin/nemotron-deploy sandbox up` first (or `sudo scripts/rehearse`)"
+        "`sudo .venv/bin/nemotron-deploy sandbox up` first (or `scripts/rehearse`)"
     )
 
 

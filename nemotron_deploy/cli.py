@@ -1,4 +1,4 @@
-"""`nemotron-deploy`: plan, render and validate inventories; check health; run the sandbox cluster.
+"""`nemotron-deploy`: plan, render and validate inventories; list settings; check health; run the sandbox.
 
 Exit codes: 0 success, 1 a check failed (invalid inventory, plan refused), 2 usage error.
 `health` and `preflight` follow the Nagios plugin convention (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).
@@ -133,6 +133,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK if all(r["valid"] for r in results) else EXIT_INVALID
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    import textwrap
+
+    from .settings import reference
+
+    rows = reference()
+    if args.json:
+        print(json.dumps({"settings": rows}, indent=2))
+        return EXIT_OK
+    group = None
+    for row in rows:
+        if row["group"] != group:
+            print(("\n" if group is not None else "") + row["group"])
+            group = row["group"]
+        default = "required" if row["required"] else f"default {row['default']!r}"
+        print(f"  {row['name']}: {row['type']}, {default}")
+        print(textwrap.fill(row["description"], width=100, initial_indent=" " * 6, subsequent_indent=" " * 6))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nemotron-deploy",
@@ -157,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inventories", nargs="+", metavar="INVENTORY")
     p.add_argument("--json", action="store_true", help="one JSON object with every problem")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "settings",
+        help="every inventory setting: type, default and what it is for",
+        description="Every setting an inventory's group_data may set (nemotron_deploy/settings.py), "
+        "grouped as in the schema, with its type, default and description.",
+    )
+    p.add_argument("--json", action="store_true", help="print the settings as JSON (for tools)")
+    p.set_defaults(func=cmd_settings)
 
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)

@@ -246,11 +246,12 @@ def _pydantic_problems(path: str, host: str, exc: ValidationError, data: dict) -
         if err["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc[0], known, n=1)
             msg = "unknown setting" + (
-                f"; did you mean {close[0]!r}?" if close else "; see nemotron_deploy/settings.py"
+                f"; did you mean {close[0]!r}?" if close else "; `nemotron-deploy settings` lists them all"
             )
         elif err["type"] == "missing":
-            desc = ClusterSettings.model_fields[loc[0]].description or ""
-            msg = f"required setting is missing: set it in group_data ({desc})"
+            # The description's first sentence says what it is; `nemotron-deploy settings` says more.
+            what = (ClusterSettings.model_fields[loc[0]].description or "").split(". ", 1)[0].rstrip(".")
+            msg = f"required setting is missing: set it in group_data ({what})"
             value = None
         elif loc and loc[0] in FIXES:
             msg = f"{msg}; {FIXES[loc[0]]}"

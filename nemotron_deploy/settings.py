@@ -8,8 +8,10 @@ never live in inventory data: the NGC key comes from an environment variable or 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import PurePosixPath
-from typing import Annotated, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
@@ -83,6 +85,87 @@ def _env_name(value: str) -> str:
     return value
 
 
+# Directories no setting may hand over to the deploy: it creates the directories it owns and sets
+# their owner and mode, which on one of these would break the machine. (Directories it only uses, such
+# as model_dir or nemo_dir, may be anywhere.)
+SYSTEM_DIRS = frozenset(
+    {
+        "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lost+found", "/media", "/mnt", "/opt", "/proc",
+        "/root", "/run", "/sbin", "/snap", "/srv", "/sys", "/tmp",
+        "/usr", "/usr/bin", "/usr/sbin", "/usr/libexec", "/usr/include", "/usr/share", "/usr/src",
+        "/usr/local", "/usr/local/bin", "/usr/local/sbin", "/usr/local/etc", "/usr/local/include",
+        "/usr/local/share", "/usr/local/src",
+        "/var", "/var/lib", "/var/log", "/var/cache", "/var/tmp", "/var/spool", "/var/run", "/var/lock",
+        "/var/opt", "/var/mail", "/var/local", "/var/backups",
+        "/etc/systemd", "/etc/systemd/system", "/etc/cron.d", "/etc/default",
+    }
+)  # fmt: skip
+# /lib, /lib32, /lib64, /libx32, /usr/lib*, /usr/local/lib*; and anything in the kernel's filesystems.
+SYSTEM_DIR_PATTERN = re.compile(r"^(/usr(/local)?)?/lib(32|64|x32)?$|^/(proc|sys|dev)(/|$)")
+# A valid minimum NVIDIA driver version, as nvidia-smi prints it: 535.104.05, 390.157, or just 535.
+DRIVER_VERSION = re.compile(r"^\d+(\.\d+){0,3}$")
+
+
+def is_system_dir(path: str) -> bool:
+    return path in SYSTEM_DIRS or bool(SYSTEM_DIR_PATTERN.match(path))
+
+
+def _owned_dir(example: str, how: str):
+    """A directory the deploy creates and owns (`how`): never a system directory."""
+
+    def check(value: str) -> str:
+        if is_system_dir(value):
+            raise ValueError(
+                f"{value} is a system directory, and the deploy owns this one ({how}), so it would "
+                f"take {value} over; use a directory of its own, e.g. {example}"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+def _health_venv(value: str) -> str:
+    """The deploy owns the venv and the directory it is in (root, 755)."""
+    parent = str(PurePosixPath(value).parent)
+    for path, what in ((value, "the venv"), (parent, "the venv's parent directory")):
+        if is_system_dir(path):
+            raise ValueError(
+                f"{path} is a system directory, and the deploy owns {what} (creates it, owner root, "
+                f"mode 755), so it would take {path} over; put the venv in a directory of its own, "
+                "e.g. /opt/nemotron-deploy/health-venv"
+            )
+    return value
+
+
+def _shared_dir(value: str) -> str:
+    if value == "/":
+        raise ValueError(
+            "/ is not a shared filesystem: the deploy keeps job files, logs and images in "
+            "<shared_dir>/nemotron-deploy, which the login and compute nodes must all see; name the "
+            "shared filesystem's directory, e.g. /lustre/nemotron"
+        )
+    return value
+
+
+def _driver_version(value: str) -> str:
+    if not DRIVER_VERSION.match(value):
+        raise ValueError(
+            "must be a dotted numeric NVIDIA driver version as nvidia-smi prints it, e.g. 535.104.05 "
+            "(the lowest driver the compute nodes may run)"
+        )
+    return value
+
+
+def _health_user(value: str) -> str:
+    if value == "root":
+        raise ValueError(
+            "the health check runs every minute as this user and must not run as root: it needs no "
+            "privilege (it only calls the server and writes metrics), and a fault in it would then "
+            "act as root; use the default, nemotron-health (the deploy creates it)"
+        )
+    return value
+
+
 SafeValue = Annotated[str, AfterValidator(_safe_value)]
 SafeName = Annotated[str, AfterValidator(_safe_name)]
 AbsPath = Annotated[str, AfterValidator(_absolute_path)]
@@ -104,76 +187,299 @@ def _sbatch_option(value: str) -> str:
     return value
 
 
+# The groups `nemotron-deploy settings` lists the settings in: the `# --- ...` comments of the model.
+RUNS = {"group": "what runs where"}
+SLURM = {"group": "Slurm"}
+PATHS = {"group": "paths on the cluster"}
+CONTAINER = {"group": "container"}
+SERVER = {"group": "server"}
+HEALTH = {"group": "scheduled health check (login node)"}
+SWITCHES = {"group": "deploy switches"}
+
+
 class ClusterSettings(BaseModel):
-    """Everything a deploy needs to know about one cluster; one instance per host's data."""
+    """Everything a deploy needs to know about one cluster; one instance per host's data.
+
+    Every field has a description (what it is, its unit, when to change it) and a group (the
+    `# --- ...` comments below); `nemotron-deploy settings [--json]` prints them with types and defaults.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # --- what runs where
-    model: str = Field("nemotron-4-340b", description="model key in the catalog (models.yaml)")
-    gpu_type: str = Field(description="GPU type key in the catalog (gpus.yaml), e.g. H100-80GB-SXM")
-    gpus_per_node: int | None = Field(None, gt=0, description="GPUs per compute node; default: the type's")
-    tensor_parallel: int | None = Field(None, gt=0, description="pin TP instead of planning it")
-    pipeline_parallel: int | None = Field(None, gt=0, description="pin PP instead of planning it")
-    inference_batch: int = Field(8, gt=0, description="sequences of 4096 tokens whose KV cache must fit")
-    runtime_reserve_gib: float = Field(6.0, ge=0, description="per-GPU allowance for CUDA/NCCL/activations")
+    model: str = Field(
+        "nemotron-4-340b",
+        description="The model to serve: a key of nemotron_deploy/catalog/models.yaml, which gives its "
+        "size for planning. Change it only to deploy another model the catalog knows.",
+        json_schema_extra=RUNS,
+    )
+    gpu_type: str = Field(
+        description="The compute nodes' GPU type: a key of nemotron_deploy/catalog/gpus.yaml, e.g. "
+        "H100-80GB-SXM. Required; the plan sizes the job for it and preflight checks nvidia-smi agrees.",
+        json_schema_extra=RUNS,
+    )
+    gpus_per_node: int | None = Field(
+        None,
+        gt=0,
+        description="GPUs in each compute node (a count). Default: the GPU type's usual node size; set "
+        "it when your nodes have another size the type comes in.",
+        json_schema_extra=RUNS,
+    )
+    tensor_parallel: int | None = Field(
+        None,
+        gt=0,
+        description="Tensor-parallel size (GPUs each layer is split over). Default: planned from GPU "
+        "memory; pin it only to reproduce a known layout.",
+        json_schema_extra=RUNS,
+    )
+    pipeline_parallel: int | None = Field(
+        None,
+        gt=0,
+        description="Pipeline-parallel size (stages, each on its own GPUs). Default: planned from GPU "
+        "memory; pin it only to reproduce a known layout (the sandbox pins 2 to run multi-node jobs).",
+        json_schema_extra=RUNS,
+    )
+    inference_batch: int = Field(
+        8,
+        gt=0,
+        description="Sequences of 4096 tokens whose KV cache must fit beside the weights (a count). "
+        "Raise it for more concurrent requests; the plan may then need more nodes.",
+        json_schema_extra=RUNS,
+    )
+    runtime_reserve_gib: float = Field(
+        6.0,
+        ge=0,
+        description="GPU memory kept per GPU for CUDA, NCCL and activations (GiB). Raise it if the "
+        "planned layout runs out of GPU memory.",
+        json_schema_extra=RUNS,
+    )
 
     # --- Slurm
-    job_name: SafeName = "nemotron-340b"
-    slurm_account: SafeName | None = None
-    slurm_partition: SafeName | None = None
-    slurm_time_limit: Annotated[str, AfterValidator(_slurm_time)] = "04:00:00"
-    slurm_exclusive: bool = True
-    gpu_request: Literal["gpus-per-node", "gres"] = "gpus-per-node"
-    extra_sbatch_options: list[Annotated[str, AfterValidator(_sbatch_option)]] = []
+    job_name: SafeName = Field(
+        "nemotron-340b",
+        description="The Slurm job name (sbatch --job-name); the health check and submit find the job "
+        "by it. Change it to run two deployments on one cluster.",
+        json_schema_extra=SLURM,
+    )
+    slurm_account: SafeName | None = Field(
+        None,
+        description="The Slurm account to charge (sbatch --account). Default: none (your default "
+        "account); set it if your site requires one.",
+        json_schema_extra=SLURM,
+    )
+    slurm_partition: SafeName | None = Field(
+        None,
+        description="The Slurm partition with the GPU nodes (sbatch --partition). Default: none (the "
+        "cluster's default partition).",
+        json_schema_extra=SLURM,
+    )
+    slurm_time_limit: Annotated[str, AfterValidator(_slurm_time)] = Field(
+        "04:00:00",
+        description="The job's time limit (sbatch --time): MM, HH:MM:SS, D-HH:MM:SS and Slurm's other "
+        "forms. The server stops when it ends; raise it to serve longer.",
+        json_schema_extra=SLURM,
+    )
+    slurm_exclusive: bool = Field(
+        True,
+        description="Ask for whole nodes (sbatch --exclusive). Turn it off only where GPU nodes are "
+        "shared between jobs and Slurm isolates GPUs.",
+        json_schema_extra=SLURM,
+    )
+    gpu_request: Literal["gpus-per-node", "gres"] = Field(
+        "gpus-per-node",
+        description="How the sbatch file asks for GPUs: --gpus-per-node=N, or --gres=gpu:N. Use gres "
+        "on clusters whose older gres setup rejects --gpus-per-node.",
+        json_schema_extra=SLURM,
+    )
+    extra_sbatch_options: list[Annotated[str, AfterValidator(_sbatch_option)]] = Field(
+        [],
+        description="Extra #SBATCH lines, one long option each ('--name=value' or '--flag'), e.g. "
+        "['--qos=inference']. Set it for what your site needs (QoS, constraints, reservation).",
+        json_schema_extra=SLURM,
+    )
     job_env: dict[EnvName, SafeValue] = Field(
         default_factory=lambda: {
             "NCCL_DEBUG": "WARN",
             "NCCL_ASYNC_ERROR_HANDLING": "1",
             "CUDA_DEVICE_MAX_CONNECTIONS": "1",
         },
-        description="environment exported to every task (NCCL settings and the like)",
+        description="Environment variables (name: value) exported to every task of the job. Replaces "
+        "the defaults; set it to tune NCCL for your fabric (e.g. NCCL_IB_HCA), keeping the defaults.",
+        json_schema_extra=SLURM,
     )
-    mode: Literal["serve", "smoke"] = "serve"
+    mode: Literal["serve", "smoke"] = Field(
+        "serve",
+        description="serve: the job keeps serving until its time limit; smoke: it makes one "
+        "call_server.py call and ends (a quick end-to-end check of a new cluster).",
+        json_schema_extra=SLURM,
+    )
 
     # --- paths on the cluster
-    model_dir: AbsPath = Field(description="the checkpoint directory (holds model_config.yaml)")
-    shared_dir: AbsPath = Field(description="shared filesystem root for job files, logs and images")
-    node_dir: AbsPath = "/opt/nemotron-deploy"
-    scripts_on_shared_storage: bool = False
-    nemo_dir: AbsPath = "/opt/NeMo"
-    python: AbsPath = "/usr/bin/python3"
+    model_dir: AbsPath = Field(
+        description="The checkpoint directory (holds model_config.yaml), on storage every compute node "
+        "sees; mounted read-only into the job. Required.",
+        json_schema_extra=PATHS,
+    )
+    shared_dir: Annotated[AbsPath, AfterValidator(_shared_dir)] = Field(
+        description="A directory on the filesystem the login and compute nodes share; the deploy keeps "
+        "job files, logs and imported images in <shared_dir>/nemotron-deploy. Required.",
+        json_schema_extra=PATHS,
+    )
+    node_dir: Annotated[AbsPath, _owned_dir("/opt/nemotron-deploy", "creates it, owner root, mode 755")] = (
+        Field(
+            "/opt/nemotron-deploy",
+            description="A directory the deploy creates and owns (root, mode 755) on every compute node, "
+            "for the job scripts. Change it if your site installs software elsewhere; never a system "
+            "directory.",
+            json_schema_extra=PATHS,
+        )
+    )
+    scripts_on_shared_storage: bool = Field(
+        False,
+        description="Put the job scripts once in <shared_dir>/nemotron-deploy/scripts instead of in "
+        "node_dir on every compute node. Turn it on to leave the compute nodes' disks untouched.",
+        json_schema_extra=PATHS,
+    )
+    nemo_dir: AbsPath = Field(
+        "/opt/NeMo",
+        description="Where NeMo is, in the container (or on the host with container_runtime host); the "
+        "job runs its examples/nlp/language_modeling/megatron_gpt_eval.py. Change it for an image that "
+        "installs NeMo elsewhere.",
+        json_schema_extra=PATHS,
+    )
+    python: AbsPath = Field(
+        "/usr/bin/python3",
+        description="The Python interpreter that runs NeMo's server, the health check and "
+        "call_server.py inside the job. Change it if the image's python3 is elsewhere.",
+        json_schema_extra=PATHS,
+    )
 
     # --- container
-    container_runtime: Literal["pyxis", "docker", "podman", "apptainer", "host"] = "pyxis"
-    container_image: SafeValue | None = None
+    container_runtime: Literal["pyxis", "docker", "podman", "apptainer", "host"] = Field(
+        "pyxis",
+        description="How the job runs the NeMo container: pyxis (srun --container-image), docker, "
+        "podman, apptainer, or host (NeMo installed on the nodes). Use what your cluster has.",
+        json_schema_extra=CONTAINER,
+    )
+    container_image: SafeValue | None = Field(
+        None,
+        description=f"The NeMo image, pinned by tag or digest; pyxis wants '#' after the registry. "
+        f"Default: {DEFAULT_IMAGE} (in pyxis form for pyxis). Change it for a mirror or a newer NeMo.",
+        json_schema_extra=CONTAINER,
+    )
     pull_runtime: Literal["docker", "podman"] | None = Field(
         None,
-        description="also pull the image with this tool on every compute node (the sandbox: host + podman)",
+        description="Also pull the image with this tool on every compute node. Default: none (the "
+        "runtime pulls); the sandbox uses podman with container_runtime host.",
+        json_schema_extra=CONTAINER,
     )
-    registry_tls_verify: bool = True
+    registry_tls_verify: bool = Field(
+        True,
+        description="Check the registry's TLS certificate when pulling. Turn it off only for a "
+        "registry on a trusted private network (the sandbox's plain-HTTP registry).",
+        json_schema_extra=CONTAINER,
+    )
     registry_login: bool | None = Field(
-        None, description="log in to the image's registry with the NGC key; default: only for nvcr.io"
+        None,
+        description="Log in to the image's registry with the NGC key. Default: only for nvcr.io; true for "
+        "a private mirror that takes the same key, false to never log in.",
+        json_schema_extra=CONTAINER,
     )
-    ngc_api_key_env: EnvName | None = "NGC_API_KEY"
-    ngc_api_key_file: AbsPath | None = None
-    enroot_tmp_dir: AbsPath | None = None
-    min_driver_version: Annotated[str, AfterValidator(_safe_value)] = "535.104.05"
-    min_free_gib: int = Field(60, ge=0, description="free space needed where the image goes")
+    ngc_api_key_env: EnvName | None = Field(
+        "NGC_API_KEY",
+        description="The environment variable, on the machine you deploy from, that holds the NGC key. "
+        "Change it if your key lives in another variable; the key itself never goes in an inventory.",
+        json_schema_extra=CONTAINER,
+    )
+    ngc_api_key_file: AbsPath | None = Field(
+        None,
+        description="A 0600 file, on the machine you deploy from, holding the NGC key; used instead of "
+        "ngc_api_key_env. Default: none.",
+        json_schema_extra=CONTAINER,
+    )
+    enroot_tmp_dir: AbsPath | None = Field(
+        None,
+        description="Scratch space for importing the image with enroot or apptainer (tens of GiB). "
+        "Default: <shared_dir>/nemotron-deploy/.import-tmp; set it to a faster disk with room.",
+        json_schema_extra=CONTAINER,
+    )
+    min_driver_version: Annotated[str, AfterValidator(_driver_version)] = Field(
+        "535.104.05",
+        description="The lowest NVIDIA driver version preflight accepts on compute nodes, dotted as "
+        "nvidia-smi prints it. Raise it when a newer image needs a newer driver.",
+        json_schema_extra=CONTAINER,
+    )
+    min_free_gib: int = Field(
+        60,
+        ge=0,
+        description="Free space preflight requires where the image goes (GiB): container storage for "
+        "docker/podman, the images directory for pyxis/apptainer. Raise it for a bigger image.",
+        json_schema_extra=CONTAINER,
+    )
 
     # --- server
-    port: int = Field(1424, ge=1024, le=65535)
+    port: int = Field(
+        1424,
+        ge=1024,
+        le=65535,
+        description="The TCP port NeMo's server listens on, on the job's first node (the model card "
+        "uses 1424). Change it if another service holds it.",
+        json_schema_extra=SERVER,
+    )
 
     # --- scheduled health check (login node)
-    health_user: SafeName = "nemotron-health"
-    health_venv: AbsPath = "/opt/nemotron-deploy/health-venv"
-    health_interval_seconds: int = Field(60, ge=10)
-    prometheus_textfile_dir: AbsPath = "/var/lib/prometheus/node-exporter"
-    health_startup_budget_seconds: int = Field(2700, ge=60)
+    health_user: Annotated[SafeName, AfterValidator(_health_user)] = Field(
+        "nemotron-health",
+        description="The unprivileged user the scheduled health check runs as; the deploy creates it. "
+        "Change it only to follow a site naming rule; never root.",
+        json_schema_extra=HEALTH,
+    )
+    health_venv: Annotated[AbsPath, AfterValidator(_health_venv)] = Field(
+        "/opt/nemotron-deploy/health-venv",
+        description="The venv the deploy creates and owns, with its parent directory, on the login node "
+        "for the health check. Change it if your site installs software elsewhere.",
+        json_schema_extra=HEALTH,
+    )
+    health_interval_seconds: int = Field(
+        60,
+        ge=10,
+        description="How often the scheduled health check runs (seconds). Raise it to load the server "
+        "less; lower it for faster alerts.",
+        json_schema_extra=HEALTH,
+    )
+    prometheus_textfile_dir: Annotated[
+        AbsPath,
+        _owned_dir(
+            "/var/lib/prometheus/node-exporter", "creates it, owner root, group the health user, mode 775"
+        ),
+    ] = Field(
+        "/var/lib/prometheus/node-exporter",
+        description="node_exporter's textfile-collector directory on the login node, where the check "
+        "writes nemotron.prom; the deploy creates and owns it. Set it to your node_exporter's "
+        "--collector.textfile.directory.",
+        json_schema_extra=HEALTH,
+    )
+    health_startup_budget_seconds: int = Field(
+        2700,
+        ge=60,
+        description="How long the job and submit wait for a new server to generate (seconds); loading "
+        "340B parameters takes long. Raise it for slow storage.",
+        json_schema_extra=HEALTH,
+    )
 
     # --- deploy switches (`--data skip_preflight=true`, `--data submit=true`)
-    skip_preflight: bool = False
-    submit: bool = False
+    skip_preflight: bool = Field(
+        False,
+        description="Skip the node checks (GPUs, driver, runtimes, model, free space) before deploying. "
+        "For one run only (`--data skip_preflight=true`), when you know a check is wrong.",
+        json_schema_extra=SWITCHES,
+    )
+    submit: bool = Field(
+        False,
+        description="After deploying, submit the job (unless it is queued) and wait until it "
+        "generates. For one run (`--data submit=true`); by default the deploy only installs.",
+        json_schema_extra=SWITCHES,
+    )
 
     @model_validator(mode="after")
     def _check_against_catalog(self) -> ClusterSettings:
@@ -250,6 +556,68 @@ class ClusterSettings(BaseModel):
             return None
         name = re.sub(r"[^A-Za-z0-9._-]+", "+", self.image.replace("#", "/"))
         return f"{self.images_dir}/{name}{suffix}"
+
+
+_VALIDATOR_TYPES = {
+    _safe_value: "str",
+    _safe_name: "name",
+    _absolute_path: "path",
+    _env_name: "env var name",
+    _slurm_time: "Slurm time",
+    _sbatch_option: "sbatch option",
+    _driver_version: "version",
+}
+
+
+def _type_name(annotation: Any, metadata: Sequence[Any] = ()) -> str:
+    """A reader's name for a field's type: `int (> 0) | None`, `path`, `'serve' | 'smoke'`."""
+    if get_origin(annotation) is Annotated:
+        annotation, *extra = get_args(annotation)
+        metadata = [*extra, *metadata]
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (Union, UnionType):
+        return " | ".join(_type_name(a, metadata) for a in args if a is not type(None)) + (
+            " | None" if type(None) in args else ""
+        )
+    if origin is list:
+        return f"list[{_type_name(args[0])}]"
+    if origin is dict:
+        return f"dict[{_type_name(args[0])}, {_type_name(args[1])}]"
+    name = getattr(annotation, "__name__", str(annotation))
+    bounds = {}
+    for item in metadata:
+        func = getattr(item, "func", None)
+        if func in _VALIDATOR_TYPES:
+            name = _VALIDATOR_TYPES[func]
+        for attr, sign in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            if getattr(item, attr, None) is not None:
+                bounds[sign] = getattr(item, attr)
+    if ">=" in bounds and "<=" in bounds:
+        return f"{name} ({bounds['>=']}..{bounds['<=']})"
+    if bounds:
+        return f"{name} ({', '.join(f'{sign} {value}' for sign, value in bounds.items())})"
+    return name
+
+
+def reference() -> list[dict[str, Any]]:
+    """Every setting in the model's order: name, group, type, default, required, description."""
+    rows = []
+    for name, info in ClusterSettings.model_fields.items():
+        required = info.is_required()
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        rows.append(
+            {
+                "name": name,
+                "group": extra.get("group"),
+                "type": _type_name(info.annotation, info.metadata),
+                "default": None if required else info.get_default(call_default_factory=True),
+                "required": required,
+                "description": info.description,
+            }
+        )
+    return rows
 
 
 def check_image(image: str, runtime: str) -> None:

@@ -7,6 +7,7 @@ from the repository's `inventories/` and then changed.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,6 +23,29 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GOLDEN = Path(__file__).resolve().parent / "golden"
 MODEL_CONFIG = FIXTURES / "model_config.yaml"
 SHIPPED = ("h100", "h200", "a100")
+
+# The model card's unchanged client (call_server.py): not in the repository, so the tests that run it
+# find it through this variable (.ci/run sets it to the model card beside the clone).
+MODEL_CARD_CLIENT_ENV = "NEMOTRON_MODEL_CARD_CLIENT"
+
+
+def model_card_client() -> Path:
+    """The model card's call_server.py; skip the test when the variable is unset, fail when it is wrong."""
+    value = os.environ.get(MODEL_CARD_CLIENT_ENV, "")
+    if not value:
+        pytest.skip(
+            f"needs the model card's own client: set {MODEL_CARD_CLIENT_ENV} to the model card's "
+            "call_server.py to run it (.ci/run sets it)"
+        )
+    path = Path(value).expanduser().absolute()
+    if not path.is_file():
+        pytest.fail(
+            f"{MODEL_CARD_CLIENT_ENV}={value}: no such file ({path}); point it at the model card's "
+            "call_server.py, or unset it to skip the tests that run it",
+            pytrace=False,
+        )
+    return path
+
 
 # A key that looks like a real NGC personal key (never a real one).
 FAKE_NGC_KEY = "nvapi-Zq3x9LmT0pWv7RkYb2Hs5JdN8cFg4UaE1oXiK6tQ"

@@ -37,7 +37,7 @@ def test_entry_point_help():
     """The installed console script, as an operator runs it."""
     result = subprocess.run([_executable(), "--help"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 0, result.stderr
-    for command in ("plan", "render", "validate", "health", "preflight"):
+    for command in ("plan", "render", "validate", "settings", "health", "preflight"):
         assert command in result.stdout
     assert "Exit codes: 0 ok, 1 invalid/refused, 2 usage error" in result.stdout
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import model_card_client
 from nemotron_rehearsal import sandbox as sb_api
 from sshutil import (
     HEALTH_VENV,
@@ -40,7 +41,6 @@ from sshutil import (
 
 pytestmark = pytest.mark.sandbox
 
-MODEL_CARD_CLIENT = REPO.parent / "shared" / "model-card" / "call_server.py"
 OK_LINE = re.compile(r"NEMOTRON OK - ready after \S+ \(\d+ attempts\): generated")
 FIRST = "sb-node01"
 
@@ -114,11 +114,7 @@ def _alone(sandbox):
 
 
 def test_the_whole_path_both_clients_get_an_answer(sandbox, serving, tmp_path):
-    if not MODEL_CARD_CLIENT.is_file():
-        pytest.fail(
-            f"this test needs ../shared/model-card/call_server.py (the model card's client) at {MODEL_CARD_CLIENT}",
-            pytrace=False,
-        )
+    card_client = model_card_client()  # skips unless NEMOTRON_MODEL_CARD_CLIENT is set (.ci/run sets it)
     job_id, run = serving
     assert OK_LINE.search(run.output), f"the deploy's output has no health OK line:\n{run.output[-3000:]}"
     assert job_state(sandbox, job_id) == "RUNNING"
@@ -153,7 +149,7 @@ def test_the_whole_path_both_clients_get_an_answer(sandbox, serving, tmp_path):
             f"{requests_ok.stderr}",
             pytrace=False,
         )
-    card = ssh(sandbox, FIRST, "python3 -", input=MODEL_CARD_CLIENT.read_text(), check=False)
+    card = ssh(sandbox, FIRST, "python3 -", input=card_client.read_text(), check=False)
     assert card.returncode == 0, f"the model card's client failed:\n{card.stdout}{card.stderr}"
     # Greedy generation is deterministic: both clients print the prompt and the same continuation.
     assert card.stdout == ours.stdout, f"model card client:\n{card.stdout}\ndeployed client:\n{ours.stdout}"

@@ -194,6 +194,113 @@ def test_unknown_runtime_names_the_choices(tmp_path):
         assert "pyxis, docker, podman, apptainer, host" in p.message
 
 
+# --- settings that used to pass here and break in the deploy ------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["abc", "535.104.05-beta", "v535.104.05", "535..104", "535.", ""])
+def test_min_driver_version_that_is_not_a_driver_version(tmp_path, version):
+    path = _bad(tmp_path, min_driver_version=version)
+    problems = only_field(problems_of(path), "min_driver_version")
+    _every_host(problems, path)
+    for p in problems:
+        assert p.value == version
+        assert "dotted numeric NVIDIA driver version" in p.message
+        assert "e.g. 535.104.05" in p.message
+
+
+@pytest.mark.parametrize("version", ["535.104.05", "550.54.15", "470.82.01", "390.157", "535"])
+def test_min_driver_version_that_nvidia_smi_prints_is_accepted(tmp_path, version):
+    cluster = inventory.load(str(_bad(tmp_path, min_driver_version=version)))
+    assert cluster.settings.min_driver_version == version
+
+
+def test_health_user_root_is_refused(tmp_path):
+    path = _bad(tmp_path, health_user="root")
+    problems = only_field(problems_of(path), "health_user")
+    _every_host(problems, path)
+    for p in problems:
+        assert p.value == "root"
+        assert "must not run as root" in p.message
+        assert "nemotron-health" in p.message
+
+
+# Directories the deploy creates and owns (root-owned, its own mode): never a system directory.
+OWNED_SYSTEM_DIRS = [
+    ("prometheus_textfile_dir", "/etc"),
+    ("prometheus_textfile_dir", "/var/lib"),
+    ("prometheus_textfile_dir", "/tmp"),
+    ("node_dir", "/usr"),
+    ("node_dir", "/opt"),
+    ("node_dir", "/"),
+    ("node_dir", "/lib64"),
+    ("node_dir", "/usr/local"),
+    ("health_venv", "/usr/bin"),
+    ("health_venv", "/home"),
+]
+
+
+@pytest.mark.parametrize("field, directory", OWNED_SYSTEM_DIRS)
+def test_owned_directory_that_is_a_system_directory(tmp_path, field, directory):
+    path = _bad(tmp_path, **{field: directory})
+    problems = only_field(problems_of(path), field)
+    _every_host(problems, path)
+    for p in problems:
+        assert p.value == directory
+        assert f"{directory} is a system directory" in p.message
+        assert "e.g. " in p.message  # the fix: a directory of its own
+
+
+@pytest.mark.parametrize("directory", ["/opt/health-venv", "/venv", "/usr/local/venv"])
+def test_health_venv_whose_parent_is_a_system_directory(tmp_path, directory):
+    """The deploy owns the venv's parent directory too (it creates it, root 755)."""
+    path = _bad(tmp_path, health_venv=directory)
+    for p in only_field(problems_of(path), "health_venv"):
+        assert "system directory" in p.message
+        assert "/opt/nemotron-deploy/health-venv" in p.message
+
+
+def test_shared_dir_root_is_refused(tmp_path):
+    path = _bad(tmp_path, shared_dir="/")
+    for p in only_field(problems_of(path), "shared_dir"):
+        assert "shared filesystem" in p.message
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        # Directories the deploy only uses (reads, mounts, creates a subdirectory in) may be anywhere.
+        {"shared_dir": "/home"},
+        {"shared_dir": "/srv"},
+        {"model_dir": "/opt"},
+        {"nemo_dir": "/usr/local/NeMo"},
+        {"enroot_tmp_dir": "/var/tmp"},
+        # Directories of their own under system directories are what these settings are for.
+        {"node_dir": "/opt/nemotron"},
+        {"node_dir": "/usr/local/nemotron-deploy"},
+        {"prometheus_textfile_dir": "/var/lib/node_exporter/textfile_collector"},
+        {"health_venv": "/srv/nemotron/health-venv"},
+    ],
+    ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()),
+)
+def test_directories_of_its_own_or_only_used_are_accepted(tmp_path, settings):
+    cluster = inventory.load(str(_bad(tmp_path, **settings)))
+    for key, value in settings.items():
+        assert getattr(cluster.settings, key) == value
+
+
+def test_validate_text_and_json_name_the_field_and_the_fix(tmp_path, capsys):
+    path = _bad(tmp_path, prometheus_textfile_dir="/etc")
+    assert run_main(["validate", str(path)]) == 1
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if "gpu-h100-001" in line)
+    assert line.startswith("  - host gpu-h100-001.example.internal: prometheus_textfile_dir = '/etc': ")
+    assert "/var/lib/prometheus/node-exporter" in line
+    assert run_main(["validate", "--json", str(path)]) == 1
+    problem = json.loads(capsys.readouterr().out)["inventories"][0]["problems"][0]
+    assert (problem["field"], problem["value"]) == ("prometheus_textfile_dir", "/etc")
+    assert problem["message"].startswith("/etc is a system directory")
+
+
 # --- container images ---------------------------------------------------------------------------------
 
 
@@ -307,10 +414,17 @@ def test_unknown_setting_suggests_the_right_one(tmp_path):
         assert "unknown setting; did you mean 'slurm_partition'?" in p.message
 
 
+def test_unknown_setting_like_no_other_points_at_the_list(tmp_path):
+    path = _bad(tmp_path, frobnicate=1)
+    for p in only_field(problems_of(path), "frobnicate"):
+        assert p.message == "unknown setting; `nemotron-deploy settings` lists them all"
+
+
 def test_missing_required_setting(tmp_path):
     path = write_inventory(tmp_path, "h100", extra="del model_dir\n")
     for p in only_field(problems_of(path), "model_dir"):
-        assert "required setting is missing" in p.message
+        assert "required setting is missing: set it in group_data (The checkpoint directory" in p.message
+        assert "Required" not in p.message  # the description's first sentence only
         assert p.value is None
 
 

@@ -1,6 +1,7 @@
 """Defaults for every inventory (pyinfra group `all`). Per-inventory values: group_data/<inventory>.py.
 
-Every setting is documented, with its default, in nemotron_deploy/settings.py (ClusterSettings);
+Every setting is documented: `nemotron-deploy settings` lists each one with its type, default and
+what it is for (from nemotron_deploy/settings.py, ClusterSettings; `--json` for tools).
 `nemotron-deploy validate inventories/*.py` checks them all. Only site-wide choices belong here.
 """
 
