@@ -24,6 +24,7 @@ from sshutil import (
     COMPUTE_SCRIPTS,
     CRON_FILE,
     DEPLOY_SHARED,
+    HEALTH_METRICS_DIR,
     HEALTH_STATE_DIR,
     HEALTH_USER,
     HEALTH_VENV,
@@ -175,10 +176,13 @@ def test_first_deploy_places_everything_with_the_right_modes(sandbox, tmp_path):
     )
     user = ssh(sandbox, login, f"getent passwd {HEALTH_USER}").stdout.strip().split(":")
     assert user[6] == "/usr/sbin/nologin" and int(user[2]) < 1000, f"not a system user: {user}"
-    assert stat_paths(sandbox, login, [HEALTH_STATE_DIR, TEXTFILE_DIR]) == {
+    assert stat_paths(sandbox, login, [HEALTH_STATE_DIR, HEALTH_METRICS_DIR, TEXTFILE_DIR]) == {
         HEALTH_STATE_DIR: ("750", HEALTH_USER, HEALTH_USER),
-        TEXTFILE_DIR: ("775", "root", HEALTH_USER),
+        HEALTH_METRICS_DIR: ("755", HEALTH_USER, HEALTH_USER),
+        TEXTFILE_DIR: ROOT_755,  # node_exporter's: the health user writes through a link, not the dir
     }
+    link = ssh(sandbox, login, f"readlink {TEXTFILE_DIR}/nemotron.prom").stdout.strip()
+    assert link == f"{HEALTH_METRICS_DIR}/nemotron.prom"
     ssh(sandbox, login, f"{HEALTH_VENV}/bin/python -c 'import nemotron_deploy.health, prometheus_client'")
     # What cron runs, as the user cron runs it as: no job yet (CRITICAL), but the metrics are written.
     command = cron.splitlines()[-1].split(f" {HEALTH_USER} ", 1)[1].removesuffix(" >/dev/null 2>&1")
@@ -186,6 +190,24 @@ def test_first_deploy_places_everything_with_the_right_modes(sandbox, tmp_path):
     assert check.returncode in (0, 1, 2), f"the health check itself failed:\n{check.stdout}{check.stderr}"
     prom = ssh(sandbox, login, f"cat {TEXTFILE_DIR}/nemotron.prom").stdout
     assert "nemotron_up " in prom, prom
+
+
+def test_an_existing_textfile_dir_keeps_its_owner_and_mode(sandbox):
+    """Before: the deploy made node_exporter's textfile dir group-writable by the health user,
+    whatever it was (prometheus_textfile_dir=/etc gave that user write access to /etc)."""
+    login = sandbox.login_host
+    theirs = "/srv/node-exporter-textfiles"
+    ssh(sandbox, login, f"rm -rf {theirs}; mkdir -m 710 {theirs} && chown nobody:nogroup {theirs}")
+    try:
+        deploy_ok("--data", f"prometheus_textfile_dir={theirs}")
+        assert stat_paths(sandbox, login, [theirs]) == {theirs: ("710", "nobody", "nogroup")}
+        link = ssh(sandbox, login, f"readlink {theirs}/nemotron.prom").stdout.strip()
+        assert link == f"{HEALTH_METRICS_DIR}/nemotron.prom"
+        again = deploy_ok("--data", f"prometheus_textfile_dir={theirs}")
+        assert results_table(again.output)["Grand total"]["Success"] == "-", again.describe()
+    finally:
+        ssh(sandbox, login, f"rm -rf {theirs}")
+        deploy_ok()
 
 
 # --- 2. a second run ---------------------------------------------------------------------------------

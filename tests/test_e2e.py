@@ -9,6 +9,7 @@ Every test cancels the jobs it submitted, so the next one starts with an idle cl
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import pytest
 from helpers import model_card_client
 from nemotron_rehearsal import sandbox as sb_api
 from sshutil import (
+    CRON_FILE,
+    HEALTH_USER,
     HEALTH_VENV,
     JOB_NAME,
     LOGS_DIR,
@@ -198,6 +201,22 @@ def test_a_redeploy_after_submit_reports_zero_changes(sandbox, serving):
 
     converged_attempts(no_change)
     assert job_ids(sandbox) == [job_id], "the re-deploy (submit=false) touched the running job"
+
+
+def test_the_scheduled_check_finds_the_job_slurm_hides_from_its_user(sandbox, serving):
+    """The sandbox's Slurm runs with PrivateData=jobs, as many sites do: the health user sees no job in
+    squeue. Before: the timer's check then said job_gone forever; now it reads the job's record."""
+    job_id, _ = serving
+    login = sandbox.login_host
+    hidden = ssh(sandbox, login, f"runuser -u {HEALTH_USER} -- squeue -h -n {JOB_NAME} -o %i").stdout
+    assert hidden.strip() == "", f"PrivateData=jobs should hide root's job from {HEALTH_USER}: {hidden}"
+    cron = ssh(sandbox, login, f"cat {CRON_FILE}").stdout
+    command = cron.splitlines()[-1].split(f" {HEALTH_USER} ", 1)[1].removesuffix(" >/dev/null 2>&1")
+    check = ssh(sandbox, login, f"runuser -u {HEALTH_USER} -- {command}", check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert check.stdout.startswith("NEMOTRON OK"), check.stdout
+    record = json.loads(ssh(sandbox, login, f"cat {LOGS_DIR}/{JOB_NAME}.job.json").stdout)
+    assert record["job_id"] == job_id and record["node"] == FIRST
 
 
 # --- 3. nothing is left behind ----------------------------------------------------------------------------
