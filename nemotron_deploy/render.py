@@ -35,7 +35,11 @@ SLURM_TASK_ENV = (
     "SLURM_JOB_NODELIST",
     "NEMOTRON_MODE",
     "NEMOTRON_RUN_DIR",
+    "PYTHONNOUSERSITE",
 )
+# docker/podman: seconds a signalled task's container gets to stop before it is killed; well inside
+# Slurm's KillWait (30 s by default), after which slurmstepd kills the task that stops it.
+CONTAINER_STOP_SECONDS = 3
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,12 @@ def render(cluster: Cluster) -> list[RenderedFile]:
         "inventory and re-run the deploy.",
         "container_ref": container_ref(cluster),
         "passed_env": [*SLURM_TASK_ENV, *s.job_env],
+        "mounts": [
+            f"{s.model_dir}:{s.model_dir}:ro",
+            f"{s.scripts_dir}:{s.scripts_dir}",
+            f"{s.logs_dir}:{s.logs_dir}",
+        ],
+        "container_stop_seconds": CONTAINER_STOP_SECONDS,
     }
     env = _environment()
     files = [
@@ -96,6 +106,16 @@ def render(cluster: Cluster) -> list[RenderedFile]:
             "nemotron.sbatch", env.get_template("nemotron.sbatch.j2").render(context), "644", "login"
         ),
     ]
+    if s.container_runtime in ("docker", "podman"):
+        # Each task runs its container through this script (named, stopped on signal): see the template.
+        files.append(
+            RenderedFile(
+                "nemo_container.sh",
+                env.get_template("nemo_container.sh.j2").render(context),
+                "755",
+                "compute",
+            )
+        )
     # The launch script's rank 0 runs the health check from inside the container, where this package
     # is not installed: ship it as one zipapp (`python3 nemotron_health.pyz --wait ...`).
     files.append(RenderedFile(HEALTH_APP, health_zipapp(), "755", "compute"))

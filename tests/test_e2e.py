@@ -2,7 +2,7 @@
 the deployed client and with the model card's own client, check where the 16 tasks ran, that a job
 leaves no process behind when it ends (smoke) or is cancelled (serve), that a re-deploy after a
 submit changes nothing, and that the health check fails fast with the state of a job killed during
-start-up.
+start-up, and that a cancelled job of the podman runtime leaves no container on any node.
 
 Every test cancels the jobs it submitted, so the next one starts with an idle cluster.
 """
@@ -23,11 +23,13 @@ from sshutil import (
     CRON_FILE,
     HEALTH_USER,
     HEALTH_VENV,
+    IMAGE,
     JOB_NAME,
     LOGS_DIR,
     PORT,
     REPO,
     SBATCH,
+    SCRIPTS_DIR,
     Run,
     cancel_jobs,
     console_script,
@@ -293,3 +295,64 @@ def test_health_fails_fast_with_the_state_of_a_job_killed_during_startup(sandbox
         assert took < 10, f"health took {took:.1f}s to notice the cancelled job:\n{output}"
     finally:
         cancel_jobs(sandbox)
+
+
+# --- 6. the podman runtime: a cancelled job leaves no container ------------------------------------------
+
+
+def _containers(sandbox, node: str, *, all_states: bool = False) -> set[str]:
+    """Names of the containers of the sandbox's image on a node (podman ps, run inside the node)."""
+    listing = "podman ps -a" if all_states else "podman ps"
+    out = ssh(sandbox, node, f"{listing} --filter ancestor={IMAGE} --format '{{{{.Names}}}}'").stdout
+    return set(out.split())
+
+
+def test_a_cancelled_podman_job_leaves_no_container(sandbox):
+    """podman's containers are conmon's, not srun's: scancel used to end the clients only and leave the
+    containers (and their GPUs) behind. Each task now names its container and stops it when signalled."""
+    _idle(sandbox)
+    try:
+        _submit("container_runtime=podman")  # waits until rank 0, in its container, generates
+        job_id = _only_job(sandbox)
+        per_node = sandbox.gpus_per_node
+        running = {node: _containers(sandbox, node) for node in sandbox.compute_names}
+        assert {node: len(names) for node, names in running.items()} == dict.fromkeys(
+            sandbox.compute_names, per_node
+        ), f"one container per task on every node: {running}"
+        # The user site-packages are kept out of every rank's Python, inside its container.
+        environ = (
+            "for p in $(pgrep -f megatron_gpt_eval.py); do "
+            f"grep -qxz SLURM_JOB_ID={job_id} /proc/$p/environ && "
+            "{ grep -qxz PYTHONNOUSERSITE=1 /proc/$p/environ && echo yes || echo no; }; done; true"
+        )
+        for node in sandbox.compute_names:
+            flags = ssh(sandbox, node, environ).stdout.split()
+            assert flags == ["yes"] * per_node, f"{node}: PYTHONNOUSERSITE=1 in the ranks: {flags}"
+
+        ssh(sandbox, sandbox.login_host, f"scancel {job_id}")
+        wait_for(lambda: job_state(sandbox, job_id) == "CANCELLED", 30, f"job {job_id} to be cancelled")
+        deadline = time.monotonic() + 20
+        while left := {
+            n: c for n in sandbox.compute_names if (c := _containers(sandbox, n, all_states=True))
+        }:
+            if time.monotonic() > deadline:
+                pytest.fail(f"containers of job {job_id} left 20s after scancel: {left}", pytrace=False)
+            time.sleep(0.5)
+        _no_job_processes_left(sandbox)
+
+        # They were named after the job and each task (global rank), so each task could stop its own.
+        expected = {
+            node: {f"nemotron-{job_id}-{i * per_node + local}" for local in range(per_node)}
+            for i, node in enumerate(sandbox.compute_names)
+        }
+        assert running == expected
+    finally:
+        cancel_jobs(sandbox)
+        for node in sandbox.compute_names:  # whatever a failure left, for the tests after this one
+            ssh(
+                sandbox,
+                node,
+                f"podman rm -f $(podman ps -aq --filter ancestor={IMAGE}) >/dev/null 2>&1; true",
+            )
+            ssh(sandbox, node, f"rm -f {SCRIPTS_DIR}/nemo_container.sh")
+        deploy_ok()  # back to the inventory's runtime (host) for the next tests

@@ -141,7 +141,7 @@ def test_shellcheck_every_runtime_and_mode(runtime, mode, gpu_request, tmp_path)
         tmp_path / "inv", container_runtime=runtime, mode=mode, gpu_request=gpu_request, **image
     )
     render.write(cluster, tmp_path / "out")
-    shellcheck(*(tmp_path / "out" / f for f in SHELL))
+    shellcheck(*(p for p in (tmp_path / "out").iterdir() if p.suffix in (".sh", ".sbatch")))
     files = _files(cluster)
     assert f"container runtime: {runtime}." in files["nemotron.sbatch"]
     assert f'NEMOTRON_MODE="${{NEMOTRON_MODE:-{mode}}}"' in files["nemotron.sbatch"]
@@ -281,11 +281,85 @@ def test_per_task_variables_are_expanded_by_each_task(name, shipped):
 @pytest.mark.parametrize("runtime", ["docker", "podman"])
 def test_clean_environment_runtimes_pass_the_task_variables(runtime, tmp_path):
     cluster = _variant(tmp_path, container_runtime=runtime, container_image=None)
-    sbatch = _files(cluster)["nemotron.sbatch"]
-    passed = set(re.findall(r"--env (\w+)", sbatch))
+    script = _files(cluster)["nemo_container.sh"]  # what each task runs (see the test below)
+    passed = set(re.findall(r"--env (\w+)", script))
     assert set(render.SLURM_TASK_ENV) | set(cluster.settings.job_env) <= passed
-    assert not re.search(r"--env \w+=", sbatch)  # names only: values come from each task's environment
-    assert "--network=host" in sbatch
+    assert not re.search(r"--env \w+=", script)  # names only: values come from each task's environment
+    assert "--network=host" in script
+
+
+def _runtime_variant(tmp_path: Path, runtime: str) -> dict[str, str]:
+    image = {} if runtime == "pyxis" else {"container_image": None}
+    return _files(_variant(tmp_path, container_runtime=runtime, **image))
+
+
+def _starting_the_container(files: dict[str, str], runtime: str) -> list[str]:
+    """The rendered files whose code runs `<runtime> run` (literally or as "${RUNTIME}")."""
+    pattern = rf'(\b{runtime}|"\$\{{RUNTIME\}}") run\b'
+    return [name for name, text in files.items() if re.search(pattern, _code(text))]
+
+
+def _srun_lines(sbatch: str) -> list[str]:
+    """Each srun command of the sbatch, continuation lines joined."""
+    code = _code(sbatch).replace("\\\n", " ")
+    return [line.strip() for line in code.splitlines() if line.strip().startswith("srun ")]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_user_site_packages_never_reach_the_task(runtime, tmp_path):
+    """~/.local shadowed the NeMo container's packages and broke 340B inference on 24.01: every task,
+    whatever the runtime, runs Python with PYTHONNOUSERSITE=1."""
+    files = _runtime_variant(tmp_path, runtime)
+    sbatch = _code(files["nemotron.sbatch"])
+    sruns = _srun_lines(files["nemotron.sbatch"])
+    assert sruns
+    assert "\nexport PYTHONNOUSERSITE=1\n" in sbatch
+    assert sbatch.index("export PYTHONNOUSERSITE=1") < sbatch.index("\nsrun ")
+    for srun in sruns:  # srun hands the batch environment to the tasks (its default, --export=ALL)
+        assert not re.search(r"--export(?!=ALL\b)", srun), srun
+        assert "--cleanenv" not in srun and "--containall" not in srun, srun
+    if runtime in ("docker", "podman"):  # a clean environment in the container: pass it by name
+        (script,) = _starting_the_container(files, runtime)
+        assert re.search(r"--env PYTHONNOUSERSITE\b", files[script])
+
+
+def test_apptainer_does_not_bind_home(tmp_path):
+    """apptainer binds $HOME unless told not to; a user's ~/.local then shadows the image's packages."""
+    (srun,) = _srun_lines(_runtime_variant(tmp_path, "apptainer")["nemotron.sbatch"])
+    assert re.search(r"\bapptainer exec\b.*\s--no-home\s", srun), srun
+
+
+@pytest.mark.parametrize("runtime", ["docker", "podman"])
+def test_docker_podman_containers_are_named_per_task_and_stopped_when_the_task_is(runtime, tmp_path):
+    """The daemon (docker) or conmon (podman), not srun, owns each task's container: scancel ends the
+    client only. Each task names its container after the job and itself, and stops it on TERM/INT."""
+    files = _runtime_variant(tmp_path, runtime)
+    (srun,) = _srun_lines(files["nemotron.sbatch"])
+    runs = _starting_the_container(files, runtime)
+    assert runs and "nemotron.sbatch" not in runs, f"the batch shell starts the container: {runs}"
+    (script,) = runs
+    assert srun.endswith(f"/{script}"), f"srun does not run {script}: {srun}"
+    code = _code(files[script])
+    assert f"readonly RUNTIME={runtime}\n" in code
+    # Expanded by each task (srun runs this script once per task): the job id and the task's rank.
+    assert (
+        'NAME="nemotron-${SLURM_JOB_ID:?not running under srun}-${SLURM_PROCID:?not running under srun}"'
+        in code
+    )
+    run = code[code.index('"${RUNTIME}" run ') :]
+    assert run.startswith('"${RUNTIME}" run --rm --init --name "${NAME}" ')
+    assert run.rstrip().endswith('nemo_inference.sh &\nwait "$!"'), "the client must run in the background"
+    # TERM/INT (what scancel and srun deliver): stop and remove the named container, wait, exit.
+    assert re.search(r"^trap 'stop_container; wait; exit 143' TERM INT$", code, re.M)
+    assert code.index("trap '") < code.index('"${RUNTIME}" run ')  # no window without the trap
+    stop = code[code.index("stop_container() {") :].split("\n}\n", 1)[0]
+    assert re.search(r'"\$\{RUNTIME\}" stop --time \d+ "\$\{NAME\}"', stop)
+    assert '"${RUNTIME}" rm -f "${NAME}"' in stop
+
+
+@pytest.mark.parametrize("runtime", ["pyxis", "apptainer", "host"])
+def test_only_docker_podman_get_the_container_script(runtime, tmp_path):
+    assert "nemo_container.sh" not in _runtime_variant(tmp_path, runtime)
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -113,11 +113,12 @@ def _prepare_files(sandbox: Sandbox) -> None:
 
 
 def _refresh_programs(sandbox: Sandbox) -> None:
-    """Re-copy the NeMo emulator and the nvidia-smi stand-in if their source changed since `up`, so a
-    running sandbox serves the current code (both are read afresh at every start/call)."""
+    """Re-copy the NeMo emulator, the nvidia-smi stand-in and the podman setup if they changed since
+    `up`, so a running sandbox serves the current code (all are read afresh at every start/call)."""
     for node in sandbox.compute:
         nemo.install_emulator(node, only_if_changed=True)
         gpus.install_stand_in(node, only_if_changed=True)
+    registry.refresh_podman(sandbox)
 
 
 def _start_login(sandbox: Sandbox) -> None:
@@ -140,6 +141,7 @@ def up(nodes: int = 2, gpus_per_node: int = 8, *, log: Log = _quiet) -> Sandbox:
     wanted = plan(nodes, gpus_per_node)
     existing = current()
     if existing == wanted and _healthy(existing):
+        packages.ensure_packages(log=log)  # one dpkg-query; installs what a newer sandbox needs
         _refresh_programs(existing)
         log(f"sandbox already up: {len(existing.compute)} compute nodes, {existing.gpus_per_node} GPUs each")
         return existing

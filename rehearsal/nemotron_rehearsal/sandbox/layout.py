@@ -36,7 +36,8 @@ NODE_SANDBOX_DIR = "/opt/nemotron-sandbox"  # per-node sandbox files: fake devic
 NODE_DEV_DIR = f"{NODE_SANDBOX_DIR}/dev"
 NODE_GPU_FAULTS = f"{NODE_SANDBOX_DIR}/gpu-faults.json"
 NODE_NVIDIA_SMI_CONFIG = f"{NODE_SANDBOX_DIR}/nvidia-smi.json"
-NODE_EMULATOR_PATH = "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
+NODE_NEMO_DIR = "/opt/NeMo"
+NODE_EMULATOR_PATH = f"{NODE_NEMO_DIR}/examples/nlp/language_modeling/megatron_gpt_eval.py"
 
 
 def compute_name(index: int) -> str:
