@@ -7,11 +7,12 @@ import shlex
 from io import BytesIO, StringIO
 
 from pyinfra import host, logger, state
-from pyinfra.api import FileUploadCommand, StringCommand, operation
+from pyinfra.api import StringCommand, operation
 from pyinfra.facts.files import FileContents
 from pyinfra.operations.util.files import generate_color_diff
 
 from ..facts.files import PathState
+from ..reachability import UploadCommand
 
 
 def sha256_of(content: str | bytes) -> str:
@@ -58,7 +59,7 @@ def managed_files(
                     logger.info("  %s", line)
             stream = StringIO(content) if isinstance(content, str) else BytesIO(content)
             temp = f"{path}.upload" if secret else host.get_temp_filename(path)
-            yield FileUploadCommand(stream, path, remote_temp_filename=temp)
+            yield UploadCommand(stream, path, remote_temp_filename=temp)
             yield _owner_mode(path, mode, user, group)
         elif (have.mode, have.user, have.group) != (mode, user, group):
             yield _owner_mode(path, mode, user, group)
