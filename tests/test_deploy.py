@@ -4,7 +4,8 @@ deploys/nemotron.py` in a subprocess, over real SSH, then the nodes are inspecte
 What is checked: the first deploy places every file with its owner and mode, byte-identical to
 `nemotron-deploy render`; a second run changes nothing (and reads each host in one command); a bad
 inventory or a failing preflight stops before any host is changed; a host that is down fails the
-deploy by name while the others finish; a missing image is pulled again on that node only; the NGC
+deploy by name while the others finish, and one unreachable at the start or lost mid-deploy is named
+with its address, what failed and the drain command, without a traceback; a missing image is pulled again on that node only; the NGC
 key never shows; `--dry` plans a change without making it.
 
 The sandbox comes up once per session (tests/conftest.py); each test starts from a converged deploy.
