@@ -10,12 +10,16 @@ host is changed. Re-running with nothing changed reports no changes. The steps l
 nemotron_deploy/ (deploy.py, host_checks.py, desired.py); this file is the checklist.
 """
 
-from pyinfra import host, inventory
+from pyinfra import host, inventory, state
 
-from nemotron_deploy import deploy, host_checks
+from nemotron_deploy import deploy, host_checks, reachability
 
 # 1. Validate the inventory: every host, every setting, and the sizing plan.
 cluster = deploy.validated_cluster(inventory)
+
+# 1b. A host that can't be reached (at the start or mid-deploy) fails alone; the run ends by naming
+#     each one, its address and what failed, and how to keep Slurm off it (drain, or fix and re-run).
+reachability.report_unreachable_hosts(state, cluster)
 
 # 2. Read this host in one SSH command: GPUs, runtimes, Slurm, model dir, every managed path.
 snapshot = host_checks.read_host(host, cluster)

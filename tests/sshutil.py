@@ -91,13 +91,14 @@ def pyinfra(
     env: dict[str, str] | None = None,
     timeout: float = 300,
     yes: bool = True,
+    deploy: str = DEPLOY,
 ) -> Run:
     """`pyinfra -y INVENTORY deploys/nemotron.py ARGS...` from the repository root, output captured.
 
     `yes=False` leaves out -y: for --dry, which then runs pyinfra's change detection (with -y it is
     skipped and --json reports no hosts_with_change at all) and exits without prompting.
     """
-    argv = [console_script("pyinfra"), *(["-y"] if yes else []), str(inventory), DEPLOY, *args]
+    argv = [console_script("pyinfra"), *(["-y"] if yes else []), str(inventory), deploy, *args]
     t0 = time.monotonic()
     result = subprocess.run(
         argv,

@@ -4,7 +4,8 @@ deploys/nemotron.py` in a subprocess, over real SSH, then the nodes are inspecte
 What is checked: the first deploy places every file with its owner and mode, byte-identical to
 `nemotron-deploy render`; a second run changes nothing (and reads each host in one command); a bad
 inventory or a failing preflight stops before any host is changed; a host that is down fails the
-deploy by name while the others finish; a missing image is pulled again on that node only; the NGC
+deploy by name while the others finish, and one unreachable at the start or lost mid-deploy is named
+with its address, what failed and the drain command, without a traceback; a missing image is pulled again on that node only; the NGC
 key never shows; `--dry` plans a change without making it.
 
 The sandbox comes up once per session (tests/conftest.py); each test starts from a converged deploy.
@@ -74,7 +75,10 @@ def _alone(sandbox):
 
 
 def _healthy_nodes(sandbox) -> None:
-    """Undo what a failed test may have left: GPU faults, a stopped sshd."""
+    """Undo what a failed test may have left: a powered-off node, GPU faults, a stopped sshd."""
+    for node in sb_api.status()["nodes"]:
+        if node["init_pid"] is None:
+            sb_api.node_up(node["name"])
     for node in sandbox.compute_names:
         sb_api.clear_gpu_faults(node)
     status = sb_api.status()
@@ -348,6 +352,62 @@ def test_a_host_that_is_down_fails_by_name_and_the_others_finish(deployed):
         assert results_table(run.output)["Grand total"]["Success"] == "-", run.output
 
     converged_attempts(then_no_change)
+
+
+def _assert_unreachable_reported(sandbox, run, node: str, failed: str) -> None:
+    """One line for the host (name, address, what failed), then the summary; no traceback."""
+    assert run.rc != 0, f"a deploy with an unreachable host reported success:\n{run.describe()}"
+    assert "Traceback" not in run.output, run.describe()
+    address = sandbox.node(node).address
+    lines = [line.strip() for line in run.output.splitlines()]
+    host_lines = [line for line in lines if line.startswith(f"{node} ({address}): ")]
+    assert len(host_lines) == 1, f"want one line for {node} ({address}):\n{run.describe()}"
+    assert failed in host_lines[0], host_lines[0]
+    assert f"Not deployed: {node}." in lines, run.describe()
+    summary = run.output[run.output.index(f"Not deployed: {node}.") :]
+    assert "Slurm may still schedule jobs onto it" in summary, summary
+    assert f"scontrol update nodename={node} state=drain reason=" in summary, summary
+    assert "or fix it and re-run the deploy" in summary, summary
+    for other in (n for n in [sandbox.login_host, *sandbox.compute_names] if n != node):
+        address = sandbox.node(other).address
+        assert not any(line.startswith(f"{other} ({address})") for line in lines), run.describe()
+
+
+@pytest.mark.parametrize("fault", ["sshd stopped", "powered off"])
+def test_a_host_unreachable_at_the_start_is_reported_with_what_to_do(deployed, fault):
+    sandbox = deployed
+    removed = _remove_on_every_host(sandbox)
+    if fault == "sshd stopped":
+        sb_api.stop_node_sshd(SECOND)
+    else:
+        sb_api.node_down(SECOND)
+    try:
+        run = pyinfra()
+    finally:
+        _healthy_nodes(sandbox)
+    _assert_unreachable_reported(sandbox, run, SECOND, "could not connect over SSH")
+    for node in (FIRST, sandbox.login_host):
+        assert exists(sandbox, node, removed[node]), f"{node} did not finish while {SECOND} was down"
+
+
+def test_a_host_lost_mid_deploy_is_reported_and_the_others_finish(deployed):
+    """The node answers while pyinfra connects and reads facts, then is powered off before its first
+    change (an upload): today paramiko's error escapes as a traceback and stops every host."""
+    sandbox = deployed
+    removed = _remove_on_every_host(sandbox)
+    try:
+        run = pyinfra(
+            deploy="tests/fixtures/lose_node_mid_deploy.py", env=clean_env(NEMOTRON_TEST_LOSE_NODE=SECOND)
+        )
+    finally:
+        _healthy_nodes(sandbox)
+    _assert_unreachable_reported(sandbox, run, SECOND, "lost the SSH connection during")
+    for node in (FIRST, sandbox.login_host):
+        assert exists(sandbox, node, removed[node]), f"{node} did not finish after {SECOND} was lost"
+    assert op_statuses(run.output, "Enable the health timer").get(sandbox.login_host), run.output
+
+    run = deploy_ok()
+    assert exists(sandbox, SECOND, removed[SECOND]), f"the re-run did not deploy {SECOND}"
 
 
 # --- 6. the image -----------------------------------------------------------------------------------

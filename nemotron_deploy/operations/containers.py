@@ -12,7 +12,9 @@ import shlex
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, StringCommand, operation
+from pyinfra.api import StringCommand, operation
+
+from ..reachability import UploadCommand
 
 NGC_REGISTRY = "nvcr.io"
 NGC_USER = "$oauthtoken"  # NGC's fixed user name for API-key logins
@@ -30,7 +32,7 @@ def _secret_upload(key: str, private_dir: str):
     q_dir = shlex.quote(private_dir)
     yield StringCommand(f"rm -rf {q_dir} && mkdir -m 700 {q_dir}")
     path = f"{private_dir}/key"
-    yield FileUploadCommand(StringIO(key), path, remote_temp_filename=f"{path}.upload")
+    yield UploadCommand(StringIO(key), path, remote_temp_filename=f"{path}.upload")
 
 
 @operation()

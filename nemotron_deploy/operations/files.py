@@ -7,12 +7,13 @@ import shlex
 from io import BytesIO, StringIO
 
 from pyinfra import host, logger, state
-from pyinfra.api import FileUploadCommand, StringCommand, operation
+from pyinfra.api import StringCommand, operation
 from pyinfra.facts.files import FileContents
 from pyinfra.operations.util.files import generate_color_diff
 
 from ..desired import WantedDir, WantedFile, WantedLink
 from ..facts.files import PathState
+from ..reachability import UploadCommand
 
 
 def sha256_of(content: str | bytes) -> str:
@@ -55,7 +56,7 @@ def managed_files(files: list[WantedFile], current: dict[str, PathState], secret
                     logger.info("  %s", line)
             stream = StringIO(f.content) if isinstance(f.content, str) else BytesIO(f.content)
             temp = f"{f.path}.upload" if secret else host.get_temp_filename(f.path)
-            yield FileUploadCommand(stream, f.path, remote_temp_filename=temp)
+            yield UploadCommand(stream, f.path, remote_temp_filename=temp)
             yield _owner_mode(f.path, f.mode, f.user, f.group)
         elif (have.mode, have.user, have.group) != (f.mode, f.user, f.group):
             yield _owner_mode(f.path, f.mode, f.user, f.group)
