@@ -1,10 +1,20 @@
 """Settings of the local sandbox cluster (inventories/sandbox.py; `nemotron-deploy sandbox up`).
 
 Its fake GPUs answer nvidia-smi from a real H200 capture. It runs the model card's 2-node layout
-(TP 8 x PP 2 on 2 x 8 GPUs) instead of the 1-node H200 plan, so multi-node jobs are exercised. NeMo is
-"installed on the host" (the protocol emulator stands in for megatron_gpt_eval.py), and every compute
-node also pulls the image from the sandbox registry with podman, so the pull path runs for real.
+(TP 8 x PP 2 on 2 x 8 GPUs) instead of the 1-node H200 plan, so multi-node jobs are exercised.
+
+The container runtime is the shipped inventories' default, pyxis, for real: the deploy imports the
+sandbox registry's NeMo-shaped stand-in image once with enroot, and the job's `srun --container-image`
+runs every rank in it. NEMOTRON_SANDBOX_RUNTIME selects another path to rehearse:
+  podman  every compute node pulls the image with podman and each rank runs in a podman container;
+  host    NeMo "installed on the nodes" (the stand-in at /opt/NeMo), and podman still pulls the image.
+(docker: where a Docker engine runs, which the sandbox does not start.)
 """
+
+import os
+
+_runtime = os.environ.get("NEMOTRON_SANDBOX_RUNTIME", "pyxis")
+_registry = "10.213.0.2:5000"
 
 gpu_type = "H200-141GB"
 gpus_per_node = 8
@@ -15,9 +25,11 @@ slurm_exclusive = False
 slurm_time_limit = "01:00:00"
 model_dir = "/var/lib/nemotron-sandbox/shared/models/Nemotron-4-340B-Base"
 shared_dir = "/var/lib/nemotron-sandbox/shared"
-container_runtime = "host"
-pull_runtime = "podman"
-container_image = "10.213.0.2:5000/nvidia/nemo:24.01.framework"
+container_runtime = _runtime
+# pyxis/enroot write `registry#path`; the others `registry/path` (validation refuses the wrong form).
+container_image = f"{_registry}{'#' if _runtime == 'pyxis' else '/'}nvidia/nemo:24.01.framework"
+if _runtime == "host":
+    pull_runtime = "podman"
 registry_tls_verify = False
 min_free_gib = 1
 health_startup_budget_seconds = 300

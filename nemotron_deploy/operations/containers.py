@@ -108,6 +108,8 @@ def import_image_file(
         return
     partial = f"{target}.partial"
     q_tmp, q_partial, q_target = shlex.quote(tmp_dir), shlex.quote(partial), shlex.quote(target)
+    # The images dir is the login node's to own (desired.py); on a first deploy this step comes first.
+    q_dir = shlex.quote(target.rsplit("/", 1)[0])
     if runtime == "pyxis":
         env = f"ENROOT_TEMP_PATH={q_tmp} ENROOT_CACHE_PATH={q_tmp}/cache"
         if credentials_path:
@@ -121,7 +123,7 @@ def import_image_file(
         )
     # 0644: pyxis refuses a 0600 squashfs with "Invalid image format".
     yield StringCommand(
-        f"mkdir -p {q_tmp} && rm -f {q_partial} && {fetch} && chmod 644 {q_partial} && mv -f {q_partial} {q_target}"
+        f"mkdir -p {q_tmp} && mkdir -p -m 755 {q_dir} && rm -f {q_partial} && {fetch} && chmod 644 {q_partial} && mv -f {q_partial} {q_target}"
     )
 
 

@@ -6,9 +6,15 @@ import shlex
 import time
 
 import gevent
+from pyinfra import logger
 from pyinfra.api import FunctionCommand, operation
 
 from ..slurm import ACTIVE_STATES, ENDING_STATES, active_rows, parse_scontrol_record
+
+
+class SubmitError(Exception):
+    """Why the job was not submitted or did not come up; printed as the host's error, no traceback."""
+
 
 # How long a job of the same name may take to finish COMPLETING before a new one is submitted.
 ENDING_WAIT_SECONDS = 300
@@ -35,7 +41,7 @@ def submit_decision(rows: list[tuple[str, str]]) -> tuple[str, list[str]]:
 def _queued(host, job_name: str) -> list[tuple[str, str]]:
     ok, out = host.run_shell_command(f"squeue -h -t all -n {shlex.quote(job_name)} -o '%i %T'")
     if not ok:
-        raise RuntimeError(f"squeue failed: {out.stderr or out.stdout}")
+        raise SubmitError(f"squeue failed: {out.stderr or out.stdout}")
     return active_rows(out.stdout)
 
 
@@ -66,11 +72,24 @@ def submit_and_wait(
     """
 
     def run(state, host):
+        try:
+            return _submit(state, host)
+        except SubmitError as exc:
+            host.log_styled(str(exc), fg="red", log_func=logger.error)
+            return False  # fails this operation, cleanly
+
+    def _submit(state, host):
+        failed = sorted(h.name for h in state.failed_hosts)
+        if failed:
+            raise SubmitError(
+                f"not submitting {job_name}: the deploy failed on {', '.join(failed)}, so the job would "
+                "start without what they were to get; fix them and re-run"
+            )
         action, ids = submit_decision(_queued(host, job_name))
         deadline = time.monotonic() + ENDING_WAIT_SECONDS
         while action == "wait":
             if time.monotonic() > deadline:
-                raise RuntimeError(
+                raise SubmitError(
                     f"job(s) {', '.join(ids)} of {job_name} still COMPLETING after {ENDING_WAIT_SECONDS}s"
                 )
             print(f"{host.print_prefix}job(s) {', '.join(ids)} of {job_name} still ending; waiting")
@@ -78,7 +97,7 @@ def submit_and_wait(
             action, ids = submit_decision(_queued(host, job_name))
         if action == "reuse" and until_done:
             # A smoke run needs a job of its own: waiting for a serving job to end would never finish.
-            raise RuntimeError(
+            raise SubmitError(
                 f"job {job_name} is already queued or running ({ids[0]}): cancel it with "
                 f"`scancel --name={job_name}` before a smoke run, or deploy with mode=serve"
             )
@@ -88,7 +107,7 @@ def submit_and_wait(
         else:
             ok, out = host.run_shell_command(f"sbatch --parsable {shlex.quote(sbatch_path)}")
             if not ok:
-                raise RuntimeError(f"sbatch {sbatch_path} failed: {out.stderr}")
+                raise SubmitError(f"sbatch {sbatch_path} failed: {out.stderr}")
             job_id = out.stdout.strip().split(";")[0]
             print(f"{host.print_prefix}submitted {sbatch_path} as job {job_id}")
         if until_done:
@@ -96,7 +115,7 @@ def submit_and_wait(
             return
         ok, out = host.run_shell_command(health_command, print_output=True, print_input=True)
         if not ok:
-            raise RuntimeError(f"job {job_name} did not become healthy: {out.stderr or out.stdout}")
+            raise SubmitError(f"job {job_name} did not become healthy: {out.stderr or out.stdout}")
 
     yield FunctionCommand(run, (), {})
 
@@ -106,12 +125,12 @@ def _wait_until_done(host, job_id: str, budget_seconds: int) -> None:
     while True:
         ok, out = host.run_shell_command(f"scontrol show job -o {shlex.quote(job_id)}")
         if not ok:
-            raise RuntimeError(f"scontrol show job {job_id} failed: {out.stderr or out.stdout}")
+            raise SubmitError(f"scontrol show job {job_id} failed: {out.stderr or out.stdout}")
         job = parse_scontrol_record(out.stdout.strip())
         if job.get("JobState") not in ACTIVE_STATES:
             break
         if time.monotonic() > deadline:
-            raise RuntimeError(f"job {job_id} is still {job.get('JobState')} after {budget_seconds}s")
+            raise SubmitError(f"job {job_id} is still {job.get('JobState')} after {budget_seconds}s")
         gevent.sleep(1)
     stdout = job.get("StdOut", "")
     # The job's output from its own health check's line on: that line, the prompt and the answer.
@@ -119,7 +138,7 @@ def _wait_until_done(host, job_id: str, budget_seconds: int) -> None:
         f"sed -n '/^NEMOTRON /,$p' {shlex.quote(stdout)}", print_output=True, print_input=False
     )
     if job.get("JobState") != "COMPLETED" or job.get("ExitCode") != "0:0":
-        raise RuntimeError(
+        raise SubmitError(
             f"job {job_id} ended {job.get('JobState')} with exit code {job.get('ExitCode')}; "
             f"see {job.get('StdErr', 'its StdErr')}"
         )

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import etc, gpus, locks, munge, nemo, netns, packages, registry, slurm, sshd
+from . import etc, gpus, locks, munge, nemo, netns, packages, pyxis, registry, slurm, sshd
 from . import nodes as node_ops
 from .layout import SHARED_DIR, STATE_DIR, STATE_FILE, Node, Sandbox, plan
 from .proc import SandboxError, tail
@@ -90,6 +90,11 @@ def _healthy(sandbox: Sandbox) -> bool:
     return all(procs[n.name].get(d) for n in sandbox.nodes for d in _expected(n))
 
 
+def _current(sandbox: Sandbox) -> bool:
+    """Made by this version's `up`: a sandbox from before pyxis ran slurmd without it (rebuilt)."""
+    return (node_ops.SLURM_DIR / "plugstack.conf").is_file()
+
+
 # --- up ------------------------------------------------------------------------------------------
 
 
@@ -99,16 +104,19 @@ def _prepare_files(sandbox: Sandbox) -> None:
         d.mkdir(parents=True, exist_ok=True)
         d.chmod(0o755)
     node_ops.ensure_host_mountpoints()
+    enroot = pyxis.find()
     for node in sandbox.nodes:
-        node_ops.prepare_fs(node)
+        node_ops.prepare_fs(node, extra_mounts=pyxis.mounts(enroot))
     etc.prepare(sandbox)
     sshd.prepare(sandbox)
     munge.prepare(sandbox.login)
     slurm.prepare(sandbox)
+    pyxis.prepare(enroot)
     registry.prepare(sandbox)
     for node in sandbox.compute:
         gpus.install(node, sandbox.gpus_per_node)
         nemo.install_emulator(node)
+        pyxis.install_programs(node, enroot)
     nemo.install_model(sandbox)
 
 
@@ -119,6 +127,7 @@ def _refresh_programs(sandbox: Sandbox) -> None:
         nemo.install_emulator(node, only_if_changed=True)
         gpus.install_stand_in(node, only_if_changed=True)
     registry.refresh_podman(sandbox)
+    registry.refresh_image(sandbox)
 
 
 def _start_login(sandbox: Sandbox) -> None:
@@ -140,14 +149,14 @@ def up(nodes: int = 2, gpus_per_node: int = 8, *, log: Log = _quiet) -> Sandbox:
     packages.check_host()
     wanted = plan(nodes, gpus_per_node)
     existing = current()
-    if existing == wanted and _healthy(existing):
+    if existing == wanted and _healthy(existing) and _current(existing):
         packages.ensure_packages(log=log)  # one dpkg-query; installs what a newer sandbox needs
         _refresh_programs(existing)
         log(f"sandbox already up: {len(existing.compute)} compute nodes, {existing.gpus_per_node} GPUs each")
         return existing
     with locks.exclusive_use("bring the sandbox up", on_wait=log):
         existing = current()  # someone else may have brought it up while we waited
-        if existing == wanted and _healthy(existing):
+        if existing == wanted and _healthy(existing) and _current(existing):
             return existing
         if existing is not None or netns.sandbox_netns() or netns.bridge_exists() or STATE_DIR.exists():
             why = " (different size)" if existing and existing != wanted else ""

@@ -34,9 +34,13 @@ def emulator_available() -> bool:
     return EMULATOR.is_file()
 
 
+def emulator_bytes() -> bytes:
+    """What the nodes (runtime host) and the stand-in image (every container runtime) run as NeMo."""
+    return EMULATOR.read_bytes() if emulator_available() else PLACEHOLDER.encode()
+
+
 def install_emulator(node: Node, *, only_if_changed: bool = False) -> None:
-    content = EMULATOR.read_bytes() if emulator_available() else PLACEHOLDER.encode()
-    nodes.install_file(node, NODE_EMULATOR_PATH, content, 0o755, only_if_changed=only_if_changed)
+    nodes.install_file(node, NODE_EMULATOR_PATH, emulator_bytes(), 0o755, only_if_changed=only_if_changed)
 
 
 def install_model(sandbox: Sandbox) -> None:

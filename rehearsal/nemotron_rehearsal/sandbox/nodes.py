@@ -117,8 +117,9 @@ def remove_host_mountpoints() -> None:
     HOST_DIRS_FILE.unlink()
 
 
-def prepare_fs(node: Node) -> None:
-    """Create the node's private directories (empty, with the host's modes) and its init spec."""
+def prepare_fs(node: Node, extra_mounts: Sequence[dict] = ()) -> None:
+    """Create the node's private directories (empty, with the host's modes) and its init spec
+    (`extra_mounts`: more nodeinit.py mount entries, applied last)."""
     local = node.local_dir
     for path, sub in PRIVATE_DIRS.items():
         d = local / sub
@@ -141,6 +142,7 @@ def prepare_fs(node: Node) -> None:
         {"kind": "bind", "source": str(SLURM_DIR), "target": "/etc/slurm", "readonly": True},
         {"kind": "bind", "source": "/usr", "target": "/usr", "readonly": True},
         {"kind": "bind", "source": str(local / "usr-local-bin"), "target": "/usr/local/bin"},
+        *extra_mounts,
     ]
     spec = {"hostname": node.name, "pid_file": str(local / "init.pid"), "mounts": mounts}
     (local / "init.json").write_text(json.dumps(spec, indent=1))
