@@ -12,6 +12,7 @@ they neither add SSH sessions to what is counted nor depend on the code under te
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -112,12 +113,16 @@ def reset(sandbox, nodes: int, settings) -> None:
     _parallel(lambda job: sb.node_run(job[0], job[1], timeout=60), jobs)
 
 
-def remove_images(sandbox, nodes: int, image: str) -> None:
-    """``podman rmi`` the deploy's image on compute nodes 1..N, so the next deploy pulls it again."""
+def remove_images(sandbox, nodes: int, settings) -> None:
+    """Make the next deploy fetch the image again: ``podman rmi`` it on compute nodes 1..N (per-node
+    pulls), or remove the file pyxis/apptainer imported once into shared storage."""
     sb = sandbox_api()
+    if settings.image_file:
+        sb.node_run(sandbox.compute[0].name, ["rm", "-f", settings.image_file], timeout=60)
+        return
 
     def rmi(node) -> None:
-        sb.node_run(node.name, ["podman", "rmi", "--force", "--ignore", image], timeout=120)
+        sb.node_run(node.name, ["podman", "rmi", "--force", "--ignore", settings.image], timeout=120)
 
     _parallel(rmi, list(sandbox.compute[:nodes]))
 
@@ -172,10 +177,13 @@ def pyinfra() -> str:
     return str(path) if path.exists() else "pyinfra"
 
 
-def deploy(nodes: int, *extra: str) -> DeployRun:
-    """``pyinfra -y inventories/sandbox.py deploys/nemotron.py`` for the first ``nodes`` nodes, timed."""
+def deploy(nodes: int, *extra: str, runtime: str | None = None) -> DeployRun:
+    """``pyinfra -y inventories/sandbox.py deploys/nemotron.py`` for the first ``nodes`` nodes, timed
+    (``runtime``: the sandbox's NEMOTRON_SANDBOX_RUNTIME, default its inventory's, pyxis)."""
     argv = [pyinfra(), "-y", INVENTORY, DEPLOY, *extra]
-    env = common.child_env(NEMOTRON_SANDBOX_NODES=str(nodes))
+    env = common.child_env(
+        NEMOTRON_SANDBOX_NODES=str(nodes), **({"NEMOTRON_SANDBOX_RUNTIME": runtime} if runtime else {})
+    )
     t0 = time.perf_counter()
     proc = subprocess.run(
         argv,
@@ -196,8 +204,17 @@ def tail(text: str, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def load_cluster():
+def load_cluster(runtime: str | None = None):
     """The validated sandbox inventory, as the deploy sees it (paths don't depend on the node count)."""
     from nemotron_deploy.inventory import load
 
-    return load(str(common.REPO / INVENTORY))
+    previous = os.environ.get("NEMOTRON_SANDBOX_RUNTIME")
+    if runtime:
+        os.environ["NEMOTRON_SANDBOX_RUNTIME"] = runtime
+    try:
+        return load(str(common.REPO / INVENTORY))
+    finally:
+        if runtime:
+            os.environ.pop("NEMOTRON_SANDBOX_RUNTIME")
+            if previous is not None:
+                os.environ["NEMOTRON_SANDBOX_RUNTIME"] = previous

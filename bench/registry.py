@@ -1,13 +1,14 @@
-"""Registry traffic: bytes the sandbox registry serves for one deploy that pulls the image.
+"""Registry traffic: bytes the sandbox registry serves for one deploy that fetches the image.
 
-For each node count: ``podman rmi`` the deploy's image on compute nodes 1..N, remember the end of
-the registry's access log (``Sandbox.registry_access_log``, Apache combined format, one line per
-request with the bytes sent), run the deploy, and add up the new lines that come from those N
-nodes' addresses (traffic from anyone else in the same seconds is not counted). The deploy's other
-files are in place, so the pull is the only change; the wall time of that deploy is reported too.
+For each runtime and node count: make the image absent (pyxis: remove the file imported into shared
+storage; podman: ``podman rmi`` on compute nodes 1..N), remember the end of the registry's access log
+(``Sandbox.registry_access_log``, Apache combined format, one line per request with the bytes sent),
+run the deploy, and add up the new lines that come from those N nodes' addresses (traffic from anyone
+else in the same seconds is not counted). The deploy's other files are in place, so the fetch is the
+only change; its wall time is the import (pyxis) or the slowest node's pull (podman).
 
-The sandbox's deploy pulls with ``pull_runtime`` (podman); other runtimes are listed as found on
-the nodes, and only those the inventory can pull with are measured.
+pyxis imports once for the cluster (target: 1x the image, whatever the node count); podman pulls on
+every node, for comparison.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from . import cluster, common
 
 LINE = re.compile(r'^(\S+) \S+ \S+ \[[^\]]*\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-)')
-PULL_RUNTIMES = ("podman",)  # what inventories/group_data/sandbox.py can pull with
+RUNTIMES = ("pyxis", "podman")  # what inventories/group_data/sandbox.py can fetch with
 
 
 def parse(text: str) -> list[dict]:
@@ -70,29 +71,33 @@ def traffic(entries: list[dict], clients: set[str]) -> dict:
 
 
 def run(sandbox, sizes: list[int], log=print) -> dict:
-    """Bytes served per deploy for each size and each runtime the sandbox can pull with."""
-    clu = cluster.load_cluster()
-    image = clu.settings.image
-    runtime = clu.settings.pull_runtime or clu.settings.container_runtime
+    """Bytes served per deploy for each size and each runtime the sandbox can fetch with."""
     found = cluster.runtimes(sandbox)
     access_log = Path(sandbox.registry_access_log)
-    out: dict = {"image": image, "runtimes_found": found, "pull_runtime": runtime, "rows": []}
+    out: dict = {"runtimes_found": found, "rows": [], "image_bytes": None}
     t0 = time.monotonic()
-    for n in sizes:
-        cluster.remove_images(sandbox, n, image)
-        offset = _log_size(access_log)
-        run_ = cluster.deploy(n)
-        if not run_.ok:
-            raise RuntimeError(f"deploy with pull on {n} nodes failed:\n{cluster.tail(run_.output)}")
-        time.sleep(0.3)  # the registry writes its access log line after the response
-        entries = parse(_read_from(access_log, offset))
-        row = {"runtime": runtime, "nodes": n, "deploy_wall": run_.wall, "changed": run_.changed}
-        row.update(traffic(entries, {node.address for node in sandbox.compute[:n]}))
-        out["rows"].append(row)
-        log(
-            f"registry: {runtime} {n:>2} nodes: {row['bytes']} bytes in {row['requests']} requests "
-            f"({row['nodes_pulling']} nodes pulled), deploy with pull {run_.wall:.2f}s"
-        )
-    out["not_measured"] = [r for r in found if r not in PULL_RUNTIMES]
+    for runtime in RUNTIMES:
+        settings = cluster.load_cluster(runtime).settings
+        out.setdefault("images", {})[runtime] = settings.image
+        cluster.deploy(max(sizes), runtime=runtime)  # converge this runtime's job files first
+        for n in sizes:
+            cluster.remove_images(sandbox, n, settings)
+            offset = _log_size(access_log)
+            run_ = cluster.deploy(n, runtime=runtime)
+            if not run_.ok:
+                raise RuntimeError(f"{runtime} deploy on {n} nodes failed:\n{cluster.tail(run_.output)}")
+            time.sleep(0.3)  # the registry writes its access log line after the response
+            entries = parse(_read_from(access_log, offset))
+            row = {"runtime": runtime, "nodes": n, "deploy_wall": run_.wall, "changed": run_.changed}
+            row.update(traffic(entries, {node.address for node in sandbox.compute[:n]}))
+            out["rows"].append(row)
+            log(
+                f"registry: {runtime} {n:>2} nodes: {row['bytes']} bytes in {row['requests']} requests "
+                f"({row['nodes_pulling']} nodes fetched), deploy with fetch {run_.wall:.2f}s"
+            )
+    cluster.deploy(max(sizes))  # leave the sandbox on its default runtime
+    one = [r["bytes"] for r in out["rows"] if r["runtime"] == "pyxis"]
+    out["image_bytes"] = min(one) if one else None
+    out["not_measured"] = [r for r in found if r not in ("podman", "enroot")]
     out["seconds"] = round(time.monotonic() - t0, 1)
     return out

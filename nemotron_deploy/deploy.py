@@ -117,7 +117,9 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         # One host imports for the whole cluster, onto shared storage.
         key = ngc_key(cluster)
         creds = None
-        if key and runtime == "pyxis" and containers.registry_of(s.image) == containers.NGC_REGISTRY:
+        registry = containers.registry_of(s.image)
+        login = s.registry_login if s.registry_login is not None else registry == containers.NGC_REGISTRY
+        if key and runtime == "pyxis" and login:
             creds = desired.enroot_credentials(cluster)
             files.managed_directories(
                 name="enroot config",
@@ -126,7 +128,7 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
             )
             files.managed_files(
                 name="enroot credentials (0600)",
-                files=[WantedFile(creds, containers.enroot_credentials(key), "600")],
+                files=[WantedFile(creds, containers.enroot_credentials(key, registry), "600")],
                 current=snap["paths"],
                 secret=True,
             )

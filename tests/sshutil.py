@@ -41,7 +41,13 @@ HEALTH_STATE_DIR = "/var/lib/nemotron-health"
 HEALTH_METRICS_DIR = "/var/lib/nemotron-health-metrics"
 TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
 CRON_FILE = "/etc/cron.d/nemotron-health"
-IMAGE = "10.213.0.2:5000/nvidia/nemo:24.01.framework"
+IMAGE = "10.213.0.2:5000/nvidia/nemo:24.01.framework"  # podman's form
+PYXIS_IMAGE = "10.213.0.2:5000#nvidia/nemo:24.01.framework"
+IMAGES_DIR = f"{DEPLOY_SHARED}/images"
+IMAGE_FILE = f"{IMAGES_DIR}/10.213.0.2+5000+nvidia+nemo+24.01.framework.sqsh"  # pyxis imports it once
+IMPORT_OP = f"Import {PYXIS_IMAGE} (pyxis)"
+# The sandbox's inventory runs pyxis unless told otherwise (inventories/group_data/sandbox.py).
+PODMAN = {"NEMOTRON_SANDBOX_RUNTIME": "podman"}
 JOB_NAME = "nemotron-340b"
 PORT = 1424
 PULL_OP = f"Pull {IMAGE} (podman)"
@@ -220,8 +226,8 @@ def remove_image(sandbox, node: str) -> None:
 def reset_deploy(sandbox) -> None:
     """Remove what a previous deploy placed, on every node: the next deploy starts from nothing.
 
-    Jobs are cancelled first (their logs live in the shared dir being removed). The image stays:
-    pulling it is tested on its own.
+    Jobs are cancelled first (their logs live in the shared dir being removed). The images stay
+    (podman's, and pyxis's imported file): pulling and importing are tested on their own.
     """
     cancel_jobs(sandbox)
     for node in sandbox.compute_names:
@@ -229,7 +235,8 @@ def reset_deploy(sandbox) -> None:
     ssh(
         sandbox,
         sandbox.login_host,
-        f"rm -rf {NODE_DIR} {DEPLOY_SHARED} {CRON_FILE} {HEALTH_STATE_DIR} {HEALTH_METRICS_DIR} {TEXTFILE_DIR}; "
+        f"find {DEPLOY_SHARED} -mindepth 1 -maxdepth 1 ! -name images -exec rm -rf {{}} + 2>/dev/null; "
+        f"rm -rf {NODE_DIR} {CRON_FILE} {HEALTH_STATE_DIR} {HEALTH_METRICS_DIR} {TEXTFILE_DIR}; "
         f"if id {HEALTH_USER} >/dev/null 2>&1; then userdel {HEALTH_USER}; fi; "
         f"getent group {HEALTH_USER} >/dev/null && groupdel {HEALTH_USER}; true",
     )

@@ -29,10 +29,14 @@ from sshutil import (
     HEALTH_STATE_DIR,
     HEALTH_USER,
     HEALTH_VENV,
+    IMAGE_FILE,
+    IMAGES_DIR,
+    IMPORT_OP,
     INVENTORY,
     JOBS_DIR,
     LOGS_DIR,
     NODE_DIR,
+    PODMAN,
     PULL_OP,
     REPO,
     SBATCH,
@@ -414,14 +418,16 @@ def test_a_host_lost_mid_deploy_is_reported_and_the_others_finish(deployed):
 
 
 def test_a_missing_image_is_pulled_again_on_that_node_only(deployed):
+    """The podman path: every compute node pulls for itself."""
     sandbox = deployed
+    deploy_ok(env=clean_env(**PODMAN))
     for node in sandbox.compute_names:
         assert image_present(sandbox, node), f"the deploy did not pull the image on {node}"
     remove_image(sandbox, SECOND)
     log = sandbox.registry_access_log
     offset = log.stat().st_size
 
-    run = deploy_ok()
+    run = deploy_ok(env=clean_env(**PODMAN))
     assert op_statuses(run.output, PULL_OP) == {
         FIRST: "No changes",
         SECOND: "Success",
@@ -436,16 +442,84 @@ def test_a_missing_image_is_pulled_again_on_that_node_only(deployed):
     assert manifest_clients == {sandbox.node(SECOND).address}, manifest_clients
 
 
+def test_a_missing_image_file_is_imported_once_for_the_whole_cluster(deployed):
+    """The pyxis path (the default): the first compute node imports with real enroot into shared
+    storage, through a temporary name; the other nodes read the same file."""
+    sandbox = deployed
+    assert stat_paths(sandbox, FIRST, [IMAGE_FILE]) == {IMAGE_FILE: ROOT_644}
+    ssh(sandbox, FIRST, f"rm -f {IMAGE_FILE}")
+    log = sandbox.registry_access_log
+    offset = log.stat().st_size
+
+    run = deploy_ok()
+    assert op_statuses(run.output, IMPORT_OP) == {
+        FIRST: "Success",
+        SECOND: "Skipped",
+        sandbox.login_host: "Skipped",
+    }, run.output
+    # 0644 (pyxis refuses a 0600 squashfs), a real squashfs, and nothing half-written left beside it.
+    assert stat_paths(sandbox, SECOND, [IMAGE_FILE]) == {IMAGE_FILE: ROOT_644}
+    assert ssh(sandbox, FIRST, f"head -c 4 {IMAGE_FILE}").stdout == "hsqs"
+    assert ssh(sandbox, FIRST, f"ls -a {IMAGES_DIR}").stdout.split() == [
+        ".",
+        "..",
+        IMAGE_FILE.rsplit("/", 1)[1],
+    ]
+    clients = {
+        line.split()[0]
+        for line in log.read_bytes()[offset:].decode(errors="replace").splitlines()
+        if "/v2/" in line
+    }
+    assert clients == {sandbox.node(FIRST).address}, clients
+    again = deploy_ok()
+    assert op_statuses(again.output, IMPORT_OP)[FIRST] == "No changes"
+
+
 # --- 7. the NGC key ---------------------------------------------------------------------------------------
 
 
-def test_credentials_never_show(deployed):
+def test_credentials_for_the_pyxis_import_never_show(deployed):
+    """The pyxis path: enroot reads the key from its 0600 netrc file in a 0700 dir, never from a
+    command line; the key is nowhere else: not in the output, the shared dir or other node files."""
     sandbox = deployed
+    key = f"nvapi-TEST{uuid.uuid4().hex}"
+    creds = f"{NODE_DIR}/enroot/.credentials"
+    ssh(sandbox, FIRST, f"rm -f {IMAGE_FILE}")
+    try:
+        run = pyinfra("-vvv", "--data", "registry_login=true", env=clean_env(NGC_API_KEY=key))
+        assert run.rc == 0, run.describe().replace(key, "<KEY>")
+        assert key not in run.output, "the NGC key is in pyinfra's -vvv output"
+        assert op_statuses(run.output, IMPORT_OP)[FIRST] == "Success", run.output.replace(key, "<KEY>")
+        assert f"ENROOT_CONFIG_PATH={NODE_DIR}/enroot enroot import" in run.output
+        assert stat_paths(sandbox, FIRST, [creds, f"{NODE_DIR}/enroot"]) == {
+            creds: ("600", "root", "root"),
+            f"{NODE_DIR}/enroot": ("700", "root", "root"),
+        }
+        assert ssh(sandbox, FIRST, f"cat {creds}").stdout == (
+            f"machine 10.213.0.2 login $oauthtoken password {key}\n"
+        )
+        found = subprocess.run(["grep", "-rlF", key, SHARED], capture_output=True, text=True)
+        assert found.returncode == 1, f"the key is in shared files: {found.stdout}{found.stderr}"
+        for node in [*sandbox.compute_names, sandbox.login_host]:
+            grep = ssh(
+                sandbox, node, "grep -rlsF -D skip -f - /tmp /var/tmp /root /opt /run /etc", input=key + "\n",
+                check=False,
+            )  # fmt: skip
+            where = set(grep.stdout.split())
+            assert where == ({creds} if node == FIRST else set()), f"the key is in files on {node}: {where}"
+    finally:
+        ssh(sandbox, FIRST, f"rm -rf {NODE_DIR}/enroot")
+
+
+def test_credentials_never_show(deployed):
+    """The podman path: `podman login --password-stdin` from a 0600 file in a 0700 dir."""
+    sandbox = deployed
+    deploy_ok(env=clean_env(**PODMAN))
     key = f"nvapi-TEST{uuid.uuid4().hex}"
     for node in sandbox.compute_names:
         remove_image(sandbox, node)
     try:
-        run = pyinfra("-vvv", "--data", "registry_login=true", env=clean_env(NGC_API_KEY=key))
+        run = pyinfra("-vvv", "--data", "registry_login=true", env=clean_env(NGC_API_KEY=key, **PODMAN))
         assert run.rc == 0, run.describe().replace(key, "<KEY>")
         assert key not in run.output, "the NGC key is in pyinfra's -vvv output"
         assert op_statuses(run.output, PULL_OP) == {

@@ -24,20 +24,25 @@ from sshutil import (
     HEALTH_USER,
     HEALTH_VENV,
     IMAGE,
+    IMAGE_FILE,
+    IMAGES_DIR,
     JOB_NAME,
     LOGS_DIR,
+    PODMAN,
     PORT,
     REPO,
     SBATCH,
     SCRIPTS_DIR,
     Run,
     cancel_jobs,
+    clean_env,
     console_script,
     converged_attempts,
     deploy_ok,
     job_ids,
     job_state,
     leftover_processes,
+    op_statuses,
     pyinfra,
     results_table,
     ssh,
@@ -60,10 +65,10 @@ def _idle(sandbox) -> None:
     cancel_jobs(sandbox)
 
 
-def _submit(*data: str) -> Run:
+def _submit(*data: str, env: dict[str, str] | None = None) -> Run:
     """Deploy with `--data submit=true` (plus `data`), which waits until the health check says OK."""
     args = [a for d in ("submit=true", *data) for a in ("--data", d)]
-    run = pyinfra(*args, timeout=240)
+    run = pyinfra(*args, timeout=240, env=clean_env(**(env or {})))
     assert run.rc == 0, f"deploy with submit=true failed:\n{run.describe()}"
     return run
 
@@ -221,6 +226,25 @@ def test_the_scheduled_check_finds_the_job_slurm_hides_from_its_user(sandbox, se
     assert record["job_id"] == job_id and record["node"] == FIRST
 
 
+def test_a_new_image_tag_is_imported_beside_the_running_jobs_file(sandbox, serving):
+    """pyxis: a new tag is a new file (never the old name reused), imported while the job serves from
+    the old one, which stays in place; the sbatch then points at the new file."""
+    job_id, _ = serving
+    new_file = IMAGE_FILE.replace("24.01.framework", "24.05")
+    ssh(sandbox, FIRST, f"rm -f {new_file}")
+    try:
+        run = deploy_ok("--data", "container_image=10.213.0.2:5000#nvidia/nemo:24.05")
+        assert op_statuses(run.output, "Import 10.213.0.2:5000#nvidia/nemo:24.05 (pyxis)")[FIRST] == "Success"
+        listing = ssh(sandbox, FIRST, f"ls {IMAGES_DIR}").stdout.split()
+        assert listing == sorted([IMAGE_FILE.rsplit("/", 1)[1], new_file.rsplit("/", 1)[1]]), listing
+        assert f"--container-image={new_file}" in Path(SBATCH).read_text()
+        assert job_state(sandbox, job_id) == "RUNNING", "the running job lost its image"
+    finally:
+        deploy_ok()  # back to the inventory's tag (the sbatch again points at the first file)
+        ssh(sandbox, FIRST, f"rm -f {new_file}")
+    assert f"--container-image={IMAGE_FILE}" in Path(SBATCH).read_text()
+
+
 # --- 3. nothing is left behind ----------------------------------------------------------------------------
 
 
@@ -312,7 +336,7 @@ def test_a_cancelled_podman_job_leaves_no_container(sandbox):
     containers (and their GPUs) behind. Each task now names its container and stops it when signalled."""
     _idle(sandbox)
     try:
-        _submit("container_runtime=podman")  # waits until rank 0, in its container, generates
+        _submit(env=PODMAN)  # waits until rank 0, in its container, generates
         job_id = _only_job(sandbox)
         per_node = sandbox.gpus_per_node
         running = {node: _containers(sandbox, node) for node in sandbox.compute_names}

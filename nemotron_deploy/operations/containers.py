@@ -127,6 +127,8 @@ def import_image_file(
     )
 
 
-def enroot_credentials(ngc_key: str) -> str:
-    """enroot's netrc line for nvcr.io (the content of a 0600 file, never a command line)."""
-    return f"machine {NGC_REGISTRY} login {NGC_USER} password {ngc_key}\n"
+def enroot_credentials(ngc_key: str, registry: str = NGC_REGISTRY) -> str:
+    """enroot's netrc line for `registry` (the content of a 0600 file, never a command line).
+
+    netrc names a machine without its port."""
+    return f"machine {registry.rsplit(':', 1)[0]} login {NGC_USER} password {ngc_key}\n"

@@ -28,6 +28,8 @@ IMAGE_STAMP = REGISTRY_DIR / "image.sha256"  # what the pushed image was built f
 STORAGE_DRIVER = "overlay"
 # Docker v2 schema 2: what enroot asks for (an OCI manifest gets it a 404 from registry 2.8).
 V2S2 = "application/vnd.docker.distribution.manifest.v2+json"
+# NeMo's later tag (the model card moved to it): the same stand-in, for tests that change the image tag.
+OTHER_TAGS = ("24.05",)
 
 
 def config_yaml(address: str) -> str:
@@ -151,17 +153,20 @@ def has_image(sandbox: Sandbox) -> bool:
 
 
 def push_image(sandbox: Sandbox) -> None:
-    """Push the stand-in image from its OCI layout, with skopeo running on the login node."""
+    """Push the stand-in image from its OCI layout, with skopeo running on the login node: as the
+    inventory's tag, and as OTHER_TAGS (the same image; a deploy that changes tags gets a new one)."""
     tag = IMAGE_PATH.split(":", 1)[1]
-    nodes.run_in(
-        sandbox.login,
-        [
-            "skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false", "--format", "v2s2",
-            f"oci:{OCI_LAYOUT}:{tag}", f"docker://{sandbox.image}",
-        ],
-        timeout=120,
-        what=f"pushing {sandbox.image} with skopeo",
-    )  # fmt: skip
+    repo = sandbox.image.rsplit(":", 1)[0]
+    for dest in (tag, *OTHER_TAGS):
+        nodes.run_in(
+            sandbox.login,
+            [
+                "skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false", "--format", "v2s2",
+                f"oci:{OCI_LAYOUT}:{tag}", f"docker://{repo}:{dest}",
+            ],
+            timeout=120,
+            what=f"pushing {repo}:{dest} with skopeo",
+        )  # fmt: skip
     if not has_image(sandbox):
         raise SandboxError(f"skopeo pushed {sandbox.image} but the registry doesn't serve it\n{tail(LOG)}")
 
@@ -173,7 +178,8 @@ def _write_layout() -> None:
 
 
 def _stamp(emulator: bytes) -> str:
-    return hashlib.sha256(emulator + Path(image.__file__).read_bytes()).hexdigest()
+    recipe = Path(image.__file__).read_bytes() + Path(__file__).read_bytes()  # what and which tags
+    return hashlib.sha256(emulator + recipe).hexdigest()
 
 
 def refresh_image(sandbox: Sandbox) -> None:
