@@ -38,8 +38,10 @@ def test_import_lands_world_readable_under_the_final_name(tmp_path, runtime):
     bindir = tmp_path / "bin"
     # enroot import --output FILE docker://REF ; apptainer pull FILE docker://REF: both write FILE
     # with the umask's mode; 0600 is what pyxis then refuses ("Invalid image format").
-    stand_in(bindir, "enroot", 'echo "$@" > "$TMPDIR_LOG"; umask 077; echo squashfs > "$3"')
-    stand_in(bindir, "apptainer", 'echo "$@" > "$TMPDIR_LOG"; umask 077; echo sif > "$2"')
+    # Each also leaves scratch (layers) where it is told to: the import must remove it.
+    scratch = 'mkdir -p "${ENROOT_CACHE_PATH:-$APPTAINER_CACHEDIR}" && echo layer > "${ENROOT_CACHE_PATH:-$APPTAINER_CACHEDIR}/l"'
+    stand_in(bindir, "enroot", f'echo "$@" > "$TMPDIR_LOG"; {scratch}; umask 077; echo squashfs > "$3"')
+    stand_in(bindir, "apptainer", f'echo "$@" > "$TMPDIR_LOG"; {scratch}; umask 077; echo sif > "$2"')
     target = tmp_path / "images" / f"image.{'sqsh' if runtime == 'pyxis' else 'sif'}"
     target.parent.mkdir()
     (cmd,) = commands(
@@ -56,6 +58,7 @@ def test_import_lands_world_readable_under_the_final_name(tmp_path, runtime):
     else:
         assert "docker://nvcr.io/nvidia/nemo:24.01.framework" in args  # apptainer the docker form
     assert (tmp_path / "scratch").is_dir(), "scratch must be on the disk the inventory names, not /tmp"
+    assert list((tmp_path / "scratch").iterdir()) == [], "the import's scratch (tens of GB) must go"
 
 
 def test_a_failed_import_never_leaves_a_file_under_the_final_name(tmp_path):
@@ -71,6 +74,8 @@ def test_a_failed_import_never_leaves_a_file_under_the_final_name(tmp_path):
     assert result.returncode != 0
     assert "401" in result.stderr
     assert not target.exists()
+    assert not Path(f"{target}.partial").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("import.")] == []
 
 
 def test_no_import_when_the_image_file_is_there():

@@ -460,11 +460,9 @@ def test_a_missing_image_file_is_imported_once_for_the_whole_cluster(deployed):
     # 0644 (pyxis refuses a 0600 squashfs), a real squashfs, and nothing half-written left beside it.
     assert stat_paths(sandbox, SECOND, [IMAGE_FILE]) == {IMAGE_FILE: ROOT_644}
     assert ssh(sandbox, FIRST, f"head -c 4 {IMAGE_FILE}").stdout == "hsqs"
-    assert ssh(sandbox, FIRST, f"ls -a {IMAGES_DIR}").stdout.split() == [
-        ".",
-        "..",
-        IMAGE_FILE.rsplit("/", 1)[1],
-    ]
+    assert ssh(sandbox, FIRST, f"ls -A {IMAGES_DIR}").stdout.split() == [IMAGE_FILE.rsplit("/", 1)[1]]
+    scratch = ssh(sandbox, FIRST, f"ls -A {DEPLOY_SHARED}/.import-tmp").stdout.split()
+    assert scratch == [], f"the import left its scratch (layers) behind: {scratch}"
     clients = {
         line.split()[0]
         for line in log.read_bytes()[offset:].decode(errors="replace").splitlines()

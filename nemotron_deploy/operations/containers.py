@@ -110,20 +110,24 @@ def import_image_file(
     q_tmp, q_partial, q_target = shlex.quote(tmp_dir), shlex.quote(partial), shlex.quote(target)
     # The images dir is the login node's to own (desired.py); on a first deploy this step comes first.
     q_dir = shlex.quote(target.rsplit("/", 1)[0])
+    # Scratch of this import only (layers, unpacked rootfs: tens of GB), removed whatever happens.
     if runtime == "pyxis":
-        env = f"ENROOT_TEMP_PATH={q_tmp} ENROOT_CACHE_PATH={q_tmp}/cache"
+        env = 'ENROOT_TEMP_PATH="$work" ENROOT_CACHE_PATH="$work/cache"'
         if credentials_path:
             env += f" ENROOT_CONFIG_PATH={shlex.quote(credentials_path.rsplit('/', 1)[0])}"
         fetch = f"{env} enroot import --output {q_partial} {shlex.quote('docker://' + image)}"
     else:
         docker_ref = image.replace("#", "/", 1)
         fetch = (
-            f"APPTAINER_TMPDIR={q_tmp} APPTAINER_CACHEDIR={q_tmp}/cache apptainer pull {q_partial} "
+            f'APPTAINER_TMPDIR="$work" APPTAINER_CACHEDIR="$work/cache" apptainer pull {q_partial} '
             + shlex.quote("docker://" + docker_ref)
         )
     # 0644: pyxis refuses a 0600 squashfs with "Invalid image format".
     yield StringCommand(
-        f"mkdir -p {q_tmp} && mkdir -p -m 755 {q_dir} && rm -f {q_partial} && {fetch} && chmod 644 {q_partial} && mv -f {q_partial} {q_target}"
+        f"mkdir -p {q_tmp} && mkdir -p -m 755 {q_dir} && rm -f {q_partial} "
+        f"&& work=$(mktemp -d {q_tmp}/import.XXXXXX) "
+        f"&& {{ {fetch} && chmod 644 {q_partial} && mv -f {q_partial} {q_target}; rc=$?; "
+        f'rm -rf "$work"; [ $rc = 0 ] || rm -f {q_partial}; exit $rc; }}'
     )
 
 
