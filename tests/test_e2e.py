@@ -226,6 +226,20 @@ def test_the_scheduled_check_finds_the_job_slurm_hides_from_its_user(sandbox, se
     assert record["job_id"] == job_id and record["node"] == FIRST
 
 
+def test_every_rank_runs_inside_the_imported_image(sandbox, serving):
+    """pyxis for real: the 16 servers run in enroot containers made from the imported squashfs
+    (the image's own files, e.g. its README, are at their root; the host's python tests are not)."""
+    for node in sandbox.compute_names:
+        probe = ssh(
+            sandbox,
+            node,
+            "for p in $(pgrep -f '[m]egatron_gpt_eval.py'); do "  # [m]: not this shell itself
+            "if [ -e /proc/$p/root/opt/nemotron-sandbox-image/README ] && "
+            "[ ! -e /proc/$p/root/usr/lib/python3.11/test ]; then echo inside; else echo outside; fi; done",
+        ).stdout.split()
+        assert probe == ["inside"] * sandbox.gpus_per_node, f"{node}: {probe}"
+
+
 def test_a_new_image_tag_is_imported_beside_the_running_jobs_file(sandbox, serving):
     """pyxis: a new tag is a new file (never the old name reused), imported while the job serves from
     the old one, which stays in place; the sbatch then points at the new file."""

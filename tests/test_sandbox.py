@@ -320,6 +320,45 @@ def test_podman_pulls_the_image_from_the_registry_on_each_compute_node(sb):
 
 
 @pytest.mark.sandbox
+def test_the_registry_serves_a_nemo_shaped_image_as_docker_v2(sb):
+    """What enroot asks for (no OCI Accept header): a v2 schema 2 manifest; NeMo's environment; the
+    stand-in at NeMo's path and a Python to run it, inside the image (not from the host)."""
+    import http.client
+    import io
+    import tarfile
+    import zlib
+
+    repo, tag = sb.image.split("/", 1)[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(sb.registry, timeout=10)
+
+    def get(path: str, accept: str = "") -> bytes:
+        conn.request("GET", path, headers={"Accept": accept} if accept else {})
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == 200, (path, response.status, body[:200])
+        return body
+
+    v2s2 = "application/vnd.docker.distribution.manifest.v2+json"
+    manifest = json.loads(get(f"/v2/{repo}/manifests/{tag}", v2s2))
+    assert manifest["mediaType"] == v2s2 and len(manifest["layers"]) == 2
+    config = json.loads(get(f"/v2/{repo}/blobs/{manifest['config']['digest']}"))
+    assert "NVIDIA_VISIBLE_DEVICES=all" in config["config"]["Env"]
+    names: set[str] = set()
+    for layer in manifest["layers"]:
+        data = zlib.decompress(get(f"/v2/{repo}/blobs/{layer['digest']}"), 16 + zlib.MAX_WBITS)
+        names |= set(tarfile.open(fileobj=io.BytesIO(data)).getnames())
+    for path in (
+        "opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py",
+        "usr/bin/python3",
+        "usr/lib/python3.11/json/__init__.py",
+        "usr/bin/bash",
+        "usr/lib/x86_64-linux-gnu/libc.so.6",
+    ):
+        assert path in names, path
+    assert get(f"/v2/{repo}/manifests/24.05", v2s2), "the second tag, for image-change tests"
+
+
+@pytest.mark.sandbox
 def test_nvidia_smi_stand_in_and_fault_injection(sb):
     node = sb.compute[0].name
     listing = ssh(sb, node, "nvidia-smi -L").stdout.splitlines()
