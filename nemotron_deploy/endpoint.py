@@ -119,8 +119,9 @@ def limits(settings: ClusterSettings, plan: Plan, replicas: int) -> Limits:
         # A client waits through the queue and then the generation without sending anything.
         client_timeout_s=settings.endpoint_queue_seconds + check,
         connect_timeout_s=CONNECT_SECONDS,
-        # Enough to try every other replica once after a failed connection (at least 2 tries).
-        retries=max(2, replicas),
+        # A dead replica can take two tries (an empty response, then a refused connection that marks
+        # it down), then the request queues for the others: room for that and one more failure.
+        retries=max(3, replicas + 1),
     )
 
 
@@ -135,11 +136,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("inventory")
     parser.add_argument("--out", required=True, help="directory to write haproxy.cfg and the Lua file to")
     parser.add_argument("--replicas", type=int, help="replica slots (default: the plan's replicas)")
+    parser.add_argument(
+        "--config-dir", default=CONFIG_DIR, help=f"where haproxy.cfg finds the Lua file ({CONFIG_DIR})"
+    )
+    parser.add_argument(
+        "--stats-socket", default=STATS_SOCKET, help=f"the runtime API socket ({STATS_SOCKET})"
+    )
+    parser.add_argument("--bind", default="", help="the address to listen on (default: every IPv4 address)")
     opts = parser.parse_args(argv)
     cluster = inventory.load(opts.inventory)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
-    for f in render.render_endpoint(cluster, opts.replicas or cluster.plan.replicas):
+    files = render.render_endpoint(
+        cluster,
+        opts.replicas or cluster.plan.replicas,
+        config_dir=opts.config_dir,
+        stats_socket=opts.stats_socket,
+        bind_address=opts.bind,
+    )
+    for f in files:
         path = out / f.name
         path.write_text(str(f.content))
         path.chmod(int(f.mode, 8))

@@ -7,7 +7,8 @@ run by the health timer every minute and right after submit, takes the desired b
 
 * reads ``show servers state <backend>``;
 * for a slot that should serve: ``set server <be>/<slot> addr <ip> port <port>`` if either differs,
-  then ``set server <be>/<slot> state ready`` if it is in maintenance;
+  then, if it is in maintenance, ``health down`` and ``state ready``: it gets traffic once its health
+  check (a real generation) passes;
 * for a slot that should not (``None``: no replica, or it is not running): ``state maint`` unless it
   already is. Requests in flight on it finish; new ones go elsewhere.
 
@@ -31,8 +32,11 @@ from dataclasses import dataclass
 BACKEND = "replicas"  # endpoint.BACKEND (not imported: this module stays stdlib-only)
 SLOT_PREFIX = "r"
 SOCKET = "/run/haproxy/admin.sock"
-# srv_admin_state bits (HAProxy's SRV_ADMF_*): forced, inherited, config ("disabled"), resolution maint.
-_ADMIN_MAINT = 0x01 | 0x02 | 0x04 | 0x20
+# srv_admin_state bits (HAProxy's SRV_ADMF_*): maintenance forced, inherited, by resolution, by hostname;
+# drain forced, inherited. (0x04, CMAINT, only records the config's `disabled` and stays after
+# `state ready`.)
+_ADMIN_MAINT = 0x01 | 0x02 | 0x20 | 0x40
+_ADMIN_DRAIN = 0x08 | 0x10
 # srv_op_state: 0 stopped (down), 1 starting, 2 running (up), 3 stopping.
 OP_STATES = {0: "down", 1: "starting", 2: "up", 3: "stopping"}
 
@@ -56,8 +60,14 @@ class ServerState:
         return bool(self.admin_state & _ADMIN_MAINT)
 
     @property
+    def draining(self) -> bool:
+        return bool(self.admin_state & _ADMIN_DRAIN)
+
+    @property
     def status(self) -> str:
-        return "maint" if self.in_maintenance else OP_STATES.get(self.op_state, str(self.op_state))
+        if self.in_maintenance:
+            return "maint"
+        return "drain" if self.draining else OP_STATES.get(self.op_state, str(self.op_state))
 
 
 def replica_job_name(job_name: str, index: int) -> str:
@@ -172,8 +182,13 @@ def plan_commands(current: dict[str, ServerState], desired: Desired, backend: st
             continue
         if state.addr != addr or state.port != port:
             commands.append(f"set server {target} addr {addr} port {port}")
-        if state.in_maintenance:
+        if state.in_maintenance or state.draining:
             commands.append(f"set server {target} state ready")
+        if state.in_maintenance:
+            # HAProxy takes a server out of maintenance as up ("start OK but check immediately"):
+            # mark it down at once (same command line), so that it gets traffic only once a
+            # generation succeeded; the replica may still be loading.
+            commands.append(f"set server {target} health down")
     return commands
 
 
@@ -185,11 +200,17 @@ def apply(socket_path: str, desired: dict[str, tuple[str | None, int]], backend:
     """
     resolved = {slot: ((resolve(addr) if addr else None), port) for slot, (addr, port) in desired.items()}
     commands = plan_commands(servers_state(socket_path, backend), resolved, backend)
+    # One command line per slot (`a; b`): HAProxy runs them back to back.
+    per_slot: dict[str, list[str]] = {}
     for line in commands:
-        answer = command(socket_path, line).strip()
-        # Success is silent, or "IP changed from ..."/"no need to change the addr"; errors say so.
-        if answer and not answer.startswith(("IP changed", "no need to change", "port changed")):
-            raise SyncError(f"HAProxy refused `{line}`: {answer}")
+        per_slot.setdefault(line.split()[2], []).append(line)
+    for lines in per_slot.values():
+        answer = command(socket_path, "; ".join(lines))
+        for reply in answer.splitlines():
+            reply = reply.strip()
+            # Success is silent, or says what changed ("IP changed from ...", "no need to change ...").
+            if reply and not reply.startswith(("IP changed", "no need to change", "port changed")):
+                raise SyncError(f"HAProxy refused `{'; '.join(lines)}`: {answer.strip()}")
     return commands
 
 

@@ -55,12 +55,13 @@ def write_endpoint(cluster: inventory.Cluster, replicas: int, out: Path, **kwarg
     return out / endpoint.CONFIG_FILE
 
 
+# 3 nodes of A100 40GB: the plan leaves 6.4 GiB headroom, too little for log-probs.
+A100_40GB_HOSTS = 'login = ["login01"]\ncompute = ["gpu01", "gpu02", "gpu03"]\n'
+
+
 def a100_40gb(tmp_path: Path) -> inventory.Cluster:
-    """3 nodes of A100 40GB: the plan leaves 6.4 GiB headroom, too little for log-probs."""
-    hosts = 'login = ["login01"]\ncompute = ["gpu01", "gpu02", "gpu03"]\n'
-    return inventory.load(
-        str(write_inventory(tmp_path, "a100", hosts=hosts, settings={"gpu_type": "A100-40GB"}))
-    )
+    path = write_inventory(tmp_path, "a100", hosts=A100_40GB_HOSTS, settings={"gpu_type": "A100-40GB"})
+    return inventory.load(str(path))
 
 
 # --- haproxy -c and goldens ---------------------------------------------------------------------------
@@ -129,19 +130,23 @@ def h100_cfg() -> str:
 def test_config_health_check_is_a_real_generation(h100_cfg):
     assert "http-check send meth PUT uri /generate" in h100_cfg
     assert '"tokens_to_generate":1' in h100_cfg
-    assert re.search(r'^\s+http-check expect rstring \^\\\{\.\*"sentences"', h100_cfg, re.M)
+    assert "    http-check expect rstring '^\\{.*\"sentences\"\\s*:'\n" in h100_cfg
     # The check may wait behind the longest generation (max_generation_seconds 300 by default).
     check = int(re.search(r"timeout check (\d+)s", h100_cfg).group(1))
     assert check > 300
 
 
 def test_config_one_request_per_replica_bounded_queue_and_retries(h100_cfg):
-    assert re.search(r"^\s+server-template r 1-3 127\.0\.0\.1:1 disabled check .*maxconn 1$", h100_cfg, re.M)
+    assert re.search(
+        r"^\s+server-template r 1-3 127\.0\.0\.1:1 disabled check .*maxconn 1 observe layer4 error-limit 1 on-error mark-down$",
+        h100_cfg,
+        re.M,
+    )
     assert "timeout queue 120s" in h100_cfg
-    assert re.search(r"http-error status 503 .*All replicas are busy", h100_cfg)
+    assert re.search(r"http-error status 503 .*The replicas are busy", h100_cfg)
     assert "retry-on conn-failure empty-response" in h100_cfg
     assert "option redispatch 1" in h100_cfg
-    assert re.search(r"^\s+retries 3$", h100_cfg, re.M)
+    assert re.search(r"^\s+retries 4$", h100_cfg, re.M)
 
 
 def test_config_metrics_socket_and_port(h100_cfg):
@@ -202,6 +207,8 @@ SHOW = """1
 3 replicas 1 r1 10.0.0.5 2 0 1 1 40 15 3 1 6 0 0 0 - 1424 - 0 0 - - 0
 3 replicas 2 r2 127.0.0.1 0 5 1 1 40 1 0 0 14 0 0 0 - 1 - 0 0 - - 0
 3 replicas 3 r3 10.0.0.7 0 1 1 1 40 1 0 0 14 0 0 0 - 1424 - 0 0 - - 0
+3 replicas 4 r4 10.0.0.8 2 4 1 1 40 15 3 1 6 0 0 0 - 1424 - 0 0 - - 0
+3 replicas 5 r5 10.0.0.9 2 12 1 1 40 15 3 1 6 0 0 0 - 1424 - 0 0 - - 0
 
 """
 
@@ -211,20 +218,30 @@ def test_parse_servers_state():
     assert state["r1"] == ServerState("r1", "10.0.0.5", 1424, 2, 0)
     assert state["r1"].status == "up" and not state["r1"].in_maintenance
     assert state["r2"].status == "maint" and state["r3"].status == "maint"
+    # 0x04 only records the config's `disabled`: it stays after `state ready`
+    assert state["r4"].status == "up" and state["r5"].status == "drain"
     with pytest.raises(endpoint_sync.SyncError):
         endpoint_sync.parse_servers_state("Unknown command\n")
 
 
 def test_plan_commands_touch_only_slots_that_differ():
     current = endpoint_sync.parse_servers_state(SHOW)
-    same = {"r1": ("10.0.0.5", 1424), "r2": (None, 1424), "r3": (None, 1424)}
+    same = {"r1": ("10.0.0.5", 1424), "r2": (None, 1424), "r3": (None, 1424), "r4": ("10.0.0.8", 1424)}
     assert endpoint_sync.plan_commands(current, same) == []
-    changed = {"r1": (None, 1424), "r2": ("10.0.0.6", 1424), "r3": ("10.0.0.7", 1424)}
+    changed = {
+        "r1": (None, 1424),
+        "r2": ("10.0.0.6", 1424),
+        "r3": ("10.0.0.7", 1424),
+        "r5": ("10.0.0.9", 1424),
+    }
     assert endpoint_sync.plan_commands(current, changed) == [
         "set server replicas/r1 state maint",
         "set server replicas/r2 addr 10.0.0.6 port 1424",
         "set server replicas/r2 state ready",
+        "set server replicas/r2 health down",
         "set server replicas/r3 state ready",
+        "set server replicas/r3 health down",
+        "set server replicas/r5 state ready",
     ]
     with pytest.raises(endpoint_sync.SyncError, match="no slot"):
         endpoint_sync.plan_commands(current, {"r9": ("10.0.0.9", 1424)})
