@@ -209,21 +209,26 @@ def test_a_replica_still_loading_gets_no_traffic(tmp_path):
     """A slot pointed at a replica whose port is not open yet (NeMo loading) stays DOWN, so requests go
     to the replica that serves; once the loading one generates, its first check brings it UP."""
     a = replica()
-    loading = serve_in_thread(load_delay=4.0)
+    loading = None
     try:
         with running_endpoint(cluster_with(tmp_path), 2, tmp_path / "ep") as ep:
+            loading = serve_in_thread(load_delay=3.0)
             ep.sync(r1=(HOST, a.port), r2=(HOST, loading.port))
-            assert ep.state()["r2"].status == "down"
+            status = ep.state()["r2"].status
+            assert not loading.ready.is_set(), "the stand-in finished loading too early for this test"
+            assert status == "down"
             ep.wait_status("r1", "up")
             for i in range(6):
                 status, text = put(ep.port, ask(f"early {i}"))
                 assert status == 200, text
+            assert not loading.ready.is_set(), "the stand-in finished loading too early for this test"
             assert ep.state()["r2"].status == "down"
             assert loading.generations == 0
             ep.wait_status("r2", "up", timeout=15)
     finally:
         a.handle.stop()
-        loading.stop()
+        if loading is not None:
+            loading.stop()
 
 
 def test_a_replica_answering_200_with_an_error_string_is_taken_out(two):
