@@ -193,6 +193,7 @@ SLURM = {"group": "Slurm"}
 PATHS = {"group": "paths on the cluster"}
 CONTAINER = {"group": "container"}
 SERVER = {"group": "server"}
+ENDPOINT = {"group": "endpoint (login node)"}
 HEALTH = {"group": "scheduled health check (login node)"}
 SWITCHES = {"group": "deploy switches"}
 
@@ -425,6 +426,45 @@ class ClusterSettings(BaseModel):
         description="The TCP port NeMo's server listens on, on the job's first node (the model card "
         "uses 1424). Change it if another service holds it.",
         json_schema_extra=SERVER,
+    )
+
+    max_generation_seconds: int = Field(
+        300,
+        ge=10,
+        description="The longest one generation may take (seconds). The endpoint's health check and "
+        "server timeouts are derived from it (a check waits behind a generation in flight). Raise it "
+        "for long outputs (tokens_to_generate in the thousands) on slow replicas.",
+        json_schema_extra=SERVER,
+    )
+
+    # --- endpoint (login node)
+    endpoint: bool | None = Field(
+        None,
+        description="Run the endpoint (HAProxy on the login node, in front of every replica). Default: "
+        "on where the login node can run it as a service; false to leave the login node alone.",
+        json_schema_extra=ENDPOINT,
+    )
+    endpoint_port: int = Field(
+        1424,
+        ge=1024,
+        le=65535,
+        description="The TCP port the endpoint listens on, on the login node (the model card's client "
+        "uses 1424). Change it if another service on the login node holds it.",
+        json_schema_extra=ENDPOINT,
+    )
+    endpoint_queue_seconds: int = Field(
+        120,
+        ge=1,
+        description="How long a request may wait in the endpoint for a free replica (seconds; each "
+        "replica serves one request at a time); then it gets 503 saying the replicas are busy.",
+        json_schema_extra=ENDPOINT,
+    )
+    endpoint_check_seconds: int = Field(
+        5,
+        ge=1,
+        description="How often the endpoint health-checks each replica with a one-token generation "
+        "(seconds). Lower it to notice a failed replica sooner; raise it to load replicas less.",
+        json_schema_extra=ENDPOINT,
     )
 
     # --- scheduled health check (login node)

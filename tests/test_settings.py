@@ -22,6 +22,7 @@ GROUPS = [
     "paths on the cluster",
     "container",
     "server",
+    "endpoint (login node)",
     "scheduled health check (login node)",
     "deploy switches",
 ]

@@ -1,0 +1,166 @@
+"""The endpoint: HAProxy on the login node in front of every replica, and what it enforces.
+
+`render.render_endpoint(cluster, replicas)` renders two files from `scripts/templates/`:
+
+* ``haproxy.cfg`` (HAProxy 2.6, Debian bookworm's package): one frontend on ``endpoint_port``, one
+  backend ``replicas`` with ``server-template`` slots ``r1..rN`` that start disabled; the updater
+  (:mod:`nemotron_deploy.endpoint_sync`) points them at the replicas' rank-0 nodes through the stats
+  socket at run time, without a reload. Each slot takes one request at a time (``maxconn 1``: NeMo's
+  server holds one global lock), is health-checked with a real one-token generation (NeMo has no
+  health route, and answers 200 with a JSON *string* for errors), and a request whose connection to
+  a replica fails or gets no answer is retried on another one.
+* ``nemotron_envelope.lua``: refuses, with HTTP 400 and a message naming the limit and the setting,
+  what the plan did not size the replicas for (more prompts than ``inference_batch``; log-probs when
+  the plan's memory beyond weights + KV cache does not hold their measured peak), and what would
+  wedge a replica (``sentences`` that is not a non-empty list of strings).
+
+This module holds the numbers both files are derived from, so the templates, the tests and the
+deploy agree. It imports nothing outside the standard library and the package's settings/planner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .planner import Plan
+from .settings import ClusterSettings
+
+# Where Debian's haproxy.service reads its configuration, and the runtime API socket it conventionally
+# uses (Debian's default haproxy.cfg has the same path). The socket is mode 660, owner/group below:
+# whoever runs the updater (the health timer's user) must be in that group.
+CONFIG_DIR = "/etc/haproxy"
+CONFIG_FILE = "haproxy.cfg"
+LUA_FILE = "nemotron_envelope.lua"
+STATS_SOCKET = "/run/haproxy/admin.sock"
+RUN_AS = "haproxy"  # user and group Debian's package creates
+BACKEND = "replicas"
+SLOT_PREFIX = "r"
+# Where an unassigned slot points: nothing listens on port 1, and the slot is in maintenance anyway.
+PLACEHOLDER_ADDR = "127.0.0.1"
+PLACEHOLDER_PORT = 1
+
+# Measured on one H200 (shared docs, planner-measurements.md): asking for log-probs of every position
+# of 8 x 4096 tokens peaks 12.65 GiB above weights + KV cache on one TP-8 rank, and the CUDA context
+# takes about 0.67 GiB beyond what PyTorch reserves. The plan leaves runtime_reserve_gib + headroom_gib
+# per GPU beyond weights + KV cache.
+LOGPROB_PEAK_GIB = 12.7
+CUDA_CONTEXT_GIB = 0.7
+LOGPROB_NEED_GIB = LOGPROB_PEAK_GIB + CUDA_CONTEXT_GIB
+
+# Margin over the longest generation for the health check (it may wait behind one) and for the
+# server side of a request.
+CHECK_MARGIN_SECONDS = 30
+CONNECT_SECONDS = 5
+# The whole request must sit in one buffer: the envelope reads it, and a retry re-sends it. A request
+# holds at most inference_batch prompts of up to 4096 tokens; 8 bytes per token covers SentencePiece
+# pieces (about 4 characters) with JSON escaping, plus room for the other keys.
+BYTES_PER_TOKEN = 8
+REQUEST_OVERHEAD_BYTES = 64 * 1024
+MIN_BUFSIZE = 64 * 1024
+
+
+def slot_names(replicas: int) -> list[str]:
+    """The server-template slots for `replicas` replicas: r1..rN."""
+    return [f"{SLOT_PREFIX}{i}" for i in range(1, replicas + 1)]
+
+
+def logprob_capacity_gib(plan: Plan) -> float:
+    """GPU memory per GPU the plan leaves beyond weights and KV cache (what a prefill may use)."""
+    return round(plan.runtime_reserve_gib + plan.headroom_gib, 2)
+
+
+def logprobs_allowed(plan: Plan) -> bool:
+    return logprob_capacity_gib(plan) >= LOGPROB_NEED_GIB
+
+
+def request_bufsize(settings: ClusterSettings, seq_length: int) -> int:
+    """tune.bufsize: a power of two that holds the largest request the plan allows."""
+    need = settings.inference_batch * seq_length * BYTES_PER_TOKEN + REQUEST_OVERHEAD_BYTES
+    size = MIN_BUFSIZE
+    while size < need:
+        size *= 2
+    return size
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Everything the two endpoint files are rendered from (besides the settings)."""
+
+    replicas: int
+    slots: list[str]
+    backend: str
+    max_sentences: int
+    logprobs_allowed: bool
+    logprob_capacity_gib: float
+    logprob_need_gib: float
+    bufsize: int
+    check_timeout_s: int
+    server_timeout_s: int
+    client_timeout_s: int
+    connect_timeout_s: int
+    retries: int
+
+
+def limits(settings: ClusterSettings, plan: Plan, replicas: int) -> Limits:
+    if replicas < 1:
+        raise ValueError(f"the endpoint needs at least one replica slot, got {replicas}")
+    check = settings.max_generation_seconds + CHECK_MARGIN_SECONDS
+    return Limits(
+        replicas=replicas,
+        slots=slot_names(replicas),
+        backend=BACKEND,
+        max_sentences=settings.inference_batch,
+        logprobs_allowed=logprobs_allowed(plan),
+        logprob_capacity_gib=logprob_capacity_gib(plan),
+        logprob_need_gib=LOGPROB_NEED_GIB,
+        bufsize=request_bufsize(settings, plan.seq_length),
+        check_timeout_s=check,
+        server_timeout_s=check,
+        # A client waits through the queue and then the generation without sending anything.
+        client_timeout_s=settings.endpoint_queue_seconds + check,
+        connect_timeout_s=CONNECT_SECONDS,
+        # A dead replica can take two tries (an empty response, then a refused connection that marks
+        # it down), then the request queues for the others: room for that and one more failure.
+        retries=max(3, replicas + 1),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write an inventory's endpoint files: `python -m nemotron_deploy.endpoint INVENTORY --out DIR`."""
+    import argparse
+    from pathlib import Path
+
+    from . import inventory, render
+
+    parser = argparse.ArgumentParser(prog="python -m nemotron_deploy.endpoint", description=main.__doc__)
+    parser.add_argument("inventory")
+    parser.add_argument("--out", required=True, help="directory to write haproxy.cfg and the Lua file to")
+    parser.add_argument("--replicas", type=int, help="replica slots (default: the plan's replicas)")
+    parser.add_argument(
+        "--config-dir", default=CONFIG_DIR, help=f"where haproxy.cfg finds the Lua file ({CONFIG_DIR})"
+    )
+    parser.add_argument(
+        "--stats-socket", default=STATS_SOCKET, help=f"the runtime API socket ({STATS_SOCKET})"
+    )
+    parser.add_argument("--bind", default="", help="the address to listen on (default: every IPv4 address)")
+    opts = parser.parse_args(argv)
+    cluster = inventory.load(opts.inventory)
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = render.render_endpoint(
+        cluster,
+        opts.replicas or cluster.plan.replicas,
+        config_dir=opts.config_dir,
+        stats_socket=opts.stats_socket,
+        bind_address=opts.bind,
+    )
+    for f in files:
+        path = out / f.name
+        path.write_text(str(f.content))
+        path.chmod(int(f.mode, 8))
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

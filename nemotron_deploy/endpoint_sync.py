@@ -1,0 +1,262 @@
+"""Point the endpoint's replica slots at the replicas, through HAProxy's runtime API: no reload.
+
+The endpoint's haproxy.cfg (render.render_endpoint) has slots r1..rN in the backend ``replicas``,
+all in maintenance at start. Only Slurm knows where each replica's rank 0 runs, so this updater,
+run by the health timer every minute and right after submit, takes the desired backends
+``{slot: (address or None, port)}`` and, over the stats socket:
+
+* reads ``show servers state <backend>``;
+* for a slot that should serve: ``set server <be>/<slot> addr <ip> port <port>`` if either differs,
+  then, if it is in maintenance, ``health down`` and ``state ready``: it gets traffic once its health
+  check (a real generation) passes;
+* for a slot that should not (``None``: no replica, or it is not running): ``state maint`` unless it
+  already is. Requests in flight on it finish; new ones go elsewhere.
+
+Slots already as desired get no command, so a second run sends nothing. Addresses are resolved here
+(the runtime API takes IPs): a node name that does not resolve leaves its slot in maintenance.
+
+Stdlib only: it runs from the health timer's venv on the login node, like health.py.
+
+    python -m nemotron_deploy.endpoint_sync --socket /run/haproxy/admin.sock --set r1=gpu01:1424 --set r2=-
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+import socket
+import sys
+from dataclasses import dataclass
+
+BACKEND = "replicas"  # endpoint.BACKEND (not imported: this module stays stdlib-only)
+SLOT_PREFIX = "r"
+SOCKET = "/run/haproxy/admin.sock"
+# srv_admin_state bits (HAProxy's SRV_ADMF_*): maintenance forced, inherited, by resolution, by hostname;
+# drain forced, inherited. (0x04, CMAINT, only records the config's `disabled` and stays after
+# `state ready`.)
+_ADMIN_MAINT = 0x01 | 0x02 | 0x20 | 0x40
+_ADMIN_DRAIN = 0x08 | 0x10
+# srv_op_state: 0 stopped (down), 1 starting, 2 running (up), 3 stopping.
+OP_STATES = {0: "down", 1: "starting", 2: "up", 3: "stopping"}
+
+Desired = dict[str, "tuple[str | None, int]"]
+
+
+class SyncError(Exception):
+    """The stats socket could not be used, or HAProxy refused a command; the message says which."""
+
+
+@dataclass(frozen=True)
+class ServerState:
+    name: str
+    addr: str
+    port: int
+    op_state: int
+    admin_state: int
+
+    @property
+    def in_maintenance(self) -> bool:
+        return bool(self.admin_state & _ADMIN_MAINT)
+
+    @property
+    def draining(self) -> bool:
+        return bool(self.admin_state & _ADMIN_DRAIN)
+
+    @property
+    def status(self) -> str:
+        if self.in_maintenance:
+            return "maint"
+        return "drain" if self.draining else OP_STATES.get(self.op_state, str(self.op_state))
+
+
+def replica_job_name(job_name: str, index: int) -> str:
+    """The Slurm job name of replica `index` (1-based): <job_name>-r<index>."""
+    return f"{job_name}-{SLOT_PREFIX}{index}"
+
+
+def slot_for_job(job_name: str, name: str) -> str | None:
+    """The slot (r<i>) a replica job's name maps to, or None when it is not one of this deployment's."""
+    m = re.fullmatch(re.escape(job_name) + r"-(" + SLOT_PREFIX + r"[1-9][0-9]*)", name)
+    return m.group(1) if m else None
+
+
+def desired_from_nodes(
+    job_name: str, replicas: int, first_nodes: dict[str, str | None], port: int
+) -> Desired:
+    """{slot: (first node or None, port)} for every slot, from {replica job name: first node}.
+
+    A job missing from `first_nodes`, or mapped to None (pending, ended), leaves its slot empty.
+    """
+    desired: Desired = {f"{SLOT_PREFIX}{i}": (None, port) for i in range(1, replicas + 1)}
+    for name, node in first_nodes.items():
+        slot = slot_for_job(job_name, name)
+        if slot in desired:
+            desired[slot] = (node or None, port)
+    return desired
+
+
+def command(socket_path: str, line: str, timeout: float = 10.0) -> str:
+    """One runtime API command (non-interactive: HAProxy answers and closes)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(timeout)
+            conn.connect(socket_path)
+            conn.sendall(line.encode() + b"\n")
+            chunks = []
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+    except OSError as exc:
+        raise SyncError(
+            f"HAProxy's stats socket {socket_path}: {exc.strerror or exc} (is the endpoint running, and is "
+            "this user in the socket's group?)"
+        ) from exc
+    return b"".join(chunks).decode(errors="replace")
+
+
+def parse_servers_state(text: str, backend: str = BACKEND) -> dict[str, ServerState]:
+    """`show servers state` (format 1) -> {server name: ServerState} for `backend`."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    header = next((line for line in lines if line.startswith("# ")), None)
+    if not lines or lines[0].strip() != "1" or header is None:
+        raise SyncError(f"unexpected answer to `show servers state {backend}`: {text.strip()[:200]!r}")
+    columns = header[2:].split()
+    servers = {}
+    for line in lines:
+        if line.startswith("#") or line.strip() == "1":
+            continue
+        row = dict(zip(columns, line.split(), strict=False))
+        if row.get("be_name") != backend:
+            continue
+        servers[row["srv_name"]] = ServerState(
+            name=row["srv_name"],
+            addr=row["srv_addr"],
+            port=int(row["srv_port"]),
+            op_state=int(row["srv_op_state"]),
+            admin_state=int(row["srv_admin_state"]),
+        )
+    return servers
+
+
+def servers_state(socket_path: str, backend: str = BACKEND) -> dict[str, ServerState]:
+    text = command(socket_path, f"show servers state {backend}")
+    if "Can't find backend" in text:
+        raise SyncError(f"HAProxy has no backend {backend!r}: {text.strip()}")
+    return parse_servers_state(text, backend)
+
+
+def resolve(host: str) -> str | None:
+    """An IP for a node name (IPv4 first, as Slurm nodes usually are), or None if it does not resolve."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None
+    addrs = [info[4][0] for info in infos]
+    v4 = [a for a in addrs if ":" not in a]
+    return (v4 or addrs or [None])[0]
+
+
+def plan_commands(current: dict[str, ServerState], desired: Desired, backend: str = BACKEND) -> list[str]:
+    """The runtime API commands that bring `current` to `desired`; none for slots already there."""
+    unknown = sorted(set(desired) - set(current))
+    if unknown:
+        raise SyncError(
+            f"the endpoint's backend {backend} has no slot(s) {', '.join(unknown)} (it has "
+            f"{', '.join(sorted(current)) or 'none'}): re-render the endpoint for this many replicas"
+        )
+    commands = []
+    for slot in sorted(desired, key=lambda name: (len(name), name)):
+        addr, port = desired[slot]
+        state = current[slot]
+        target = f"{backend}/{slot}"
+        if addr is None:
+            if not state.in_maintenance:
+                commands.append(f"set server {target} state maint")
+            continue
+        if state.addr != addr or state.port != port:
+            commands.append(f"set server {target} addr {addr} port {port}")
+        if state.in_maintenance or state.draining:
+            commands.append(f"set server {target} state ready")
+        if state.in_maintenance:
+            # HAProxy takes a server out of maintenance as up ("start OK but check immediately"):
+            # mark it down at once (same command line), so that it gets traffic only once a
+            # generation succeeded; the replica may still be loading.
+            commands.append(f"set server {target} health down")
+    return commands
+
+
+def apply(socket_path: str, desired: dict[str, tuple[str | None, int]], backend: str = BACKEND) -> list[str]:
+    """Bring the slots to `desired` ({slot: (node name or IP or None, port)}); return the commands sent.
+
+    Node names are resolved first; one that does not resolve counts as None (slot in maintenance).
+    Raises SyncError when the socket fails or HAProxy answers a command with an error.
+    """
+    resolved = {slot: ((resolve(addr) if addr else None), port) for slot, (addr, port) in desired.items()}
+    commands = plan_commands(servers_state(socket_path, backend), resolved, backend)
+    # One command line per slot (`a; b`): HAProxy runs them back to back.
+    per_slot: dict[str, list[str]] = {}
+    for line in commands:
+        per_slot.setdefault(line.split()[2], []).append(line)
+    for lines in per_slot.values():
+        answer = command(socket_path, "; ".join(lines))
+        for reply in answer.splitlines():
+            reply = reply.strip()
+            # Success is silent, or says what changed ("IP changed from ...", "no need to change ...").
+            if reply and not reply.startswith(("IP changed", "no need to change", "port changed")):
+                raise SyncError(f"HAProxy refused `{'; '.join(lines)}`: {answer.strip()}")
+    return commands
+
+
+def _slot_arg(text: str) -> tuple[str, tuple[str | None, int | None]]:
+    slot, sep, target = text.partition("=")
+    if not sep or not re.fullmatch(SLOT_PREFIX + r"[1-9][0-9]*", slot):
+        raise argparse.ArgumentTypeError(f"{text!r}: use SLOT=HOST:PORT or SLOT=- (e.g. r1=gpu01:1424)")
+    if target == "-":
+        return slot, (None, None)
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: use SLOT=HOST:PORT or SLOT=- (e.g. r1=gpu01:1424)")
+    return slot, (host.strip("[]"), int(port))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m nemotron_deploy.endpoint_sync",
+        description="Point the endpoint's replica slots at replicas (HAProxy runtime API, no reload). "
+        "Slots not named are left alone.",
+    )
+    parser.add_argument("--socket", default=SOCKET, help=f"HAProxy's stats socket (default {SOCKET})")
+    parser.add_argument("--backend", default=BACKEND, help=f"the backend (default {BACKEND})")
+    parser.add_argument(
+        "--set",
+        dest="slots",
+        action="append",
+        type=_slot_arg,
+        default=[],
+        metavar="SLOT=HOST:PORT|SLOT=-",
+        help="a slot's replica (its first node and port), or - for none; repeat per slot",
+    )
+    parser.add_argument("--show", action="store_true", help="print every slot's state after applying")
+    opts = parser.parse_args(argv)
+    desired = {slot: (host, port or 0) for slot, (host, port) in opts.slots}
+    try:
+        for line in apply(opts.socket, desired, opts.backend):
+            print(line)
+        if opts.show:
+            for name, state in sorted(servers_state(opts.socket, opts.backend).items()):
+                print(f"{name} {state.addr}:{state.port} {state.status}")
+    except SyncError as exc:
+        print(f"endpoint_sync: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,468 @@
+"""The endpoint for real: the rendered haproxy.cfg + Lua envelope in Debian's HAProxy (`haproxy -db`, on
+127.0.0.1 free ports, a temporary stats socket), in front of NeMo stand-ins (emulator.serve_in_thread)
+on loopback, slots pointed at them by endpoint_sync through the runtime API. Nothing here leaves
+127.0.0.1. HAProxy must be installed (scripts/setup does): missing, these tests fail, never skip.
+
+The files are rendered by `python -m nemotron_deploy.endpoint` in a subprocess: loading an inventory
+runs pyinfra's CLI, which monkey-patches threading with gevent, and the stand-ins' threads must not
+straddle that.
+
+What each test proves is in its docstring. Every wait is bounded in time and count.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from helpers import model_card_client, write_inventory
+from nemotron_rehearsal import emulator
+from nemotron_rehearsal.emulator import continuation, serve_in_thread
+from test_endpoint import A100_40GB_HOSTS, haproxy
+
+from nemotron_deploy import endpoint, endpoint_sync
+
+HOST = "127.0.0.1"
+PING = "ping"  # the health check's prompt (haproxy.cfg.j2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def put(port: int, body: dict | bytes, timeout: float = 30.0) -> tuple[int, str]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("PUT", "/generate", data, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def ask(prompt: str, **params) -> dict:
+    return {"sentences": [prompt], "tokens_to_generate": 4, "greedy": True, **params}
+
+
+@dataclass
+class Replica:
+    """An emulator whose generations are recorded (the prompts it saw), health checks apart."""
+
+    handle: emulator.EmulatorHandle
+    prompts: list[str] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.handle.port
+
+    @property
+    def requests(self) -> list[str]:
+        return [p for p in self.prompts if p != PING]
+
+
+def replica(**faults) -> Replica:
+    handle = serve_in_thread(**faults)
+    assert handle.wait_ready(10)
+    rep = Replica(handle)
+    generate = handle.state.generate
+
+    def recording(sentences, params):
+        if isinstance(sentences, list):
+            rep.prompts.extend(s for s in sentences if isinstance(s, str))
+        return generate(sentences, params)
+
+    handle.state.generate = recording
+    return rep
+
+
+@dataclass
+class Endpoint:
+    proc: subprocess.Popen
+    port: int
+    socket: str
+    log: Path
+
+    def sync(self, **slots: tuple[str | None, int]) -> list[str]:
+        return endpoint_sync.apply(self.socket, slots)
+
+    def state(self) -> dict[str, endpoint_sync.ServerState]:
+        return endpoint_sync.servers_state(self.socket)
+
+    def wait_status(self, slot: str, status: str, timeout: float = 15.0) -> None:
+        wait_for(
+            lambda: self.state()[slot].status == status, timeout, f"{slot} {status}\n{self.log.read_text()}"
+        )
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: Path
+    endpoint_port: int
+
+
+@contextmanager
+def running_endpoint(inv: Inventory, replicas: int, directory: Path) -> Iterator[Endpoint]:
+    sock = directory / "admin.sock"
+    rendered = subprocess.run(
+        [sys.executable, "-m", "nemotron_deploy.endpoint", str(inv.path), "--out", str(directory),
+         "--replicas", str(replicas), "--config-dir", str(directory), "--stats-socket", str(sock),
+         "--bind", HOST],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    cfg = directory / endpoint.CONFIG_FILE
+    log = directory / "haproxy.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([haproxy(), "-f", str(cfg), "-db"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, 10, "HAProxy's stats socket")
+        assert proc.poll() is None, f"haproxy exited {proc.returncode}:\n{log.read_text()}"
+        yield Endpoint(proc, inv.endpoint_port, str(sock), log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def cluster_with(tmp_path: Path, base: str = "h100", hosts: str | None = None, **settings) -> Inventory:
+    """An inventory beside the shipped one, checking replicas every second, on a free port."""
+    settings = {"endpoint_check_seconds": 1, "max_generation_seconds": 10, **settings}
+    settings.setdefault("endpoint_port", free_port())
+    path = write_inventory(tmp_path / "inv", base, hosts=hosts, settings=settings)
+    return Inventory(path, settings["endpoint_port"])
+
+
+@pytest.fixture
+def two(tmp_path) -> Iterator[tuple[Endpoint, Replica, Replica]]:
+    """An endpoint with two slots, both pointed at a running stand-in and UP."""
+    a, b = replica(slow_seconds=0.05), replica(slow_seconds=0.05)
+    try:
+        with running_endpoint(cluster_with(tmp_path), 2, tmp_path / "ep") as ep:
+            ep.sync(r1=(HOST, a.port), r2=(HOST, b.port))
+            ep.wait_status("r1", "up")
+            ep.wait_status("r2", "up")
+            yield ep, a, b
+    finally:
+        a.handle.stop()
+        b.handle.stop()
+
+
+def test_both_replicas_serve_through_the_endpoint(two):
+    """Requests through the endpoint reach both replicas and come back as NeMo's answers; /metrics is
+    HAProxy's Prometheus exporter."""
+    ep, a, b = two
+    results: list[tuple[int, str]] = []
+
+    def client(i: int) -> None:
+        results.append(put(ep.port, ask(f"prompt {i}")))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [s for s, _ in results] == [200] * 8, results
+    for _, text in results:
+        assert json.loads(text)["sentences"][0].startswith("prompt ")
+    assert a.requests and b.requests, (a.requests, b.requests)
+    assert sorted(a.requests + b.requests) == sorted(f"prompt {i}" for i in range(8))
+    conn = http.client.HTTPConnection(HOST, ep.port, timeout=10)
+    conn.request("GET", "/metrics")
+    resp = conn.getresponse()
+    metrics = resp.read().decode()
+    assert resp.status == 200
+    assert 'haproxy_server_status{proxy="replicas",server="r1",state="UP"} 1' in metrics
+    # and healthy replicas stay in rotation check after check (inter 1 s, fall 2)
+    time.sleep(3.5)
+    assert {n: s.status for n, s in ep.state().items()} == {"r1": "up", "r2": "up"}, ep.log.read_text()
+
+
+def test_a_replica_still_loading_gets_no_traffic(tmp_path):
+    """A slot pointed at a replica whose port is not open yet (NeMo loading) stays DOWN, so requests go
+    to the replica that serves; once the loading one generates, its first check brings it UP."""
+    a = replica()
+    loading = None
+    try:
+        with running_endpoint(cluster_with(tmp_path), 2, tmp_path / "ep") as ep:
+            loading = serve_in_thread(load_delay=3.0)
+            ep.sync(r1=(HOST, a.port), r2=(HOST, loading.port))
+            status = ep.state()["r2"].status
+            assert not loading.ready.is_set(), "the stand-in finished loading too early for this test"
+            assert status == "down"
+            ep.wait_status("r1", "up")
+            for i in range(6):
+                status, text = put(ep.port, ask(f"early {i}"))
+                assert status == 200, text
+            assert not loading.ready.is_set(), "the stand-in finished loading too early for this test"
+            assert ep.state()["r2"].status == "down"
+            assert loading.generations == 0
+            ep.wait_status("r2", "up", timeout=15)
+    finally:
+        a.handle.stop()
+        if loading is not None:
+            loading.stop()
+
+
+def test_a_replica_answering_200_with_an_error_string_is_taken_out(two):
+    """A replica whose server answers 200 with a JSON string (NeMo's way of failing) goes DOWN; the
+    other keeps serving every request."""
+    ep, a, b = two
+
+    def broken(sentences, params):
+        raise emulator._Reply(200, "tokens_to_generate must be an integer greater than 0")
+
+    b.handle.state.generate = broken
+    ep.wait_status("r2", "down", timeout=10)
+    assert ep.state()["r1"].status == "up"
+    before = len(a.requests)
+    for i in range(4):
+        status, text = put(ep.port, ask(f"after {i}"))
+        assert status == 200, text
+    assert len(a.requests) == before + 4
+
+
+def test_killing_a_replica_costs_at_most_one_client_request(two):
+    """Under a steady stream of requests (2 clients), one replica dies (port closed, connections reset):
+    at most one client request fails, and the endpoint keeps answering from the other replica."""
+    ep, a, b = two
+    total, kill_at = 60, 20
+    failures: list[str] = []
+    done = threading.Event()
+    sent = [0]
+    lock = threading.Lock()
+    late_ok = [0]
+
+    def client() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with lock:
+                if sent[0] >= total:
+                    return
+                sent[0] += 1
+                n = sent[0]
+            if n == kill_at:
+                b.handle.crash()
+            try:
+                status, text = put(ep.port, ask(f"stream {n}"), timeout=20)
+            except OSError as exc:
+                failures.append(f"{n}: {exc!r}")
+                continue
+            if status != 200:
+                failures.append(f"{n}: {status} {text[:200]}")
+            elif n > kill_at + 10:
+                with lock:
+                    late_ok[0] += 1
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(70)
+    done.set()
+    assert sent[0] == total
+    assert len(failures) <= 1, (failures[:2], ep.log.read_text()[-3000:])
+    assert late_ok[0] >= total - kill_at - 10 - len(failures)
+    ep.wait_status("r2", "down", timeout=10)
+    assert put(ep.port, ask("after the kill"))[0] == 200
+
+
+def test_envelope_refuses_too_many_prompts_before_any_replica(two):
+    """More prompts than inference_batch (8), or sentences that would wedge NeMo: 400 with a message
+    naming the limit and the setting, and no replica sees the request. Log-probs pass on H100 (the
+    plan holds their peak)."""
+    ep, a, b = two
+    status, text = put(ep.port, {"sentences": [f"too many {i}" for i in range(9)], "tokens_to_generate": 1})
+    assert status == 400
+    message = json.loads(text)
+    assert "at most 8 prompts" in message and "inference_batch" in message and "has 9" in message
+    for bad in ({"sentences": "a string"}, {"sentences": []}, {"sentences": ["ok", 3]}):
+        status, text = put(ep.port, bad)
+        assert status == 400 and "non-empty list of strings" in json.loads(text), (bad, text)
+    assert not [p for p in a.requests + b.requests if p.startswith("too many") or p == "ok"]
+    assert not a.handle.state.wedged and not b.handle.state.wedged
+    # exactly the limit passes, and so do log-probs where the plan allows them
+    status, text = put(ep.port, {"sentences": [f"eight {i}" for i in range(8)], "tokens_to_generate": 1})
+    assert status == 200, text
+    assert put(ep.port, ask("logprobs ok", all_probs=True, compute_logprob=True))[0] == 200
+
+
+def test_envelope_refuses_logprobs_where_the_plan_cannot_hold_them(tmp_path):
+    """On the A100 40GB plan (6.4 GiB headroom) all_probs / compute_logprob = true get 400 naming the
+    memory and runtime_reserve_gib, even spelled with a JSON escape; false passes."""
+    small = cluster_with(tmp_path, "a100", A100_40GB_HOSTS, gpu_type="A100-40GB")
+    a = replica()
+    try:
+        with running_endpoint(small, 1, tmp_path / "ep") as ep:
+            ep.sync(r1=(HOST, a.port))
+            ep.wait_status("r1", "up")
+            for key in ("all_probs", "compute_logprob"):
+                status, text = put(ep.port, ask(f"lp {key}", **{key: True}))
+                assert status == 400, text
+                message = json.loads(text)
+                assert key in message and "runtime_reserve_gib" in message and "GiB" in message
+            escaped = b'{"sentences": ["lp escaped"], "\\u0061ll_probs": true}'
+            assert put(ep.port, escaped)[0] == 400
+            assert put(ep.port, ask("lp off", all_probs=False))[0] == 200
+            assert a.requests == ["lp off"]
+    finally:
+        a.handle.stop()
+
+
+def test_queue_timeout_answers_503_saying_the_replicas_are_busy(tmp_path):
+    """One replica, busy for 3 s: a second request waits endpoint_queue_seconds (1) and gets 503 with
+    the busy message; the first one is answered."""
+    a = replica(slow_seconds=3.0)
+    try:
+        with running_endpoint(cluster_with(tmp_path, endpoint_queue_seconds=1), 2, tmp_path / "ep") as ep:
+            ep.sync(r1=(HOST, a.port))
+            ep.wait_status("r1", "up", timeout=20)
+            results: dict[str, tuple[int, str]] = {}
+
+            def client(name: str) -> None:
+                results[name] = put(ep.port, ask(name), timeout=30)
+
+            first = threading.Thread(target=client, args=("first",))
+            first.start()
+            time.sleep(0.3)
+            started = time.monotonic()
+            client("second")
+            waited = time.monotonic() - started
+            first.join(30)
+            assert results["first"][0] == 200
+            status, text = results["second"]
+            assert status == 503, text
+            assert "replicas are busy" in json.loads(text) and "endpoint_queue_seconds" in json.loads(text)
+            assert waited < 3, f"the 503 came after {waited:.1f} s, not after the 1 s queue timeout"
+            assert "second" not in a.requests
+    finally:
+        a.handle.stop()
+
+
+def test_no_replica_up_answers_503_at_once(tmp_path):
+    with running_endpoint(cluster_with(tmp_path), 2, tmp_path / "ep") as ep:
+        status, text = put(ep.port, ask("nobody"))
+        assert status == 503 and "No replica is up" in json.loads(text)
+
+
+def test_updater_changes_slots_at_run_time_without_reload(tmp_path):
+    """endpoint_sync points a slot elsewhere and takes one out at run time: same HAProxy process (no
+    reload), traffic follows; a second apply with the same wishes sends no command."""
+    a, b = replica(), replica()
+    try:
+        with running_endpoint(cluster_with(tmp_path), 2, tmp_path / "ep") as ep:
+            pid = ep.proc.pid
+            assert {n: s.status for n, s in ep.state().items()} == {"r1": "maint", "r2": "maint"}
+            sent = ep.sync(r1=(HOST, a.port), r2=(None, 0))
+            assert sent == [
+                f"set server replicas/r1 addr {HOST} port {a.port}",
+                "set server replicas/r1 state ready",
+                "set server replicas/r1 health down",
+            ]
+            assert ep.sync(r1=(HOST, a.port), r2=(None, 0)) == []
+            ep.wait_status("r1", "up")
+            assert put(ep.port, ask("to a"))[0] == 200 and a.requests == ["to a"]
+            # the replica moved: same slot, new address (by name, resolved by the updater)
+            sent = ep.sync(r1=("localhost", b.port), r2=(None, 0))
+            assert sent == [f"set server replicas/r1 addr 127.0.0.1 port {b.port}"]
+            wait_for(lambda: ep.state()["r1"].port == b.port, 5, "r1's new port")
+            ep.wait_status("r1", "up")
+            assert put(ep.port, ask("to b"))[0] == 200 and b.requests == ["to b"]
+            # both, then none
+            assert ep.sync(r1=(HOST, b.port), r2=(HOST, a.port)) == [
+                f"set server replicas/r2 addr {HOST} port {a.port}",
+                "set server replicas/r2 state ready",
+                "set server replicas/r2 health down",
+            ]
+            ep.wait_status("r2", "up")
+            assert ep.sync(r1=(None, 0), r2=(None, 0)) == [
+                "set server replicas/r1 state maint",
+                "set server replicas/r2 state maint",
+            ]
+            assert ep.sync(r1=(None, 0), r2=(None, 0)) == []
+            assert put(ep.port, ask("nobody"))[0] == 503
+            # a name that does not resolve leaves its slot in maintenance
+            assert ep.sync(r1=("nemotron-endpoint-test.invalid", 1424)) == []
+            assert ep.proc.poll() is None and ep.proc.pid == pid
+            # the CLI does the same
+            cli = subprocess.run(
+                [sys.executable, "-m", "nemotron_deploy.endpoint_sync", "--socket", ep.socket,
+                 "--set", f"r1={HOST}:{a.port}", "--set", "r2=-", "--show"],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            assert cli.returncode == 0, cli.stderr
+            assert cli.stdout.splitlines()[:3] == [
+                f"set server replicas/r1 addr {HOST} port {a.port}",
+                "set server replicas/r1 state ready",
+                "set server replicas/r1 health down",
+            ]
+            assert "r2 127.0.0.1:" in cli.stdout and "maint" in cli.stdout
+            assert ep.proc.pid == pid and ep.proc.poll() is None
+    finally:
+        a.handle.stop()
+        b.handle.stop()
+
+
+def test_model_card_client_is_answered_through_the_endpoint(tmp_path):
+    """The model card's unchanged call_server.py (it calls localhost:1424) gets its answer through the
+    endpoint listening on 1424, from a replica behind it."""
+    call_server = model_card_client()  # skips unless NEMOTRON_MODEL_CARD_CLIENT is set (.ci/run sets it)
+    wait_for(lambda: _port_free(1424), 15, "port 1424 to be free (another test run holds it)", 0.2)
+    a = replica()
+    try:
+        with running_endpoint(cluster_with(tmp_path, endpoint_port=1424), 2, tmp_path / "ep") as ep:
+            ep.sync(r1=(HOST, a.port))
+            ep.wait_status("r1", "up")
+            result = subprocess.run(
+                [sys.executable, str(call_server)],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "NO_PROXY": "*"},
+            )
+    finally:
+        a.handle.stop()
+    assert result.returncode == 0, result.stderr
+    prompt = "Write a poem on NVIDIA in the style of Shakespeare"
+    end_strings = ["<|endoftext|>", "<extra_id_1>", "\x11", "<extra_id_1>User"]
+    expected, _ = continuation(prompt, 1024, min_tokens_to_generate=1, end_strings=end_strings)
+    assert result.stdout == f"{prompt}\n{expected}\n"
+    assert a.requests == [prompt]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
