@@ -1,8 +1,8 @@
 """The sandbox as the benchmarks use it: its size, a reset to "never deployed", image removal, and
 the pyinfra deploy as a timed subprocess.
 
-Why one sandbox of the largest size for every node count: the inventory (``NEMOTRON_SANDBOX_NODES``)
-selects the first N compute nodes, so the runs for 2, 4, 8 and 16 nodes can be interleaved without
+Why one sandbox of the largest size for every node count: the inventory lists the sandbox's nodes, and
+the bench-only ``NEMOTRON_BENCH_NODES`` makes it list the first N compute nodes only, so the runs for 2, 4, 8 and 16 nodes can be interleaved without
 tearing the cluster down between them (``sandbox.up`` with another size means down + up). The nodes
 a run doesn't list sit idle: an sshd and a slurmd waiting on a socket.
 
@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -139,7 +141,9 @@ def runtimes(sandbox) -> list[str]:
 
 @dataclass
 class DeployRun:
-    """One ``pyinfra`` run: wall time, exit code, changed/no-change counts, its output."""
+    """One ``pyinfra`` run: wall time, exit code, changed/no-change counts, its output, and the peak
+    resident memory of the pyinfra process (``wait4``'s ru_maxrss: it connects with paramiko, in
+    process, so this is the whole deploy's memory on the deploying machine)."""
 
     nodes: int
     wall: float
@@ -148,6 +152,7 @@ class DeployRun:
     changed: int | None = None
     no_change: int | None = None
     errors: int | None = None
+    peak_rss: int = 0  # bytes
 
     @property
     def ok(self) -> bool:
@@ -182,22 +187,39 @@ def deploy(nodes: int, *extra: str, runtime: str | None = None) -> DeployRun:
     (``runtime``: the sandbox's NEMOTRON_SANDBOX_RUNTIME, default its inventory's, pyxis)."""
     argv = [pyinfra(), "-y", INVENTORY, DEPLOY, *extra]
     env = common.child_env(
-        NEMOTRON_SANDBOX_NODES=str(nodes), **({"NEMOTRON_SANDBOX_RUNTIME": runtime} if runtime else {})
+        NEMOTRON_BENCH_NODES=str(nodes), **({"NEMOTRON_SANDBOX_RUNTIME": runtime} if runtime else {})
     )
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        argv,
-        cwd=common.REPO,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=DEPLOY_TIMEOUT,
-    )
-    wall = time.perf_counter() - t0
-    changed, errors, no_change = parse_totals(proc.stdout)
-    return DeployRun(nodes, wall, proc.returncode, proc.stdout, changed, no_change, errors)
+    with tempfile.TemporaryFile(mode="w+") as out:  # a file, not a pipe: nothing to drain while waiting
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            argv, cwd=common.REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
+        returncode, rss = _wait(proc, DEPLOY_TIMEOUT)
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        output = out.read()
+    changed, errors, no_change = parse_totals(output)
+    return DeployRun(nodes, wall, returncode, output, changed, no_change, errors, peak_rss=rss)
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> tuple[int, int]:
+    """(exit code, peak RSS in bytes) of a child, from wait4 (ru_maxrss is in KiB on Linux)."""
+    expired = threading.Event()
+
+    def kill() -> None:
+        expired.set()
+        proc.kill()
+
+    timer = threading.Timer(timeout, kill)
+    timer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if expired.is_set():
+        raise subprocess.TimeoutExpired(proc.args, timeout)
+    return proc.returncode, usage.ru_maxrss * 1024
 
 
 def tail(text: str, lines: int = 25) -> str:

@@ -10,7 +10,8 @@ the deploy is judged against the floor measured in the same round.
 One round = for every size (rotated each round, so no size always follows the same one): reset
 (remove what the deploy placed; the image stays pulled), first deploy, no-change re-deploy, floor.
 Rounds repeat ``runs`` times, interleaved, so machine drift hits every size alike. One more
-``--debug`` re-deploy per size (untimed) counts the SSH commands each host receives.
+``--debug`` re-deploy per size (untimed) counts the SSH commands each host receives. Every deploy's
+peak memory is the pyinfra process's ru_maxrss (``cluster.deploy``).
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def run(sandbox, sizes: list[int], runs: int = 3, log=print) -> dict:
                     "first_pulled": cluster.op_changed(first.output, "Pull "),
                     "redeploy": again.wall,
                     "redeploy_changed": again.changed,
+                    "first_rss": first.peak_rss,
+                    "redeploy_rss": again.peak_rss,
                     "floor": fl["wall"],
                     "floor_files": fl["files_checksummed"],
                 }
@@ -129,7 +132,7 @@ def run(sandbox, sizes: list[int], runs: int = 3, log=print) -> dict:
             log(
                 f"deploy: round {r + 1}/{runs} {n:>2} nodes: first {first.wall:.2f}s "
                 f"({first.changed} changed), re-deploy {again.wall:.2f}s ({again.changed} changed), "
-                f"floor {fl['wall']:.2f}s"
+                f"floor {fl['wall']:.2f}s, peak RSS {max(first.peak_rss, again.peak_rss) / 2**20:.0f} MiB"
             )
     commands: dict[int, dict] = {}
     for n in sizes:
@@ -148,6 +151,7 @@ def run(sandbox, sizes: list[int], runs: int = 3, log=print) -> dict:
         summary[n] = {
             key: common.Summary.of([s[key] for s in rows]).as_dict() for key in ("first", "redeploy", "floor")
         }
+        summary[n]["peak_rss_max"] = max(max(s["first_rss"], s["redeploy_rss"]) for s in rows)
         summary[n]["redeploy_changed_max"] = max((s["redeploy_changed"] or 0) for s in rows)
         summary[n]["first_pulled_max"] = max((s["first_pulled"] or 0) for s in rows)
     return {

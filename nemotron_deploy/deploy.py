@@ -16,7 +16,6 @@ from typing import Any
 from . import desired
 from .desired import WantedDir, WantedFile
 from .errors import DeployError
-from .facts.files import PathState
 from .inventory import Cluster, InventoryError, load
 from .operations import containers, files, health_timer, submit
 
@@ -88,15 +87,15 @@ def ensure_files(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
             name=f"User {s.health_user}", username=s.health_user, exists=snap["health_user"]
         )
     want = desired.for_host(cluster, host.name, snap.get("init"))
-    current: dict[str, PathState] = snap["paths"]
-    files.managed_directories(name="Directories", dirs=want.dirs, current=current)
-    files.managed_files(
+    # One operation, one shell command per host (after SFTP uploads): every operation is a barrier
+    # across hosts, and on a large cluster each round of commands costs about an SSH round trip.
+    files.managed_tree(
         name="Job files, health-check wheels and timer" if login else "Job files",
+        dirs=want.dirs,
         files=want.files,
-        current=current,
+        links=want.links,
+        current=snap["paths"],
     )
-    if want.links:
-        files.managed_links(name="Metrics link for node_exporter", links=want.links, current=current)
 
 
 def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
@@ -154,7 +153,10 @@ def install_health_check(host: Any, cluster: Cluster, snap: dict[str, Any]) -> N
         name=f"Health-check venv {s.health_venv}",
         venv=s.health_venv,
         python_present=f"{s.health_venv}/bin/python" in snap["paths"],
-        wheels=[f"{desired.wheels_dir(cluster)}/{name}" for name, _ in built.wheels],
+        wheels=[
+            f"{desired.wheels_dir(cluster)}/{name}" for name, _ in built.wheels if name != built.installer
+        ],
+        installer=f"{desired.wheels_dir(cluster)}/{built.installer}",
         installed=marker is not None and marker.sha256 == files.sha256_of(built.wheels_digest),
         marker=desired.wheels_marker(cluster),
         digest=built.wheels_digest,

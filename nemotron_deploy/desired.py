@@ -59,7 +59,8 @@ class Artifacts:
 
     job_files: list[render.RenderedFile]
     wheels_digest: str
-    wheels: list[tuple[str, bytes]]
+    wheels: list[tuple[str, bytes]]  # (file name, bytes), the installer's wheel among them
+    installer: str  # file name of pypa's installer wheel (installs the others; not installed itself)
 
 
 _artifacts: dict[str, Artifacts] = {}
@@ -71,7 +72,10 @@ def artifacts(cluster: Cluster) -> Artifacts:
         if cluster.key not in _artifacts:
             digest, wheels = wheelhouse.build()
             _artifacts[cluster.key] = Artifacts(
-                render.render(cluster), digest, [(w.name, w.read_bytes()) for w in wheels]
+                render.render(cluster),
+                digest,
+                [(w.name, w.read_bytes()) for w in wheels],
+                next(w.name for w in wheels if w.name.startswith("installer-")),
             )
         return _artifacts[cluster.key]
 

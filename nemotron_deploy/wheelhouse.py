@@ -1,8 +1,10 @@
 """Wheels for the login node's health-check venv, built once per source version and cached.
 
-Cluster nodes often can't reach PyPI; the deploy uploads these wheels and installs them with
-`pip --no-index`. The health check needs only this package and prometheus-client (it never imports
-pyinfra or pydantic), so both are installed with --no-deps.
+Cluster nodes often can't reach PyPI; the deploy uploads these wheels and installs them offline
+with pypa's `installer`, whose own wheel is uploaded beside them and run from there (a venv made
+`--without-pip`: pip's bootstrap was most of a first deploy's fixed cost). The health check needs
+only this package and prometheus-client (it never imports pyinfra or pydantic): no dependencies are
+resolved.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import sys
 from importlib.metadata import version
 from pathlib import Path
 
+# Beside our own wheel, at the versions installed here: the health check's one dependency, and the
+# wheel installer the login node runs.
+WHEEL_DISTS = ("prometheus-client", "installer")
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO = PACKAGE_DIR.parent
 
 
 def source_digest() -> str:
-    """Hash of everything that goes into our wheel, plus prometheus-client's version."""
+    """Hash of everything that goes into our wheel, plus the versions of the other wheels."""
     h = hashlib.sha256()
     files = [
         REPO / "pyproject.toml",
@@ -31,7 +36,8 @@ def source_digest() -> str:
             continue
         h.update(str(path.relative_to(REPO)).encode())
         h.update(path.read_bytes())
-    h.update(f"prometheus-client=={version('prometheus-client')}".encode())
+    for dist in WHEEL_DISTS:
+        h.update(f"{dist}=={version(dist)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -57,7 +63,7 @@ def build() -> tuple[str, list[Path]]:
             "--wheel-dir",
             str(target),
             str(REPO),
-            f"prometheus-client=={version('prometheus-client')}",
+            *(f"{dist}=={version(dist)}" for dist in WHEEL_DISTS),
         ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from nemotron_rehearsal import sandbox as sb_api
+from nemotron_rehearsal.sandbox import testing
 
 pytestmark = pytest.mark.sandbox
 
@@ -97,3 +98,44 @@ def test_runner_smoke_writes_every_output_with_sensible_numbers(sandbox, tmp_pat
     current = sb_api.current()
     assert current is not None and len(current.compute) == nodes_before
     assert sb_api.status()["up"]
+
+
+def test_larger_sandbox_path_deploys_to_the_first_n_nodes_and_restores(sandbox, tmp_path):
+    """The path of the large runs (sandbox resized beyond the session's, the inventory reading the
+    sandbox's nodes, NEMOTRON_BENCH_NODES selecting the first N, peak memory), at small counts: the
+    sandbox goes to 3 nodes, the deploy part measures 2 and 3, and the sandbox is put back."""
+    nodes_before = len(sandbox.compute)
+    out = tmp_path / "results"
+    argv = [str(PYTHON) if PYTHON.exists() else sys.executable, "-m", "bench", "--out", str(out)]
+    argv += ["--parts", "deploy", "--sizes", "2,3", "--runs", "1", "--lock", "none", "--keep-sandbox"]
+    # Resized in this process, under its exclusive hold (re-entrant): the runner, told its caller
+    # holds the lock, finds 3 nodes and never resizes.
+    created_by_tests = testing.CREATED_BY_TESTS.exists()  # a resize is a new sandbox: keep the marker
+    with sb_api.exclusive_use("benchmark at 3 nodes (resizes the sandbox)"):
+        try:
+            sb_api.up(nodes=3)
+            proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+        finally:
+            sb_api.up(nodes=nodes_before)
+            if created_by_tests:
+                testing.CREATED_BY_TESTS.touch()
+            # Leave it deployed, as the session's other tests expect.
+            deploy = [
+                str(REPO / ".venv" / "bin" / "pyinfra"),
+                "-y",
+                "inventories/sandbox.py",
+                "deploys/nemotron.py",
+            ]
+            subprocess.run(deploy, cwd=REPO, capture_output=True, timeout=600, check=True)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["sandbox_nodes"] == 3
+    for n, hosts in (("2", 3), ("3", 4)):
+        commands = results["deploy"]["commands"][n]
+        assert len(commands["per_host"]) == hosts and commands["max"] == 1, commands
+        summary = results["deploy"]["summary"][n]
+        assert summary["redeploy_changed_max"] == 0
+        assert 20 << 20 < summary["peak_rss_max"] < 1 << 30
+    assert "pyinfra peak memory" in (out / "README-table.md").read_text()
+    current = sb_api.current()
+    assert current is not None and len(current.compute) == nodes_before and sb_api.status()["up"]

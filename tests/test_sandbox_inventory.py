@@ -3,6 +3,7 @@ without the bridge they would be routed off this machine."""
 
 from __future__ import annotations
 
+import json
 import runpy
 from pathlib import Path
 
@@ -20,8 +21,36 @@ def test_refuses_to_load_for_pyinfra_when_the_bridge_is_down(monkeypatch):
 
 
 def test_validation_reads_it_without_the_sandbox(monkeypatch):
+    monkeypatch.delenv("NEMOTRON_BENCH_NODES", raising=False)
     monkeypatch.setattr(netns, "BRIDGE", "nsb-no-such-bridge")
     from nemotron_deploy.inventory import load
 
     cluster = load(str(INVENTORY))
     assert cluster.compute == ["sb-node01", "sb-node02"]
+
+
+def _fake_running_sandbox(monkeypatch, tmp_path, nodes):
+    from nemotron_rehearsal.sandbox import layout
+
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps(layout.plan(nodes).to_json()))
+    monkeypatch.setattr(layout, "STATE_FILE", state)
+    monkeypatch.setattr(netns, "bridge_exists", lambda: True)
+
+
+def test_lists_the_compute_nodes_the_running_sandbox_has(monkeypatch, tmp_path):
+    monkeypatch.delenv("NEMOTRON_BENCH_NODES", raising=False)
+    _fake_running_sandbox(monkeypatch, tmp_path, 5)
+    names = [name for name, _ in runpy.run_path(str(INVENTORY))["compute"]]
+    assert names == [f"sb-node0{i}" for i in range(1, 6)]
+
+
+def test_bench_variable_selects_the_first_n_nodes(monkeypatch, tmp_path):
+    _fake_running_sandbox(monkeypatch, tmp_path, 5)
+    monkeypatch.setenv("NEMOTRON_BENCH_NODES", "3")
+    compute = runpy.run_path(str(INVENTORY))["compute"]
+    assert [name for name, _ in compute] == ["sb-node01", "sb-node02", "sb-node03"]
+    assert compute[2][1]["ssh_hostname"] == "10.213.0.13"
+    monkeypatch.setenv("NEMOTRON_BENCH_NODES", "6")
+    with pytest.raises(RuntimeError, match="has 5 compute nodes"):
+        runpy.run_path(str(INVENTORY))

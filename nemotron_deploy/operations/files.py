@@ -80,6 +80,12 @@ def managed_directories(dirs: list[WantedDir], current: dict[str, PathState]):
         managed_directories(name="Job dirs", dirs=[WantedDir("/shared/jobs", "755", adopt=True)],
                             current=snap["paths"])
     """
+    steps = _dir_steps(dirs, current)
+    if steps:
+        yield StringCommand(" && ".join(steps))
+
+
+def _dir_steps(dirs: list[WantedDir], current: dict[str, PathState]) -> list[str]:
     steps = []
     for d in dirs:
         have = current.get(d.path)
@@ -94,24 +100,70 @@ def managed_directories(dirs: list[WantedDir], current: dict[str, PathState]):
             d.group,
         ):
             steps.append(owner)
-    if steps:
-        yield StringCommand(" && ".join(steps))
+    return steps
+
+
+def _link_steps(links: list[WantedLink], current: dict[str, PathState]) -> list[str]:
+    steps = []
+    for link in links:
+        have = current.get(link.path)
+        if have is None or have.kind != "link" or have.sha256 != link.target:
+            # -n: replace a link, never follow it; -T: refuse to write into a directory of that name.
+            steps.append(f"ln -sfnT {shlex.quote(link.target)} {shlex.quote(link.path)}")
+    return steps
+
+
+def _show_diff(f: WantedFile, have: PathState | None) -> None:
+    """Only with --diff: one more read, for the old text of a file that changes."""
+    old = [f"{line}\n" for line in host.get_fact(FileContents, path=f.path) or []] if have else []
+    host.log(f"Will {'create' if have is None else 'modify'} {f.path}", logger.info)
+    for line in generate_color_diff(old, f.content.splitlines(keepends=True)):
+        logger.info("  %s", line)
 
 
 @operation()
-def managed_links(links: list[WantedLink], current: dict[str, PathState]):
+def managed_tree(
+    dirs: list[WantedDir], files: list[WantedFile], links: list[WantedLink], current: dict[str, PathState]
+):
     """
-    Symlinks the deploy owns inside directories it does not (e.g. node_exporter's textfile dir).
+    Directories, files and links of one host in one operation and one shell command.
+
+    Changed files are uploaded first (SFTP: no shell, no barrier between hosts) to temporary names
+    in the host's temp dir, which exists before the deploy's directories do; then one command
+    creates the missing directories, copies each upload beside its path, sets owner and mode, and
+    renames it into place (atomic: a reader sees the old file or the new one, never half of it),
+    and points the links. Not for secrets (the upload passes through the temp dir): `managed_files`
+    with ``secret=True``.
+
+    + dirs: parents before children (see ``managed_directories``)
+    + files: what each file should hold; content is text, or bytes (wheels)
+    + links: symlinks the deploy owns
+    + current: the host snapshot's path states (a path missing there is absent on the host)
 
     **Example:**
 
     .. code:: python
 
-        managed_links(name="Metrics link", links=[WantedLink("/var/lib/node-exporter/nemotron.prom",
-                      "/var/lib/nemotron-health-metrics/nemotron.prom")], current=snap["paths"])
+        managed_tree(name="Job files", dirs=want.dirs, files=want.files, links=want.links,
+                     current=snapshot["paths"])
     """
-    for link in links:
-        have = current.get(link.path)
-        if have is None or have.kind != "link" or have.sha256 != link.target:
-            # -n: replace a link, never follow it; -T: refuse to write into a directory of that name.
-            yield StringCommand(f"ln -sfnT {shlex.quote(link.target)} {shlex.quote(link.path)}")
+    steps = _dir_steps(dirs, current)
+    for f in files:
+        have = current.get(f.path)
+        if have is None or have.kind != "file" or have.sha256 != sha256_of(f.content):
+            if state.config.DIFF and isinstance(f.content, str):
+                _show_diff(f, have)
+            stream = StringIO(f.content) if isinstance(f.content, str) else BytesIO(f.content)
+            upload = host.get_temp_filename(f.path)
+            yield UploadCommand(stream, upload, remote_temp_filename=upload)
+            q, new = shlex.quote(f.path), shlex.quote(f"{f.path}.nemotron-new")
+            steps.append(
+                f"cp {shlex.quote(upload)} {new} && rm -f {shlex.quote(upload)} && "
+                f"chown {shlex.quote(f.user)}:{shlex.quote(f.group)} {new} && chmod {f.mode} {new} && "
+                f"mv -f {new} {q}"
+            )
+        elif (have.mode, have.user, have.group) != (f.mode, f.user, f.group):
+            steps.append(str(_owner_mode(f.path, f.mode, f.user, f.group)))
+    steps += _link_steps(links, current)
+    if steps:
+        yield StringCommand(" && ".join(steps))

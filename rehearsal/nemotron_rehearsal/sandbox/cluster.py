@@ -23,7 +23,7 @@ from pathlib import Path
 
 from . import etc, gpus, locks, munge, nemo, netns, packages, pyxis, registry, slurm, sshd
 from . import nodes as node_ops
-from .layout import SHARED_DIR, STATE_DIR, STATE_FILE, Node, Sandbox, plan
+from .layout import SHARED_DIR, STATE_DIR, STATE_FILE, Node, Sandbox, plan, read_state
 from .proc import SandboxError, tail
 
 Log = Callable[[str], None]
@@ -45,10 +45,7 @@ def _parallel(fn: Callable[[Node], object], items: list[Node] | tuple[Node, ...]
 
 def current() -> Sandbox | None:
     """The sandbox described by the state file, or None if there is none (it may not be running)."""
-    try:
-        return Sandbox.from_json(json.loads(STATE_FILE.read_text()))
-    except (OSError, ValueError, KeyError):
-        return None
+    return read_state()
 
 
 def _save(sandbox: Sandbox) -> None:

@@ -22,7 +22,7 @@ BRIDGE_ADDRESS = f"{SUBNET_PREFIX}.1"
 LOGIN_NAME = "sb-login"
 LOGIN_ADDRESS = f"{SUBNET_PREFIX}.2"
 COMPUTE_BASE_OCTET = 10  # compute node i (1-based) is 10.213.0.(10+i)
-MAX_COMPUTE_NODES = 64
+MAX_COMPUTE_NODES = 128  # 10.213.0.11 .. 10.213.0.138
 NETNS_PREFIX = "nsb-"  # network namespace and host-side veth are both named nsb-<short name>
 
 REGISTRY_PORT = 5000
@@ -150,6 +150,15 @@ class Sandbox:
             gpus_per_node=int(data["gpus_per_node"]),
             timings=dict(data.get("timings", {})),
         )
+
+
+def read_state() -> Sandbox | None:
+    """The sandbox the state file describes (written by `up`), or None without one. It may not be
+    running: `cluster.status()` says whether it is; the bridge's presence is the cheap hint."""
+    try:
+        return Sandbox.from_json(json.loads(STATE_FILE.read_text()))
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def plan(nodes: int = 2, gpus_per_node: int = 8) -> Sandbox:
