@@ -115,8 +115,8 @@ def test_runtimes_fact_finds_what_is_installed(tmp_path):
         env={"PATH": f"{env_path}:/usr/bin:/bin"},
     )
     found = ContainerRuntimes().process(result.stdout.splitlines())
-    assert found["podman"] == "podman version 4.3.1"
-    assert found["enroot"] == "3.4.1"
+    assert found["podman"] == str(bindir / "podman")  # where it is: presence is all the deploy needs
+    assert found["enroot"] == str(bindir / "enroot")
     assert found["pyxis"] == "yes"
     assert "apptainer" not in found
 
