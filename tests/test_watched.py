@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from nemotron_deploy.operations.watched import Fetch, FetchFailed, run_watched
 
 REGISTRY = "registry.example:5000"
 IMAGE = f"{REGISTRY}/nvidia/nemo:24.01.framework"
-FAST = {"progress_seconds": 0.5, "poll_seconds": 0.1}
+FAST = {"progress_seconds": 1.0, "poll_seconds": 0.2}
 
 
 class LocalHost:
@@ -61,7 +62,13 @@ def env(tmp_path, monkeypatch):
     )
     work = tmp_path / "work"
     work.mkdir()
-    return LocalHost(tmp_path / "bin"), work, printed
+    yield LocalHost(tmp_path / "bin"), work, printed
+    # A test that failed may have left a fetch running: end its session (the stand-ins never end).
+    for pid_file in work.glob("*/pid"):
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
 
 
 def fetch(work: Path, **kwargs) -> Fetch:
@@ -84,7 +91,7 @@ echo "Trying to pull $2..."
 echo "Getting image source signatures"
 echo "Copying blob sha256:fa255ff69ab5"
 i=0
-while [ $i -lt 15 ]; do head -c 100000 /dev/zero >> "$TMPDIR/blob"; sleep 0.2; i=$((i+1)); done
+while [ $i -lt 20 ]; do head -c 100000 /dev/zero >> "$TMPDIR/blob"; sleep 0.2; i=$((i+1)); done
 echo "Writing manifest to image destination"
 """
 
@@ -97,10 +104,10 @@ def test_progress_lines_come_at_least_every_interval_with_bytes_and_elapsed(env)
     t1 = time.monotonic()
 
     progress = [(t, text) for t, text in printed if "elapsed" in text]
-    assert len(progress) >= 4, printed
+    assert len(progress) >= 3, printed
     times = [t0, *(t for t, _ in progress), t1]
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
-    assert max(gaps) <= FAST["progress_seconds"] + 0.4, f"a gap of {max(gaps):.2f}s between progress lines"
+    assert max(gaps) <= FAST["progress_seconds"] + 1.0, f"a gap of {max(gaps):.2f}s between progress lines"
     for _, text in progress:
         assert text.startswith(f"[sb-node09] pull of {IMAGE}: "), text
     assert any("Copying blob sha256:fa255ff69ab5" in text for _, text in progress), progress
@@ -112,18 +119,21 @@ def test_progress_lines_come_at_least_every_interval_with_bytes_and_elapsed(env)
 def test_a_stalled_fetch_fails_in_time_names_host_registry_and_last_output_and_leaves_nothing(env, tmp_path):
     host, work, printed = env
     pids = tmp_path / "pids"
-    # Like podman against a stopped registry: a temp dir, one line, then nothing (a child waits too).
+    # Like podman against a stopped registry: a temp dir, one line, then nothing (a child waits too)...
     stand_in(
         Path(host.env["PATH"].split(":")[0]),
         "podman",
         f'echo "Trying to pull $2..."; mkdir "$TMPDIR/storage123"; echo x > "$TMPDIR/storage123/blob"\n'
-        f"sleep 1000 & echo $! >> {pids}; echo $$ >> {pids}; wait",
+        # ... but keeps reading and writing a few bytes (as podman's Go runtime does: rchar/wchar grow).
+        f"sleep 1000 & echo $! >> {pids}; echo $$ >> {pids}; "
+        "while :; do echo tick > /dev/null; head -c 10 /dev/zero > /dev/null; sleep 0.1; done",
     )
     t0 = time.monotonic()
     with pytest.raises(FetchFailed) as failed:
-        run_watched(host, fetch(work, stall_seconds=1.5), sleep=time.sleep)
+        # (the overall limit only so that a missed stall fails the test instead of hanging it)
+        run_watched(host, fetch(work, stall_seconds=1.5, timeout_seconds=15), sleep=time.sleep)
     took = time.monotonic() - t0
-    assert took < 1.5 + 3, f"the stall was noticed after {took:.1f}s"
+    assert took < 1.5 + 6, f"the stall was noticed after {took:.1f}s"
 
     message = str(failed.value)
     assert "sb-node09" in message and f"registry {REGISTRY}" in message, message
