@@ -384,6 +384,9 @@ def test_a_missing_image_is_pulled_again_on_that_node_only(deployed):
     assert manifest_clients == {sandbox.node(SECOND).address}, manifest_clients
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _registry_pid(sandbox) -> int:
     """The host PID of the sandbox's docker-registry (it runs in the login node's namespaces)."""
     from nemotron_rehearsal.sandbox import netns
@@ -429,6 +432,7 @@ def test_a_stalled_registry_fails_the_pull_in_time_and_no_host_changes_its_files
     with _registry_stopped(sandbox):
         run = pyinfra("--data", f"pull_stall_timeout_seconds={stall}", timeout=stall + 120)
     assert run.rc != 0, f"the deploy succeeded with the registry stalled:\n{run.describe()}"
+    print(f"stalled registry: the deploy failed after {run.seconds:.1f}s (stall limit {stall}s)")
     assert run.seconds < stall + 30, f"the stalled pull failed the deploy only after {run.seconds:.0f}s"
     assert op_statuses(run.output, PULL_OP).get(SECOND, "").startswith("Error"), run.describe()
     message = f"pull of {IMAGE} on {SECOND} from registry {sandbox.registry} stalled: no progress for"
@@ -469,7 +473,9 @@ def test_a_slow_pull_prints_progress_per_host_at_least_every_interval(deployed):
             argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
-        reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), x) for x in proc.stdout))
+        reader = threading.Thread(  # pyinfra colours the host name: strip that
+            target=lambda: lines.extend((time.monotonic(), ANSI.sub("", x)) for x in proc.stdout)
+        )
         reader.start()
         time.sleep(paused)
     rc = proc.wait(timeout=180)
