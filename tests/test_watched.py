@@ -154,7 +154,7 @@ def test_a_fetch_that_keeps_going_past_the_overall_limit_fails(env):
     t0 = time.monotonic()
     with pytest.raises(FetchFailed, match=r"did not finish within pull_timeout_seconds=1\b"):
         run_watched(host, fetch(work, stall_seconds=60, timeout_seconds=1), sleep=time.sleep)
-    assert time.monotonic() - t0 < 4
+    assert time.monotonic() - t0 < 1 + 8, "the overall limit was noticed late"
     assert list(work.iterdir()) == []
 
 
@@ -217,7 +217,7 @@ def test_import_progress_counts_the_cache_and_the_image_file(env, tmp_path):
         Path(host.env["PATH"].split(":")[0]),
         "enroot",
         'mkdir -p "$ENROOT_CACHE_PATH"; head -c 300000 /dev/zero > "$ENROOT_CACHE_PATH/layer"; sleep 0.6; '
-        'echo "[INFO] Creating squashfs filesystem..."; head -c 200000 /dev/zero > "$3"; sleep 0.6',
+        'echo "[INFO] Creating squashfs filesystem..."; head -c 200000 /dev/zero > "$3"; sleep 2.5',
     )
     (cmd,) = containers.import_image_file._inner(
         runtime="pyxis", image=IMAGE, target=str(tmp_path / "x.sqsh"), present=False, tmp_dir=str(scratch)
