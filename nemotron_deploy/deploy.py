@@ -111,6 +111,8 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
             ngc_key=ngc_key(cluster),
             tls_verify=s.registry_tls_verify,
             login=s.registry_login,
+            stall_seconds=s.pull_stall_timeout_seconds,
+            timeout_seconds=s.pull_timeout_seconds,
         )
     elif s.image_file and host.name == cluster.compute[0]:
         # One host imports for the whole cluster, onto shared storage.
@@ -139,6 +141,8 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
             present=s.image_file in snap["paths"],
             tmp_dir=s.enroot_tmp_dir or f"{s.deploy_dir}/.import-tmp",
             credentials_path=creds,
+            stall_seconds=s.pull_stall_timeout_seconds,
+            timeout_seconds=s.pull_timeout_seconds,
         )
 
 

@@ -386,6 +386,20 @@ class ClusterSettings(BaseModel):
         "a private mirror that takes the same key, false to never log in.",
         json_schema_extra=CONTAINER,
     )
+    pull_stall_timeout_seconds: int = Field(
+        600,
+        ge=5,
+        description="Fail the image pull or import on a host when it made no progress (bytes, output, "
+        "disk I/O) for this long (seconds): a registry that accepts connections but answers nothing.",
+        json_schema_extra=CONTAINER,
+    )
+    pull_timeout_seconds: int | None = Field(
+        None,
+        ge=1,
+        description="Fail the image pull or import when it takes longer than this in all (seconds), "
+        "progress or not. Default: no limit (a 15-30 GB NeMo image can take long on a slow link).",
+        json_schema_extra=CONTAINER,
+    )
     ngc_api_key_env: EnvName | None = Field(
         "NGC_API_KEY",
         description="The environment variable, on the machine you deploy from, that holds the NGC key. "

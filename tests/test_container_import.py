@@ -17,8 +17,9 @@ IMAGE = "nvcr.io#nvidia/nemo:24.01.framework"
 
 
 def commands(**kwargs) -> list[str]:
-    """The shell commands the operation yields (its generator, outside a pyinfra run)."""
-    return [str(cmd.get_raw_value()) for cmd in import_image_file._inner(**kwargs)]
+    """The shell commands the operation runs on the host (its generator, outside a pyinfra run): the
+    import itself is watched (operations/watched.py), so its command is in the FunctionCommand's Fetch."""
+    return [cmd.args[0].command for cmd in import_image_file._inner(**kwargs)]
 
 
 def stand_in(bindir: Path, name: str, body: str) -> None:

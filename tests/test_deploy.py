@@ -14,9 +14,16 @@ The sandbox comes up once per session (tests/conftest.py); each test starts from
 from __future__ import annotations
 
 import base64
+import os
+import re
 import shlex
+import signal
 import subprocess
+import threading
+import time
 import uuid
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from helpers import write_inventory
@@ -29,6 +36,7 @@ from sshutil import (
     HEALTH_STATE_DIR,
     HEALTH_USER,
     HEALTH_VENV,
+    IMAGE,
     IMAGE_FILE,
     IMAGES_DIR,
     IMPORT_OP,
@@ -471,6 +479,125 @@ def test_a_missing_image_file_is_imported_once_for_the_whole_cluster(deployed):
     assert clients == {sandbox.node(FIRST).address}, clients
     again = deploy_ok()
     assert op_statuses(again.output, IMPORT_OP)[FIRST] == "No changes"
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _registry_pid(sandbox) -> int:
+    """The host PID of the sandbox's docker-registry (it runs in the login node's namespaces)."""
+    from nemotron_rehearsal.sandbox import netns
+
+    pids = [
+        pid
+        for pid in netns.pids_in(sandbox.login.netns)
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "docker-registry"
+    ]
+    assert len(pids) == 1, f"expected one docker-registry in {sandbox.login.name}, found {pids}"
+    return pids[0]
+
+
+@contextmanager
+def _registry_stopped(sandbox):
+    """SIGSTOP the registry: it keeps accepting connections (the kernel's backlog) and answers nothing."""
+    pid = _registry_pid(sandbox)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _pull_leftovers(sandbox, node: str) -> str:
+    """What a pull could leave on the node: its work dir, podman's temp storage, a podman process."""
+    return ssh(
+        sandbox,
+        node,
+        "ls -d /var/tmp/nemotron-fetch.* /var/tmp/storage[0-9]* /var/tmp/container_images_storage* 2>/dev/null; "
+        "pgrep -a podman; true",
+    ).stdout.strip()
+
+
+def test_a_stalled_registry_fails_the_pull_in_time_and_no_host_changes_its_files(deployed):
+    """Before: with the registry stalled, the deploy sat silent for over 6 minutes until killed.
+    (The podman path: a pull per node.)"""
+    sandbox = deployed
+    deploy_ok(env=clean_env(**PODMAN))
+    remove_image(sandbox, SECOND)
+    assert not _pull_leftovers(sandbox, SECOND)
+    removed = _remove_on_every_host(sandbox)
+    before = _watched(sandbox)
+    stall = 20
+    with _registry_stopped(sandbox):
+        run = pyinfra(
+            "--data", f"pull_stall_timeout_seconds={stall}", timeout=stall + 120, env=clean_env(**PODMAN)
+        )
+    assert run.rc != 0, f"the deploy succeeded with the registry stalled:\n{run.describe()}"
+    print(f"stalled registry: the deploy failed after {run.seconds:.1f}s (stall limit {stall}s)")
+    assert run.seconds < stall + 30, f"the stalled pull failed the deploy only after {run.seconds:.0f}s"
+    assert op_statuses(run.output, PULL_OP).get(SECOND, "").startswith("Error"), run.describe()
+    message = f"pull of {IMAGE} on {SECOND} from registry {sandbox.registry} stalled: no progress for"
+    assert message in run.output, run.describe()
+    assert f'last output "Trying to pull {IMAGE}..."' in run.output, run.describe()
+    assert f"pull_stall_timeout_seconds={stall}" in run.output
+
+    assert not image_present(sandbox, SECOND)
+    assert not _pull_leftovers(sandbox, SECOND), "the stopped pull left something on the node"
+    images = ssh(sandbox, SECOND, "podman images -a --noheading").stdout.strip()
+    assert not images, f"the stopped pull left an image record: {images}"
+    # The job files changed on no host: not the one whose pull stalled, nor the others.
+    _assert_untouched(sandbox, removed, before)
+
+    run = deploy_ok(env=clean_env(**PODMAN))  # the registry answers again
+    assert op_statuses(run.output, PULL_OP).get(SECOND) == "Success", run.output
+    assert image_present(sandbox, SECOND)
+    assert all(exists(sandbox, node, path) for node, path in removed.items())
+
+    def then_no_change() -> None:
+        again = deploy_ok(env=clean_env(**PODMAN))
+        assert results_table(again.output)["Grand total"]["Success"] == "-", again.output
+
+    converged_attempts(then_no_change)
+
+
+def test_a_slow_pull_prints_progress_per_host_at_least_every_interval(deployed):
+    """The registry answers nothing for a while, then serves: a progress line for the pulling node comes
+    at least every progress interval meanwhile (shortened to 2 s here; 20 s by default, never over 30)."""
+    sandbox = deployed
+    deploy_ok(env=clean_env(**PODMAN))
+    remove_image(sandbox, SECOND)
+    interval, paused = 2.0, 9.0
+    argv = [console_script("pyinfra"), "-y", INVENTORY, "deploys/nemotron.py"]
+    env = clean_env(NEMOTRON_DEPLOY_PROGRESS_SECONDS=str(interval), PYTHONUNBUFFERED="1", **PODMAN)
+    lines: list[tuple[float, str]] = []
+    with _registry_stopped(sandbox):
+        proc = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        reader = threading.Thread(  # pyinfra colours the host name: strip that
+            target=lambda: lines.extend((time.monotonic(), ANSI.sub("", x)) for x in proc.stdout)
+        )
+        reader.start()
+        time.sleep(paused)
+    rc = proc.wait(timeout=180)
+    reader.join(timeout=10)
+    output = "".join(text for _, text in lines)
+    assert rc == 0, output[-6000:]
+    assert op_statuses(output, PULL_OP).get(SECOND) == "Success", output
+    progress = [(t, x) for t, x in lines if x.startswith(f"[{SECOND}] pull of {IMAGE}: ") and "elapsed" in x]
+    assert len(progress) >= paused / interval - 2, f"too few progress lines:\n{output[-4000:]}"
+    times = [t for t, _ in progress]
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert max(gaps) <= interval + 3, (
+        f"{max(gaps):.1f}s between progress lines:\n{''.join(x for _, x in progress)}"
+    )
+    assert all("fetched" in x and 'last output "Trying to pull' in x for _, x in progress), progress
+    elapsed = [int(m.group(1)) for _, x in progress if (m := re.search(r", (\d+)s elapsed", x))]
+    assert elapsed == sorted(elapsed) and elapsed[0] <= interval + 3, elapsed
+    assert not any(x.startswith(f"[{FIRST}] pull of") for _, x in lines), "a node with the image pulled"
+    assert image_present(sandbox, SECOND)
+    assert not _pull_leftovers(sandbox, SECOND), "the pull left its work dir or temp storage"
 
 
 # --- 7. the NGC key ---------------------------------------------------------------------------------------

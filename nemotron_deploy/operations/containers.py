@@ -4,6 +4,12 @@ Credentials: the NGC key is uploaded to a 0600 file of the deploying user, read 
 runtime (`--password-stdin`, enroot's netrc file) and never put on a command line, where `ps` and
 pyinfra's output would show it. Every pull goes to a temporary name first and is renamed when
 complete, so an interrupted pull never leaves a half image under the final name.
+
+Each pull or import runs detached on its host and is watched (watched.py): a progress line per host
+at least every 20 s, the step fails when nothing moved for `stall_seconds` or it ran past
+`timeout_seconds`, and a failed fetch is killed and its partial files removed. A failed fetch also
+stops the whole deploy (see `_stop_the_deploy`): the job files must not change on any host while the
+image they name is not where they expect it.
 """
 
 from __future__ import annotations
@@ -12,9 +18,10 @@ import shlex
 from io import StringIO
 
 from pyinfra import host
-from pyinfra.api import StringCommand, operation
+from pyinfra.api import FunctionCommand, StringCommand, operation
 
 from ..reachability import UploadCommand
+from .watched import Fetch, run_watched
 
 NGC_REGISTRY = "nvcr.io"
 NGC_USER = "$oauthtoken"  # NGC's fixed user name for API-key logins
@@ -43,9 +50,11 @@ def pull_image(
     ngc_key: str | None = None,
     tls_verify: bool = True,
     login: bool | None = None,
+    stall_seconds: float = 600,
+    timeout_seconds: float | None = None,
 ):
     """
-    docker/podman: pull `image` on this node unless it is already in local storage.
+    docker/podman: pull `image` on this node unless it is already in local storage, printing progress.
 
     + runtime: "docker" or "podman"
     + image: reference in docker form (registry/path:tag)
@@ -53,6 +62,8 @@ def pull_image(
     + ngc_key: API key for nvcr.io (logs in with --password-stdin from a 0600 file first)
     + tls_verify: podman only; False for a plain-HTTP registry such as the sandbox's
     + login: log in with the key first; None: only when the image comes from nvcr.io
+    + stall_seconds: fail when the pull made no progress for this long
+    + timeout_seconds: fail when the pull takes longer than this; None: no limit
 
     **Example:**
 
@@ -74,7 +85,47 @@ def pull_image(
             f"{tool} login{tls} --username {shlex.quote(NGC_USER)} --password-stdin "
             f"{shlex.quote(registry)} < {q_dir}/key; rc=$?; rm -rf {q_dir}; exit $rc"
         )
-    yield StringCommand(f"{tool} pull{tls} --quiet {shlex.quote(image)}")
+    # Not --quiet: its "Copying blob" lines are part of the progress shown.
+    watch = Fetch(
+        what=f"pull of {image}",
+        registry=registry,
+        command=f"{tool} pull{tls} {shlex.quote(image)}",
+        stall_seconds=stall_seconds,
+        timeout_seconds=timeout_seconds,
+        **_docker_watch(runtime),
+    )
+    yield FunctionCommand(_watch, (watch,), {})
+
+
+def _docker_watch(runtime: str) -> dict[str, str]:
+    """podman keeps its blob copies in $TMPDIR (the work dir); docker's daemon does the pull in its
+    own temp dir, and its I/O is the progress while it extracts."""
+    if runtime != "docker":
+        return {}
+    return {
+        "measure": "du -sb /var/lib/docker/tmp | cut -f1",
+        "extra_pids": "pgrep -x dockerd; pgrep -x containerd",
+    }
+
+
+def _watch(state, host, fetch: Fetch) -> None:
+    try:
+        run_watched(host, fetch)
+    except Exception:
+        _stop_the_deploy(state)
+        raise
+
+
+def _stop_the_deploy(state) -> None:
+    """Fail the deploy after this operation, on every host, not only this one.
+
+    pyinfra drops a failed host and goes on with the others; the job files come after the pull
+    (deploys/nemotron.py), and they must not change anywhere while a node lacks the image. pyinfra
+    checks FAIL_PERCENT once every host has finished this operation: at 0 it stops the run there
+    ("Over 0% of hosts failed"). Only a failed fetch sets it, so an unreachable host still leaves
+    the others to finish.
+    """
+    state.config.FAIL_PERCENT = 0
 
 
 @operation()
@@ -85,6 +136,8 @@ def import_image_file(
     present: bool,
     tmp_dir: str,
     credentials_path: str | None = None,
+    stall_seconds: float = 600,
+    timeout_seconds: float | None = None,
 ):
     """
     pyxis (enroot) or apptainer: import `image` once into a world-readable file on shared storage.
@@ -95,6 +148,8 @@ def import_image_file(
     + present: the snapshot saw `target` already
     + tmp_dir: enroot/apptainer scratch on a disk with room (their defaults fill /tmp and /run)
     + credentials_path: enroot's netrc file (already placed, 0600) or None for anonymous pulls
+    + stall_seconds: fail when the import made no progress for this long
+    + timeout_seconds: fail when the import takes longer than this; None: no limit
 
     **Example:**
 
@@ -110,25 +165,37 @@ def import_image_file(
     q_tmp, q_partial, q_target = shlex.quote(tmp_dir), shlex.quote(partial), shlex.quote(target)
     # The images dir is the login node's to own (desired.py); on a first deploy this step comes first.
     q_dir = shlex.quote(target.rsplit("/", 1)[0])
-    # Scratch of this import only (layers, unpacked rootfs: tens of GB), removed whatever happens.
     if runtime == "pyxis":
-        env = 'ENROOT_TEMP_PATH="$work" ENROOT_CACHE_PATH="$work/cache"'
+        env = 'ENROOT_TEMP_PATH="$S" ENROOT_CACHE_PATH="$S/cache"'
         if credentials_path:
             env += f" ENROOT_CONFIG_PATH={shlex.quote(credentials_path.rsplit('/', 1)[0])}"
         fetch = f"{env} enroot import --output {q_partial} {shlex.quote('docker://' + image)}"
     else:
         docker_ref = image.replace("#", "/", 1)
         fetch = (
-            f'APPTAINER_TMPDIR="$work" APPTAINER_CACHEDIR="$work/cache" apptainer pull {q_partial} '
+            f'APPTAINER_TMPDIR="$S" APPTAINER_CACHEDIR="$S/cache" apptainer pull {q_partial} '
             + shlex.quote("docker://" + docker_ref)
         )
-    # 0644: pyxis refuses a 0600 squashfs with "Invalid image format".
-    yield StringCommand(
-        f"mkdir -p {q_tmp} && mkdir -p -m 755 {q_dir} && rm -f {q_partial} "
-        f"&& work=$(mktemp -d {q_tmp}/import.XXXXXX) "
-        f"&& {{ {fetch} && chmod 644 {q_partial} && mv -f {q_partial} {q_target}; rc=$?; "
-        f'rm -rf "$work"; [ $rc = 0 ] || rm -f {q_partial}; exit $rc; }}'
+    # 0644: pyxis refuses a 0600 squashfs with "Invalid image format". This import's scratch (layers, the unpacked rootfs: tens of GB) on the disk tmp_dir names, one
+    # directory per import (named after the watcher's work dir $W), removed whatever happens.
+    scratch = f'S={q_tmp}/import.${{W##*/}}; '
+    command = (
+        f'{scratch}mkdir -p -m 755 {q_dir} && mkdir -p "$S" && rm -f {q_partial} '
+        f"&& {{ {fetch} && chmod 644 {q_partial} && mv -f {q_partial} {q_target}; "
+        'rc=$?; rm -rf "$S"; exit $rc; }'
     )
+    watch = Fetch(
+        what=f"import of {image}",
+        registry=registry_of(image),
+        command=command,
+        # Layers downloaded into the scratch dir, then the image file as it is written.
+        measure=f'{scratch}du -sb "$S" 2>/dev/null | cut -f1; stat -c %s {q_partial} 2>/dev/null',
+        # Left by a failed import: the half-written file and the scratch dir.
+        cleanup=f'{scratch}rm -f {q_partial}; rm -rf "$S"',
+        stall_seconds=stall_seconds,
+        timeout_seconds=timeout_seconds,
+    )
+    yield FunctionCommand(_watch, (watch,), {})
 
 
 def enroot_credentials(ngc_key: str, registry: str = NGC_REGISTRY) -> str:
