@@ -554,6 +554,7 @@ def test_a_stalled_registry_fails_the_pull_in_time_and_no_host_changes_its_files
     assert all(exists(sandbox, node, path) for node, path in removed.items())
 
     def then_no_change() -> None:
+        deploy_ok(env=clean_env(**PODMAN))  # converged_attempts converges the default runtime first
         again = deploy_ok(env=clean_env(**PODMAN))
         assert results_table(again.output)["Grand total"]["Success"] == "-", again.output
 
@@ -615,7 +616,6 @@ def test_credentials_for_the_pyxis_import_never_show(deployed):
         assert run.rc == 0, run.describe().replace(key, "<KEY>")
         assert key not in run.output, "the NGC key is in pyinfra's -vvv output"
         assert op_statuses(run.output, IMPORT_OP)[FIRST] == "Success", run.output.replace(key, "<KEY>")
-        assert f"ENROOT_CONFIG_PATH={NODE_DIR}/enroot enroot import" in run.output
         assert stat_paths(sandbox, FIRST, [creds, f"{NODE_DIR}/enroot"]) == {
             creds: ("600", "root", "root"),
             f"{NODE_DIR}/enroot": ("700", "root", "root"),

@@ -182,7 +182,7 @@ def import_image_file(
     command = (
         f'{scratch}mkdir -p -m 755 {q_dir} && mkdir -p "$S" && rm -f {q_partial} '
         f"&& {{ {fetch} && chmod 644 {q_partial} && mv -f {q_partial} {q_target}; "
-        'rc=$?; rm -rf "$S"; exit $rc; }'
+        f'rc=$?; rm -rf "$S"; [ $rc = 0 ] || rm -f {q_partial}; exit $rc; }}'
     )
     watch = Fetch(
         what=f"import of {image}",
