@@ -178,7 +178,7 @@ def import_image_file(
         )
     # 0644: pyxis refuses a 0600 squashfs with "Invalid image format". This import's scratch (layers, the unpacked rootfs: tens of GB) on the disk tmp_dir names, one
     # directory per import (named after the watcher's work dir $W), removed whatever happens.
-    scratch = f'S={q_tmp}/import.${{W##*/}}; '
+    scratch = f"S={q_tmp}/import.${{W##*/}}; "
     command = (
         f'{scratch}mkdir -p -m 755 {q_dir} && mkdir -p "$S" && rm -f {q_partial} '
         f"&& {{ {fetch} && chmod 644 {q_partial} && mv -f {q_partial} {q_target}; "
