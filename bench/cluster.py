@@ -96,8 +96,9 @@ def reset(sandbox, nodes: int, settings) -> None:
     Compute nodes 1..N: node-local /opt/nemotron-deploy. Login: /opt/nemotron-deploy (the health
     venv and its wheels), /etc/cron.d/nemotron-health, the health check's state and textfile dirs
     and its user. Shared: <shared>/nemotron-deploy (sbatch, logs), after cancelling the deploy's
-    Slurm jobs, whose logs live there. The pulled image stays: first deploys are measured with the
-    image already pulled (the registry part measures the pull on its own).
+    Slurm jobs, whose logs live there. The images stay (podman's, and pyxis's file in the shared
+    dir's images/): first deploys are measured with the image already there (the registry part
+    measures the fetch on its own).
     """
     from nemotron_deploy.operations.health_timer import METRICS_DIR, STATE_DIR
 
@@ -106,7 +107,9 @@ def reset(sandbox, nodes: int, settings) -> None:
     shared = f"{sandbox.shared_dir}/nemotron-deploy"
     login_script = (
         f"scancel --name {settings.job_name} 2>/dev/null; "
-        f"rm -rf {NODE_DIR} {CRON_FILE} {shared} {STATE_DIR} {METRICS_DIR} {settings.prometheus_textfile_dir}; "
+        # The images stay (pyxis's imported file is under the shared dir): first deploys exclude the fetch.
+        f"find {shared} -mindepth 1 -maxdepth 1 ! -name images -exec rm -rf {{}} + 2>/dev/null; "
+        f"rm -rf {NODE_DIR} {CRON_FILE} {STATE_DIR} {METRICS_DIR} {settings.prometheus_textfile_dir}; "
         f"if id {user} >/dev/null 2>&1; then userdel {user}; fi; "
         f"if getent group {user} >/dev/null; then groupdel {user}; fi; true"
     )
