@@ -205,3 +205,15 @@ def test_fact_modes_are_octal_strings(tmp_path):
     f.write_text("")
     f.chmod(stat.S_IRUSR | stat.S_IWUSR)
     assert run_fact(ManagedPaths, (str(f),))[str(f)].mode == "600"
+
+
+def test_a_host_whose_read_fails_stops_the_deploy_by_name():
+    """Before: a host lost after connecting made the snapshot None and the deploy a TypeError traceback."""
+    from types import SimpleNamespace
+
+    from nemotron_deploy.errors import DeployError
+    from nemotron_deploy.facts.snapshot import snapshot
+
+    lost = SimpleNamespace(name="gpu-007", data={"ssh_hostname": "10.0.0.7"}, get_fact=lambda *a, **k: None)
+    with pytest.raises(DeployError, match=r"gpu-007 \(10.0.0.7\): could not read the host over SSH"):
+        snapshot(lost, (("runtimes", ContainerRuntimes, ()),))

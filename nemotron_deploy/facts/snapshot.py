@@ -40,4 +40,12 @@ class HostSnapshot(ProbeFact):
 def snapshot(host, probes: tuple[tuple[str, type[ProbeFact], tuple[Any, ...]], ...]) -> dict[str, Any]:
     """Read all `probes` on `host` in one command; {name: what that fact's process() returns}."""
     lines = host.get_fact(HostSnapshot, probes=probes)
+    if lines is None:  # the read itself failed: pyinfra logged why (e.g. the connection dropped)
+        from ..errors import DeployError
+
+        address = host.data.get("ssh_hostname") or host.name
+        raise DeployError(
+            f"{host.name} ({address}): could not read the host over SSH (see the error above); "
+            "nothing was changed on any host: fix the host or leave it out (--limit), then re-run"
+        )
     return HostSnapshot().process_sections(probes, lines)
