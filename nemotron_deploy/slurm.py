@@ -181,11 +181,7 @@ def find_job_id(name: str) -> str | None:
     if not rows:
         return None
 
-    def key(row: list[str]) -> tuple[bool, int]:
-        digits = re.match(r"\d+", row[0])
-        return (len(row) > 1 and row[1] in ACTIVE_STATES, int(digits.group(0)) if digits else 0)
-
-    return max(rows, key=key)[0]
+    return max(rows, key=lambda row: (len(row) > 1 and row[1] in ACTIVE_STATES, _job_number(row[0])))[0]
 
 
 def _expand_output_pattern(path: str, info: dict[str, str], job_id: str) -> str:
@@ -251,14 +247,6 @@ def query_job(job_id: str) -> JobInfo:
         stderr=_expand_output_pattern(stderr, info, job_id) if stderr else None,
         exit_code=info.get("ExitCode"),
     )
-
-
-def queued_jobs(name: str) -> list[tuple[str, str]]:
-    """[(job id, state)] of the caller's visible jobs called `name` that have not ended, oldest first."""
-    res = _run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i %T"])
-    if res.returncode != 0:
-        raise SlurmError(f"squeue -n {name} failed: {(res.stderr or res.stdout).strip()}")
-    return active_rows(res.stdout)
 
 
 def active_rows(squeue_output: str) -> list[tuple[str, str]]:

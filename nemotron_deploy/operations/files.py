@@ -47,13 +47,9 @@ def managed_files(files: list[WantedFile], current: dict[str, PathState], secret
     """
     for f in files:
         have = current.get(f.path)
-        if have is None or have.kind != "file" or have.sha256 != sha256_of(f.content):
+        if _content_differs(f, have):
             if state.config.DIFF and not secret and isinstance(f.content, str):
-                # Only with --diff: one more read, for the old text of a file that changes.
-                old = [f"{line}\n" for line in host.get_fact(FileContents, path=f.path) or []] if have else []
-                host.log(f"Will {'create' if have is None else 'modify'} {f.path}", logger.info)
-                for line in generate_color_diff(old, f.content.splitlines(keepends=True)):
-                    logger.info("  %s", line)
+                _show_diff(f, have)
             stream = StringIO(f.content) if isinstance(f.content, str) else BytesIO(f.content)
             temp = f"{f.path}.upload" if secret else host.get_temp_filename(f.path)
             yield UploadCommand(stream, f.path, remote_temp_filename=temp)
@@ -113,6 +109,10 @@ def _link_steps(links: list[WantedLink], current: dict[str, PathState]) -> list[
     return steps
 
 
+def _content_differs(f: WantedFile, have: PathState | None) -> bool:
+    return have is None or have.kind != "file" or have.sha256 != sha256_of(f.content)
+
+
 def _show_diff(f: WantedFile, have: PathState | None) -> None:
     """Only with --diff: one more read, for the old text of a file that changes."""
     old = [f"{line}\n" for line in host.get_fact(FileContents, path=f.path) or []] if have else []
@@ -150,7 +150,7 @@ def managed_tree(
     steps = _dir_steps(dirs, current)
     for f in files:
         have = current.get(f.path)
-        if have is None or have.kind != "file" or have.sha256 != sha256_of(f.content):
+        if _content_differs(f, have):
             if state.config.DIFF and isinstance(f.content, str):
                 _show_diff(f, have)
             stream = StringIO(f.content) if isinstance(f.content, str) else BytesIO(f.content)
