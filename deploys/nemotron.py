@@ -30,11 +30,19 @@ host_checks.check_host(host, cluster, snapshot)
 # 4. The NeMo container where the job will look for it (per node, or once on shared storage).
 deploy.pull_container(host, cluster, snapshot)
 
-# 5. Job files: call_server.py, nemo_inference.sh, the health check on the nodes; the sbatch file.
+# 5. The endpoint's HAProxy on the login node, if missing (Debian's package), before its config.
+deploy.install_endpoint(host, cluster, snapshot)
+
+# 6. Job files: call_server.py, nemo_inference.sh, the health check on the nodes; the sbatch file;
+#    the endpoint's haproxy.cfg and request envelope on the login node.
 deploy.ensure_files(host, cluster, snapshot)
 
-# 6. The scheduled health check on the login node (venv, user, systemd timer or cron).
+# 7. The scheduled health check on the login node (venv, user, systemd timer or cron).
 deploy.install_health_check(host, cluster, snapshot)
 
-# 7. Only with --data submit=true: submit, then wait until the server generates.
-deploy.submit_job(host, cluster)
+# 8. The endpoint: started, or reloaded if its files changed, its slots pointed at the replicas.
+deploy.run_endpoint(host, cluster, snapshot)
+
+# 9. Only with --data submit=true: submit every replica (one Slurm job each), wait until all
+#    generate, then put them in the endpoint.
+deploy.submit_job(host, cluster, snapshot)

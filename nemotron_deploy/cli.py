@@ -41,6 +41,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from . import endpoint
     from .inventory import InventoryError
 
     try:
@@ -48,8 +49,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except InventoryError as exc:
         return _fail(f"cannot plan {args.inventory}:\n{exc}", EXIT_INVALID)
     p = cluster.plan
+    shapes = endpoint.request_shapes(p)
     if args.json:
-        print(json.dumps(p.as_dict(), indent=2))
+        print(json.dumps({**p.as_dict(), "requests": shapes}, indent=2))
         return EXIT_OK
     rows = [
         ("model", f"{p.model} ({p.parameters_billion} B parameters)"),
@@ -60,7 +62,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             str(p.tensor_parallel) + (" (crosses NVLink domains)" if p.tp_crosses_nvlink else ""),
         ),
         ("pipeline parallel", str(p.pipeline_parallel)),
-        ("replicas", f"{p.replicas} (from {p.nodes_available} compute nodes)"),
+        (
+            "replicas",
+            f"{p.replicas} of the {p.replica_capacity} that the {p.nodes_available} compute nodes hold, "
+            "each its own Slurm job behind the endpoint",
+        ),
         (
             "per-GPU memory",
             f"{p.per_gpu_memory_gib} GiB = weights {p.weights_per_gpu_gib} + KV cache "
@@ -68,6 +74,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"+ reserve {p.runtime_reserve_gib}",
         ),
         ("headroom", f"{p.headroom_gib} GiB per GPU"),
+        (
+            "requests covered",
+            f"up to {shapes['max_prompts']} prompts of up to {p.seq_length} tokens each; log-probs "
+            f"(all_probs, compute_logprob): "
+            + ("allowed" if shapes["logprobs_allowed"] else "refused by the endpoint (HTTP 400)")
+            + f" (they need {shapes['logprob_need_gib']} GiB per GPU beyond weights + KV cache; "
+            f"the plan leaves {shapes['logprob_capacity_gib']})",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

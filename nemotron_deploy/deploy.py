@@ -13,11 +13,13 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from pyinfra.operations import apt
+
 from . import desired
 from .desired import WantedDir, WantedFile
 from .errors import DeployError
 from .inventory import Cluster, InventoryError, load
-from .operations import containers, files, health_timer, submit
+from .operations import containers, endpoint, files, health_timer, submit
 
 # One validation per pyinfra Inventory object, dropped with it (an id() could be reused).
 _clusters: weakref.WeakKeyDictionary[Any, Cluster] = weakref.WeakKeyDictionary()
@@ -86,7 +88,9 @@ def ensure_files(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         health_timer.ensure_user(
             name=f"User {s.health_user}", username=s.health_user, exists=snap["health_user"]
         )
-    want = desired.for_host(cluster, host.name, snap.get("init"))
+    want = desired.for_host(
+        cluster, host.name, snap.get("init"), login and desired.endpoint_on(cluster, snap)
+    )
     # One operation, one shell command per host (after SFTP uploads): every operation is a barrier
     # across hosts, and on a large cluster each round of commands costs about an SSH round trip.
     files.managed_tree(
@@ -167,7 +171,9 @@ def install_health_check(host: Any, cluster: Cluster, snap: dict[str, Any]) -> N
     )
     units_changed = any(
         snap["paths"].get(path) is None or snap["paths"][path].sha256 != files.sha256_of(text)
-        for path, text in desired.health_units(cluster, snap.get("init")).items()
+        for path, text in desired.health_units(
+            cluster, snap.get("init"), desired.endpoint_on(cluster, snap)
+        ).items()
     )
     health_timer.enable_timer(
         name="Enable the health timer",
@@ -177,20 +183,54 @@ def install_health_check(host: Any, cluster: Cluster, snap: dict[str, Any]) -> N
     )
 
 
-def submit_job(host: Any, cluster: Cluster) -> None:
-    """Only with `--data submit=true`: submit unless already queued, then wait until it generates."""
+def install_endpoint(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
+    """HAProxy on the login node (Debian's package), before its configuration is written."""
+    if desired.role(cluster, host.name) != "login" or not desired.endpoint_on(cluster, snap):
+        return
+    if snap["haproxy"]["version"] is None:
+        apt.packages(name="Install HAProxy (the endpoint)", packages=["haproxy"], present=True)
+
+
+def run_endpoint(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
+    """Start HAProxy, or reload it when its files changed; then point its slots at the replicas."""
+    if desired.role(cluster, host.name) != "login" or not desired.endpoint_on(cluster, snap):
+        return
+    changed = any(
+        files.content_differs(f, snap["paths"].get(f.path)) for f in desired.endpoint_files(cluster)
+    )
+    endpoint.ensure_running(
+        name=f"Endpoint: HAProxy on port {cluster.settings.endpoint_port}",
+        service=snap["haproxy"]["service"],
+        running=snap["haproxy"]["running"],
+        config_changed=changed,
+        sync_command=desired.sync_command(cluster),
+    )
+
+
+def submit_job(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
+    """Only with `--data submit=true`: submit every replica not already queued (one Slurm job each),
+    wait until all generate, then point the endpoint at them at once."""
     s = cluster.settings
     if not s.submit or desired.role(cluster, host.name) != "login":
         return
     smoke = s.mode == "smoke"  # the job ends by itself after one call: wait for its end instead
+    # A smoke test runs one replica: it proves the job files, not the serving capacity.
+    names = [s.replica_job(i) for i in range(1, (1 if smoke else cluster.plan.replicas) + 1)]
     submit.submit_and_wait(
-        name=f"Submit {s.job_name} and wait until it "
-        + ("completes its smoke test" if smoke else "generates"),
+        name=f"Submit {', '.join(names)} and wait until "
+        + ("it completes its smoke test" if smoke else "every replica generates"),
         sbatch_path=f"{s.jobs_dir}/nemotron.sbatch",
-        job_name=s.job_name,
-        health_command=submit.wait_command(
-            venv=s.health_venv, job_name=s.job_name, port=s.port, budget=s.health_startup_budget_seconds
-        ),
+        job_names=names,
+        health_commands={
+            name: submit.wait_command(
+                venv=s.health_venv, job_name=name, port=s.port, budget=s.health_startup_budget_seconds
+            )
+            for name in names
+        },
         until_done=smoke,
         budget_seconds=s.health_startup_budget_seconds + 600,
     )
+    if not smoke and desired.endpoint_on(cluster, snap):
+        endpoint.sync_now(
+            name="Endpoint: point its slots at the replicas", command=desired.sync_command(cluster)
+        )

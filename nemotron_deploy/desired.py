@@ -8,11 +8,13 @@ where it owns them by name (`adopt`). Where it needs to write into a directory s
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 import gevent.lock
 
+from . import endpoint as endpoint_mod
 from . import render, wheelhouse
 from .inventory import Cluster
 from .operations import health_timer
@@ -101,11 +103,44 @@ def enroot_credentials(cluster: Cluster) -> str:
     return f"{cluster.settings.node_dir}/enroot/.credentials"
 
 
-def health_units(cluster: Cluster, init_system: str | None) -> dict[str, str]:
+def endpoint_on(cluster: Cluster, snap: dict) -> bool:
+    """The `endpoint` setting, or by default: wherever the login node can run HAProxy as a service."""
     s = cluster.settings
-    command = health_timer.check_command(
-        venv=s.health_venv, job_name=s.job_name, port=s.port, job_record=s.job_record
+    if s.endpoint is not None:
+        return s.endpoint
+    return bool((snap.get("haproxy") or {}).get("service"))
+
+
+def endpoint_files(cluster: Cluster) -> list[WantedFile]:
+    """haproxy.cfg and the Lua envelope, for the plan's replicas; the socket's group is the health
+    user's, so the scheduled check can point the slots at the replicas."""
+    rendered = render.render_endpoint(
+        cluster, cluster.plan.replicas, socket_group=cluster.settings.health_user
     )
+    return [WantedFile(f"{endpoint_mod.CONFIG_DIR}/{f.name}", f.content, f.mode) for f in rendered]
+
+
+def sync_command(cluster: Cluster) -> str:
+    """The scheduled check, run once now as its user: it points the endpoint's slots at the replicas."""
+    argv = ["runuser", "-u", cluster.settings.health_user, "--", *health_check_command(cluster, True)]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def health_check_command(cluster: Cluster, endpoint: bool) -> list[str]:
+    s = cluster.settings
+    return health_timer.check_command(
+        venv=s.health_venv,
+        job_name=s.job_name,
+        replicas=cluster.plan.replicas,
+        port=s.port,
+        records_dir=s.logs_dir,
+        endpoint_socket=endpoint_mod.STATS_SOCKET if endpoint else None,
+    )
+
+
+def health_units(cluster: Cluster, init_system: str | None, endpoint: bool = False) -> dict[str, str]:
+    s = cluster.settings
+    command = health_check_command(cluster, endpoint)
     if init_system == "systemd":
         return health_timer.systemd_units(
             user=s.health_user, command=command, interval=s.health_interval_seconds, job_name=s.job_name
@@ -113,7 +148,9 @@ def health_units(cluster: Cluster, init_system: str | None) -> dict[str, str]:
     return health_timer.cron_entry(user=s.health_user, command=command, interval=s.health_interval_seconds)
 
 
-def for_host(cluster: Cluster, host_name: str, init_system: str | None = None) -> HostState:
+def for_host(
+    cluster: Cluster, host_name: str, init_system: str | None = None, endpoint: bool = False
+) -> HostState:
     s = cluster.settings
     want = HostState()
     job_files = artifacts(cluster).job_files
@@ -159,5 +196,11 @@ def for_host(cluster: Cluster, host_name: str, init_system: str | None = None) -
     want.files += [
         WantedFile(f"{wheels_dir(cluster)}/{name}", data, "644") for name, data in artifacts(cluster).wheels
     ]
-    want.files += [WantedFile(path, text, "644") for path, text in health_units(cluster, init_system).items()]
+    want.files += [
+        WantedFile(path, text, "644") for path, text in health_units(cluster, init_system, endpoint).items()
+    ]
+    if endpoint:
+        # /etc/haproxy is the package's: created if absent (before the install), never re-owned.
+        want.dirs.append(WantedDir(endpoint_mod.CONFIG_DIR, "755"))
+        want.files += endpoint_files(cluster)
     return want

@@ -73,6 +73,17 @@ def logprobs_allowed(plan: Plan) -> bool:
     return logprob_capacity_gib(plan) >= LOGPROB_NEED_GIB
 
 
+def request_shapes(plan: Plan) -> dict:
+    """What the plan's memory covers, as `plan` shows it and the endpoint enforces it."""
+    return {
+        "max_prompts": plan.batch,
+        "max_tokens_per_prompt": plan.seq_length,
+        "logprobs_allowed": logprobs_allowed(plan),
+        "logprob_need_gib": round(LOGPROB_NEED_GIB, 2),
+        "logprob_capacity_gib": logprob_capacity_gib(plan),
+    }
+
+
 def request_bufsize(settings: ClusterSettings, seq_length: int) -> int:
     """tune.bufsize: a power of two that holds the largest request the plan allows."""
     need = settings.inference_batch * seq_length * BYTES_PER_TOKEN + REQUEST_OVERHEAD_BYTES

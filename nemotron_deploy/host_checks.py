@@ -14,6 +14,7 @@ from .errors import DeployError
 from .facts.disk import FreeSpace
 from .facts.files import ManagedPaths
 from .facts.gpus import NvidiaGpus
+from .facts.haproxy import Haproxy
 from .facts.images import ImagePresent
 from .facts.model import ModelConfig
 from .facts.runtimes import ContainerRuntimes
@@ -23,6 +24,11 @@ from .facts.system import InitSystem, UnitEnabled, UserExists
 from .inventory import Cluster
 from .operations.health_timer import UNIT
 from .preflight import check_gpus
+
+# The endpoint's configuration needs http-check send/expect with bodies and retry-on (2.2+), and is
+# tested with Debian bookworm's 2.6.
+MIN_HAPROXY = "2.4"
+MIN_HAPROXY_TUPLE = (2, 4)
 
 # Model facts that must match between the checkpoint and the plan (a wrong path dies after hours).
 ARCHITECTURE_KEYS = (
@@ -53,10 +59,11 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
             ("init", InitSystem, ()),
             ("timer_enabled", UnitEnabled, (f"{UNIT}.timer",)),
             ("health_user", UserExists, (s.health_user,)),
+            ("haproxy", Haproxy, ()),
         ]
         if s.image_file:
             probes.append(("free", FreeSpace, (s.images_dir,)))
-    paths = list(desired.for_host(cluster, host.name, "systemd").paths)
+    paths = list(desired.for_host(cluster, host.name, "systemd", endpoint=True).paths)
     if s.image_file:
         creds = desired.enroot_credentials(cluster)
         paths += [s.image_file, creds, creds.rsplit("/", 1)[0]]
@@ -79,7 +86,7 @@ def check_host(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     if s.skip_preflight:
         return
     role = desired.role(cluster, host.name)
-    problems = login_problems(snap) if role == "login" else compute_problems(cluster, snap)
+    problems = login_problems(cluster, snap) if role == "login" else compute_problems(cluster, snap)
     free = snap.get("free")
     if free is not None and free < s.min_free_gib and not image_present(cluster, snap):
         problems.append(
@@ -93,14 +100,38 @@ def check_host(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         )
 
 
-def login_problems(snap: dict[str, Any]) -> list[str]:
+def login_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
+    problems = []
     slurm = snap["slurm"]
     if slurm is None:
-        return ["Slurm's sbatch is not installed here: the login node must be able to submit jobs"]
-    if "error" in slurm:
-        return [
+        problems.append("Slurm's sbatch is not installed here: the login node must be able to submit jobs")
+    elif "error" in slurm:
+        problems.append(
             f"sbatch is installed but fails: {slurm['error']}; fix the Slurm client here "
             "(slurm.conf, munge) so that `sbatch --version` works"
+        )
+    if desired.endpoint_on(cluster, snap):
+        problems += endpoint_problems(snap["haproxy"])
+    return problems
+
+
+def endpoint_problems(haproxy: dict[str, Any]) -> list[str]:
+    off = "or set endpoint = false to run without the endpoint"
+    if haproxy["service"] is None:
+        return [
+            "endpoint = true, but this login node has neither systemd nor /etc/init.d scripts to run "
+            f"HAProxy as a service: run the login node under systemd, {off}"
+        ]
+    version = haproxy["version"]
+    if version is None and not haproxy["apt"]:
+        return [
+            "HAProxy is not installed and apt-get is not here to install it: install HAProxy "
+            f"{MIN_HAPROXY} or newer (Debian/Ubuntu package haproxy), {off}"
+        ]
+    if version is not None and tuple(map(int, version.split(".")[:2])) < MIN_HAPROXY_TUPLE:
+        return [
+            f"HAProxy {version} is too old for the endpoint (it needs {MIN_HAPROXY} or newer: http-check "
+            f"send with a body, retry-on, Lua 5.3): upgrade the haproxy package, {off}"
         ]
     return []
 

@@ -39,6 +39,8 @@ FIXES = {
     "container_runtime": "use one of pyxis, docker, podman, apptainer, host",
     "mode": "use serve (keep serving) or smoke (one call, then end the job)",
     "gpu_request": "use gpus-per-node, or gres on clusters that reject --gpus-per-node",
+    "replicas": "use 1 or more, or leave it unset for every replica the compute nodes hold (to stop "
+    "serving, cancel the jobs: scancel --name=<job_name>-r1,...)",
 }
 
 
@@ -377,14 +379,36 @@ def load(
             runtime_reserve_gib=settings.runtime_reserve_gib,
             tensor_parallel=settings.tensor_parallel,
             pipeline_parallel=settings.pipeline_parallel,
+            replicas=settings.replicas,
         )
     except planner.PlanError as exc:
         msg = str(exc)
-        fld = (
-            "tensor_parallel"
-            if msg.startswith("tensor_parallel")
-            else ("pipeline_parallel" if msg.startswith("pipeline_parallel") else "compute")
+        fld = next(
+            (f for f in ("tensor_parallel", "pipeline_parallel", "replicas") if msg.startswith(f + "=")),
+            "compute",
         )
         raise InventoryError([Problem(path, msg, field=fld)]) from None
+
+    # The same machine in both groups under two names (one address): it runs a replica's server
+    # and the endpoint. (One name in both groups is refused above.)
+    address = {h.name: h.data.get("ssh_hostname") or h.name for h in inventory}
+    both = sorted(
+        f"{name} ({address[name]})"
+        for name in login
+        if any(address[name] == address[node] for node in compute)
+    )
+    if both and settings.endpoint is not False and settings.endpoint_port == settings.port:
+        raise InventoryError(
+            [
+                Problem(
+                    path,
+                    f"the endpoint and the replicas' servers would both listen on port {settings.port} on "
+                    f"{', '.join(both)}, which is also a compute node: set endpoint_port (or port) "
+                    "to another port, or endpoint = false",
+                    field="endpoint_port",
+                    value=settings.endpoint_port,
+                )
+            ]
+        )
 
     return Cluster(path, Path(path).stem, login, compute, settings, sized, host_settings)

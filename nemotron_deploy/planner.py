@@ -45,7 +45,8 @@ class Plan:
     tensor_parallel: int
     pipeline_parallel: int
     nodes_available: int
-    replicas: int
+    replicas: int  # the replicas to run: the `replicas` setting, else every whole one the nodes hold
+    replica_capacity: int  # whole replicas the compute nodes hold
     usable_memory_gib: float
     weights_per_gpu_gib: float
     kv_cache_per_gpu_gib: float
@@ -102,11 +103,13 @@ def plan(
     runtime_reserve_gib: float = DEFAULT_RUNTIME_RESERVE_GIB,
     tensor_parallel: int | None = None,
     pipeline_parallel: int | None = None,
+    replicas: int | None = None,
 ) -> Plan:
     """The smallest replica that fits; raise PlanError saying what is needed when none does.
 
     `tensor_parallel`/`pipeline_parallel` pin a dimension (an operator's override); the rest is
-    still chosen by the rules above and checked against memory.
+    still chosen by the rules above and checked against memory. `replicas` caps how many replicas
+    run (default: every whole replica the nodes hold); more than they hold is refused.
     """
     tps = valid_tensor_parallel(model, gpus_per_node)
     if tensor_parallel is not None and tensor_parallel not in tps:
@@ -146,6 +149,15 @@ def plan(
                     f"inventory has {nodes_available}: add {nodes - nodes_available} node(s) to the "
                     f"`compute` group, or use GPUs with more memory"
                 )
+            capacity = nodes_available // nodes
+            if replicas is not None and replicas > capacity:
+                raise PlanError(
+                    f"replicas={replicas} needs {replicas * nodes} compute node(s) ({nodes} per replica: "
+                    f"TP {tp} x PP {pp} on {gpus_per_node} GPUs per node) but the inventory has "
+                    f"{nodes_available}, which hold {capacity}: add "
+                    f"{replicas * nodes - nodes_available} node(s) to the `compute` group, or set "
+                    f"replicas to {capacity} or less (unset: every replica the nodes hold)"
+                )
             return Plan(
                 model=model.key,
                 gpu=gpu.key,
@@ -154,7 +166,8 @@ def plan(
                 tensor_parallel=tp,
                 pipeline_parallel=pp,
                 nodes_available=nodes_available,
-                replicas=nodes_available // nodes,
+                replicas=replicas or capacity,
+                replica_capacity=capacity,
                 usable_memory_gib=round(gpu.memory_gib, 2),
                 weights_per_gpu_gib=round(weights, 2),
                 kv_cache_per_gpu_gib=round(kv, 2),

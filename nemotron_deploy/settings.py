@@ -240,6 +240,14 @@ class ClusterSettings(BaseModel):
         "memory; pin it only to reproduce a known layout (the sandbox pins 2 to run multi-node jobs).",
         json_schema_extra=RUNS,
     )
+    replicas: int | None = Field(
+        None,
+        ge=1,
+        description="How many replicas to run, each its own Slurm job (<job_name>-r1, -r2, ...) behind "
+        "the endpoint (a count). Default: every whole replica the compute nodes hold; set it to leave "
+        "nodes for other work.",
+        json_schema_extra=RUNS,
+    )
     inference_batch: int = Field(
         8,
         gt=0,
@@ -593,10 +601,14 @@ class ClusterSettings(BaseModel):
     def logs_dir(self) -> str:
         return f"{self.deploy_dir}/logs"
 
-    @property
-    def job_record(self) -> str:
-        """Where the batch script records its job id and first node for checks squeue hides it from."""
-        return slurm.record_path(self.logs_dir, self.job_name)
+    def replica_job(self, index: int) -> str:
+        """The Slurm job name of replica `index` (1-based): <job_name>-r<index>."""
+        return slurm.replica_job_name(self.job_name, index)
+
+    def job_record(self, index: int) -> str:
+        """Where replica `index`'s batch script records its job id and first node, for checks that
+        squeue hides the job from (Slurm's PrivateData=jobs)."""
+        return slurm.record_path(self.logs_dir, self.replica_job(index))
 
     @property
     def images_dir(self) -> str:

@@ -266,6 +266,14 @@ def _job_number(job_id: str) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+REPLICA_SUFFIX = "-r"
+
+
+def replica_job_name(job_name: str, index: int) -> str:
+    """The Slurm job name of replica `index` (1-based) of a deployment: <job_name>-r<index>."""
+    return f"{job_name}{REPLICA_SUFFIX}{index}"
+
+
 def record_path(records_dir: str, job_name: str) -> str:
     return os.path.join(records_dir, f"{job_name}.job.json")
 

@@ -113,7 +113,8 @@ def test_plan_text(capsys):
     assert "nodes per replica  2 x 8 GPUs" in out
     assert "tensor parallel    8\n" in out
     assert "pipeline parallel  2\n" in out
-    assert "replicas           1 (from 2 compute nodes)" in out
+    assert "replicas           1 of the 1 that the 2 compute nodes hold" in out
+    assert "requests covered   up to 8 prompts of up to 4096 tokens each; log-probs" in out
     assert "nemotron-4-340b (341.0 B parameters)" in out
 
 

@@ -21,8 +21,10 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
     command = health.check_command(
         venv=str(Path(sys.executable).parent.parent),
         job_name="nemotron-340b",
+        replicas=2,
         port=1424,
-        job_record="/shared/logs/nemotron-340b.job.json",
+        records_dir="/shared/logs",
+        endpoint_socket="/run/haproxy/admin.sock",
     )
     paths = []
     for path, text in health.systemd_units(
@@ -37,15 +39,17 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
 
 
 def test_service_treats_nagios_results_as_success_and_runs_unprivileged():
-    command = health.check_command(venv="/opt/v", job_name="job", port=1424, job_record="/s/job.job.json")
+    command = health.check_command(
+        venv="/opt/v", job_name="job", replicas=2, port=1424, records_dir="/s", endpoint_socket=None
+    )
     service = health.systemd_units(user="nemotron-health", command=command, interval=60, job_name="job")[
         "/etc/systemd/system/nemotron-health.service"
     ]
     assert "User=nemotron-health" in service
     assert "SuccessExitStatus=1 2 3" in service
     assert (
-        "ExecStart=/opt/v/bin/python -m nemotron_deploy.health --slurm-job job --job-record /s/job.job.json --port 1424"
-        in service
+        "ExecStart=/opt/v/bin/python -m nemotron_deploy.health --slurm-job job --replicas 2 --records-dir /s "
+        "--port 1424 --prometheus-textfile" in service
     )
 
 

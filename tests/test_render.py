@@ -206,7 +206,7 @@ def test_sbatch_asks_for_the_plan(name, shipped):
     assert ("--gres" in directives) == (s.gpu_request == "gres")
     assert directives["--partition"] == s.slurm_partition
     assert directives["--account"] == s.slurm_account
-    assert directives["--job-name"] == s.job_name
+    assert directives["--job-name"] == f"{s.job_name}-r1"  # replica 1; submit names each replica
     assert directives["--time"] == s.slurm_time_limit
     # The card's text said 4 nodes while its script asked for 2: the comment says what the job asks.
     assert f"on {plan.nodes} x {plan.gpus_per_node} {plan.gpu} (TP {plan.tensor_parallel} x PP " in sbatch

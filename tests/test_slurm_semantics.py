@@ -9,10 +9,11 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from helpers import INVENTORIES
 from nemotron_rehearsal.emulator import serve_in_thread
 from test_health import FakeSlurm, job, run
 
-from nemotron_deploy import slurm
+from nemotron_deploy import inventory, slurm
 from nemotron_deploy.facts.slurm import SlurmVersion
 from nemotron_deploy.host_checks import login_problems
 from nemotron_deploy.operations import health_timer
@@ -134,9 +135,12 @@ def test_a_broken_sbatch_stops_the_deploy():
     broken = SlurmVersion().process(
         ["sbatch: error: s_p_parse_file: unable to read /etc/slurm/slurm.conf", "@@rc=1"]
     )
-    (problem,) = login_problems({"slurm": broken})
+    cluster = inventory.load(str(INVENTORIES / "h100.py"))
+    no_endpoint = {"haproxy": {"service": None, "version": None, "apt": False, "running": False}}
+    (problem,) = login_problems(cluster, {"slurm": broken, **no_endpoint})
     assert "sbatch is installed but fails" in problem and "slurm.conf" in problem
-    assert login_problems({"slurm": None}) and not login_problems({"slurm": {"version": "22.05.8"}})
+    assert login_problems(cluster, {"slurm": None, **no_endpoint})
+    assert not login_problems(cluster, {"slurm": {"version": "22.05.8"}, **no_endpoint})
 
 
 def test_the_inventory_file_is_the_one_pyinfra_loaded(monkeypatch, tmp_path):

@@ -564,3 +564,71 @@ def test_validate_structural_problem_in_text(tmp_path, capsys):
 def test_validate_usage_error_exits_2(argv, capsys):
     assert run_main(argv) == 2
     assert "usage:" in capsys.readouterr().err
+
+
+# --- replicas and the endpoint ------------------------------------------------------------------------
+
+FOUR_NODES = _hosts(
+    ["login01.h100.example.internal"], [f"gpu-h100-00{i}.example.internal" for i in range(1, 5)]
+)
+
+
+def test_replicas_default_to_every_replica_the_nodes_hold(tmp_path):
+    cluster = inventory.load(str(write_inventory(tmp_path, "h100", hosts=FOUR_NODES)))
+    assert (cluster.plan.replicas, cluster.plan.replica_capacity) == (2, 2)
+
+
+def test_replicas_caps_how_many_run(tmp_path, capsys):
+    path = write_inventory(tmp_path, "h100", hosts=FOUR_NODES, settings={"replicas": 1})
+    assert inventory.load(str(path)).plan.replicas == 1
+    assert run_main(["plan", str(path), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert (plan["replicas"], plan["replica_capacity"]) == (1, 2)
+    assert run_main(["plan", str(path)]) == 0
+    assert "replicas           1 of the 2 that the 4 compute nodes hold" in capsys.readouterr().out
+
+
+def test_more_replicas_than_the_nodes_hold(tmp_path, capsys):
+    path = write_inventory(tmp_path, "h100", hosts=FOUR_NODES, settings={"replicas": 3})
+    (problem,) = only_field(problems_of(path), "replicas")
+    assert "replicas=3 needs 6 compute node(s)" in problem.message
+    assert "the inventory has 4, which hold 2" in problem.message
+    assert "add 2 node(s) to the `compute` group, or set replicas to 2 or less" in problem.message
+    assert run_main(["validate", str(path)]) == 1
+    assert "replicas=3 needs 6" in capsys.readouterr().out
+
+
+def test_zero_replicas_is_refused_with_the_fix(tmp_path):
+    problems = only_field(problems_of(_bad(tmp_path, replicas=0)), "replicas")
+    _every_host(problems, tmp_path / "h100.py")
+    assert all("greater than or equal to 1" in p.message for p in problems)
+    assert all("leave it unset for every replica the compute nodes hold" in p.message for p in problems)
+
+
+def test_endpoint_port_clash_on_a_login_node_that_computes(tmp_path):
+    """The login node is also a compute node (one machine, two inventory names)."""
+    hosts = (
+        'login = [("login01", {"ssh_hostname": "10.0.0.5"})]\n'
+        'compute = [("gpu01", {"ssh_hostname": "10.0.0.5"}), "gpu02"]\n'
+    )
+    path = write_inventory(tmp_path, "h100", hosts=hosts)
+    (problem,) = only_field(problems_of(path), "endpoint_port")
+    assert "both listen on port 1424 on login01 (10.0.0.5), which is also a compute node" in problem.message
+    assert "set endpoint_port (or port) to another port, or endpoint = false" in problem.message
+    # Either fix is accepted.
+    for fix in ({"endpoint_port": 8080}, {"endpoint": False}):
+        inventory.load(str(write_inventory(tmp_path / str(fix), "h100", hosts=hosts, settings=fix)))
+
+
+def test_plan_says_which_request_shapes_the_headroom_covers(capsys):
+    assert run_main(["plan", str(INVENTORIES / "h100.py"), "--json"]) == 0
+    covered = json.loads(capsys.readouterr().out)["requests"]
+    assert covered["max_prompts"] == 8 and covered["logprobs_allowed"] is True
+
+
+def test_plan_says_logprobs_are_refused_where_the_headroom_does_not_hold_them(tmp_path, capsys):
+    hosts = _hosts(["login"], [f"gpu{i}" for i in range(1, 5)])
+    path = write_inventory(tmp_path, "a100", hosts=hosts, settings={"gpu_type": "A100-40GB"})
+    assert run_main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "log-probs (all_probs, compute_logprob): refused by the endpoint (HTTP 400)" in out

@@ -47,7 +47,7 @@ def managed_files(files: list[WantedFile], current: dict[str, PathState], secret
     """
     for f in files:
         have = current.get(f.path)
-        if _content_differs(f, have):
+        if content_differs(f, have):
             if state.config.DIFF and not secret and isinstance(f.content, str):
                 _show_diff(f, have)
             stream = StringIO(f.content) if isinstance(f.content, str) else BytesIO(f.content)
@@ -109,7 +109,7 @@ def _link_steps(links: list[WantedLink], current: dict[str, PathState]) -> list[
     return steps
 
 
-def _content_differs(f: WantedFile, have: PathState | None) -> bool:
+def content_differs(f: WantedFile, have: PathState | None) -> bool:
     return have is None or have.kind != "file" or have.sha256 != sha256_of(f.content)
 
 
@@ -150,7 +150,7 @@ def managed_tree(
     steps = _dir_steps(dirs, current)
     for f in files:
         have = current.get(f.path)
-        if _content_differs(f, have):
+        if content_differs(f, have):
             if state.config.DIFF and isinstance(f.content, str):
                 _show_diff(f, have)
             stream = StringIO(f.content) if isinstance(f.content, str) else BytesIO(f.content)

@@ -22,18 +22,27 @@ def metrics_path() -> str:
     return f"{METRICS_DIR}/{METRICS_FILE}"
 
 
-def check_command(*, venv: str, job_name: str, port: int, job_record: str) -> list[str]:
-    """The single check the timer runs (Nagios exit codes; metrics for the textfile collector)."""
-    return [
+def check_command(
+    *, venv: str, job_name: str, replicas: int, port: int, records_dir: str, endpoint_socket: str | None
+) -> list[str]:
+    """The single check the timer runs: every replica (<job_name>-r1..rN), the endpoint's slots
+    pointed at them when there is an endpoint; Nagios exit codes, metrics for the textfile collector."""
+    command = [
         f"{venv}/bin/python",
         "-m",
         "nemotron_deploy.health",
         "--slurm-job",
         job_name,
-        "--job-record",
-        job_record,
+        "--replicas",
+        str(replicas),
+        "--records-dir",
+        records_dir,
         "--port",
         str(port),
+    ]
+    if endpoint_socket:
+        command += ["--endpoint-socket", endpoint_socket]
+    return command + [
         "--prometheus-textfile",
         metrics_path(),
         "--state-file",

@@ -27,6 +27,19 @@ def wait_command(*, venv: str, job_name: str, port: int, budget: int) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
+def wait_all_command(commands: dict[str, str]) -> str:
+    """Run the waits {job name: command} at once, each line prefixed with its job's name; fails if any
+    fails (every wait still runs to its end, so each replica's outcome is printed)."""
+    if len(commands) == 1:
+        return next(iter(commands.values()))
+    lines = ["set -o pipefail", "pids=''"]
+    for name, command in commands.items():
+        prefix = shlex.quote(f"s/^/[{name}] /")
+        lines.append(f'{{ {command} 2>&1 | sed -u {prefix}; }} & pids="$pids $!"')
+    lines.append('rc=0; for p in $pids; do wait "$p" || rc=1; done; exit "$rc"')
+    return "bash -c " + shlex.quote("\n".join(lines))
+
+
 def submit_decision(rows: list[tuple[str, str]]) -> tuple[str, list[str]]:
     """What to do given the jobs of that name that have not ended: ("reuse", [id]) for one that is
     queued or running (the newest), ("wait", ids) while only ending ones remain, else ("submit", [])."""
@@ -48,18 +61,21 @@ def _queued(host, job_name: str) -> list[tuple[str, str]]:
 @operation(is_idempotent=False)
 def submit_and_wait(
     sbatch_path: str,
-    job_name: str,
-    health_command: str,
+    job_names: list[str],
+    health_commands: dict[str, str],
     until_done: bool = False,
     budget_seconds: int = 2700,
 ):
     """
-    Submit `sbatch_path` unless a job named `job_name` is already pending or running, then wait
-    (printing progress) until the health check sees the server generate.
+    Submit `sbatch_path` once per job name (``sbatch --job-name=<name>``: one job per replica) unless
+    a job of that name is already pending or running, then wait (printing each replica's progress,
+    prefixed with its job name) until every replica's health check sees its server generate.
 
-    + until_done: for a job that ends by itself (smoke mode: one call, then every rank stops): wait
-      until it has ended instead, succeed if it COMPLETED with exit code 0 and print its output
-      from the job's own health-check line on. (A health check from outside can miss the few
+    + job_names: the replicas' Slurm job names, e.g. nemotron-340b-r1, nemotron-340b-r2
+    + health_commands: {job name: the command that waits until that replica generates}
+    + until_done: for a job that ends by itself (smoke mode: one call, then every rank stops; one job
+      name): wait until it has ended instead, succeed if it COMPLETED with exit code 0 and print its
+      output from the job's own health-check line on. (A health check from outside can miss the few
       milliseconds such a job serves, then sees the job gone and fails a good run.)
     + budget_seconds: with until_done, how long the job may take to end
 
@@ -68,7 +84,8 @@ def submit_and_wait(
     .. code:: python
 
         submit_and_wait(name="Submit", sbatch_path="/shared/jobs/nemotron.sbatch",
-                        job_name="nemotron-340b", health_command="/opt/venv/bin/python -m ...")
+                        job_names=["nemotron-340b-r1"],
+                        health_commands={"nemotron-340b-r1": "/opt/venv/bin/python -m ..."})
     """
 
     def run(state, host):
@@ -82,9 +99,22 @@ def submit_and_wait(
         failed = sorted(h.name for h in state.failed_hosts)
         if failed:
             raise SubmitError(
-                f"not submitting {job_name}: the deploy failed on {', '.join(failed)}, so the job would "
-                "start without what they were to get; fix them and re-run"
+                f"not submitting {', '.join(job_names)}: the deploy failed on {', '.join(failed)}, so the "
+                "jobs would start without what they were to get; fix them and re-run"
             )
+        job_ids = [_submit_one(host, job_name) for job_name in job_names]
+        if until_done:
+            _wait_until_done(host, job_ids[0], budget_seconds)
+            return
+        ok, out = host.run_shell_command(
+            wait_all_command(health_commands), print_output=True, print_input=True
+        )
+        if not ok:
+            raise SubmitError(
+                f"not every replica became healthy ({', '.join(job_names)}): see each one's last lines above"
+            )
+
+    def _submit_one(host, job_name: str) -> str:
         action, ids = submit_decision(_queued(host, job_name))
         deadline = time.monotonic() + ENDING_WAIT_SECONDS
         while action == "wait":
@@ -103,19 +133,14 @@ def submit_and_wait(
             )
         if action == "reuse":
             print(f"{host.print_prefix}job {job_name} already queued or running: {ids[0]}")
-            job_id = ids[0]
-        else:
-            ok, out = host.run_shell_command(f"sbatch --parsable {shlex.quote(sbatch_path)}")
-            if not ok:
-                raise SubmitError(f"sbatch {sbatch_path} failed: {out.stderr}")
-            job_id = out.stdout.strip().split(";")[0]
-            print(f"{host.print_prefix}submitted {sbatch_path} as job {job_id}")
-        if until_done:
-            _wait_until_done(host, job_id, budget_seconds)
-            return
-        ok, out = host.run_shell_command(health_command, print_output=True, print_input=True)
+            return ids[0]
+        command = f"sbatch --parsable --job-name={shlex.quote(job_name)} {shlex.quote(sbatch_path)}"
+        ok, out = host.run_shell_command(command)
         if not ok:
-            raise SubmitError(f"job {job_name} did not become healthy: {out.stderr or out.stdout}")
+            raise SubmitError(f"sbatch {sbatch_path} ({job_name}) failed: {out.stderr}")
+        job_id = out.stdout.strip().split(";")[0]
+        print(f"{host.print_prefix}submitted {sbatch_path} as job {job_id} ({job_name})")
+        return job_id
 
     yield FunctionCommand(run, (), {})
 
