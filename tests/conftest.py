@@ -3,6 +3,8 @@ once per session for the tests that need it, and fails them loudly (never skips)
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -10,4 +12,5 @@ import pytest
 def sandbox():
     from nemotron_rehearsal.sandbox.testing import session_sandbox
 
-    yield from session_sandbox()
+    # 4 compute nodes: two replicas of the 2-node layout (NEMOTRON_SANDBOX_NODES overrides).
+    yield from session_sandbox(int(os.environ.get("NEMOTRON_SANDBOX_NODES", "4")))

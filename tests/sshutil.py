@@ -48,7 +48,10 @@ IMAGE_FILE = f"{IMAGES_DIR}/10.213.0.2+5000+nvidia+nemo+24.01.framework.sqsh"  #
 IMPORT_OP = f"Import {PYXIS_IMAGE} (pyxis)"
 # The sandbox's inventory runs pyxis unless told otherwise (inventories/group_data/sandbox.py).
 PODMAN = {"NEMOTRON_SANDBOX_RUNTIME": "podman"}
-JOB_NAME = "nemotron-340b"
+JOB_BASE = "nemotron-340b"  # the job_name setting; replica i runs as <JOB_BASE>-r<i>
+JOB_NAME = f"{JOB_BASE}-r1"
+# Every replica the test sandbox (4 compute nodes, 2-node replicas) can hold, and then some.
+REPLICA_JOBS = ",".join(f"{JOB_BASE}-r{i}" for i in range(1, 5))
 PORT = 1424
 PULL_OP = f"Pull {IMAGE} (podman)"
 # Processes a job leaves behind if it is not stopped properly.
@@ -246,7 +249,7 @@ def reset_deploy(sandbox) -> None:
 
 
 def job_ids(sandbox, states: str = "PENDING,RUNNING,CONFIGURING,COMPLETING") -> list[str]:
-    out = ssh(sandbox, sandbox.login_host, f"squeue -h -n {JOB_NAME} -t {states} -o %i").stdout
+    out = ssh(sandbox, sandbox.login_host, f"squeue -h -n {REPLICA_JOBS} -t {states} -o %i").stdout
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
@@ -260,8 +263,8 @@ def job_state(sandbox, job_id: str) -> str:
 def cancel_jobs(sandbox, timeout: float = 30) -> None:
     """scancel every job of the deploy's name and wait until Slurm has none left, nor its processes."""
     if job_ids(sandbox):
-        ssh(sandbox, sandbox.login_host, f"scancel -n {JOB_NAME}")
-        wait_for(lambda: not job_ids(sandbox), timeout, f"Slurm to end the {JOB_NAME} jobs")
+        ssh(sandbox, sandbox.login_host, f"scancel -n {REPLICA_JOBS}")
+        wait_for(lambda: not job_ids(sandbox), timeout, f"Slurm to end the {JOB_BASE} jobs")
     wait_for(lambda: not leftover_processes(sandbox), timeout, "the job's processes to exit")
 
 

@@ -65,9 +65,15 @@ def _idle(sandbox) -> None:
     cancel_jobs(sandbox)
 
 
+def _deploy(*args: str) -> Run:
+    """A deploy of these tests' one replica (the sandbox's other 2 nodes stay idle)."""
+    return deploy_ok("--data", "replicas=1", *args)
+
+
 def _submit(*data: str, env: dict[str, str] | None = None) -> Run:
     """Deploy with `--data submit=true` (plus `data`), which waits until the health check says OK."""
-    args = [a for d in ("submit=true", *data) for a in ("--data", d)]
+    # One replica (2 of the sandbox's 4 nodes): these tests follow one job; test_replicas.py runs two.
+    args = [a for d in ("submit=true", "replicas=1", *data) for a in ("--data", d)]
     run = pyinfra(*args, timeout=240, env=clean_env(**(env or {})))
     assert run.rc == 0, f"deploy with submit=true failed:\n{run.describe()}"
     return run
@@ -202,7 +208,7 @@ def test_a_redeploy_after_submit_reports_zero_changes(sandbox, serving):
     job_id, _ = serving
 
     def no_change() -> None:
-        run = deploy_ok()
+        run = _deploy()
         table = results_table(run.output)
         assert table["Grand total"]["Success"] == "-", f"re-deploy after submit changed things:\n{run.output}"
 
@@ -247,14 +253,14 @@ def test_a_new_image_tag_is_imported_beside_the_running_jobs_file(sandbox, servi
     new_file = IMAGE_FILE.replace("24.01.framework", "24.05")
     ssh(sandbox, FIRST, f"rm -f {new_file}")
     try:
-        run = deploy_ok("--data", "container_image=10.213.0.2:5000#nvidia/nemo:24.05")
+        run = _deploy("--data", "container_image=10.213.0.2:5000#nvidia/nemo:24.05")
         assert op_statuses(run.output, "Import 10.213.0.2:5000#nvidia/nemo:24.05 (pyxis)")[FIRST] == "Success"
         listing = ssh(sandbox, FIRST, f"ls {IMAGES_DIR}").stdout.split()
         assert listing == sorted([IMAGE_FILE.rsplit("/", 1)[1], new_file.rsplit("/", 1)[1]]), listing
         assert f"--container-image={new_file}" in Path(SBATCH).read_text()
         assert job_state(sandbox, job_id) == "RUNNING", "the running job lost its image"
     finally:
-        deploy_ok()  # back to the inventory's tag (the sbatch again points at the first file)
+        _deploy()  # back to the inventory's tag (the sbatch again points at the first file)
         ssh(sandbox, FIRST, f"rm -f {new_file}")
     assert f"--container-image={IMAGE_FILE}" in Path(SBATCH).read_text()
 
@@ -276,7 +282,7 @@ def test_a_smoke_job_ends_by_itself_and_leaves_nothing(sandbox):
         _no_job_processes_left(sandbox)
     finally:
         cancel_jobs(sandbox)
-        deploy_ok()  # back to the inventory's mode (serve) for the next tests
+        _deploy()  # back to the inventory's mode (serve) for the next tests
 
 
 def test_a_cancelled_serve_job_leaves_nothing(sandbox):
@@ -298,7 +304,7 @@ def test_a_cancelled_serve_job_leaves_nothing(sandbox):
 
 def test_health_fails_fast_with_the_state_of_a_job_killed_during_startup(sandbox):
     _idle(sandbox)
-    deploy_ok()  # the sbatch file and the health venv are in place
+    _deploy()  # the sbatch file and the health venv are in place
     login = sandbox.login_host
     try:
         job_id = ssh(
@@ -393,4 +399,4 @@ def test_a_cancelled_podman_job_leaves_no_container(sandbox):
                 f"podman rm -f $(podman ps -aq --filter ancestor={IMAGE}) >/dev/null 2>&1; true",
             )
             ssh(sandbox, node, f"rm -f {SCRIPTS_DIR}/nemo_container.sh")
-        deploy_ok()  # back to the inventory's runtime (host) for the next tests
+        _deploy()  # back to the inventory's runtime (host) for the next tests

@@ -37,6 +37,8 @@ that the real command line works unchanged):
   NEMO_EMULATOR_SLOW_SECONDS=S   extra time for every generation (default 0)
   NEMO_EMULATOR_CRASH_AFTER=N    rank 0 dies (exit 1) on the generation after N successful ones
   NEMO_EMULATOR_HANG_AFTER=N     after N generations, accept connections but never answer again
+  NEMO_EMULATOR_ERROR_AFTER=N    after N generations, answer every request 200 with a JSON string error
+                                 (NeMo's way of failing a request: a status check alone sees success)
   NEMO_EMULATOR_FAIL_LOAD=1      every rank dies with an error half-way through loading
   NEMO_EMULATOR_READY_FILE=PATH  rank 0 writes time.time() at which it became able to generate
   NEMO_EMULATOR_NCCL_TIMEOUT=S   ranks != 0 give up waiting after S seconds (default 18000, as NeMo)
@@ -171,6 +173,7 @@ class Faults:
         slow_seconds: float = 0.0,
         crash_after: int | None = None,
         hang_after: int | None = None,
+        error_after: int | None = None,
         fail_load: bool = False,
         ready_file: str | None = None,
         nccl_timeout: float = DEFAULT_NCCL_TIMEOUT,
@@ -179,6 +182,7 @@ class Faults:
         self.slow_seconds = slow_seconds
         self.crash_after = crash_after
         self.hang_after = hang_after
+        self.error_after = error_after
         self.fail_load = fail_load
         self.ready_file = ready_file
         self.nccl_timeout = nccl_timeout
@@ -207,6 +211,7 @@ class Faults:
             slow_seconds=num("SLOW_SECONDS", 0.0),
             crash_after=count("CRASH_AFTER"),
             hang_after=count("HANG_AFTER"),
+            error_after=count("ERROR_AFTER"),
             fail_load=env.get(ENV_PREFIX + "FAIL_LOAD", "").strip().lower() in {"1", "true", "yes", "on"},
             ready_file=env.get(ENV_PREFIX + "READY_FILE") or None,
             nccl_timeout=num("NCCL_TIMEOUT", DEFAULT_NCCL_TIMEOUT),
@@ -426,6 +431,10 @@ class EmulatorState:
                 )
                 self.on_crash()
                 raise ConnectionAbortedError("emulator crashed")
+            if f.error_after is not None and self.generations >= f.error_after:
+                raise _Reply(
+                    200, f"emulator: NEMO_EMULATOR_ERROR_AFTER={f.error_after} reached; request rejected"
+                )
             if (
                 not isinstance(sentences, list)
                 or not sentences
@@ -650,7 +659,7 @@ def serve_in_thread(
     """Start the HTTP server in this process on ``host`` (loopback by default) and return a handle.
 
     ``faults`` are :class:`Faults` keywords (``token_seconds`` (default 0 here), ``slow_seconds``,
-    ``crash_after``, ``hang_after``, ``fail_load``, ``ready_file``); environment variables are NOT
+    ``crash_after``, ``hang_after``, ``error_after``, ``fail_load``, ``ready_file``); environment variables are NOT
     read here. A crash closes the port and resets open connections instead of exiting. With
     ``load_delay`` the port stays closed (connection refused) until the delay is over; a free port is
     picked up front when ``port`` is 0 so that the caller knows where to poll.

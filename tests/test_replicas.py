@@ -1,0 +1,238 @@
+"""Replicas behind the endpoint, on the sandbox: 4 compute nodes hold 2 replicas of the 2-node layout.
+
+The deploy (`--data submit=true`) submits one Slurm job per replica and waits for both; HAProxy on the
+login node (started by the deploy, from Debian's package and its init script: the sandbox's login node
+has no systemd) serves both, takes a replica that answers 200 with an error string out of rotation,
+and loses at most one client request when a replica's job is cancelled under load. A re-deploy with
+nothing changed changes nothing and leaves HAProxy running as it was.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from helpers import model_card_client
+from nemotron_rehearsal import sandbox as sb_api
+from sshutil import (
+    CRON_FILE,
+    HEALTH_USER,
+    HEALTH_VENV,
+    JOB_BASE,
+    SBATCH,
+    cancel_jobs,
+    converged_attempts,
+    deploy_ok,
+    job_ids,
+    pyinfra,
+    results_table,
+    ssh,
+    wait_for,
+)
+
+pytestmark = pytest.mark.sandbox
+
+R1, R2 = f"{JOB_BASE}-r1", f"{JOB_BASE}-r2"
+LOGIN_ADDRESS = "10.213.0.2"  # the sandbox's login node (its own network namespace)
+ENDPOINT = f"http://{LOGIN_ADDRESS}:1424/generate"
+SOCKET = "/run/haproxy/admin.sock"
+
+
+def _put(prompt: str, timeout: float = 30) -> tuple[int, str]:
+    body = json.dumps({"sentences": [prompt], "tokens_to_generate": 4, "temperature": 1.0, "top_k": 1})
+    request = urllib.request.Request(
+        ENDPOINT, data=body.encode(), method="PUT", headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _generated(status: int, text: str) -> bool:
+    return status == 200 and isinstance(json.loads(text), dict) and "sentences" in json.loads(text)
+
+
+def _haproxy(sandbox, command: str) -> str:
+    """A runtime API command on the login node, as the health user (the socket's group)."""
+    script = f"from nemotron_deploy import endpoint_sync as e; print(e.command({SOCKET!r}, {command!r}))"
+    return ssh(
+        sandbox, sandbox.login_host, f'runuser -u {HEALTH_USER} -- {HEALTH_VENV}/bin/python -c "{script}"'
+    ).stdout
+
+
+def _servers(sandbox) -> dict[str, dict[str, str]]:
+    """`show stat` rows of the backend's slots: {r1: {status, stot, addr, ...}}."""
+    text = _haproxy(sandbox, "show stat").lstrip("# ")
+    rows = csv.DictReader(io.StringIO(text))
+    return {r["svname"]: r for r in rows if r["pxname"] == "replicas" and r["svname"] not in ("BACKEND",)}
+
+
+def _scheduled_check(sandbox) -> str:
+    """Run the timer's command now, as its user (cron would in the next minute)."""
+    cron = ssh(sandbox, sandbox.login_host, f"cat {CRON_FILE}").stdout
+    command = cron.splitlines()[-1].split(f" {HEALTH_USER} ", 1)[1].removesuffix(" >/dev/null 2>&1")
+    return ssh(sandbox, sandbox.login_host, f"runuser -u {HEALTH_USER} -- {command}", check=False).stdout
+
+
+def _jobs(sandbox) -> dict[str, tuple[str, str]]:
+    """{job name: (job id, node list)} of the replicas Slurm runs."""
+    out = ssh(sandbox, sandbox.login_host, f"squeue -h -t RUNNING -n {R1},{R2} -o '%j %i %N'").stdout
+    return {name: (job_id, nodes) for name, job_id, nodes in (line.split() for line in out.splitlines())}
+
+
+def _haproxy_pid(sandbox) -> str:
+    return ssh(sandbox, sandbox.login_host, "cat /run/haproxy.pid").stdout.strip()
+
+
+def _both_up(sandbox, timeout: float = 60) -> None:
+    wait_for(
+        lambda: {k: v["status"] for k, v in _servers(sandbox).items()} == {"r1": "UP", "r2": "UP"},
+        timeout,
+        "both replicas UP in the endpoint",
+    )
+
+
+def _serve_both(sandbox) -> None:
+    """Both replicas submitted by the deploy and in the endpoint (again, after a test ended one)."""
+    if set(_jobs(sandbox)) != {R1, R2}:
+        run = pyinfra("--data", "submit=true", timeout=300)
+        assert run.rc == 0, run.describe()
+    _both_up(sandbox)
+
+
+@pytest.fixture(scope="module")
+def submitted(sandbox):
+    """The deploy with submit=true, from no job at all; (its run). Every test here holds the sandbox."""
+    with sb_api.exclusive_use("replica tests (submit and cancel jobs)"):
+        cancel_jobs(sandbox)
+        run = pyinfra("--data", "submit=true", timeout=300)
+        assert run.rc == 0, run.describe()
+        yield run
+        cancel_jobs(sandbox)
+
+
+def test_the_deploy_runs_one_job_per_replica_and_waits_for_every_one(sandbox, submitted):
+    jobs = _jobs(sandbox)
+    assert set(jobs) == {R1, R2}, jobs
+    assert jobs[R1][1] != jobs[R2][1], f"both replicas on the same nodes: {jobs}"
+    for name in (R1, R2):  # each replica's progress and outcome, prefixed with its job name
+        assert f"[{name}] NEMOTRON OK - ready after" in submitted.output, submitted.output[-4000:]
+    assert f"--job-name={JOB_BASE}-r1" in open(SBATCH).read()
+    _both_up(sandbox)
+
+
+def test_both_replicas_serve_through_the_endpoint(sandbox, submitted):
+    _serve_both(sandbox)
+    before = {k: int(v["stot"]) for k, v in _servers(sandbox).items()}
+    answers = [_put(f"Question {i}:") for i in range(12)]
+    assert all(_generated(*a) for a in answers), answers
+    after = {k: int(v["stot"]) for k, v in _servers(sandbox).items()}
+    # Health checks don't count in stot: these are client requests, and both replicas got some.
+    served = {k: after[k] - before[k] for k in after}
+    assert sum(served.values()) >= 12 and all(n > 0 for n in served.values()), served
+
+
+def test_the_model_card_client_on_the_login_node_is_answered(sandbox, submitted):
+    client = model_card_client()
+    _serve_both(sandbox)
+    run = ssh(sandbox, sandbox.login_host, f"cd /tmp && python3 {client}", check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip(), "the card's client printed no answer"
+
+
+def test_a_replica_answering_200_with_an_error_string_is_taken_out(sandbox, submitted):
+    """r2 is resubmitted with a server that, after its start-up check, answers every generation 200
+    with a JSON string (NeMo's way of failing): the endpoint marks it DOWN and r1 serves everything."""
+    _serve_both(sandbox)
+    ssh(sandbox, sandbox.login_host, f"scancel -n {R2}")
+    wait_for(lambda: R2 not in _jobs(sandbox) and len(job_ids(sandbox)) == 1, 60, "r2 to end")
+    ssh(
+        sandbox,
+        sandbox.login_host,
+        f"sbatch --parsable --export=ALL,NEMO_EMULATOR_ERROR_AFTER=1 --job-name={R2} {SBATCH}",
+    )
+    wait_for(lambda: R2 in _jobs(sandbox), 60, "the faulty r2 to run")
+    try:
+        # The scheduled check points slot r2 at the new job's node; HAProxy's own check then fails it.
+        wait_for(
+            lambda: (
+                _scheduled_check(sandbox) and _servers(sandbox)["r2"]["addr"].split(":")[0] != "127.0.0.1"
+            ),
+            90,
+            "slot r2 to point at the new job",
+        )
+        wait_for(lambda: _servers(sandbox)["r2"]["status"].startswith("DOWN"), 30, "r2 DOWN")
+        time.sleep(6)  # a few more of HAProxy's checks: it stays out
+        servers = _servers(sandbox)
+        assert servers["r2"]["status"].startswith("DOWN") and servers["r1"]["status"] == "UP", servers
+        before = int(servers["r1"]["stot"])
+        answers = [_put(f"Only r1 {i}:") for i in range(6)]
+        assert all(_generated(*a) for a in answers), answers
+        assert int(_servers(sandbox)["r1"]["stot"]) - before == 6
+    finally:
+        ssh(sandbox, sandbox.login_host, f"scancel -n {R2}")
+        wait_for(lambda: R2 not in _jobs(sandbox), 60, "the faulty r2 to end")
+
+
+def test_cancelling_a_replica_under_load_costs_at_most_one_client_request(sandbox, submitted):
+    """Two clients send a steady stream through the endpoint; r2's job is scancel-ed half-way. At
+    most one request fails (one that was on r2 when it died), and the endpoint keeps answering."""
+    _serve_both(sandbox)
+    total, kill_at = 80, 30
+    failures: list[str] = []
+    lock = threading.Lock()
+    sent = [0]
+
+    def client() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with lock:
+                if sent[0] >= total:
+                    return
+                sent[0] += 1
+                n = sent[0]
+            if n == kill_at:
+                ssh(sandbox, sandbox.login_host, f"scancel -n {R2}")
+            try:
+                status, text = _put(f"stream {n}:")
+            except OSError as exc:
+                failures.append(f"{n}: {exc!r}")
+                continue
+            if not _generated(status, text):
+                failures.append(f"{n}: {status} {text[:200]}")
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(150)
+    assert sent[0] == total
+    assert len(failures) <= 1, failures
+    assert R2 not in _jobs(sandbox), "r2 still runs: the scancel did not happen"
+    assert _generated(*_put("after the kill:"))
+    # The scheduled check takes the gone replica's slot out of the endpoint (maintenance).
+    out = _scheduled_check(sandbox)
+    assert "r2" in out and "job_gone" in out, out
+    assert _servers(sandbox)["r2"]["status"] == "MAINT", _servers(sandbox)["r2"]
+
+
+def test_a_redeploy_with_nothing_changed_leaves_haproxy_alone(sandbox, submitted):
+    _serve_both(sandbox)
+    pid = _haproxy_pid(sandbox)
+
+    def no_change() -> None:
+        run = deploy_ok()
+        assert results_table(run.output)["Grand total"]["Success"] == "-", run.output
+
+    converged_attempts(no_change)
+    assert _haproxy_pid(sandbox) == pid, "HAProxy was restarted or reloaded by a no-change deploy"
+    assert {k: v["status"] for k, v in _servers(sandbox).items()} == {"r1": "UP", "r2": "UP"}
