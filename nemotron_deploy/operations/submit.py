@@ -106,9 +106,10 @@ def submit_and_wait(
         if until_done:
             _wait_until_done(host, job_ids[0], budget_seconds)
             return
-        ok, out = host.run_shell_command(
-            wait_all_command(health_commands), print_output=True, print_input=True
+        print(
+            f"{host.print_prefix}waiting until {', '.join(job_names)} generate: {next(iter(health_commands.values()))}"
         )
+        ok, out = host.run_shell_command(wait_all_command(health_commands), print_output=True)
         if not ok:
             raise SubmitError(
                 f"not every replica became healthy ({', '.join(job_names)}): see each one's last lines above"
