@@ -15,6 +15,7 @@ from nemotron_rehearsal import NVIDIA_SMI_CAPTURES
 from nemotron_deploy.facts.disk import FreeSpace
 from nemotron_deploy.facts.files import ManagedPaths
 from nemotron_deploy.facts.gpus import NvidiaGpus
+from nemotron_deploy.facts.haproxy import Haproxy
 from nemotron_deploy.facts.images import ImagePresent
 from nemotron_deploy.facts.model import ModelConfig
 from nemotron_deploy.facts.runtimes import ContainerRuntimes
@@ -175,6 +176,29 @@ def test_user_and_init_facts():
     assert run_fact(UserExists, "root") is True
     assert run_fact(UserExists, "no-such-user-xyz") is False
     assert run_fact(InitSystem) == ("systemd" if Path("/run/systemd/system").is_dir() else "cron")
+
+
+def test_haproxy_fact_on_this_machine():
+    """scripts/setup installs Debian's haproxy; this machine runs no systemd but has init scripts."""
+    found = run_fact(Haproxy)
+    assert found["version"] and found["version"].startswith("2."), found
+    assert found["service"] == ("systemd" if Path("/run/systemd/system").is_dir() else "sysv")
+    assert found["apt"] is bool(shutil.which("apt-get"))
+
+
+def test_haproxy_fact_when_it_is_missing(tmp_path):
+    """No haproxy anywhere on PATH nor in /usr/sbin: a PATH without it, and /usr/sbin not checked
+    by the parser's input (what a host without the package prints)."""
+    assert Haproxy().process(["apt=yes", "service=systemd"]) == {
+        "version": None,
+        "apt": True,
+        "service": "systemd",
+        "running": False,
+    }
+    assert (
+        Haproxy().process(["version=HAProxy version 2.6.12-1+deb12u4 2026/10/17", "running=yes"])["version"]
+        == "2.6.12"
+    )
 
 
 def test_snapshot_batches_every_fact_into_one_command(tmp_path):

@@ -160,3 +160,37 @@ def test_the_inventory_file_is_the_one_pyinfra_loaded(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["pyinfra", "--config", "x.py", "other.py"])
     inventory = SimpleNamespace(groups={"login": [], "compute": [], "mycluster": []})
     assert deploy.inventory_file(inventory) == str(inv)
+
+
+def test_the_endpoint_is_refused_by_preflight_where_haproxy_cannot_run():
+    """Missing and not installable, too old, or no service manager: each names the fix, before any
+    change (endpoint = false is always offered)."""
+    from nemotron_deploy.host_checks import endpoint_problems
+
+    def problem(**haproxy):
+        (text,) = endpoint_problems({"version": None, "apt": False, "service": "systemd", **haproxy})
+        assert "endpoint = false" in text
+        return text
+
+    assert "HAProxy is not installed and apt-get is not here to install it" in problem()
+    assert "HAProxy 2.2.9 is too old" in problem(version="2.2.9")
+    assert "neither systemd nor /etc/init.d" in problem(service=None, version="2.6.12")
+    assert endpoint_problems({"version": None, "apt": True, "service": "sysv"}) == []  # apt installs it
+    assert endpoint_problems({"version": "2.6.12", "apt": False, "service": "systemd"}) == []
+
+
+def test_endpoint_off_means_no_endpoint_problems_and_no_files(tmp_path):
+    from helpers import write_inventory
+
+    from nemotron_deploy import desired
+
+    nothing = {"slurm": {"version": "22.05.8"}, "haproxy": {"service": None, "version": None, "apt": False}}
+    on = inventory.load(str(write_inventory(tmp_path / "on", "h100")))
+    off = inventory.load(str(write_inventory(tmp_path / "off", "h100", settings={"endpoint": False})))
+    forced = inventory.load(str(write_inventory(tmp_path / "forced", "h100", settings={"endpoint": True})))
+    assert login_problems(on, nothing) == []  # default: no service manager, so no endpoint
+    assert login_problems(off, nothing) == []
+    assert login_problems(forced, nothing), "endpoint = true on a host that cannot run it"
+    login = on.login[0]
+    assert not any("/etc/haproxy" in p for p in desired.for_host(off, login, "systemd", endpoint=False).paths)
+    assert "/etc/haproxy/haproxy.cfg" in desired.for_host(on, login, "systemd", endpoint=True).paths
