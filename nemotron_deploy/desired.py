@@ -13,7 +13,7 @@ from pathlib import PurePosixPath
 
 import gevent.lock
 
-from . import render, wheelhouse
+from . import alerts, render, wheelhouse
 from .inventory import Cluster
 from .operations import health_timer
 
@@ -156,6 +156,16 @@ def for_host(cluster: Cluster, host_name: str, init_system: str | None = None) -
     want.links.append(
         WantedLink(f"{s.prometheus_textfile_dir}/{health_timer.METRICS_FILE}", health_timer.metrics_path())
     )
+    if s.prometheus_rules_dir:
+        if s.prometheus_rules_dir not in {d.path for d in want.dirs}:
+            want.dirs.append(WantedDir(s.prometheus_rules_dir, "755"))  # Prometheus's: never re-owned
+        want.files.append(
+            WantedFile(
+                f"{s.prometheus_rules_dir}/{alerts.RULES_NAME}",
+                alerts.rules(s.health_interval_seconds),
+                "644",
+            )
+        )
     want.files += [
         WantedFile(f"{wheels_dir(cluster)}/{name}", data, "644") for name, data in artifacts(cluster).wheels
     ]
