@@ -171,6 +171,18 @@ def test_shipped_rules_are_for_the_default_interval():
     assert alerts.stale_after_seconds(alerts.DEFAULT_HEALTH_INTERVAL_SECONDS) == 300
 
 
+def test_rules_refuse_a_shipped_file_whose_threshold_they_cannot_find(monkeypatch):
+    shipped = RULES.read_text()
+    for changed in (
+        shipped.replace('"} > 300\n', '"} > 3000\n'),
+        shipped.replace('"} > 300\n', '"} >= 300\n'),
+    ):
+        assert changed != shipped
+        monkeypatch.setattr(alerts, "default_rules", lambda text=changed: text)
+        with pytest.raises(RuntimeError, match="NemotronHealthCheckStale"):
+            alerts.rules(120)
+
+
 def test_rules_for_another_interval_scale_the_staleness_threshold(promtool, tmp_path):
     text = alerts.rules(health_interval_seconds=120)
     assert text != RULES.read_text()

@@ -7,6 +7,7 @@ linted and unit-tested with promtool (tests/test_alert_rules.py, tests/prometheu
 
 from __future__ import annotations
 
+import re
 from importlib.resources import files
 
 RULES_NAME = "nemotron.rules.yml"
@@ -38,6 +39,7 @@ one side breaks the tests instead of silencing an alert."""
 DEFAULT_HEALTH_INTERVAL_SECONDS = 60
 STALE_AFTER_CHECKS = 5  # the textfile is stale when not rewritten for 5 check intervals (300 s at 60 s)
 _STALE_EXPR = 'time() - node_textfile_mtime_seconds{file=~"(.*/)?nemotron\\\\.prom"} > '
+_STALE_THRESHOLD = re.compile(re.escape(_STALE_EXPR) + r"(\d+)$", re.M)
 
 
 def default_rules() -> str:
@@ -53,7 +55,10 @@ def rules(health_interval_seconds: int = DEFAULT_HEALTH_INTERVAL_SECONDS) -> str
     """The rules file for a deployment whose check runs every `health_interval_seconds`: the same as
     shipped but for NemotronHealthCheckStale's threshold, 5 intervals (300 s at the 60 s default)."""
     text = default_rules()
-    default = _STALE_EXPR + str(stale_after_seconds(DEFAULT_HEALTH_INTERVAL_SECONDS))
-    if text.count(default) != 1:
-        raise RuntimeError(f"{RULES_NAME}: expected NemotronHealthCheckStale's `{default}` exactly once")
-    return text.replace(default, _STALE_EXPR + str(stale_after_seconds(health_interval_seconds)))
+    default = str(stale_after_seconds(DEFAULT_HEALTH_INTERVAL_SECONDS))
+    if _STALE_THRESHOLD.findall(text) != [default]:
+        raise RuntimeError(
+            f"{RULES_NAME}: expected NemotronHealthCheckStale's `{_STALE_EXPR}{default}` exactly once"
+        )
+    threshold = _STALE_EXPR + str(stale_after_seconds(health_interval_seconds))
+    return _STALE_THRESHOLD.sub(lambda _: threshold, text)
