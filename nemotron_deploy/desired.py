@@ -14,8 +14,8 @@ from pathlib import PurePosixPath
 
 import gevent.lock
 
+from . import alerts, render, wheelhouse
 from . import endpoint as endpoint_mod
-from . import render, wheelhouse
 from .inventory import Cluster
 from .operations import health_timer
 
@@ -193,6 +193,16 @@ def for_host(
     want.links.append(
         WantedLink(f"{s.prometheus_textfile_dir}/{health_timer.METRICS_FILE}", health_timer.metrics_path())
     )
+    if s.prometheus_rules_dir:
+        if s.prometheus_rules_dir not in {d.path for d in want.dirs}:
+            want.dirs.append(WantedDir(s.prometheus_rules_dir, "755"))  # Prometheus's: never re-owned
+        want.files.append(
+            WantedFile(
+                f"{s.prometheus_rules_dir}/{alerts.RULES_NAME}",
+                alerts.rules(s.health_interval_seconds),
+                "644",
+            )
+        )
     want.files += [
         WantedFile(f"{wheels_dir(cluster)}/{name}", data, "644") for name, data in artifacts(cluster).wheels
     ]

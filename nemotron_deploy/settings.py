@@ -521,6 +521,14 @@ class ClusterSettings(BaseModel):
         "--collector.textfile.directory.",
         json_schema_extra=HEALTH,
     )
+    prometheus_rules_dir: AbsPath | None = Field(
+        None,
+        description="Where Prometheus loads rule files on the login node (e.g. /etc/prometheus/rules.d, "
+        "matched by a rule_files entry of prometheus.yml): the deploy installs nemotron.rules.yml, the "
+        "alerts for these replicas and this health check, there (0644; the directory created if absent, "
+        "never re-owned). Default: none, not installed.",
+        json_schema_extra=HEALTH,
+    )
     health_startup_budget_seconds: int = Field(
         2700,
         ge=60,

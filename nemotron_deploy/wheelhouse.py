@@ -30,6 +30,7 @@ def source_digest() -> str:
         REPO / "pyproject.toml",
         *sorted(PACKAGE_DIR.rglob("*.py")),
         *sorted(PACKAGE_DIR.rglob("*.yaml")),
+        *sorted(PACKAGE_DIR.rglob("*.yml")),  # alerts/nemotron.rules.yml
     ]
     for path in files:
         if "__pycache__" in path.parts:
