@@ -3,6 +3,8 @@ once per session for the tests that need it, and fails them loudly (never skips)
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -11,3 +13,16 @@ def sandbox():
     from nemotron_rehearsal.sandbox.testing import session_sandbox
 
     yield from session_sandbox()
+
+
+@pytest.fixture
+def slurm(tmp_path, monkeypatch):
+    """A fake Slurm (fake_slurm.FakeSlurm) first on PATH: `slurm.set({"jobs": {...}})` says what it knows."""
+    from fake_slurm import FakeSlurm
+
+    from nemotron_deploy import slurm as slurm_module
+
+    fake = FakeSlurm(tmp_path / "slurm")
+    monkeypatch.setenv("PATH", f"{fake.bin}:{os.environ['PATH']}")
+    monkeypatch.setattr(slurm_module, "_FIRST_NODE", {})  # hostname expansions are cached per process
+    return fake
