@@ -17,6 +17,11 @@ Two modes:
   default: loading 682 GB takes many minutes). Polling is fast while the port is refused so that
   readiness is noticed well under a second after it happens; with a Slurm job it fails at once when
   the job leaves PENDING/RUNNING/CONFIGURING/COMPLETING and prints the tail of the job's StdErr.
+* ``--endpoint URL``: the same single check through the endpoint (HAProxy in front of the replicas),
+  labelled ``endpoint``; its own answers are read: 503 "replicas are busy" is ``busy``, 503 "No
+  replica is up" is ``no_replica``, its envelope's 400/413 is ``envelope_refused``.
+* ``--slurm-job NAME --replicas N``: every replica job ``NAME-r<i>`` and the endpoint's slots, one
+  verdict (``fleet.py``, imported only then; its docstring lists the metrics).
 
 This file runs every minute on login nodes and inside the job's container, so it imports only the
 standard library at import time (``prometheus_client`` only when a textfile is asked for) and it
