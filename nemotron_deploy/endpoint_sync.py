@@ -148,6 +148,32 @@ def servers_state(socket_path: str, backend: str = BACKEND) -> dict[str, ServerS
     return parse_servers_state(text, backend)
 
 
+def parse_stat(text: str, backend: str = BACKEND) -> dict[str, dict[str, str]]:
+    """`show stat` (CSV, header ``# pxname,svname,qcur,...``) -> {svname: {column: value}} of `backend`'s
+    rows: one per server, and ``BACKEND`` for the backend itself."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or not lines[0].startswith("# pxname,svname,"):
+        raise SyncError(f"unexpected answer to `show stat`: {text.strip()[:200]!r}")
+    columns = lines[0][2:].split(",")
+    rows = {}
+    for line in lines[1:]:
+        row = dict(zip(columns, line.split(","), strict=False))
+        if row.get("pxname") == backend:
+            rows[row["svname"]] = row
+    if "BACKEND" not in rows:
+        raise SyncError(f"HAProxy's `show stat` has no backend {backend!r}")
+    return rows
+
+
+def queue_length(rows: dict[str, dict[str, str]]) -> int:
+    """Requests waiting in the backend's queue for a free replica (`qcur` of its BACKEND row)."""
+    return int(rows["BACKEND"].get("qcur") or 0)
+
+
+def backend_stat(socket_path: str, backend: str = BACKEND) -> dict[str, dict[str, str]]:
+    return parse_stat(command(socket_path, "show stat"), backend)
+
+
 def resolve(host: str) -> str | None:
     """An IP for a node name (IPv4 first, as Slurm nodes usually are), or None if it does not resolve."""
     try:

@@ -17,6 +17,11 @@ Two modes:
   default: loading 682 GB takes many minutes). Polling is fast while the port is refused so that
   readiness is noticed well under a second after it happens; with a Slurm job it fails at once when
   the job leaves PENDING/RUNNING/CONFIGURING/COMPLETING and prints the tail of the job's StdErr.
+* ``--endpoint URL``: the same single check through the endpoint (HAProxy in front of the replicas),
+  labelled ``endpoint``; its own answers are read: 503 "replicas are busy" is ``busy``, 503 "No
+  replica is up" is ``no_replica``, its envelope's 400/413 is ``envelope_refused``.
+* ``--slurm-job NAME --replicas N``: every replica job ``NAME-r<i>`` and the endpoint's slots, one
+  verdict (``fleet.py``, imported only then; its docstring lists the metrics).
 
 This file runs every minute on login nodes and inside the job's container, so it imports only the
 standard library at import time (``prometheus_client`` only when a textfile is asked for) and it
@@ -94,13 +99,18 @@ REASONS: dict[str, str] = {
     "http_error": "HTTP 400 or 5xx from PUT /generate",
     "invalid_json": "a 200 whose body is not JSON",
     "bad_shape": "a JSON reply without a one-string 'sentences' list",
-    "busy": "connected but no reply within the probe timeout (lock held by a long request, or wedged)",
+    "busy": "connected but no reply within the probe timeout (lock held by a long request, or wedged); "
+    "with --endpoint also its 503 'replicas are busy' (a request waited endpoint_queue_seconds)",
     "disconnected": "the server closed the connection without a reply (it may have crashed)",
     "job_pending": "the Slurm job has not started yet",
     "job_gone": "the Slurm job is no longer pending or running",
     "server_exited": "the server process given with --server-pid has exited",
     "startup_timeout": "the server did not become ready within the start-up budget",
     "slurm_error": "Slurm could not be asked about the job",
+    "no_replica": "no replica in rotation: the endpoint's 503 'No replica is up' (--replicas: none generates)",
+    "envelope_refused": "HTTP 400/413 from the endpoint's request envelope (its message names the limit)",
+    "degraded": "--replicas: some replicas generate, not all (each replica's line says why)",
+    "endpoint_error": "--endpoint-socket: HAProxy's stats socket failed, or HAProxy refused a command",
     "internal_error": "the health check itself failed",
 }
 
@@ -216,6 +226,34 @@ def classify_response(status: int, raw: bytes, duration: float, url: str) -> Pro
             status,
         )
     return ProbeResult("ok", f"generated 1 token in {duration:.3f}s", duration, url, status)
+
+
+# What the endpoint answers itself (scripts/templates/haproxy.cfg.j2): after `timeout queue`, and
+# when no slot of the backend is UP. tests/test_endpoint.py checks the template still says so.
+ENDPOINT_BUSY_TEXT = "replicas are busy"
+ENDPOINT_NO_REPLICA_TEXT = "No replica is up"
+
+
+def classify_endpoint(result: ProbeResult) -> ProbeResult:
+    """Read the endpoint's own answers in a probe's result (--endpoint): its 503s and its envelope."""
+    detail = result.detail or ""
+    if result.http_status == 503 and ENDPOINT_BUSY_TEXT in detail:
+        result.reason = "busy"
+        result.message = (
+            f"the endpoint answered 503: every replica stayed busy for its queue timeout: {detail}"
+        )
+    elif result.http_status == 503 and ENDPOINT_NO_REPLICA_TEXT in detail:
+        result.reason = "no_replica"
+        result.message = (
+            "no replica is in rotation: the endpoint answered 503 (every slot is in maintenance or failed "
+            "its health check; see nemotron-deploy health --replicas N): " + detail
+        )
+    elif result.http_status in (400, 413):
+        result.reason = "envelope_refused"
+        result.message = f"the endpoint refused the probe with HTTP {result.http_status}: {detail}"
+    elif result.reason == "busy":
+        result.message += " (through the endpoint: the replicas are all busy, or HAProxy's queue is full)"
+    return result
 
 
 def probe(
@@ -468,8 +506,11 @@ class Target:
         job_spec: str | None,
         job_id: str | None,
         record: str | None = None,
+        *,
+        endpoint: bool = False,
     ) -> None:
         self.host = host
+        self.endpoint = endpoint  # --endpoint: HAProxy in front of the replicas, read its own answers
         self.record = record  # --job-record: the batch script's own record, for jobs squeue hides
         self.port = port
         self.job_spec = job_spec  # --slurm-job: the host comes from the job
@@ -481,6 +522,8 @@ class Target:
         return bool(self.job_spec or self.job_id)
 
     def key(self) -> str:
+        if self.endpoint:
+            return "endpoint"
         return f"job-{self.job_spec}-{self.port}" if self.job_spec else f"{self.host}-{self.port}"
 
     def label(self, host: str | None = None) -> str:
@@ -491,6 +534,8 @@ class Target:
 
     def metric_label(self) -> str:
         """A label that stays the same across runs, even when a job moves to other nodes."""
+        if self.endpoint:
+            return "endpoint"
         return f"slurm-job/{self.job_spec}:{self.port}" if self.job_spec else self.label()
 
     def lookup_job(self) -> JobInfo:
@@ -518,8 +563,12 @@ class Target:
         )
 
 
-def check_once(opts: argparse.Namespace, target: Target) -> Outcome:
-    """One probe with Nagios semantics, busy escalation and the persisted last success."""
+def check_once(opts: argparse.Namespace, target: Target, state: dict[str, Any] | None = None) -> Outcome:
+    """One probe with Nagios semantics, busy escalation and the persisted last success.
+
+    ``state``: this target's part of a state the caller loads and saves (the fleet check keeps one
+    file for every replica); without it, ``opts.state_path`` is read and written here.
+    """
     job = None
     host = target.host
     if target.watches_job:
@@ -542,7 +591,11 @@ def check_once(opts: argparse.Namespace, target: Target) -> Outcome:
         timeout=opts.timeout,
         payload=probe_payload(opts.prompt),
     )
-    state = load_state(opts.state_path)
+    if target.endpoint:
+        result = classify_endpoint(result)
+    persist = state is None
+    if state is None:
+        state = load_state(opts.state_path)
     busy = int(state.get("consecutive_busy") or 0) + 1 if result.reason == "busy" else 0
     if result.ok:
         status = OK
@@ -562,7 +615,7 @@ def check_once(opts: argparse.Namespace, target: Target) -> Outcome:
     out.extra["consecutive_busy"] = busy
     out.extra["last_success_timestamp"] = state.get("last_success")
     out.extra["state"] = state
-    error = save_state(opts.state_path, state)
+    error = save_state(opts.state_path, state) if persist else None
     if error:
         out.long_lines.append(f"warning: {error}")
     return out
@@ -787,13 +840,22 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
             f"  {prog} --slurm-job nemotron --json         # the job's first node, JSON output\n"
             f"  {prog} --slurm-job 4242 --wait             # start-up: wait, fail fast if the job dies\n"
             f"  {prog} --wait --host 127.0.0.1 --port 1424 --server-pid $SERVER_PID   # in the job\n"
-            f"  {prog} --url http://node001:1424 --prometheus-textfile /var/lib/node_exporter/nemotron.prom"
+            f"  {prog} --url http://node001:1424 --prometheus-textfile /var/lib/node_exporter/nemotron.prom\n"
+            f"  {prog} --endpoint http://login01:1424     # one generation through the endpoint (HAProxy)\n"
+            f"  {prog} --slurm-job nemotron-340b --replicas 2 --endpoint-socket /run/haproxy/admin.sock\n"
+            "      # every replica job nemotron-340b-r1..r2, and point the endpoint's slots at them"
         ),
     )
     where = p.add_argument_group("target (one of)")
     one = where.add_mutually_exclusive_group()
     one.add_argument("--url", help="server URL, e.g. http://node001:1424 (a /generate path is accepted)")
     one.add_argument("--host", help="server host name or address")
+    one.add_argument(
+        "--endpoint",
+        metavar="URL",
+        help="the endpoint (HAProxy in front of the replicas), e.g. http://login01:1424: one generation "
+        "through it; its 503s read as busy / no_replica, its envelope's 400 as envelope_refused",
+    )
     one.add_argument(
         "--slurm-job",
         metavar="NAME|ID",
@@ -811,6 +873,26 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     where.add_argument(
         "--job-id",
         help="with --url/--host: also watch this Slurm job and fail as soon as it is no longer alive",
+    )
+
+    fl = p.add_argument_group("replicas (--slurm-job NAME --replicas N)")
+    fl.add_argument(
+        "--replicas",
+        type=_positive(int),
+        metavar="N",
+        help="check every replica job NAME-r1..NAME-rN (each one's first node), one verdict for all",
+    )
+    fl.add_argument(
+        "--records-dir",
+        metavar="DIR",
+        help="with --replicas: where the batch scripts write their job records (NAME-rI.job.json), read "
+        "for a replica squeue does not show to this user (PrivateData=jobs)",
+    )
+    fl.add_argument(
+        "--endpoint-socket",
+        metavar="PATH",
+        help="with --replicas: HAProxy's stats socket (e.g. /run/haproxy/admin.sock): point the "
+        "endpoint's slots at the running replicas, take the others out, and report HAProxy's view",
     )
 
     pr = p.add_argument_group("probe")
@@ -888,24 +970,35 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     return p
 
 
-def _target_from_args(opts: argparse.Namespace) -> Target:
+def _parse_url(url: str, option: str) -> tuple[str, int]:
     from urllib.parse import urlsplit
 
-    if opts.url:
+    parts = urlsplit(url if "://" in url else "http://" + url)
+    if parts.scheme != "http":
+        raise UsageError(f"{url}: NeMo's server speaks plain http://, not {parts.scheme}://")
+    if parts.path not in ("", "/", "/generate"):
+        raise UsageError(f"{url}: give the server's base URL (the probe always uses /generate)")
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError:
+        raise UsageError(f"{url}: invalid port") from None
+    if not parts.hostname:
+        raise UsageError(f"{url}: no host in the URL")
+    if parts.port is None and option == "--endpoint":
+        raise UsageError(f"{url}: give the endpoint's port (its endpoint_port setting), e.g. :1424")
+    return parts.hostname, port
+
+
+def _target_from_args(opts: argparse.Namespace) -> Target:
+    for option in ("records_dir", "endpoint_socket"):
+        if getattr(opts, option):
+            raise UsageError(f"--{option.replace('_', '-')} goes with --slurm-job NAME --replicas N")
+    if opts.url or opts.endpoint:
+        option, url = ("--url", opts.url) if opts.url else ("--endpoint", opts.endpoint)
         if opts.port is not None:
-            raise UsageError("--port goes with --host or --slurm-job; put the port in --url instead")
-        parts = urlsplit(opts.url if "://" in opts.url else "http://" + opts.url)
-        if parts.scheme != "http":
-            raise UsageError(f"{opts.url}: NeMo's server speaks plain http://, not {parts.scheme}://")
-        if parts.path not in ("", "/", "/generate"):
-            raise UsageError(f"{opts.url}: give the server's base URL (the probe always uses /generate)")
-        try:
-            port = parts.port or DEFAULT_PORT
-        except ValueError:
-            raise UsageError(f"{opts.url}: invalid port") from None
-        if not parts.hostname:
-            raise UsageError(f"{opts.url}: no host in the URL")
-        return Target(parts.hostname, port, None, opts.job_id)
+            raise UsageError(f"--port goes with --host or --slurm-job; put the port in {option} instead")
+        host, port = _parse_url(url, option)
+        return Target(host, port, None, opts.job_id, endpoint=bool(opts.endpoint))
     port = opts.port if opts.port is not None else DEFAULT_PORT
     if not 0 < port < 65536:
         raise UsageError(f"--port {port} is not a TCP port")
@@ -915,7 +1008,10 @@ def _target_from_args(opts: argparse.Namespace) -> Target:
         if opts.job_id:
             raise UsageError("--job-id is for --host/--url; --slurm-job already names the job")
         return Target(None, port, opts.slurm_job, None, record=opts.job_record)
-    raise UsageError("say what to check: --url URL, --host HOST [--port P] or --slurm-job NAME|ID")
+    raise UsageError(
+        "say what to check: --url URL, --host HOST [--port P], --slurm-job NAME|ID [--replicas N] or "
+        "--endpoint URL"
+    )
 
 
 def _emit(out: Outcome, opts: argparse.Namespace) -> None:
@@ -933,6 +1029,16 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         opts = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (3): return, don't exit the caller
         return exc.code if isinstance(exc.code, int) else UNKNOWN
+    if opts.replicas is not None:
+        try:
+            from . import fleet
+        except ImportError:  # the zipapp inside the container ships the single check only
+            print(
+                f"{prog}: error: --replicas needs the installed package (nemotron_deploy.fleet)",
+                file=sys.stderr,
+            )
+            return UNKNOWN
+        return fleet.main(opts, parser, prog)
     try:
         target = _target_from_args(opts)
     except UsageError as exc:

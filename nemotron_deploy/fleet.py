@@ -1,0 +1,412 @@
+"""The fleet check: every replica of a deployment, and the endpoint in front of them, in one verdict.
+
+``nemotron-deploy health --slurm-job NAME --replicas N`` (also ``python -m nemotron_deploy.health``):
+each replica is its own Slurm job ``NAME-r<i>`` (i = 1..N, endpoint_sync.replica_job_name). For each
+one the check finds the job (squeue by name; where squeue hides it, PrivateData=jobs, the record its
+batch script wrote in ``--records-dir``), probes its first node with health.py's one-token
+generation and keeps its busy count and last success in ONE state file, keyed by replica (``r1``...).
+With ``--endpoint-socket`` it then points the endpoint's slots at the running replicas and takes the
+others out (endpoint_sync.apply, HAProxy's runtime API), and reads HAProxy's view: slots UP and the
+backend's queue. A replica whose Slurm lookup failed leaves its slot as it is.
+
+Verdict (Nagios exit codes): OK when every replica generates; WARNING when some do but not all, or
+when the only trouble is busy replicas (below ``--busy-critical-after``); CRITICAL when none
+generates, or when the endpoint socket fails or HAProxy refuses a command (``endpoint_error``);
+UNKNOWN when Slurm could not be asked. One summary line with perfdata, then one line per replica;
+``--json`` prints one object with ``replicas`` and ``endpoint``.
+
+Metrics (``--prometheus-textfile``; atomic, mode 0644). These names and labels are an interface:
+Prometheus alert rules are written against them.
+
+Per replica, labels ``deployment`` (the base job name) and ``replica`` (``r1``...):
+
+* ``nemotron_replica_up``: 1 if the replica generated a token in this check, else 0
+* ``nemotron_replica_busy``: 1 if its probe was busy (connected, no reply in time), else 0
+* ``nemotron_replica_last_success_timestamp_seconds``: Unix time of its last generation (0: never)
+* ``nemotron_replica_probe_duration_seconds``: duration of its probe (0: not probed)
+* ``nemotron_replica_info{deployment,replica,job_id,node,state}``: always 1; ``job_id`` and ``node``
+  ("" when unknown), ``state`` = the Slurm state (``RECORDED`` from a job record, ``GONE`` when no
+  job, ``UNKNOWN`` when Slurm could not be asked)
+
+Per deployment, label ``deployment``:
+
+* ``nemotron_endpoint_replicas``: configured replicas (N)
+* ``nemotron_replicas_up``: replicas that generated in this check
+* ``nemotron_endpoint_replicas_up``: slots HAProxy has UP (only with ``--endpoint-socket``, when read)
+* ``nemotron_endpoint_queue_length``: requests queued in the backend (only with the socket, when read)
+* ``nemotron_check_timestamp_seconds``: Unix time of this check
+* ``nemotron_check_status``: this check's Nagios status (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)
+
+Standard library only at import time, like health.py (``prometheus_client`` only to write the file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+
+from . import endpoint_sync
+from .health import (
+    DEFAULT_PORT,
+    Outcome,
+    Target,
+    UsageError,
+    check_once,
+    default_state_file,
+    load_state,
+    save_state,
+)
+from .nagios import CRITICAL, OK, STATUS_NAMES, UNKNOWN, WARNING
+from .slurm import PENDING_STATES, SlurmError, record_path
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from typing import Any
+
+    from .slurm import JobInfo
+
+# The metric names (see the module docstring); tests import these.
+REPLICA_METRICS = (
+    "nemotron_replica_up",
+    "nemotron_replica_busy",
+    "nemotron_replica_last_success_timestamp_seconds",
+    "nemotron_replica_probe_duration_seconds",
+    "nemotron_replica_info",
+)
+ENDPOINT_METRICS = (
+    "nemotron_endpoint_replicas",
+    "nemotron_replicas_up",
+    "nemotron_endpoint_replicas_up",
+    "nemotron_endpoint_queue_length",
+    "nemotron_check_timestamp_seconds",
+    "nemotron_check_status",
+)
+
+
+class ReplicaResult:
+    """One replica's part of the check."""
+
+    def __init__(self, slot: str, job_name: str, out: Outcome, state: dict[str, Any]) -> None:
+        self.slot = slot
+        self.job_name = job_name
+        self.status = out.status
+        self.reason = out.reason
+        self.message = " ".join(out.message.split())  # Slurm's multi-line errors: one line each
+        self.duration = out.duration
+        self.url = out.url
+        self.job: JobInfo | None = out.job
+        self.last_success: float | None = state.get("last_success")
+        self.consecutive_busy = int(state.get("consecutive_busy") or 0)
+
+    @property
+    def ok(self) -> bool:
+        return self.reason == "ok"
+
+    @property
+    def busy(self) -> bool:
+        return self.reason == "busy"
+
+    @property
+    def job_id(self) -> str:
+        return self.job.job_id if self.job and self.job.job_id != "?" else ""
+
+    @property
+    def node(self) -> str:
+        return (self.job.node if self.job else None) or ""
+
+    @property
+    def slurm_state(self) -> str:
+        if self.reason == "slurm_error":
+            return "UNKNOWN"
+        return self.job.state if self.job else "UNKNOWN"
+
+    def serving_node(self) -> str | None:
+        """The node the endpoint's slot should point at: the first node of a job that holds its nodes."""
+        job = self.job
+        if job is None or not job.active or job.state in PENDING_STATES or not job.node:
+            return None
+        return job.node
+
+    def line(self) -> str:
+        where = f"job {self.job_id or '-'} {self.slurm_state}" + (f" on {self.node}" if self.node else "")
+        text = self.message if self.ok else f"{self.reason}: {self.message}"
+        return f"{self.slot} {STATUS_NAMES[self.status]} - {text} [{self.job_name}: {where}]"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.slot,
+            "job_name": self.job_name,
+            "job_id": self.job_id or None,
+            "node": self.node or None,
+            "state": self.slurm_state,
+            "status": STATUS_NAMES[self.status],
+            "reason": self.reason,
+            "message": self.message,
+            "url": self.url,
+            "duration": None if self.duration is None else round(self.duration, 6),
+            "consecutive_busy": self.consecutive_busy,
+            "last_success": self.last_success,
+        }
+
+
+class EndpointView:
+    """What the check did to the endpoint and what HAProxy reported back."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket = socket_path
+        self.commands: list[str] = []
+        self.replicas_up: int | None = None
+        self.queue_length: int | None = None
+        self.servers: dict[str, str] = {}
+        self.error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "socket": self.socket,
+            "replicas_up": self.replicas_up,
+            "queue_length": self.queue_length,
+            "servers": self.servers,
+            "commands": self.commands,
+            "error": self.error,
+        }
+
+
+class FleetOutcome:
+    def __init__(self, deployment: str, replicas: list[ReplicaResult], endpoint: EndpointView | None) -> None:
+        self.deployment = deployment
+        self.replicas = replicas
+        self.endpoint = endpoint
+        self.timestamp = time.time()
+        self.long_lines: list[str] = []
+        self.extra: dict[str, Any] = {}
+        self.status, self.reason, self.message = verdict(replicas, endpoint)
+
+    @property
+    def generating(self) -> int:
+        return sum(r.ok for r in self.replicas)
+
+    def perfdata(self) -> list[str]:
+        n = len(self.replicas)
+        perf = [
+            f"replicas_up={self.generating};;;0;{n}",
+            f"replicas_busy={sum(r.busy for r in self.replicas)};;;0;{n}",
+        ]
+        ep = self.endpoint
+        if ep is not None and ep.replicas_up is not None:
+            perf.append(f"endpoint_replicas_up={ep.replicas_up};;;0;{n}")
+        if ep is not None and ep.queue_length is not None:
+            perf.append(f"queue_length={ep.queue_length};;;0")
+        perf += [f"{r.slot}_probe_duration={r.duration or 0.0:.3f}s;;;0" for r in self.replicas]
+        return perf
+
+    def nagios(self) -> str:
+        line = f"NEMOTRON {STATUS_NAMES[self.status]} - {self.message} | " + " ".join(self.perfdata())
+        lines = [line, *(r.line() for r in self.replicas)]
+        ep = self.endpoint
+        if ep is not None:
+            if ep.error:
+                lines.append(f"endpoint ({ep.socket}): {ep.error}")
+            else:
+                slots = ", ".join(f"{name} {status}" for name, status in sorted(ep.servers.items()))
+                lines.append(
+                    f"endpoint ({ep.socket}): {ep.replicas_up}/{len(self.replicas)} slots UP ({slots}), "
+                    f"queue {ep.queue_length}; sent: {'; '.join(ep.commands) or 'nothing (slots as desired)'}"
+                )
+        return "\n".join([*lines, *self.long_lines])
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": STATUS_NAMES[self.status],
+            "exit_code": self.status,
+            "reason": self.reason,
+            "message": self.message,
+            "deployment": self.deployment,
+            "replicas_configured": len(self.replicas),
+            "replicas_generating": self.generating,
+            "timestamp": round(self.timestamp, 3),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.timestamp)),
+            "replicas": [r.as_dict() for r in self.replicas],
+            "endpoint": self.endpoint.as_dict() if self.endpoint else None,
+            **self.extra,
+        }
+
+
+def verdict(replicas: list[ReplicaResult], endpoint: EndpointView | None) -> tuple[int, str, str]:
+    """(Nagios status, reason code, summary) of the whole deployment."""
+    n, ok = len(replicas), sum(r.ok for r in replicas)
+    bad = [r for r in replicas if not r.ok]
+    text = f"{ok}/{n} replicas generate" + "".join(f"; {r.slot}: {r.reason}: {r.message}" for r in bad)
+    if endpoint is not None and endpoint.error:
+        return CRITICAL, "endpoint_error", f"endpoint_error: {endpoint.error}; {text}"
+    if any(r.reason == "slurm_error" for r in replicas):
+        return UNKNOWN, "slurm_error", text
+    if not bad:
+        return OK, "ok", text
+    if all(r.busy and r.status == WARNING for r in bad):
+        return WARNING, "busy", text
+    if ok:
+        return WARNING, "degraded", text
+    return CRITICAL, "no_replica", text
+
+
+def check_replica(opts: argparse.Namespace, job_name: str, port: int, state: dict[str, Any]) -> Outcome:
+    """health.check_once for one replica job, its busy count and last success in `state`."""
+    record = record_path(opts.records_dir, job_name) if opts.records_dir else None
+    target = Target(None, port, job_name, None, record=record)
+    try:
+        out = check_once(opts, target, state)
+    except SlurmError as exc:
+        return Outcome(UNKNOWN, "slurm_error", str(exc), None)
+    if out.duration is None:  # no probe (job pending or gone): a new job starts with a clean count
+        state["consecutive_busy"] = 0
+        state["last_reason"] = out.reason
+        state["last_check"] = time.time()
+    return out
+
+
+def sync_endpoint(socket_path: str, job_name: str, replicas: list[ReplicaResult], port: int) -> EndpointView:
+    view = EndpointView(socket_path)
+    nodes = {r.job_name: r.serving_node() for r in replicas}
+    desired = endpoint_sync.desired_from_nodes(job_name, len(replicas), nodes, port)
+    for r in replicas:  # Slurm could not say where it runs: leave its slot as it is
+        if r.reason == "slurm_error":
+            desired.pop(r.slot, None)
+    try:
+        view.commands = endpoint_sync.apply(socket_path, desired)
+        servers = endpoint_sync.servers_state(socket_path)
+        view.servers = {name: s.status for name, s in servers.items()}
+        view.replicas_up = sum(s.status == "up" for s in servers.values())
+        view.queue_length = endpoint_sync.queue_length(endpoint_sync.backend_stat(socket_path))
+    except endpoint_sync.SyncError as exc:
+        view.error = (
+            f"{exc}. Fix: start the endpoint (haproxy.service on the login node) or pass its stats socket "
+            "as --endpoint-socket, and let this user use it (the socket's group)"
+        )
+    return view
+
+
+def check_fleet(opts: argparse.Namespace, job_name: str, count: int, port: int) -> FleetOutcome:
+    states = load_state(opts.state_path)
+    results = []
+    for i in range(1, count + 1):
+        slot = f"{endpoint_sync.SLOT_PREFIX}{i}"
+        name = endpoint_sync.replica_job_name(job_name, i)
+        sub = states.get(slot)
+        if not isinstance(sub, dict):
+            sub = states[slot] = {}
+        out = check_replica(opts, name, port, sub)
+        results.append(ReplicaResult(slot, name, out, sub))
+    view = sync_endpoint(opts.endpoint_socket, job_name, results, port) if opts.endpoint_socket else None
+    fleet = FleetOutcome(job_name, results, view)
+    error = save_state(opts.state_path, states)
+    if error:
+        fleet.long_lines.append(f"warning: {error}")
+    return fleet
+
+
+def write_textfile(path: str, fleet: FleetOutcome) -> None:
+    """node_exporter textfile metrics (the module docstring's list), atomically, mode 0644."""
+    try:
+        from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+    except ImportError:
+        raise OSError("prometheus_client is not installed: pip install prometheus-client") from None
+    reg = CollectorRegistry()
+    dep = fleet.deployment
+    per = ["deployment", "replica"]
+
+    def replica_gauge(name: str, doc: str, value: Any) -> None:
+        g = Gauge(name, doc, per, registry=reg)
+        for r in fleet.replicas:
+            g.labels(deployment=dep, replica=r.slot).set(float(value(r)))
+
+    replica_gauge("nemotron_replica_up", "1 if the replica generated a token in this check", lambda r: r.ok)
+    replica_gauge(
+        "nemotron_replica_busy", "1 if the replica's probe was busy (no reply in time)", lambda r: r.busy
+    )
+    replica_gauge(
+        "nemotron_replica_last_success_timestamp_seconds",
+        "Unix time of the replica's last successful generation (0: never)",
+        lambda r: r.last_success or 0.0,
+    )
+    replica_gauge(
+        "nemotron_replica_probe_duration_seconds",
+        "Duration of the replica's probe (0: not probed)",
+        lambda r: r.duration or 0.0,
+    )
+    info = Gauge(
+        "nemotron_replica_info",
+        "The replica's Slurm job, first node and state (GONE: no job); always 1",
+        [*per, "job_id", "node", "state"],
+        registry=reg,
+    )
+    for r in fleet.replicas:
+        info.labels(deployment=dep, replica=r.slot, job_id=r.job_id, node=r.node, state=r.slurm_state).set(1)
+
+    def gauge(name: str, doc: str, value: float) -> None:
+        Gauge(name, doc, ["deployment"], registry=reg).labels(deployment=dep).set(value)
+
+    gauge("nemotron_endpoint_replicas", "Replicas configured (--replicas)", len(fleet.replicas))
+    gauge("nemotron_replicas_up", "Replicas that generated a token in this check", fleet.generating)
+    ep = fleet.endpoint
+    if ep is not None and ep.replicas_up is not None:
+        gauge("nemotron_endpoint_replicas_up", "Replica slots HAProxy has UP", ep.replicas_up)
+    if ep is not None and ep.queue_length is not None:
+        gauge("nemotron_endpoint_queue_length", "Requests waiting in the endpoint's queue", ep.queue_length)
+    gauge("nemotron_check_timestamp_seconds", "Unix time of this check", fleet.timestamp)
+    gauge("nemotron_check_status", "Nagios status of this check (0 OK,1 WARN,2 CRIT,3 UNKNOWN)", fleet.status)
+    old_umask = os.umask(0o022)
+    try:
+        write_to_textfile(path, reg)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o644)
+
+
+def _fleet_args(opts: argparse.Namespace) -> tuple[str, int]:
+    for option in ("url", "host", "endpoint", "job_id", "job_record", "wait"):
+        if getattr(opts, option):
+            hint = " (use --records-dir: one record per replica)" if option == "job_record" else ""
+            raise UsageError(f"--{option.replace('_', '-')} does not go with --replicas{hint}")
+    job = opts.slurm_job
+    if not job or re.fullmatch(r"\d+(_\d+)?", job):
+        raise UsageError("--replicas goes with --slurm-job NAME: the replicas are the jobs NAME-r1..NAME-rN")
+    port = opts.port if opts.port is not None else DEFAULT_PORT
+    if not 0 < port < 65536:
+        raise UsageError(f"--port {port} is not a TCP port")
+    return job, port
+
+
+def main(opts: argparse.Namespace, parser: argparse.ArgumentParser, prog: str) -> int:
+    """``health --replicas N``: called by health.main with the parsed options."""
+    try:
+        job_name, port = _fleet_args(opts)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return UNKNOWN
+    opts.state_path = None
+    if not opts.no_state_file:
+        opts.state_path = opts.state_file or default_state_file(f"fleet-{job_name}-{port}")
+    try:
+        fleet = check_fleet(opts, job_name, opts.replicas, port)
+    except Exception as exc:  # a monitoring plugin says UNKNOWN, never a traceback
+        out = Outcome(UNKNOWN, "internal_error", f"{type(exc).__name__}: {exc}", None)
+        print(json.dumps(out.as_dict(), sort_keys=True) if opts.json else out.nagios())
+        return UNKNOWN
+    if opts.prometheus_textfile:
+        try:
+            write_textfile(opts.prometheus_textfile, fleet)
+        except OSError as exc:
+            fleet.long_lines.append(f"error: cannot write {opts.prometheus_textfile}: {exc}")
+            fleet.extra["textfile_error"] = str(exc)
+            fleet.status = UNKNOWN
+    print(json.dumps(fleet.as_dict(), sort_keys=True) if opts.json else fleet.nagios())
+    sys.stdout.flush()
+    return fleet.status
+
+
+__all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "check_fleet", "main", "verdict", "write_textfile"]

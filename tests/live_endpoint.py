@@ -1,0 +1,150 @@
+"""The live endpoint for tests: the rendered haproxy.cfg + Lua envelope in Debian's HAProxy (`haproxy -db`
+on 127.0.0.1 free ports, a temporary stats socket) and NeMo stand-ins (emulator.serve_in_thread) on
+loopback. Used by test_endpoint_live.py and test_fleet.py; see test_endpoint_live.py's docstring."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from helpers import write_inventory
+from nemotron_rehearsal import emulator
+from nemotron_rehearsal.emulator import serve_in_thread
+from test_endpoint import haproxy
+
+from nemotron_deploy import endpoint, endpoint_sync
+
+HOST = "127.0.0.1"
+PING = "ping"  # the health check's prompt (haproxy.cfg.j2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def put(port: int, body: dict | bytes, timeout: float = 30.0) -> tuple[int, str]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("PUT", "/generate", data, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def ask(prompt: str, **params) -> dict:
+    return {"sentences": [prompt], "tokens_to_generate": 4, "greedy": True, **params}
+
+
+@dataclass
+class Replica:
+    """An emulator whose generations are recorded (the prompts it saw), health checks apart."""
+
+    handle: emulator.EmulatorHandle
+    prompts: list[str] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return self.handle.port
+
+    @property
+    def requests(self) -> list[str]:
+        return [p for p in self.prompts if p != PING]
+
+
+def replica(**faults) -> Replica:
+    handle = serve_in_thread(**faults)
+    assert handle.wait_ready(10)
+    rep = Replica(handle)
+    generate = handle.state.generate
+
+    def recording(sentences, params):
+        if isinstance(sentences, list):
+            rep.prompts.extend(s for s in sentences if isinstance(s, str))
+        return generate(sentences, params)
+
+    handle.state.generate = recording
+    return rep
+
+
+@dataclass
+class Endpoint:
+    proc: subprocess.Popen
+    port: int
+    socket: str
+    log: Path
+
+    def sync(self, **slots: tuple[str | None, int]) -> list[str]:
+        return endpoint_sync.apply(self.socket, slots)
+
+    def state(self) -> dict[str, endpoint_sync.ServerState]:
+        return endpoint_sync.servers_state(self.socket)
+
+    def wait_status(self, slot: str, status: str, timeout: float = 15.0) -> None:
+        wait_for(
+            lambda: self.state()[slot].status == status, timeout, f"{slot} {status}\n{self.log.read_text()}"
+        )
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: Path
+    endpoint_port: int
+
+
+@contextmanager
+def running_endpoint(inv: Inventory, replicas: int, directory: Path) -> Iterator[Endpoint]:
+    sock = directory / "admin.sock"
+    rendered = subprocess.run(
+        [sys.executable, "-m", "nemotron_deploy.endpoint", str(inv.path), "--out", str(directory),
+         "--replicas", str(replicas), "--config-dir", str(directory), "--stats-socket", str(sock),
+         "--bind", HOST],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    cfg = directory / endpoint.CONFIG_FILE
+    log = directory / "haproxy.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([haproxy(), "-f", str(cfg), "-db"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, 10, "HAProxy's stats socket")
+        assert proc.poll() is None, f"haproxy exited {proc.returncode}:\n{log.read_text()}"
+        yield Endpoint(proc, inv.endpoint_port, str(sock), log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def cluster_with(tmp_path: Path, base: str = "h100", hosts: str | None = None, **settings) -> Inventory:
+    """An inventory beside the shipped one, checking replicas every second, on a free port."""
+    settings = {"endpoint_check_seconds": 1, "max_generation_seconds": 10, **settings}
+    settings.setdefault("endpoint_port", free_port())
+    path = write_inventory(tmp_path / "inv", base, hosts=hosts, settings=settings)
+    return Inventory(path, settings["endpoint_port"])
