@@ -40,7 +40,7 @@ FIXES = {
     "mode": "use serve (keep serving) or smoke (one call, then end the job)",
     "gpu_request": "use gpus-per-node, or gres on clusters that reject --gpus-per-node",
     "replicas": "use 1 or more, or leave it unset for every replica the compute nodes hold (to stop "
-    "serving, cancel the jobs: scancel --name=<job_name>-r1,...)",
+    "serving, cancel each replica: scancel --name=<job_name>-r<i>)",
 }
 
 

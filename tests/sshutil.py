@@ -262,8 +262,8 @@ def job_state(sandbox, job_id: str) -> str:
 
 def cancel_jobs(sandbox, timeout: float = 30) -> None:
     """scancel every job of the deploy's name and wait until Slurm has none left, nor its processes."""
-    if job_ids(sandbox):
-        ssh(sandbox, sandbox.login_host, f"scancel -n {REPLICA_JOBS}")
+    if ids := job_ids(sandbox):
+        ssh(sandbox, sandbox.login_host, f"scancel {' '.join(ids)}")  # (scancel --name takes one name)
         wait_for(lambda: not job_ids(sandbox), timeout, f"Slurm to end the {JOB_BASE} jobs")
     wait_for(lambda: not leftover_processes(sandbox), timeout, "the job's processes to exit")
 

@@ -98,14 +98,20 @@ def test_installed_check_runs_as_the_health_user_and_writes_metrics(sandbox):
     assert rc in (0, 1, 2), run.stdout + run.stderr  # a result, not UNKNOWN (3): the check itself works
     owner_index = next(i for i, line in enumerate(out) if line.startswith("rc=")) + 1
     assert out[owner_index] == "nemotron-health"
-    metrics = {
-        sample.name: sample
+    samples = [
+        sample
         for family in text_string_to_metric_families("\n".join(out[owner_index + 1 :]) + "\n")
         for sample in family.samples
-    }
+    ]
+    metrics = {sample.name: sample for sample in samples}
     assert {
-        "nemotron_up",
-        "nemotron_probe_duration_seconds",
-        "nemotron_last_success_timestamp_seconds",
+        "nemotron_replica_up",
+        "nemotron_replica_probe_duration_seconds",
+        "nemotron_replica_last_success_timestamp_seconds",
+        "nemotron_replicas_up",
+        "nemotron_check_status",
     } <= set(metrics)
-    assert metrics["nemotron_up"].value == (1.0 if rc == 0 else 0.0)
+    # One series per replica the inventory holds (the sandbox's 4 nodes: 2), labelled r1, r2.
+    replicas = sorted(s.labels["replica"] for s in samples if s.name == "nemotron_replica_up")
+    assert replicas == ["r1", "r2"], replicas
+    assert metrics["nemotron_check_status"].value == rc
