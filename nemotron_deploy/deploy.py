@@ -20,6 +20,7 @@ from .desired import WantedDir, WantedFile
 from .errors import DeployError
 from .inventory import Cluster, InventoryError, load
 from .operations import containers, endpoint, files, health_timer, submit
+from .slurm import ENDING_STATES
 
 # One validation per pyinfra Inventory object, dropped with it (an id() could be reused).
 _clusters: weakref.WeakKeyDictionary[Any, Cluster] = weakref.WeakKeyDictionary()
@@ -88,9 +89,7 @@ def ensure_files(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         health_timer.ensure_user(
             name=f"User {s.health_user}", username=s.health_user, exists=snap["health_user"]
         )
-    want = desired.for_host(
-        cluster, host.name, snap.get("init"), login and desired.endpoint_on(cluster, snap)
-    )
+    want = desired.for_host(cluster, host.name, desired.Login.of(cluster, snap) if login else None)
     # One operation, one shell command per host (after SFTP uploads): every operation is a barrier
     # across hosts, and on a large cluster each round of commands costs about an SSH round trip.
     files.managed_tree(
@@ -171,9 +170,7 @@ def install_health_check(host: Any, cluster: Cluster, snap: dict[str, Any]) -> N
     )
     units_changed = any(
         snap["paths"].get(path) is None or snap["paths"][path].sha256 != files.sha256_of(text)
-        for path, text in desired.health_units(
-            cluster, snap.get("init"), desired.endpoint_on(cluster, snap)
-        ).items()
+        for path, text in desired.health_units(cluster, desired.Login.of(cluster, snap)).items()
     )
     health_timer.enable_timer(
         name="Enable the health timer",
@@ -203,15 +200,33 @@ def run_endpoint(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         service=snap["haproxy"]["service"],
         running=snap["haproxy"]["running"],
         config_changed=changed,
-        sync_command=desired.sync_command(cluster),
+        sync_command=desired.sync_command(cluster, desired.Login.of(cluster, snap)),
     )
 
 
 def submit_job(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     """Only with `--data submit=true`: submit every replica not already queued (one Slurm job each),
-    wait until all generate, then point the endpoint at them at once."""
+    wait until all generate, then point the endpoint at them at once. With state=stopped: cancel
+    every replica instead (the one way to stop the service: the check then replaces none)."""
     s = cluster.settings
-    if not s.submit or desired.role(cluster, host.name) != "login":
+    if desired.role(cluster, host.name) != "login":
+        return
+    login = desired.Login.of(cluster, snap)
+    if s.state == "stopped":
+        live = [job_id for job_id, state in snap["replica_jobs"] if state not in ENDING_STATES]
+        present = desired.started_file() in snap["paths"]
+        submit.stop_replicas(
+            name=f"Stop the service: cancel {s.job_name}-r1..r{cluster.plan.replicas}",
+            live_jobs=live,
+            started_file=desired.started_file(),
+            started_file_present=present,
+        )
+        if login.endpoint and (live or present):
+            endpoint.sync_now(
+                name="Endpoint: take the replicas out", command=desired.sync_command(cluster, login)
+            )
+        return
+    if not s.submit:
         return
     smoke = s.mode == "smoke"  # the job ends by itself after one call: wait for its end instead
     # A smoke test runs one replica: it proves the job files, not the serving capacity.
@@ -229,8 +244,9 @@ def submit_job(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         },
         until_done=smoke,
         budget_seconds=s.health_startup_budget_seconds + 600,
+        started_file=None if smoke else desired.started_file(),
     )
-    if not smoke and desired.endpoint_on(cluster, snap):
+    if not smoke and login.endpoint:
         endpoint.sync_now(
-            name="Endpoint: point its slots at the replicas", command=desired.sync_command(cluster)
+            name="Endpoint: point its slots at the replicas", command=desired.sync_command(cluster, login)
         )

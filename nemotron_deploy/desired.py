@@ -111,6 +111,26 @@ def endpoint_on(cluster: Cluster, snap: dict) -> bool:
     return bool((snap.get("haproxy") or {}).get("service"))
 
 
+@dataclass(frozen=True)
+class Login:
+    """What the login node's read says that its files depend on."""
+
+    init: str = "systemd"  # systemd units, or a cron entry
+    endpoint: bool = True
+    submit_as: str = "root"  # who the deploy submits as (replacements are submitted as the same user)
+    slurm_bin: str = "/usr/bin"  # where sbatch and scancel are
+
+    @classmethod
+    def of(cls, cluster: Cluster, snap: dict) -> Login:
+        ctx = snap.get("submit") or {}
+        return cls(
+            init=snap.get("init") or "cron",
+            endpoint=endpoint_on(cluster, snap),
+            submit_as=ctx.get("user") or "root",
+            slurm_bin=ctx.get("slurm_bin") or "/usr/bin",
+        )
+
+
 def endpoint_files(cluster: Cluster) -> list[WantedFile]:
     """haproxy.cfg and the Lua envelope, for the plan's replicas; the socket's group is the health
     user's, so the scheduled check can point the slots at the replicas."""
@@ -120,13 +140,19 @@ def endpoint_files(cluster: Cluster) -> list[WantedFile]:
     return [WantedFile(f"{endpoint_mod.CONFIG_DIR}/{f.name}", f.content, f.mode) for f in rendered]
 
 
-def sync_command(cluster: Cluster) -> str:
+def sync_command(cluster: Cluster, login: Login) -> str:
     """The scheduled check, run once now as its user: it points the endpoint's slots at the replicas."""
-    argv = ["runuser", "-u", cluster.settings.health_user, "--", *health_check_command(cluster, True)]
+    argv = ["runuser", "-u", cluster.settings.health_user, "--", *health_check_command(cluster, login)]
     return " ".join(shlex.quote(a) for a in argv)
 
 
-def health_check_command(cluster: Cluster, endpoint: bool) -> list[str]:
+def started_file() -> str:
+    """Written by the deploy's submit (replica job ids, time): the check replaces replicas only once
+    the service was started, and counts those jobs as starting while Slurm hides them."""
+    return f"{health_timer.STATE_DIR}/started.json"
+
+
+def health_check_command(cluster: Cluster, login: Login) -> list[str]:
     s = cluster.settings
     return health_timer.check_command(
         venv=s.health_venv,
@@ -134,23 +160,60 @@ def health_check_command(cluster: Cluster, endpoint: bool) -> list[str]:
         replicas=cluster.plan.replicas,
         port=s.port,
         records_dir=s.logs_dir,
-        endpoint_socket=endpoint_mod.STATS_SOCKET if endpoint else None,
+        endpoint_socket=endpoint_mod.STATS_SOCKET if login.endpoint else None,
+        replacement=health_timer.Replacement(
+            sbatch=f"{s.jobs_dir}/nemotron.sbatch",
+            submit_as=login.submit_as,
+            slurm_bin=login.slurm_bin,
+            started_file=started_file(),
+            unhealthy_after=s.unhealthy_restart_after_seconds,
+            backoff_max=s.restart_backoff_max_seconds,
+            max_per_day=s.max_restarts_per_day,
+            startup_budget=s.health_startup_budget_seconds,
+        )
+        if s.replaces_replicas
+        else None,
+        stopped=s.state == "stopped",
     )
 
 
-def health_units(cluster: Cluster, init_system: str | None, endpoint: bool = False) -> dict[str, str]:
+def health_units(cluster: Cluster, login: Login) -> dict[str, str]:
     s = cluster.settings
-    command = health_check_command(cluster, endpoint)
-    if init_system == "systemd":
+    command = health_check_command(cluster, login)
+    if login.init == "systemd":
         return health_timer.systemd_units(
             user=s.health_user, command=command, interval=s.health_interval_seconds, job_name=s.job_name
         )
     return health_timer.cron_entry(user=s.health_user, command=command, interval=s.health_interval_seconds)
 
 
-def for_host(
-    cluster: Cluster, host_name: str, init_system: str | None = None, endpoint: bool = False
-) -> HostState:
+def sudoers(cluster: Cluster, login: Login) -> str | None:
+    """The one sudo rule the check needs to replace replicas as the deploy's user: exactly scancel and
+    sbatch of each replica's job name (no wildcard). None when not needed (no replacement, or the check
+    already runs as that user)."""
+    s = cluster.settings
+    if not s.replaces_replicas or login.submit_as == s.health_user:
+        return None
+    sbatch = f"{s.jobs_dir}/nemotron.sbatch"
+    lines = []
+    for i in range(1, cluster.plan.replicas + 1):
+        name = s.replica_job(i)
+        lines.append(f"{login.slurm_bin}/scancel --name={name}")
+        lines.append(f"{login.slurm_bin}/sbatch --parsable --job-name={name} {sbatch}")
+    commands = ", \\\n    ".join(lines)
+    return (
+        "# Installed by nemotron-deploy: the scheduled health check may replace the service's replica\n"
+        f"# jobs ({s.job_name}-r1..r{cluster.plan.replicas}) as {login.submit_as}, the user the deploy submits as; nothing else.\n"
+        f"Cmnd_Alias NEMOTRON_REPLICAS = \\\n    {commands}\n"
+        f"{s.health_user} ALL=({login.submit_as}) NOPASSWD: NEMOTRON_REPLICAS\n"
+    )
+
+
+SUDOERS_FILE = "/etc/sudoers.d/nemotron-health"
+
+
+def for_host(cluster: Cluster, host_name: str, login: Login | None = None) -> HostState:
+    """`login`: the login node's read (default: every path the login node may get, for the read)."""
     s = cluster.settings
     want = HostState()
     job_files = artifacts(cluster).job_files
@@ -206,10 +269,12 @@ def for_host(
     want.files += [
         WantedFile(f"{wheels_dir(cluster)}/{name}", data, "644") for name, data in artifacts(cluster).wheels
     ]
-    want.files += [
-        WantedFile(path, text, "644") for path, text in health_units(cluster, init_system, endpoint).items()
-    ]
-    if endpoint:
+    login = login or Login()
+    want.files += [WantedFile(path, text, "644") for path, text in health_units(cluster, login).items()]
+    rule = sudoers(cluster, login)
+    if rule:
+        want.files.append(WantedFile(SUDOERS_FILE, rule, "440"))
+    if login.endpoint:
         # /etc/haproxy is the package's: created if absent (before the install), never re-owned.
         want.dirs.append(WantedDir(endpoint_mod.CONFIG_DIR, "755"))
         want.files += endpoint_files(cluster)

@@ -48,7 +48,7 @@ import re
 import sys
 import time
 
-from . import endpoint_sync
+from . import endpoint_sync, replacement
 from .health import (
     DEFAULT_PORT,
     Outcome,
@@ -60,7 +60,7 @@ from .health import (
     save_state,
 )
 from .nagios import CRITICAL, OK, STATUS_NAMES, UNKNOWN, WARNING
-from .slurm import PENDING_STATES, SlurmError, record_path
+from .slurm import PENDING_STATES, SlurmError, read_record, record_path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -101,6 +101,15 @@ class ReplicaResult:
         self.job: JobInfo | None = out.job
         self.last_success: float | None = state.get("last_success")
         self.consecutive_busy = int(state.get("consecutive_busy") or 0)
+        self.restarts_total = int(state.get("restarts_total") or 0)
+        self.decision: replacement.Decision | None = None  # with --restart-policy always
+        self.replaced_by: str | None = None  # the job id this check submitted for it
+        self.stale: bool | None = None  # runs files other than the current sbatch's (None: unknown)
+        self.record: dict[str, Any] | None = None  # this job's record (its batch script's own)
+
+    @property
+    def capped(self) -> bool:
+        return self.decision is not None and self.decision.action == "capped"
 
     @property
     def ok(self) -> bool:
@@ -134,6 +143,17 @@ class ReplicaResult:
     def line(self) -> str:
         where = f"job {self.job_id or '-'} {self.slurm_state}" + (f" on {self.node}" if self.node else "")
         text = self.message if self.ok else f"{self.reason}: {self.message}"
+        if self.stale:
+            text += "; stale: runs the files of an earlier deploy (roll out with --data rollout=true)"
+        d = self.decision
+        if self.replaced_by:
+            text += f"; replaced ({d.cause if d else '?'}): submitted job {self.replaced_by}"
+        elif d is not None and d.action != "none":
+            text += (
+                f"; {d.action}"
+                + (f" ({d.cause})" if d.cause else "")
+                + (f": {d.message}" if d.message else "")
+            )
         return f"{self.slot} {STATUS_NAMES[self.status]} - {text} [{self.job_name}: {where}]"
 
     def as_dict(self) -> dict[str, Any]:
@@ -150,6 +170,16 @@ class ReplicaResult:
             "duration": None if self.duration is None else round(self.duration, 6),
             "consecutive_busy": self.consecutive_busy,
             "last_success": self.last_success,
+            "stale": self.stale,
+            "restarts_total": self.restarts_total,
+            "replacement": None
+            if self.decision is None
+            else {
+                "action": self.decision.action,
+                "cause": self.decision.cause or None,
+                "message": self.decision.message or None,
+                "new_job_id": self.replaced_by,
+            },
         }
 
 
@@ -244,7 +274,21 @@ def verdict(replicas: list[ReplicaResult], endpoint: EndpointView | None) -> tup
         return CRITICAL, "endpoint_error", f"endpoint_error: {endpoint.error}; {text}"
     if any(r.reason == "slurm_error" for r in replicas):
         return UNKNOWN, "slurm_error", text
+    capped = [r for r in replicas if r.capped]
+    if capped:
+        msg = "; ".join(f"{r.slot}: {r.decision.message}" for r in capped if r.decision)
+        return CRITICAL, "restart_capped", f"{text}; {msg}"
     if not bad:
+        stale = [r.slot for r in replicas if r.stale]
+        if stale:
+            return (
+                WARNING,
+                "stale",
+                (
+                    f"{text}; stale: {', '.join(stale)} still run(s) the files of an earlier deploy "
+                    "(roll out with --data rollout=true)"
+                ),
+            )
         return OK, "ok", text
     if all(r.busy and r.status == WARNING for r in bad):
         return WARNING, "busy", text
@@ -290,22 +334,126 @@ def sync_endpoint(socket_path: str, job_name: str, replicas: list[ReplicaResult]
 
 
 def check_fleet(opts: argparse.Namespace, job_name: str, count: int, port: int) -> FleetOutcome:
-    states = load_state(opts.state_path)
-    results = []
-    for i in range(1, count + 1):
-        slot = f"{endpoint_sync.SLOT_PREFIX}{i}"
-        name = endpoint_sync.replica_job_name(job_name, i)
-        sub = states.get(slot)
-        if not isinstance(sub, dict):
-            sub = states[slot] = {}
-        out = check_replica(opts, name, port, sub)
-        results.append(ReplicaResult(slot, name, out, sub))
-    view = sync_endpoint(opts.endpoint_socket, job_name, results, port) if opts.endpoint_socket else None
-    fleet = FleetOutcome(job_name, results, view)
-    error = save_state(opts.state_path, states)
+    acting = opts.restart_policy == "always" and not opts.stopped
+    lock = replacement.CheckLock(f"{opts.state_path}.lock" if opts.state_path else "/dev/null")
+    with lock as locked:
+        states = load_state(opts.state_path)
+        results = []
+        for i in range(1, count + 1):
+            slot = f"{endpoint_sync.SLOT_PREFIX}{i}"
+            name = endpoint_sync.replica_job_name(job_name, i)
+            sub = states.get(slot)
+            if not isinstance(sub, dict):
+                sub = states[slot] = {}
+            out = check_replica(opts, name, port, sub)
+            results.append(ReplicaResult(slot, name, out, sub))
+        current = files_digest(opts.sbatch) if opts.sbatch else None
+        for r in results:
+            rec = read_record(record_path(opts.records_dir, r.job_name)) if opts.records_dir else None
+            r.record = rec if rec and str(rec.get("job_id")) == r.job_id else None
+            if current and r.record is not None and r.job is not None and r.job.active:
+                r.stale = r.record.get("files") != current
+        view = None
+        if opts.endpoint_socket:
+            view = sync_endpoint(opts.endpoint_socket, job_name, results, port)
+        if acting and locked and not any(r.reason == "slurm_error" for r in results):
+            replace_dead(opts, results, states, view)
+            if view is not None and any(r.replaced_by for r in results):
+                view = sync_endpoint(opts.endpoint_socket, job_name, results, port)
+        fleet = FleetOutcome(job_name, results, view)
+        if acting and not locked:
+            fleet.long_lines.append(
+                f"warning: another check holds {lock.path}: no replica replaced by this one"
+            )
+        error = save_state(opts.state_path, states)
     if error:
         fleet.long_lines.append(f"warning: {error}")
     return fleet
+
+
+FILES_DIGEST_PREFIX = "readonly FILES_DIGEST="
+
+
+def files_digest(sbatch: str) -> str | None:
+    """The digest of the job files the deploy installed last, as the sbatch file states it."""
+    try:
+        with open(sbatch, encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith(FILES_DIGEST_PREFIX):
+                    return line[len(FILES_DIGEST_PREFIX) :].strip()
+    except OSError:
+        return None
+    return None
+
+
+def replace_dead(
+    opts: argparse.Namespace, results: list[ReplicaResult], states: dict[str, Any], view: EndpointView | None
+) -> None:
+    """Decide for each replica, and replace the ones whose job is gone or whose server stays unhealthy."""
+    policy = replacement.Policy(
+        unhealthy_after=opts.unhealthy_restart_after,
+        backoff_max=opts.restart_backoff_max,
+        max_per_day=opts.max_restarts_per_day,
+        startup_budget=opts.startup_timeout,
+        first_backoff=min(60.0, opts.restart_backoff_max),
+    )
+    now = time.time()
+    started = None
+    if opts.started_file:
+        started = load_state(opts.started_file)  # {} when absent: the service was never started
+        if not started:
+            for r in results:
+                r.decision = replacement.Decision(
+                    "none", "", "not started by a deploy yet (--data submit=true): nothing replaced"
+                )
+            return
+    for r in results:
+        st = states[r.slot]
+        submitted = (started or {}).get("jobs", {}).get(r.job_name)
+        if submitted and st.get("deploy_at") != started.get("at"):
+            # The deploy submitted this job: it is starting (Slurm may hide it from this user).
+            st["deploy_at"] = started.get("at")
+            st["submitted"] = {"job_id": str(submitted), "at": float(started.get("at") or now)}
+        down = None if view is None or view.error else view.servers.get(r.slot) == "down"
+        began = r.record.get("started") if r.record else None
+        r.decision = replacement.decide(
+            reason=r.reason,
+            job_id=r.job_id or None,
+            job_active=bool(r.job is not None and r.job.active),
+            started=float(began) if isinstance(began, (int, float)) else None,
+            down_in_endpoint=down,
+            state=st,
+            now=now,
+            policy=policy,
+        )
+        if r.decision.action != "replace":
+            continue
+        if not opts.sbatch:
+            r.decision = replacement.Decision("none", r.decision.cause, "no --sbatch: not replaced")
+            continue
+        new_id, error = replacement.replace(
+            job_name=r.job_name, sbatch=opts.sbatch, slurm_bin=opts.slurm_bin, submit_as=opts.submit_as
+        )
+        st["restarts"] = [*st.get("restarts", []), now]
+        st["last_restart"] = now
+        st["consecutive_restarts"] = int(st.get("consecutive_restarts") or 0) + 1
+        event = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            "replica": r.slot,
+            "job_name": r.job_name,
+            "cause": r.decision.cause,
+            "old_job_id": r.job_id or "-",
+            "reason": r.reason,
+        }
+        if new_id:
+            st["restarts_total"] = r.restarts_total = int(st.get("restarts_total") or 0) + 1
+            st["submitted"] = {"job_id": new_id, "at": now}
+            r.replaced_by = new_id
+            event["new_job_id"] = new_id
+        else:
+            event["error"] = error
+            r.decision = replacement.Decision("failed", r.decision.cause, f"replacement failed: {error}")
+        replacement.record_event(st, event)
 
 
 def write_textfile(path: str, fleet: FleetOutcome) -> None:
@@ -337,6 +485,17 @@ def write_textfile(path: str, fleet: FleetOutcome) -> None:
         "Duration of the replica's probe (0: not probed)",
         lambda r: r.duration or 0.0,
     )
+    replica_gauge(
+        "nemotron_replica_stale",
+        "1 if the replica runs the files of an earlier deploy (roll out to replace it)",
+        lambda r: bool(r.stale),
+    )
+    replica_gauge(
+        "nemotron_replica_restart_capped",
+        "1 if the check stopped replacing the replica (max_restarts_per_day in 24 h)",
+        lambda r: r.capped,
+    )
+    reg.register(_RestartsCollector(fleet))
     info = Gauge(
         "nemotron_replica_info",
         "The replica's Slurm job, first node and state (GONE: no job); always 1",
@@ -366,6 +525,61 @@ def write_textfile(path: str, fleet: FleetOutcome) -> None:
     os.chmod(path, 0o644)
 
 
+class _RestartsCollector:
+    """nemotron_replica_restarts_total: a counter kept in the state file (no _created sample)."""
+
+    def __init__(self, fleet: FleetOutcome) -> None:
+        self.fleet = fleet
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(
+            "nemotron_replica_restarts",
+            "Replacements of the replica's job submitted by the scheduled check",
+            labels=["deployment", "replica"],
+        )
+        for r in self.fleet.replicas:
+            family.add_metric([self.fleet.deployment, r.slot], r.restarts_total)
+        yield family
+
+
+def report_stopped(opts: argparse.Namespace, job_name: str) -> int:
+    """state=stopped: say so (OK), write only the deployment's series, act on nothing."""
+    message = (
+        f"{job_name}: the service is stopped on purpose (state=stopped); nothing is checked or replaced. "
+        "Start it with the deploy: --data state=running --data submit=true"
+    )
+    out = Outcome(OK, "stopped", message, None)
+    if opts.endpoint_socket:  # no replica should get traffic: every slot in maintenance
+        desired = endpoint_sync.desired_from_nodes(job_name, opts.replicas, {}, 0)
+        try:
+            endpoint_sync.apply(opts.endpoint_socket, desired)
+        except endpoint_sync.SyncError as exc:
+            out.long_lines.append(f"warning: endpoint ({opts.endpoint_socket}): {exc}")
+    if opts.prometheus_textfile:
+        try:
+            from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+
+            reg = CollectorRegistry()
+            for name, doc, value in (
+                ("nemotron_service_stopped", "1 when the service is stopped on purpose (state=stopped)", 1),
+                ("nemotron_check_timestamp_seconds", "Unix time of this check", out.timestamp),
+                ("nemotron_check_status", "Nagios status of this check (0 OK,1 WARN,2 CRIT,3 UNKNOWN)", OK),
+            ):
+                Gauge(name, doc, ["deployment"], registry=reg).labels(deployment=job_name).set(value)
+            old_umask = os.umask(0o022)
+            try:
+                write_to_textfile(opts.prometheus_textfile, reg)
+            finally:
+                os.umask(old_umask)
+            os.chmod(opts.prometheus_textfile, 0o644)
+        except (OSError, ImportError) as exc:
+            out = Outcome(UNKNOWN, "internal_error", f"cannot write {opts.prometheus_textfile}: {exc}", None)
+    print(json.dumps(out.as_dict(), sort_keys=True) if opts.json else out.nagios())
+    return out.status
+
+
 def _fleet_args(opts: argparse.Namespace) -> tuple[str, int]:
     for option in ("url", "host", "endpoint", "job_id", "job_record", "wait"):
         if getattr(opts, option):
@@ -391,6 +605,8 @@ def main(opts: argparse.Namespace, parser: argparse.ArgumentParser, prog: str) -
     opts.state_path = None
     if not opts.no_state_file:
         opts.state_path = opts.state_file or default_state_file(f"fleet-{job_name}-{port}")
+    if opts.stopped:
+        return report_stopped(opts, job_name)
     try:
         fleet = check_fleet(opts, job_name, opts.replicas, port)
     except Exception as exc:  # a monitoring plugin says UNKNOWN, never a traceback

@@ -110,6 +110,9 @@ REASONS: dict[str, str] = {
     "no_replica": "no replica in rotation: the endpoint's 503 'No replica is up' (--replicas: none generates)",
     "envelope_refused": "HTTP 400/413 from the endpoint's request envelope (its message names the limit)",
     "degraded": "--replicas: some replicas generate, not all (each replica's line says why)",
+    "restart_capped": "--replicas: a replica was replaced max-restarts-per-day times in 24 h; not again",
+    "stale": "--replicas: every replica generates, some still run the files of an earlier deploy",
+    "stopped": "--replicas --stopped: the service is stopped on purpose (state=stopped); nothing runs",
     "endpoint_error": "--endpoint-socket: HAProxy's stats socket failed, or HAProxy refused a command",
     "internal_error": "the health check itself failed",
 }
@@ -894,6 +897,59 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         help="with --replicas: HAProxy's stats socket (e.g. /run/haproxy/admin.sock): point the "
         "endpoint's slots at the running replicas, take the others out, and report HAProxy's view",
     )
+    rs = p.add_argument_group("replacing dead replicas (--replicas ... --restart-policy always)")
+    rs.add_argument(
+        "--restart-policy",
+        choices=("always", "never"),
+        default="never",
+        help="always: submit a replica again when its job is gone or its server failed the check for "
+        "--unhealthy-restart-after seconds (default never: report only)",
+    )
+    rs.add_argument("--sbatch", metavar="PATH", help="the batch file a replacement submits")
+    rs.add_argument(
+        "--submit-as",
+        metavar="USER",
+        help="submit and cancel as this user (through `sudo -n -u USER`, which the deploy allows for "
+        "exactly these commands) when it is not the user running the check",
+    )
+    rs.add_argument(
+        "--slurm-bin",
+        metavar="DIR",
+        default="/usr/bin",
+        help="where sbatch and scancel are (default /usr/bin)",
+    )
+    rs.add_argument(
+        "--unhealthy-restart-after",
+        type=_positive(float),
+        default=600.0,
+        metavar="S",
+        help="replace a running replica whose server failed the check this long (default 600)",
+    )
+    rs.add_argument(
+        "--restart-backoff-max",
+        type=_positive(float),
+        default=1800.0,
+        metavar="S",
+        help="the longest back-off between two replacements of one replica (default 1800)",
+    )
+    rs.add_argument(
+        "--max-restarts-per-day",
+        type=_positive(int),
+        default=10,
+        metavar="N",
+        help="stop replacing a replica after N replacements in 24 h: CRITICAL restart_capped (default 10)",
+    )
+    rs.add_argument(
+        "--started-file",
+        metavar="PATH",
+        help="the file the deploy writes when it submits the replicas: replace only once it exists "
+        "(a deploy that only installs starts nothing), and count its jobs as starting meanwhile",
+    )
+    rs.add_argument(
+        "--stopped",
+        action="store_true",
+        help="the service is stopped on purpose (the deploy's state=stopped): report that, replace nothing",
+    )
 
     pr = p.add_argument_group("probe")
     pr.add_argument(
@@ -990,7 +1046,7 @@ def _parse_url(url: str, option: str) -> tuple[str, int]:
 
 
 def _target_from_args(opts: argparse.Namespace) -> Target:
-    for option in ("records_dir", "endpoint_socket"):
+    for option in ("records_dir", "endpoint_socket", "sbatch", "submit_as", "started_file", "stopped"):
         if getattr(opts, option):
             raise UsageError(f"--{option.replace('_', '-')} goes with --slurm-job NAME --replicas N")
     if opts.url or opts.endpoint:

@@ -18,7 +18,7 @@ from .facts.haproxy import Haproxy
 from .facts.images import ImagePresent
 from .facts.model import ModelConfig
 from .facts.runtimes import ContainerRuntimes
-from .facts.slurm import SlurmVersion
+from .facts.slurm import ReplicaJobs, SlurmVersion, SubmitContext
 from .facts.snapshot import snapshot
 from .facts.system import InitSystem, UnitEnabled, UserExists
 from .inventory import Cluster
@@ -60,17 +60,23 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
             ("timer_enabled", UnitEnabled, (f"{UNIT}.timer",)),
             ("health_user", UserExists, (s.health_user,)),
             ("haproxy", Haproxy, ()),
+            ("submit", SubmitContext, ()),
         ]
+        if s.state == "stopped":
+            names = ",".join(s.replica_job(i) for i in range(1, cluster.plan.replicas + 1))
+            probes.append(("replica_jobs", ReplicaJobs, (names,)))
         if s.image_file:
             probes.append(("free", FreeSpace, (s.images_dir,)))
-    paths = list(desired.for_host(cluster, host.name, "systemd", endpoint=True).paths)
+    paths = list(desired.for_host(cluster, host.name).paths)
     if s.image_file:
         creds = desired.enroot_credentials(cluster)
         paths += [s.image_file, creds, creds.rsplit("/", 1)[0]]
     if role == "login":
         # The init system is only known after this read: list the cron entry beside the systemd units.
         paths += [
-            *desired.health_units(cluster, "cron"),
+            *desired.health_units(cluster, desired.Login(init="cron")),
+            desired.SUDOERS_FILE,
+            desired.started_file(),
             f"{s.health_venv}/bin/python",
             desired.wheels_marker(cluster),
         ]
@@ -112,6 +118,13 @@ def login_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
         )
     if desired.endpoint_on(cluster, snap):
         problems += endpoint_problems(snap["haproxy"])
+    login = desired.Login.of(cluster, snap)
+    if desired.sudoers(cluster, login) and not (snap.get("submit") or {}).get("sudo"):
+        problems.append(
+            f"the scheduled check replaces dead replicas as {login.submit_as} (the user this deploy "
+            f"submits as) through sudo, and sudo is not installed here: install it, or set "
+            "restart_policy = never"
+        )
     return problems
 
 

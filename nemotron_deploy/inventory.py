@@ -258,8 +258,12 @@ def _pydantic_problems(path: str, host: str, exc: ValidationError, data: dict) -
         elif loc and loc[0] in FIXES:
             msg = f"{msg}; {FIXES[loc[0]]}"
         if not loc:  # a model-level check: find the field it is about
-            for candidate in ("gpus_per_node", "container_image", "gpu_type", "model"):
-                if candidate in err["msg"] or (candidate == "gpu_type" and "GPU type" in err["msg"]):
+            for candidate in ("submit", "gpus_per_node", "container_image", "gpu_type", "model"):
+                if (
+                    (candidate == "submit" and err["msg"].startswith("Value error, submit=true"))
+                    or (candidate != "submit" and candidate in err["msg"])
+                    or (candidate == "gpu_type" and "GPU type" in err["msg"])
+                ):
                     name, value = candidate, data.get(candidate)
                     break
         problems.append(Problem(path, msg, host=host, field=name, value=value))

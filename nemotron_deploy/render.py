@@ -5,6 +5,7 @@ The deploy installs exactly these bytes, so `nemotron-deploy render` shows what 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shlex
 import zipfile
@@ -107,9 +108,6 @@ def render(cluster: Cluster) -> list[RenderedFile]:
         RenderedFile(
             "nemo_inference.sh", env.get_template("nemo_inference.sh.j2").render(context), "755", "compute"
         ),
-        RenderedFile(
-            "nemotron.sbatch", env.get_template("nemotron.sbatch.j2").render(context), "644", "login"
-        ),
     ]
     if s.container_runtime in ("docker", "podman"):
         # Each task runs its container through this script (named, stopped on signal): see the template.
@@ -124,6 +122,21 @@ def render(cluster: Cluster) -> list[RenderedFile]:
     # The launch script's rank 0 runs the health check from inside the container, where this package
     # is not installed: ship it as one zipapp (`python3 nemotron_health.pyz --wait ...`).
     files.append(RenderedFile(HEALTH_APP, health_zipapp(), "755", "compute"))
+    # The sbatch names the digest of every job file, itself included (rendered without it first).
+    sbatch = env.get_template("nemotron.sbatch.j2")
+    digest = hashlib.sha256()
+    for f in [
+        *files,
+        RenderedFile("nemotron.sbatch", sbatch.render(context, files_digest=""), "644", "login"),
+    ]:
+        digest.update(f.name.encode() + b"\0")
+        digest.update(f.content.encode() if isinstance(f.content, str) else f.content)
+    files.insert(
+        2,
+        RenderedFile(
+            "nemotron.sbatch", sbatch.render(context, files_digest=digest.hexdigest()[:16]), "644", "login"
+        ),
+    )
     return files
 
 

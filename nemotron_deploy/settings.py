@@ -195,6 +195,7 @@ CONTAINER = {"group": "container"}
 SERVER = {"group": "server"}
 ENDPOINT = {"group": "endpoint (login node)"}
 HEALTH = {"group": "scheduled health check (login node)"}
+KEEP_UP = {"group": "keeping the service up (login node)"}
 SWITCHES = {"group": "deploy switches"}
 
 
@@ -537,6 +538,43 @@ class ClusterSettings(BaseModel):
         json_schema_extra=HEALTH,
     )
 
+    # --- keeping the service up (the scheduled check replaces dead replicas)
+    state: Literal["running", "stopped"] = Field(
+        "running",
+        description="running: the replicas should run (the check replaces dead ones); stopped: the "
+        "deploy cancels every replica and the check replaces none. The one way to stop the service: "
+        "set it in group_data (or pass --data state=stopped on every deploy).",
+        json_schema_extra=KEEP_UP,
+    )
+    restart_policy: Literal["always", "never"] | None = Field(
+        None,
+        description="always: the scheduled check submits a replica again when its job is gone or its "
+        "server failed the check for unhealthy_restart_after_seconds; never: it only reports. "
+        "Default: always in serve mode, never in smoke mode.",
+        json_schema_extra=KEEP_UP,
+    )
+    unhealthy_restart_after_seconds: int = Field(
+        600,
+        ge=60,
+        description="How long a running replica's server may fail the check before it is replaced "
+        "(seconds; never within its start-up budget). Raise it if replicas recover on their own.",
+        json_schema_extra=KEEP_UP,
+    )
+    restart_backoff_max_seconds: int = Field(
+        1800,
+        ge=60,
+        description="The longest wait between two replacements of one replica (seconds): the first is at "
+        "once, then the wait doubles from the check's interval up to this.",
+        json_schema_extra=KEEP_UP,
+    )
+    max_restarts_per_day: int = Field(
+        10,
+        ge=1,
+        description="Replacements of one replica in 24 hours after which the check stops replacing it and "
+        "reports CRITICAL restart_capped (a replica that dies again and again needs a person).",
+        json_schema_extra=KEEP_UP,
+    )
+
     # --- deploy switches (`--data skip_preflight=true`, `--data submit=true`)
     skip_preflight: bool = Field(
         False,
@@ -562,6 +600,11 @@ class ClusterSettings(BaseModel):
             )
         if self.container_image is not None:
             check_image(self.container_image, self.container_runtime)
+        if self.submit and self.state == "stopped":
+            raise ValueError(
+                "submit=true with state=stopped: a stopped service submits nothing; start it with "
+                "--data state=running --data submit=true (and remove state = 'stopped' from group_data)"
+            )
         return self
 
     # --- derived values: one place, so templates and the deploy agree
@@ -608,6 +651,12 @@ class ClusterSettings(BaseModel):
     @property
     def logs_dir(self) -> str:
         return f"{self.deploy_dir}/logs"
+
+    @property
+    def replaces_replicas(self) -> bool:
+        """The scheduled check replaces dead replicas: restart_policy, by default on in serve mode."""
+        policy = self.restart_policy or ("always" if self.mode == "serve" else "never")
+        return policy == "always" and self.state == "running"
 
     def replica_job(self, index: int) -> str:
         """The Slurm job name of replica `index` (1-based): <job_name>-r<index>."""

@@ -9,9 +9,10 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from fake_slurm import FakeSlurm, job
 from helpers import INVENTORIES
 from nemotron_rehearsal.emulator import serve_in_thread
-from test_health import FakeSlurm, job, run
+from test_health import run
 
 from nemotron_deploy import inventory, slurm
 from nemotron_deploy.facts.slurm import SlurmVersion

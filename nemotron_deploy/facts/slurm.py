@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+
+from ..slurm import active_rows
 from .base import ProbeFact
 
 
@@ -20,3 +23,33 @@ class SlurmVersion(ProbeFact):
                 return {"version": line.split()[-1]}
         message = " ".join(line for line in output if not line.startswith("@@rc="))
         return {"error": message[-300:] or "sbatch --version failed"}
+
+
+class SubmitContext(ProbeFact):
+    """Who submits jobs here and with what: {"user": "root", "slurm_bin": "/usr/bin", "sudo": True}.
+    The scheduled check replaces replicas as the same user, through sudo."""
+
+    def snippet(self) -> str:
+        return (
+            'echo "user=$(id -un)"; s=$(command -v sbatch) && echo "slurm_bin=${s%/*}"; '
+            "if command -v sudo >/dev/null 2>&1; then echo sudo=yes; fi"
+        )
+
+    def process(self, output: list[str]) -> dict:
+        seen = dict(line.split("=", 1) for line in output if "=" in line)
+        return {
+            "user": seen.get("user"),
+            "slurm_bin": seen.get("slurm_bin"),
+            "sudo": seen.get("sudo") == "yes",
+        }
+
+
+class ReplicaJobs(ProbeFact):
+    """[(job id, state)] of the jobs named `names` (comma-separated) Slurm shows this user; [] when
+    squeue is missing or fails."""
+
+    def snippet(self, names: str) -> str:
+        return f"squeue -h -t all -n {shlex.quote(names)} -o '%i %T' 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> list[tuple[str, str]]:
+        return active_rows("\n".join(output))

@@ -7,6 +7,7 @@ every `health_interval_seconds` and write Prometheus textfile metrics for node_e
 from __future__ import annotations
 
 import shlex
+from dataclasses import dataclass
 
 from pyinfra.api import StringCommand, operation
 
@@ -22,11 +23,47 @@ def metrics_path() -> str:
     return f"{METRICS_DIR}/{METRICS_FILE}"
 
 
+@dataclass(frozen=True)
+class Replacement:
+    """The check's part in keeping the service up (settings restart_policy and friends)."""
+
+    sbatch: str
+    submit_as: str
+    slurm_bin: str
+    started_file: str
+    unhealthy_after: int
+    backoff_max: int
+    max_per_day: int
+    startup_budget: int
+
+    def argv(self) -> list[str]:
+        return [
+            "--restart-policy", "always",
+            "--sbatch", self.sbatch,
+            "--submit-as", self.submit_as,
+            "--slurm-bin", self.slurm_bin,
+            "--started-file", self.started_file,
+            "--unhealthy-restart-after", str(self.unhealthy_after),
+            "--restart-backoff-max", str(self.backoff_max),
+            "--max-restarts-per-day", str(self.max_per_day),
+            "--budget", str(self.startup_budget),
+        ]  # fmt: skip
+
+
 def check_command(
-    *, venv: str, job_name: str, replicas: int, port: int, records_dir: str, endpoint_socket: str | None
+    *,
+    venv: str,
+    job_name: str,
+    replicas: int,
+    port: int,
+    records_dir: str,
+    endpoint_socket: str | None,
+    replacement: Replacement | None = None,
+    stopped: bool = False,
 ) -> list[str]:
     """The single check the timer runs: every replica (<job_name>-r1..rN), the endpoint's slots
-    pointed at them when there is an endpoint; Nagios exit codes, metrics for the textfile collector."""
+    pointed at them when there is an endpoint, dead replicas replaced with `replacement`; Nagios
+    exit codes, metrics for the textfile collector."""
     command = [
         f"{venv}/bin/python",
         "-m",
@@ -42,6 +79,10 @@ def check_command(
     ]
     if endpoint_socket:
         command += ["--endpoint-socket", endpoint_socket]
+    if stopped:
+        command.append("--stopped")
+    elif replacement is not None:
+        command += replacement.argv()
     return command + [
         "--prometheus-textfile",
         metrics_path(),

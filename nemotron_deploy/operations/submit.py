@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 
 import gevent
 from pyinfra import logger
-from pyinfra.api import FunctionCommand, operation
+from pyinfra.api import FunctionCommand, StringCommand, operation
 
 from ..slurm import ACTIVE_STATES, ENDING_STATES, active_rows, parse_scontrol_record
 
@@ -65,6 +66,7 @@ def submit_and_wait(
     health_commands: dict[str, str],
     until_done: bool = False,
     budget_seconds: int = 2700,
+    started_file: str | None = None,
 ):
     """
     Submit `sbatch_path` once per job name (``sbatch --job-name=<name>``: one job per replica) unless
@@ -78,6 +80,8 @@ def submit_and_wait(
       output from the job's own health-check line on. (A health check from outside can miss the few
       milliseconds such a job serves, then sees the job gone and fails a good run.)
     + budget_seconds: with until_done, how long the job may take to end
+    + started_file: where to record {"at": time, "jobs": {name: id}} once submitted: the scheduled
+      check replaces dead replicas only once the service was started, and counts these as starting
 
     **Example:**
 
@@ -103,6 +107,14 @@ def submit_and_wait(
                 "jobs would start without what they were to get; fix them and re-run"
             )
         job_ids = [_submit_one(host, job_name) for job_name in job_names]
+        if started_file:
+            record = json.dumps({"at": time.time(), "jobs": dict(zip(job_names, job_ids, strict=True))})
+            q = shlex.quote(started_file)
+            ok, out = host.run_shell_command(
+                f"printf '%s\\n' {shlex.quote(record)} > {q}.tmp && chmod 644 {q}.tmp && mv -f {q}.tmp {q}"
+            )
+            if not ok:
+                raise SubmitError(f"cannot write {started_file}: {out.stderr}")
         if until_done:
             _wait_until_done(host, job_ids[0], budget_seconds)
             return
@@ -169,3 +181,23 @@ def _wait_until_done(host, job_id: str, budget_seconds: int) -> None:
             f"see {job.get('StdErr', 'its StdErr')}"
         )
     print(f"{host.print_prefix}job {job_id} COMPLETED: the smoke test passed")
+
+
+@operation()
+def stop_replicas(live_jobs: list[str], started_file: str, started_file_present: bool):
+    """
+    Stop the service: cancel the replicas' jobs that still run or wait (from the host's read) and
+    remove the started file, so the scheduled check replaces none. No change when none runs and the
+    file is gone.
+
+    **Example:**
+
+    .. code:: python
+
+        stop_replicas(name="Stop", live_jobs=["4242"],
+                      started_file="/var/lib/nemotron-health/started.json", started_file_present=True)
+    """
+    if live_jobs:
+        yield StringCommand(f"scancel {' '.join(shlex.quote(j) for j in live_jobs)}")
+    if started_file_present:
+        yield StringCommand(f"rm -f {shlex.quote(started_file)}")

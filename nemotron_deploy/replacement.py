@@ -1,0 +1,192 @@
+"""Replacing dead replicas, from the scheduled check (``health --replicas N --restart-policy always``).
+
+A replica is replaced when its job is gone (ended, cancelled, failed, timed out: Slurm no longer runs
+a job of its name) or when its server has failed the check for ``unhealthy_after`` seconds in a row
+(never while the job is within its start-up budget; a *busy* probe counts only when the endpoint also
+has the replica DOWN, since a loaded replica is busy too). Replacing = ``scancel --name=<job>-r<i>``
+(what is left of it) then ``sbatch --job-name=<job>-r<i> <sbatch>``.
+
+Limits, per replica: the first replacement is at once; each next one after a back-off that doubles
+from ``first_backoff`` (the check's interval) up to ``backoff_max``; at most ``max_per_day`` in 24
+hours, after which the check stops replacing it and reports CRITICAL ``restart_capped`` until it
+generates again. A job the check submitted counts as starting (not gone) for its start-up budget,
+also where ``PrivateData=jobs`` hides it from this user until its batch script writes its record.
+
+The decision (:func:`decide`) is a plain function of the replica's result, its state and the clock,
+so tests drive it with a fake clock; :func:`replace` runs the two Slurm commands, through ``sudo -n
+-u <submit_as>`` when this user is not the one the deploy submits as (the deploy installs a sudoers
+rule that allows exactly those commands). Every action is logged to syslog (journald) with the job
+ids and the cause, and kept in the state file's ``events``.
+
+Standard library only (the check runs every minute from the login node's venv).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import getpass
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+DAY = 86400.0
+MAX_EVENTS = 50  # kept per replica in the state file
+SYSLOG_IDENT = "nemotron-health"
+
+
+@dataclass(frozen=True)
+class Policy:
+    unhealthy_after: float = 600.0
+    backoff_max: float = 1800.0
+    max_per_day: int = 10
+    startup_budget: float = 2700.0
+    first_backoff: float = 60.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "none" | "starting" | "wait" | "backoff" | "capped" | "replace"
+    cause: str = ""  # "gone" | "unhealthy" (for replace, backoff, capped)
+    message: str = ""
+
+
+def backoff_seconds(consecutive: int, policy: Policy) -> float:
+    """How long after the last replacement the next may be: 0 for the first, then doubling."""
+    if consecutive <= 0:
+        return 0.0
+    return min(policy.backoff_max, policy.first_backoff * 2 ** (consecutive - 1))
+
+
+def decide(
+    *,
+    reason: str,
+    job_id: str | None,
+    job_active: bool,
+    started: float | None,
+    down_in_endpoint: bool | None,
+    state: dict[str, Any],
+    now: float,
+    policy: Policy,
+) -> Decision:
+    """What to do about one replica; updates `state` (what it has seen) but never acts.
+
+    `reason`: the check's reason code for it ("ok", "busy", "refused", "job_gone", ...);
+    `job_id`/`job_active`: the job Slurm (or its record) shows, if any; `started`: when that job's
+    batch script started (its record), else None; `down_in_endpoint`: HAProxy's view of its slot
+    (None without an endpoint).
+    """
+    submitted = state.get("submitted")
+    if job_active and submitted and job_id == submitted.get("job_id"):
+        state.pop("submitted", None)  # the job we submitted is running: no longer "starting"
+        submitted = None
+    if job_active and job_id != state.get("job_id"):
+        state["job_id"] = job_id
+        state["job_seen"] = started or now
+        state.pop("failing_since", None)
+    if reason == "ok":
+        state.pop("failing_since", None)
+        state["consecutive_restarts"] = 0
+        state.pop("capped", None)
+        return Decision("none")
+    if not job_active:
+        if submitted and now - float(submitted.get("at", 0)) < policy.startup_budget:
+            return Decision("starting", message=f"job {submitted.get('job_id')} submitted, not started yet")
+        cause = "gone"
+    else:
+        counts = reason != "busy" or bool(down_in_endpoint)
+        if not counts:
+            state.pop("failing_since", None)
+            return Decision("none")
+        if now - float(state.get("job_seen") or now) < policy.startup_budget:
+            return Decision("starting", message="within its start-up budget")
+        since = state.setdefault("failing_since", now)
+        if now - since < policy.unhealthy_after:
+            left = policy.unhealthy_after - (now - since)
+            return Decision("wait", "unhealthy", f"failing for {now - since:.0f}s; replaced in {left:.0f}s")
+        cause = "unhealthy"
+    recent = [t for t in state.get("restarts", []) if now - t < DAY]
+    state["restarts"] = recent
+    if len(recent) >= policy.max_per_day:
+        state["capped"] = True
+        return Decision(
+            "capped",
+            cause,
+            f"{len(recent)} replacements in 24h reached max_restarts_per_day={policy.max_per_day}: not "
+            "replacing it again; find the cause (the job's StdErr), then resubmit it with the deploy "
+            "(--data submit=true)",
+        )
+    wait = backoff_seconds(int(state.get("consecutive_restarts") or 0), policy)
+    since_last = now - float(state.get("last_restart") or 0)
+    if since_last < wait:
+        return Decision("backoff", cause, f"next replacement in {wait - since_last:.0f}s (back-off)")
+    return Decision("replace", cause)
+
+
+def _argv(submit_as: str | None, argv: list[str]) -> list[str]:
+    if submit_as and submit_as != getpass.getuser():
+        return ["sudo", "-n", "-u", submit_as, *argv]
+    return argv
+
+
+def replace(
+    *, job_name: str, sbatch: str, slurm_bin: str, submit_as: str | None, timeout: float = 60.0
+) -> tuple[str | None, str]:
+    """scancel what is left of the replica's jobs, then submit it again: (new job id or None, output)."""
+    cancel = _argv(submit_as, [f"{slurm_bin}/scancel", f"--name={job_name}"])
+    submit = _argv(submit_as, [f"{slurm_bin}/sbatch", "--parsable", f"--job-name={job_name}", sbatch])
+    try:
+        res = subprocess.run(cancel, capture_output=True, text=True, timeout=timeout)
+        if res.returncode != 0:
+            return None, f"`{' '.join(cancel)}` failed: {(res.stderr or res.stdout).strip()}"
+        res = subprocess.run(submit, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"{exc}"
+    if res.returncode != 0:
+        return None, f"`{' '.join(submit)}` failed: {(res.stderr or res.stdout).strip()}"
+    return res.stdout.strip().split(";")[0], ""
+
+
+def record_event(state: dict[str, Any], event: dict[str, Any]) -> None:
+    """Keep the event in the replica's state and send it to syslog (journald where systemd runs)."""
+    state["events"] = [*state.get("events", []), event][-MAX_EVENTS:]
+    try:
+        import syslog
+
+        syslog.openlog(SYSLOG_IDENT, 0, syslog.LOG_DAEMON)
+        level = syslog.LOG_WARNING if event.get("new_job_id") else syslog.LOG_ERR
+        syslog.syslog(level, " ".join(f"{k}={v}" for k, v in event.items()))
+    except OSError:
+        pass
+
+
+class CheckLock:
+    """One check at a time acts on a deployment: an exclusive flock beside the state file. A check
+    that can't get it within `timeout` seconds acts on nothing (it still reports)."""
+
+    def __init__(self, path: str, timeout: float = 60.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self.fd: int | None = None
+
+    def __enter__(self) -> bool:
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)) or ".", exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
