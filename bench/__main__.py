@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import check_cost, cluster, common, deploy_scaling, readiness, registry, report
+from . import check_cost, cluster, common, deploy_scaling, endpoint, readiness, registry, report
 
-PARTS = ("readiness", "check", "deploy", "registry")
+PARTS = ("readiness", "check", "endpoint", "deploy", "registry")
 SANDBOX_PARTS = ("deploy", "registry")
 REGISTRY_MAX_NODES = 16
 DEFAULT_OUT = common.REPO / "bench" / "results"
@@ -25,6 +25,11 @@ parts (--parts, default all):
              `python -m nemotron_deploy.health --wait`, and of the model card's curl loop + sleep 5
   check      one single check vs curl vs a bare stdlib Python probe: wall + CPU, --check-runs each;
              import time of nemotron_deploy.health
+  endpoint   HAProxy with the endpoint config rendered from inventories/h100.py (2 slots) in front of
+             emulator processes on loopback: requests/s of 8 clients with 1 and 2 replicas (0.1 s per
+             generation, rounds 1,2,2,1 of --endpoint-seconds); latency added by the endpoint (p50,
+             p99 of --endpoint-requests sequential requests, direct vs through, interleaved); one
+             replica SIGKILLed under load (4 clients): failed requests, gap, time to slot DOWN
   deploy     first deploy (after a reset, image already pulled) and no-change re-deploy for each of
              --sizes compute nodes, --runs interleaved rounds, next to the floor (one OpenSSH round
              trip per host that stats + checksums every managed path); SSH commands per host in a
@@ -38,9 +43,10 @@ first N nodes), and put back to the size it had afterwards (--keep-sandbox leave
 
 EPILOG = """\
 examples:
-  sudo .venv/bin/python -m bench                      # everything: about 6 minutes (5-8) on 2 cores
+  sudo .venv/bin/python -m bench                      # everything: about 7 minutes (6-9) on 2 cores
   sudo bench/run                                      # the same, from any directory
   .venv/bin/python -m bench --parts readiness,check   # loopback only, no root, about 1 minute
+  .venv/bin/python -m bench --parts endpoint          # loopback only, no root, about 1 minute
   sudo .venv/bin/python -m bench --sizes 2 --runs 1 --readiness-starts 2 --check-runs 3 --out /tmp/b
 """
 
@@ -93,6 +99,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--check-runs", type=int, default=30, help="runs of each single-check variant (default 30)"
     )
+    p.add_argument(
+        "--endpoint-seconds",
+        type=float,
+        default=5.0,
+        help="endpoint part: seconds per throughput round (4 rounds) and of load after the kill (default 5)",
+    )
+    p.add_argument(
+        "--endpoint-requests",
+        type=int,
+        default=1000,
+        help="endpoint part: latency samples per path, direct and through the endpoint (default 1000)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed for the load delays (default: random)")
     p.add_argument(
         "--lock",
@@ -110,13 +128,15 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if min(args.runs, args.readiness_starts, args.check_runs) < 1:
-        parser().error("--runs, --readiness-starts and --check-runs must be >= 1")
+    if min(args.runs, args.readiness_starts, args.check_runs, args.endpoint_requests) < 1:
+        parser().error("--runs, --readiness-starts, --check-runs and --endpoint-requests must be >= 1")
+    if args.endpoint_seconds < 1:
+        parser().error("--endpoint-seconds must be >= 1")
     os.chdir(common.REPO)  # the inventory and deploy paths are relative to the repository
     needs_sandbox = any(p in SANDBOX_PARTS for p in args.parts)
     if needs_sandbox and os.geteuid() != 0:
         print(
-            "the deploy and registry parts need root (the sandbox): run with sudo, or --parts readiness,check"
+            "the deploy and registry parts need root (the sandbox): run with sudo, or --parts readiness,check,endpoint"
         )
         return 2
     t0 = time.monotonic()
@@ -137,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             results["readiness"] = readiness.run(args.readiness_starts, *args.delay, seed=args.seed, log=log)
         if "check" in args.parts:
             results["check_cost"] = check_cost.run(args.check_runs, log=log)
+        if "endpoint" in args.parts:
+            results["endpoint"] = endpoint.run(args.endpoint_seconds, args.endpoint_requests, log=log)
         if needs_sandbox:
             with cluster.sandbox_lock(args.lock, log=log):
                 try:

@@ -12,6 +12,8 @@ import json
 import math
 from pathlib import Path
 
+from .common import Summary
+
 # Issue 13's targets: no-change re-deploy / floor by node count, first deploy / floor, peak memory.
 RE_DEPLOY_FLOOR_LIMITS = {16: 1.5, 64: 1.3}
 FIRST_FLOOR_LIMITS = {64: 2.0}
@@ -21,6 +23,9 @@ SSH_COMMANDS_LIMIT = 1
 READINESS_P95_LIMIT = 1.0
 PYXIS_BYTES_LIMIT = 1.05  # one import for the cluster: the image once (plus a few manifest reads)
 CHECK_COST_LIMIT = 1.5
+ENDPOINT_RATIO_LIMIT = 1.8  # requests/s with 2 replicas over 1, at least
+ENDPOINT_ADDED_P99_LIMIT = 0.005  # seconds the endpoint may add at p99, at most
+FAILOVER_FAILURES_LIMIT = 1  # client requests that may fail when a replica dies under load
 
 
 def _s(x: float) -> str:
@@ -49,6 +54,11 @@ def _bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def _ms(x: float) -> str:
+    """A signed difference in milliseconds: "+0.42 ms"."""
+    return "n/a" if x != x else f"{x * 1000:+.2f} ms"
 
 
 def _ratio(a: float, b: float) -> float:
@@ -130,6 +140,34 @@ def targets(results: dict) -> list[dict]:
                 "target": f"one check within {CHECK_COST_LIMIT:g}x the bare Python probe (wall)",
                 "measured": f"{_x(r)} wall, {_x(cc['ratio_cpu_vs_bare'])} CPU",
                 "met": r <= CHECK_COST_LIMIT and cc["health"]["failures"] == 0,
+            }
+        )
+    ep = results.get("endpoint")
+    if ep:
+        tp, lat, fo = ep["throughput"], ep["latency"], ep["failover"]
+        r = tp["ratio"]
+        out.append(
+            {
+                "target": f"endpoint: 2 replicas serve >= {ENDPOINT_RATIO_LIMIT:g}x the requests/s of 1",
+                "measured": f"{_x(r)} ({tp['rps']['2']:.1f} vs {tp['rps']['1']:.1f} req/s, "
+                f"{tp['errors']} failed requests)",
+                "met": r >= ENDPOINT_RATIO_LIMIT and tp["errors"] == 0,
+            }
+        )
+        added = lat["added"]["p99"]
+        failed = sum(lat["errors"].values())
+        out.append(
+            {
+                "target": f"endpoint adds <= {_s(ENDPOINT_ADDED_P99_LIMIT)} at p99",
+                "measured": f"{_ms(added)} at p99, {_ms(lat['added']['p50'])} at p50 ({failed} failed requests)",
+                "met": added <= ENDPOINT_ADDED_P99_LIMIT and failed == 0,
+            }
+        )
+        out.append(
+            {
+                "target": f"a replica killed under load: <= {FAILOVER_FAILURES_LIMIT} failed client request",
+                "measured": f"{fo['failures']} of {fo['requests']} failed; slot DOWN after {_s(fo['down_after'])}",
+                "met": fo["failures"] <= FAILOVER_FAILURES_LIMIT,
             }
         )
     rg = results.get("registry")
@@ -243,6 +281,9 @@ def markdown(results: dict) -> str:
             f"| `import nemotron_deploy.health` (`-X importtime`) | {_cell(imp['importtime'])} | | |",
             "",
         ]
+    ep = results.get("endpoint")
+    if ep:
+        lines += _endpoint_markdown(ep)
     rg = results.get("registry")
     if rg:
         lines += [
@@ -277,6 +318,82 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _endpoint_markdown(ep: dict) -> list[str]:
+    cfg, tp, lat, fo = ep["config"], ep["throughput"], ep["latency"], ep["failover"]
+    gen = _s(tp["generation_seconds"])
+    lines = [
+        f"**Endpoint**, as its clients feel it: {cfg['haproxy']} with the endpoint config "
+        f"rendered from `{cfg['inventory']}` for 2 replica slots (health check every {cfg['check_seconds']} s, "
+        "one request at a time per replica; only the port, the bind address 127.0.0.1 and the stats "
+        "socket differ from the deployed file), in front of one emulator process per replica on loopback. "
+        "Clients send the model card client's body (one prompt, 16 tokens), a new connection per request.",
+        "",
+        f"Throughput: {tp['clients']} clients in a closed loop, {gen} per generation (one replica at most "
+        f"{tp['ideal_rps_per_replica']:g} requests/s), rounds of {tp['seconds_per_round']:g} s with 1, 2, 2, 1 "
+        f"replicas (for 1, slot r2 in maintenance); answers counted from {_s(tp['counted_from'])} into each "
+        "round; requests/s = answers between a round's first and last counted answer over the time "
+        "between them, mean of the rounds (min–max); by slot: requests each slot served in those rounds.",
+        "",
+        "| replicas | requests/s | answers counted | failed | by slot r1 / r2 |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for n in (1, 2):
+        rounds = [r for r in tp["rounds"] if r["replicas"] == n]
+        rps = [r["rps"] for r in rounds]
+        span = f" ({min(rps):.2f}–{max(rps):.2f})" if len(rps) > 1 else ""
+        r1 = sum(r["per_slot"]["r1"] for r in rounds)
+        r2 = sum(r["per_slot"]["r2"] for r in rounds)
+        lines.append(
+            f"| {n} | {tp['rps'][str(n)]:.2f}{span} | {sum(r['answers'] for r in rounds)} "
+            f"| {sum(r['errors'] for r in rounds)} | {r1} / {r2} |"
+        )
+    ok = tp["ratio"] >= ENDPOINT_RATIO_LIMIT
+    lines += [
+        f"| 2 vs 1 | {_x(tp['ratio'])} (≥{ENDPOINT_RATIO_LIMIT:g}x {'met' if ok else '**missed**'}) | | | |",
+        "",
+        f"Latency the endpoint adds: one client, {lat['requests']} requests per path after {lat['warmup']} "
+        "warm-up ones, alternating between the replica's own port and the endpoint (the same replica "
+        "behind it, no extra generation time); added = through minus direct, per percentile.",
+        "",
+        "| path | p50 | p99 | max | failed |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, label in (("direct", "direct to the replica"), ("through", "through the endpoint")):
+        s = lat[name]
+        lines.append(
+            f"| {label} | {_s(s['p50'])} | {_s(s['p99'])} | {_s(s['max'])} | {lat['errors'][name]} |"
+        )
+    ok = lat["added"]["p99"] <= ENDPOINT_ADDED_P99_LIMIT
+    lines += [
+        f"| added by the endpoint | {_ms(lat['added']['p50'])} | {_ms(lat['added']['p99'])} "
+        f"(≤{_s(ENDPOINT_ADDED_P99_LIMIT)} {'met' if ok else '**missed**'}) | | |",
+        "",
+        f"Failover: {fo['clients']} clients, 2 replicas, {gen} per generation; one replica's process "
+        f"SIGKILLed {_s(fo['killed_at'])} into a {_s(fo['seconds'])} run.",
+        "",
+        "| requests | failed | longest gap between two answers around the kill (before it) "
+        "| slowest request in flight at the kill (typical before) | kill → slot DOWN |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+        f"| {fo['requests']} | {fo['failures']} | {_s(fo['gap'])} ({_s(fo['gap_before'])}) "
+        f"| {_s(fo['in_flight_longest'])} ({_s(fo['latency_before'])}) | {_s(fo['down_after'])} |",
+        "",
+        "How to read the failover: the request the killed replica was generating loses its connection "
+        "(empty response); HAProxy retries it (`retry-on conn-failure empty-response`). The retry may go "
+        "to the dead replica once more (it holds no connection now, and `leastconn` prefers it): that "
+        "connection is refused, which marks the slot DOWN at once (`observe layer4`, `error-limit 1`, "
+        f"`on-error mark-down`; {_s(fo['down_after'])} here), long before the health checks (every "
+        f"{cfg['check_seconds']} s, `fall 2`) would. After a refused connection HAProxy waits "
+        "min(`timeout connect`, 1 s) before the next try, which queues for the surviving replica: "
+        "that client gets its answer, about 1 s late (the slowest request above); every other client "
+        "keeps getting answers from the surviving replica at its rate, so the gap between two answers "
+        "stays about a generation or two.",
+        "",
+    ]
+    if fo["failed"]:
+        lines += [f"Failed failover requests: {'; '.join(fo['failed'])}", ""]
+    return lines
+
+
 # --------------------------------------------------------------------------------------------------
 # CSV
 # --------------------------------------------------------------------------------------------------
@@ -309,6 +426,25 @@ def summary_rows(results: dict) -> list[dict]:
             add("check_cost", v, "", "cpu", "s", cc[v]["cpu"])
         for key in ("difference", "importtime"):
             add("check_cost", f"import_{key}", "", "wall", "s", cc["import"][key])
+    ep = results.get("endpoint")
+    if ep:
+        tp, lat, fo = ep["throughput"], ep["latency"], ep["failover"]
+        for n in (1, 2):
+            rps = [r["rps"] for r in tp["rounds"] if r["replicas"] == n]
+            s = Summary.of(rps).as_dict()
+            s["median"] = tp["rps"][str(n)]  # the mean of the rounds, as reported
+            add("endpoint", f"{n} replica(s)", "", "throughput_mean_of_rounds", "req/s", s)
+        add("endpoint", "2 vs 1", "", "throughput_ratio", "x", _point(tp["ratio"]))
+        for name in ("direct", "through"):
+            s = lat[name]
+            add("endpoint", name, "", "latency", "s", {k: s[k] for k in ("n", "median", "min", "max", "p95")})
+            add("endpoint", name, "", "latency_p99", "s", _point(s["p99"]))
+        for q in ("p50", "p99"):
+            add("endpoint", "added", "", f"latency_{q}", "s", _point(lat["added"][q]))
+        add("endpoint", "failover", "", "failed_requests", "count", _point(fo["failures"]))
+        add("endpoint", "failover", "", "longest_gap", "s", _point(fo["gap"]))
+        add("endpoint", "failover", "", "slowest_in_flight", "s", _point(fo["in_flight_longest"]))
+        add("endpoint", "failover", "", "kill_to_down", "s", _point(fo["down_after"]))
     rg = results.get("registry")
     if rg:
         for row in rg["rows"]:
@@ -370,6 +506,29 @@ def sample_rows(results: dict) -> list[dict]:
                             "value": value,
                         }
                     )
+    ep = results.get("endpoint")
+    if ep:
+        for r in ep["throughput"]["rounds"]:
+            rows.append(
+                {
+                    "part": "endpoint",
+                    "variant": f"throughput:{r['replicas']} replica(s)",
+                    "nodes": "",
+                    "index": r["round"],
+                    "value": r["rps"],
+                }
+            )
+        for name in ("direct", "through"):
+            for i, value in enumerate(ep["latency"][name]["samples"]):
+                rows.append(
+                    {
+                        "part": "endpoint",
+                        "variant": f"latency:{name}",
+                        "nodes": "",
+                        "index": i,
+                        "value": value,
+                    }
+                )
     return rows
 
 
@@ -396,13 +555,15 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    fig, axes = plt.subplots(3, 2, figsize=(12, 13))
     m = results["machine"]
     fig.suptitle(f"nemotron-deploy benchmarks ({m['cores']} cores, {m['memory_gib']} GiB, {results['date']})")
     _plot_deploy(axes[0][0], results.get("deploy"))
     _plot_readiness(axes[0][1], results.get("readiness"))
     _plot_check(axes[1][0], results.get("check_cost"))
     _plot_registry(axes[1][1], results.get("registry"))
+    _plot_endpoint_throughput(axes[2][0], results.get("endpoint"))
+    _plot_endpoint_latency(axes[2][1], results.get("endpoint"))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -487,6 +648,58 @@ def _plot_registry(ax, rg) -> None:
     ax.set_ylabel("MiB served per deploy")
     ax.set_title("Registry traffic (one deploy that pulls)")
     ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+
+
+def _plot_endpoint_throughput(ax, ep) -> None:
+    if not ep:
+        return _empty(ax, "Endpoint throughput")
+    tp, fo = ep["throughput"], ep["failover"]
+    means = [tp["rps"]["1"], tp["rps"]["2"]]
+    ax.bar([1, 2], means, width=0.5, label="mean of rounds")
+    for r in tp["rounds"]:
+        ax.plot([r["replicas"]], [r["rps"]], "k.", alpha=0.6)
+    ax.plot(
+        [1.75, 2.25],
+        [ENDPOINT_RATIO_LIMIT * means[0]] * 2,
+        "r--",
+        label=f"target: {ENDPOINT_RATIO_LIMIT:g}x 1 replica",
+    )
+    ax.set_xticks([1, 2], ["1 replica", "2 replicas"])
+    ax.set_ylabel("requests/s through the endpoint")
+    ax.set_title(
+        f"Endpoint throughput ({tp['clients']} clients, {tp['generation_seconds'] * 1000:.0f} ms/generation): "
+        f"{_x(tp['ratio'])}"
+    )
+    ax.text(
+        0.02,
+        0.97,
+        f"failover, 1 of 2 replicas SIGKILLed\n({fo['clients']} clients): {fo['failures']} of {fo['requests']} failed\n"
+        f"slot DOWN after {_s(fo['down_after'])}\nlongest gap between answers {_s(fo['gap'])}\n"
+        f"slowest request {_s(fo['in_flight_longest'])} (typical {_s(fo['latency_before'])})",
+        transform=ax.transAxes,
+        va="top",
+        fontsize=8,
+    )
+    ax.set_ylim(0, max(means + [ENDPOINT_RATIO_LIMIT * means[0]]) * 1.6)
+    ax.legend(fontsize=8, loc="upper right")
+
+
+def _plot_endpoint_latency(ax, ep) -> None:
+    if not ep:
+        return _empty(ax, "Endpoint latency")
+    lat = ep["latency"]
+    data = [[x * 1e3 for x in lat[k]["samples"]] for k in ("direct", "through")]
+    ax.boxplot(data, whis=(1, 99), showfliers=True, flierprops={"markersize": 2})
+    for i, k in enumerate(("direct", "through"), start=1):
+        ax.plot([i], [lat[k]["p99"] * 1e3], "rv", label="p99" if i == 1 else None)
+    ax.set_xticks([1, 2], ["direct to the replica", "through the endpoint"])
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("request latency [ms] (whiskers p1–p99)")
+    ax.set_title(
+        f"Endpoint latency ({lat['requests']} each): {_ms(lat['added']['p50'])} p50, "
+        f"{_ms(lat['added']['p99'])} p99"
+    )
     ax.legend(fontsize=8)
 
 

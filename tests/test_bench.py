@@ -1,5 +1,7 @@
 """Smoke test of the benchmark runner (`python -m bench`): every part, tiny counts, 2 nodes.
 
+The endpoint part needs no sandbox (loopback, no root): its own test runs it alone.
+
 It proves the runner works end to end (deploys over real SSH, the emulator, the registry log, the
 report files), not how fast anything is: the numbers are only checked for being sensible. It uses
 the session's 2-node sandbox as it is and must leave it that way (no resize, no teardown): the
@@ -19,13 +21,12 @@ import pytest
 from nemotron_rehearsal import sandbox as sb_api
 from nemotron_rehearsal.sandbox import testing
 
-pytestmark = pytest.mark.sandbox
-
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = REPO / ".venv" / "bin" / "python"
 OUTPUTS = ("README-table.md", "results.csv", "samples.csv", "results.json", "bench.png")
 
 
+@pytest.mark.sandbox
 def test_runner_smoke_writes_every_output_with_sensible_numbers(sandbox, tmp_path):
     nodes_before = len(sandbox.compute)
     out = tmp_path / "results"
@@ -41,6 +42,7 @@ def test_runner_smoke_writes_every_output_with_sensible_numbers(sandbox, tmp_pat
         "1",
     ]
     argv += ["--readiness-starts", "2", "--check-runs", "3", "--seed", "1"]
+    argv += ["--endpoint-seconds", "1.5", "--endpoint-requests", "20"]
     # The smoke resets the deploy: no other session may use the sandbox meanwhile. The runner would
     # wait for this session's shared lock, so it is told that its caller holds the lock.
     with sb_api.exclusive_use("benchmark smoke test (resets the deploy)"):
@@ -90,7 +92,7 @@ def test_runner_smoke_writes_every_output_with_sensible_numbers(sandbox, tmp_pat
 
     with open(out / "results.csv", newline="") as fh:
         parts = {r["part"] for r in csv.DictReader(fh)}
-    assert parts == {"deploy", "readiness", "check_cost", "registry"}
+    assert parts == {"deploy", "readiness", "check_cost", "endpoint", "registry"}
     table = (out / "README-table.md").read_text()
     assert "| 2 |" in table and "**Targets**" in table and "health --wait" in table
 
@@ -100,6 +102,7 @@ def test_runner_smoke_writes_every_output_with_sensible_numbers(sandbox, tmp_pat
     assert sb_api.status()["up"]
 
 
+@pytest.mark.sandbox
 def test_larger_sandbox_path_deploys_to_the_first_n_nodes_and_restores(sandbox, tmp_path):
     """The path of the large runs (sandbox resized beyond the session's, the inventory reading the
     sandbox's nodes, NEMOTRON_BENCH_NODES selecting the first N, peak memory), at small counts: the
@@ -139,3 +142,51 @@ def test_larger_sandbox_path_deploys_to_the_first_n_nodes_and_restores(sandbox, 
     assert "pyinfra peak memory" in (out / "README-table.md").read_text()
     current = sb_api.current()
     assert current is not None and len(current.compute) == nodes_before and sb_api.status()["up"]
+
+
+def test_endpoint_part_two_replicas_serve_more_than_one(tmp_path):
+    """The endpoint part alone (loopback, no root, no sandbox), tiny counts: the result has every
+    measurement, the 2-replica rounds really use both slots (and the 1-replica rounds one), and serve
+    clearly more than 1; requests through the endpoint are slower than direct ones (they pass
+    HAProxy); killing a replica costs at most one request and takes its slot DOWN."""
+    out = tmp_path / "results"
+    argv = [str(PYTHON) if PYTHON.exists() else sys.executable, "-m", "bench", "--out", str(out)]
+    argv += ["--parts", "endpoint", "--endpoint-seconds", "1.5", "--endpoint-requests", "50"]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for name in OUTPUTS:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, f"{name} missing or empty"
+    results = json.loads((out / "results.json").read_text())
+    assert "error" not in results and results["parts"] == ["endpoint"]
+    ep = results["endpoint"]
+    assert ep["config"]["inventory"] == "inventories/h100.py"
+    assert "maxconn 1" in ep["config"]["server_line"]
+
+    tp = ep["throughput"]
+    assert [r["replicas"] for r in tp["rounds"]] == [1, 2, 2, 1]
+    assert tp["errors"] == 0
+    for r in tp["rounds"]:
+        if r["replicas"] == 1:
+            assert r["per_slot"]["r1"] > 0 and r["per_slot"]["r2"] == 0, r
+        else:
+            assert r["per_slot"]["r1"] > 0 and r["per_slot"]["r2"] > 0, r
+    # one replica answers at most 10/s (0.1 s per generation): 2 must clearly beat 1
+    assert 5 < tp["rps"]["1"] <= 10.5
+    assert tp["ratio"] > 1.5, tp
+
+    lat = ep["latency"]
+    assert lat["errors"] == {"direct": 0, "through": 0}
+    assert lat["direct"]["n"] == lat["through"]["n"] == 50
+    assert 0 < lat["direct"]["p50"] < lat["through"]["p50"] < 1
+    assert lat["added"]["p50"] == pytest.approx(lat["through"]["p50"] - lat["direct"]["p50"])
+
+    fo = ep["failover"]
+    assert fo["failures"] <= 1, fo["failed"]
+    assert fo["status_after"] == "down" and 0 <= fo["down_after"] < 5
+    assert fo["answers_after_kill"] > 0 and fo["gap"] > 0
+
+    with open(out / "results.csv", newline="") as fh:
+        assert {r["part"] for r in csv.DictReader(fh)} == {"endpoint"}
+    table = (out / "README-table.md").read_text()
+    assert "**Endpoint**" in table and "| 2 vs 1 |" in table and "added by the endpoint" in table
+    assert table.count("endpoint") >= 3 and "a replica killed under load" in table

@@ -427,6 +427,35 @@ def test_other_ranks_block_without_serving_and_exit_fast_on_sigterm(script, mode
         proc.communicate()
 
 
+def _listening_addresses(port: int) -> set[str]:
+    """The local IPv4 addresses a TCP socket listens on at `port` (/proc/net/tcp, state 0A)."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, _, hexport = local.partition(":")
+        if state == "0A" and int(hexport, 16) == port:
+            out.add(socket.inet_ntoa(bytes.fromhex(addr)[::-1]))
+    return out
+
+
+@pytest.mark.parametrize("bind", [None, "127.0.0.1"])
+def test_rank0_listens_on_every_address_unless_told_otherwise(script, model, tmp_path, bind):
+    """As NeMo, 0.0.0.0; NEMO_EMULATOR_BIND=127.0.0.1 (benchmarks) keeps it on loopback."""
+    port = free_port()
+    ready = tmp_path / "ready"
+    env = {"NEMO_EMULATOR_READY_FILE": str(ready), **({"NEMO_EMULATOR_BIND": bind} if bind else {})}
+    proc = run_script(script, args(model, port, tp=1, pp=1, devices=1, nodes=1), env)
+    try:
+        assert wait_until(lambda: ready.exists(), 10)
+        assert _listening_addresses(port) == {bind or "0.0.0.0"}
+        assert generate(port, {"sentences": ["Hi"], "tokens_to_generate": 1})[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc, output = finish(proc)
+    expected = "Running on all addresses (0.0.0.0)" if bind is None else f"Running on http://{bind}:{port}"
+    assert expected in output
+
+
 def test_fail_load_dies_before_listening(script, model):
     port = free_port()
     rc, output = finish(run_script(script, args(model, port), {"NEMO_EMULATOR_FAIL_LOAD": "1"}))

@@ -42,6 +42,8 @@ that the real command line works unchanged):
   NEMO_EMULATOR_FAIL_LOAD=1      every rank dies with an error half-way through loading
   NEMO_EMULATOR_READY_FILE=PATH  rank 0 writes time.time() at which it became able to generate
   NEMO_EMULATOR_NCCL_TIMEOUT=S   ranks != 0 give up waiting after S seconds (default 18000, as NeMo)
+  NEMO_EMULATOR_BIND=ADDR        the address rank 0 listens on (default 0.0.0.0, as NeMo); benchmarks
+                                 on a shared machine pass 127.0.0.1 so that nothing leaves loopback
 
 Tests use :func:`serve_in_thread` to run the HTTP part in-process on loopback.
 """
@@ -888,6 +890,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(cfg: dict[str, Any], faults: Faults) -> int:
     port = int(cfg["port"])
+    bind = os.environ.get(ENV_PREFIX + "BIND", "").strip() or "0.0.0.0"
 
     def crash() -> None:
         sys.stderr.flush()
@@ -895,7 +898,7 @@ def _serve(cfg: dict[str, Any], faults: Faults) -> int:
 
     state = EmulatorState(faults, crash)
     try:
-        server = _EmulatorServer(("0.0.0.0", port), state, verbose=True)
+        server = _EmulatorServer((bind, port), state, verbose=True)
     except OSError as exc:
         print(f"{exc.strerror or exc}", file=sys.stderr)
         print(
@@ -913,8 +916,11 @@ def _serve(cfg: dict[str, Any], faults: Faults) -> int:
         "Use a production WSGI server instead.",
         file=sys.stderr,
     )
-    print(" * Running on all addresses (0.0.0.0)", file=sys.stderr)
-    print(f" * Running on http://127.0.0.1:{port}", file=sys.stderr)
+    if bind == "0.0.0.0":
+        print(" * Running on all addresses (0.0.0.0)", file=sys.stderr)
+        print(f" * Running on http://127.0.0.1:{port}", file=sys.stderr)
+    else:
+        print(f" * Running on http://{bind}:{port}", file=sys.stderr)
     print("Press CTRL+C to quit", file=sys.stderr, flush=True)
     _write_ready_file(faults.ready_file)
     try:

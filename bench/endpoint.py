@@ -1,0 +1,453 @@
+"""The endpoint as its users feel it: throughput with 1 and 2 replicas, latency it adds, failover.
+
+Everything runs on loopback, no root, nothing shared with the sandbox:
+
+* HAProxy (Debian's 2.6, ``haproxy -db``) runs the configuration the deploy installs on a login node:
+  ``render.render_endpoint`` for ``inventories/h100.py`` with 2 replica slots. Only what cannot be
+  the deployed value on a shared machine differs: ``endpoint_port`` (a free port, given as a data
+  override the way ``pyinfra --data`` would), the bind address (127.0.0.1), the config dir and the
+  stats socket (a temp dir), and, when not run as root, the user HAProxy switches to. It is rendered
+  in a subprocess: loading an inventory runs pyinfra's CLI, which monkey-patches threading with gevent,
+  and this process's clients are threads.
+* Each replica is the emulator in script mode (the real ``megatron_gpt_eval.py`` command line), one
+  process each, as the sandbox runs it, listening on 127.0.0.1 (``NEMO_EMULATOR_BIND``). Slots are
+  pointed at them by ``endpoint_sync.apply`` over the stats socket, as the health timer does.
+* Clients are threads here, each sending the model card client's body (one prompt, a few tokens,
+  ``PUT /generate``), a new connection per request as ``call_server.py`` does; an answer counts when
+  it is 200 with a JSON object holding ``sentences``.
+
+Three measurements:
+
+1. throughput: replicas with a fixed generation time (``NEMO_EMULATOR_SLOW_SECONDS``), ``clients``
+   closed-loop clients through the endpoint, rounds of 1, 2, 2, 1 replicas (drift cancels); for 1,
+   slot r2 is in maintenance. Requests/s = answers completed in the round's window / its length.
+2. latency: a replica without extra generation time, one client, requests alternating between the
+   replica's own port and the endpoint (same replica behind it), after a warm-up.
+3. failover: 2 replicas, ``FAILOVER_CLIENTS`` clients, one replica's process SIGKILLed mid-run; failed
+   requests, the longest time between two answers around the kill, the request that was on the killed
+   replica, and the time until HAProxy shows the slot DOWN (polled on the stats socket).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from nemotron_deploy import endpoint_sync
+
+from . import common
+
+INVENTORY = "inventories/h100.py"
+REPLICAS = 2
+SLOTS = ("r1", "r2")
+GENERATION_SECONDS = 0.1  # fixed time per generation in the throughput and failover runs
+FAILOVER_CLIENTS = 4
+WARMUP_REQUESTS = 30  # per path, before the latency samples
+ROUND_PATTERN = (1, 2, 2, 1)
+ROUND_WARMUP = 0.3  # seconds of each round not counted (the clients' first requests start together)
+STATUS_TIMEOUT = 30.0
+END_STRINGS = ["<|endoftext|>", "<extra_id_1>", "\x11", "<extra_id_1>User"]
+
+# Renders the endpoint for the shipped inventory; run with `python -c` (see the module docstring).
+RENDER = """\
+import grp, os, pwd, sys
+from pathlib import Path
+from nemotron_deploy import inventory, render
+inv, out, sock, port, replicas = sys.argv[1:6]
+cluster = inventory.load(inv, override_data={"endpoint_port": int(port)})
+who = {}
+if os.geteuid() != 0:  # HAProxy can only switch to the user it runs as
+    who = {"run_as": pwd.getpwuid(os.geteuid()).pw_name, "socket_group": grp.getgrgid(os.getegid()).gr_name}
+for f in render.render_endpoint(cluster, int(replicas), config_dir=out, stats_socket=sock,
+                                bind_address="127.0.0.1", **who):
+    Path(out, f.name).write_text(str(f.content))
+print(cluster.settings.endpoint_check_seconds, cluster.settings.endpoint_queue_seconds)
+"""
+
+
+def haproxy() -> str:
+    for path in ("/usr/sbin/haproxy", "/usr/bin/haproxy"):
+        if Path(path).exists():
+            return path
+    raise RuntimeError("haproxy is not installed: run scripts/setup (it installs Debian's haproxy)")
+
+
+def body(prompt: str, tokens: int = 16) -> bytes:
+    """What the model card's client sends (call_server.py's defaults), with few tokens."""
+    return json.dumps(
+        {
+            "sentences": [prompt],
+            "tokens_to_generate": tokens,
+            "temperature": 1.0,
+            "add_BOS": False,
+            "top_k": 0,
+            "top_p": 1.0,
+            "greedy": True,
+            "all_probs": False,
+            "repetition_penalty": 1.0,
+            "min_tokens_to_generate": 1,
+            "end_strings": END_STRINGS,
+        }
+    ).encode()
+
+
+def put(port: int, data: bytes, timeout: float = 60.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(common.LOOPBACK, port, timeout=timeout)
+    try:
+        conn.request("PUT", "/generate", data, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def problem(status: int, data: bytes) -> str | None:
+    """None for a real answer (200, a JSON object with sentences), else what was wrong."""
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        reply = None
+    if status == 200 and isinstance(reply, dict) and isinstance(reply.get("sentences"), list):
+        return None
+    return f"HTTP {status}: {data[:160].decode(errors='replace')}"
+
+
+class Stack:
+    """HAProxy with the rendered config, and the emulator processes behind it."""
+
+    def __init__(self, workdir: Path, log) -> None:
+        self.workdir = workdir
+        self.log = log
+        self.model = common.model_dir(workdir)
+        self.socket = str(workdir / "admin.sock")
+        self.port = common.free_port()
+        self.haproxy_log = workdir / "haproxy.log"
+        self.emulators: dict[str, tuple[subprocess.Popen, int]] = {}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> dict:
+        t0 = time.monotonic()
+        rendered = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                RENDER,
+                INVENTORY,
+                str(self.workdir),
+                self.socket,
+                str(self.port),
+                str(REPLICAS),
+            ],
+            cwd=common.REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if rendered.returncode != 0:
+            raise RuntimeError(
+                f"rendering the endpoint for {INVENTORY} failed: {rendered.stderr.strip()[-2000:]}"
+            )
+        check, queue = (int(x) for x in rendered.stdout.split()[-2:])
+        cfg = self.workdir / "haproxy.cfg"
+        with self.haproxy_log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [haproxy(), "-f", str(cfg), "-db"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 10
+        while not Path(self.socket).exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"haproxy did not start: {self.haproxy_log.read_text()[-2000:]}")
+            time.sleep(0.02)
+        server_line = next(line.strip() for line in cfg.read_text().splitlines() if "server-template" in line)
+        return {
+            "inventory": INVENTORY,
+            "haproxy": " ".join(
+                subprocess.run([haproxy(), "-v"], capture_output=True, text=True).stdout.split()[:3]
+            ),
+            "check_seconds": check,
+            "queue_seconds": queue,
+            "server_line": server_line,
+            "render_seconds": round(time.monotonic() - t0, 2),
+        }
+
+    def emulator(self, name: str, slow: float) -> int:
+        """Start one replica process; returns its port once it can generate."""
+        port = common.free_port()
+        ready = self.workdir / f"{name}.ready"
+        env = common.child_env(
+            NEMO_EMULATOR_LOAD_DELAY="0",
+            NEMO_EMULATOR_READY_FILE=str(ready),
+            NEMO_EMULATOR_TOKEN_SECONDS="0",
+            NEMO_EMULATOR_SLOW_SECONDS=f"{slow:g}",
+            NEMO_EMULATOR_BIND=common.LOOPBACK,
+        )
+        proc = subprocess.Popen(
+            common.emulator_argv(self.model, port),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.emulators[name] = (proc, port)
+        return port
+
+    def wait_emulators(self) -> None:
+        for name, (proc, _) in self.emulators.items():
+            common.wait_ready(self.workdir / f"{name}.ready", proc)
+
+    def sync(self, **slots: str | None) -> None:
+        """Point each slot at an emulator by name, or None for maintenance; wait until each pointed one is UP."""
+        desired = {
+            slot: ((common.LOOPBACK, self.emulators[name][1]) if name else (None, 0))
+            for slot, name in slots.items()
+        }
+        endpoint_sync.apply(self.socket, desired)
+        deadline = time.monotonic() + STATUS_TIMEOUT
+        want = {slot: ("up" if name else "maint") for slot, name in slots.items()}
+        while True:
+            state = {k: v.status for k, v in self.states().items() if k in want}
+            if state == want:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"slots not {want} within {STATUS_TIMEOUT:g}s: {state}")
+            time.sleep(0.02)
+
+    def states(self) -> dict[str, endpoint_sync.ServerState]:
+        return endpoint_sync.servers_state(self.socket)
+
+    def served(self) -> dict[str, int]:
+        """Sessions each slot has served so far (`show stat` stot; health checks not included)."""
+        lines = endpoint_sync.command(self.socket, "show stat").splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        out = {}
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(","), strict=False))
+            if row.get("pxname") == endpoint_sync.BACKEND and row.get("svname") in SLOTS:
+                out[row["svname"]] = int(row.get("stot") or 0)
+        return out
+
+    def stop(self) -> None:
+        for proc, _ in self.emulators.values():
+            common.stop(proc)
+        if self.proc is not None:
+            common.stop(self.proc)
+
+
+# --------------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------------
+
+
+def load(port: int, clients: int, seconds: float, tag: str, at=None) -> tuple[list[dict], float]:
+    """`clients` closed-loop clients for `seconds`; returns every request (start/end relative to t0)
+    and t0. `at`: (delay, callable) run by the calling thread `delay` seconds after t0."""
+    records: list[dict] = []
+    t0 = time.monotonic()
+    deadline = t0 + seconds
+
+    def client(i: int) -> None:
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            start = time.monotonic()
+            try:
+                status, data = put(port, body(f"{tag} client {i} request {n}"))
+                error = problem(status, data)
+            except OSError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            records.append({"client": i, "start": start - t0, "end": time.monotonic() - t0, "error": error})
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    if at is not None:
+        delay, action = at
+        time.sleep(max(0.0, t0 + delay - time.monotonic()))
+        action()
+    for t in threads:
+        t.join(seconds + 120)
+    return sorted(records, key=lambda r: r["end"]), t0
+
+
+def throughput(stack: Stack, clients: int, seconds: float, log) -> dict:
+    rounds = []
+    for i, n in enumerate(ROUND_PATTERN):
+        stack.sync(r1="b1", r2="b2" if n == 2 else None)
+        before = stack.served()
+        records, _ = load(stack.port, clients, seconds, f"throughput round {i}")
+        after = stack.served()
+        ends = [r["end"] for r in records if r["error"] is None and ROUND_WARMUP <= r["end"] <= seconds]
+        errors = [r for r in records if r["error"] is not None]
+        # Answers per second between the first and the last answer of the window: a count over the
+        # window's length would be quantised to whole generations (a replica answers every 0.1 s).
+        rps = (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else float("nan")
+        per_slot = {s: after.get(s, 0) - before.get(s, 0) for s in SLOTS}
+        rounds.append(
+            {
+                "round": i,
+                "replicas": n,
+                "answers": len(ends),
+                "rps": rps,
+                "errors": len(errors),
+                "per_slot": per_slot,
+            }
+        )
+        if errors:
+            rounds[-1]["first_error"] = errors[0]["error"]
+        log(
+            f"endpoint throughput round {i}: {n} replica(s) {rps:.2f} req/s, {len(errors)} errors, by slot {per_slot}"
+        )
+    rps = {n: sum(r["rps"] for r in rounds if r["replicas"] == n) / ROUND_PATTERN.count(n) for n in (1, 2)}
+    return {
+        "clients": clients,
+        "generation_seconds": GENERATION_SECONDS,
+        "seconds_per_round": seconds,
+        "counted_from": ROUND_WARMUP,
+        "rounds": rounds,
+        "rps": {str(n): v for n, v in rps.items()},
+        "ratio": rps[2] / rps[1] if rps[1] else float("nan"),
+        "errors": sum(r["errors"] for r in rounds),
+        "ideal_rps_per_replica": 1 / GENERATION_SECONDS,
+    }
+
+
+def latency(stack: Stack, requests: int, log) -> dict:
+    """One client, alternating direct / through the endpoint; replica "a" (no extra time) behind r1."""
+    stack.sync(r1="a", r2=None)
+    direct_port = stack.emulators["a"][1]
+    paths = {"direct": direct_port, "through": stack.port}
+    samples: dict[str, list[float]] = {k: [] for k in paths}
+    errors: dict[str, int] = {k: 0 for k in paths}
+    first_error: dict[str, str] = {}
+    data = body("latency probe")
+    for i in range(WARMUP_REQUESTS + requests):
+        for name, port in paths.items() if i % 2 == 0 else reversed(paths.items()):
+            start = time.perf_counter()
+            try:
+                status, reply = put(port, data)
+                elapsed = time.perf_counter() - start
+                error = problem(status, reply)
+            except OSError as exc:
+                elapsed, error = float("nan"), f"{type(exc).__name__}: {exc}"
+            if i < WARMUP_REQUESTS:
+                continue
+            if error:
+                errors[name] += 1
+                first_error.setdefault(name, error)
+            else:
+                samples[name].append(elapsed)
+    out: dict = {
+        "requests": requests,
+        "warmup": WARMUP_REQUESTS,
+        "errors": errors,
+        "first_error": first_error,
+    }
+    for name in paths:
+        xs = samples[name]
+        out[name] = {
+            **common.Summary.of(xs).as_dict(),
+            "p50": common.percentile(xs, 50),
+            "p99": common.percentile(xs, 99),
+            "samples": xs,
+        }
+    out["added"] = {q: out["through"][q] - out["direct"][q] for q in ("p50", "p99")}
+    log(
+        f"endpoint latency: direct p50 {out['direct']['p50'] * 1e3:.2f} ms p99 {out['direct']['p99'] * 1e3:.2f} ms, "
+        f"through p50 {out['through']['p50'] * 1e3:.2f} ms p99 {out['through']['p99'] * 1e3:.2f} ms, "
+        f"added p50 {out['added']['p50'] * 1e3:.2f} ms p99 {out['added']['p99'] * 1e3:.2f} ms"
+    )
+    return out
+
+
+def failover(stack: Stack, seconds: float, log) -> dict:
+    """2 replicas under load; b2's process is SIGKILLed after kill_after seconds."""
+    stack.sync(r1="b1", r2="b2")
+    kill_after = max(1.0, seconds / 2)
+    total = kill_after + max(2.0, seconds)
+    proc = stack.emulators["b2"][0]
+    seen: dict = {}
+
+    def kill() -> None:
+        seen["killed"] = time.monotonic()
+        proc.send_signal(signal.SIGKILL)
+        deadline = seen["killed"] + 15
+        while time.monotonic() < deadline:
+            status = stack.states()["r2"].status
+            if status != "up":
+                seen["down"] = time.monotonic()
+                seen["status"] = status
+                return
+            time.sleep(0.005)
+
+    records, t0 = load(stack.port, FAILOVER_CLIENTS, total, "failover", at=(kill_after, kill))
+    killed = seen["killed"] - t0
+    ok_ends = [r["end"] for r in records if r["error"] is None]
+    gaps = [(b - a, a, b) for a, b in zip(ok_ends, ok_ends[1:], strict=False)]
+    around = [g for g in gaps if killed - 1.0 <= g[2] and g[1] <= killed + 3.0]
+    before = [g[0] for g in gaps if ROUND_WARMUP <= g[1] and g[2] < killed]
+    in_flight = [r for r in records if r["start"] <= killed <= r["end"]]
+    failed = [r for r in records if r["error"] is not None]
+    out = {
+        "clients": FAILOVER_CLIENTS,
+        "generation_seconds": GENERATION_SECONDS,
+        "seconds": total,
+        "killed_at": killed,
+        "requests": len(records),
+        "failures": len(failed),
+        "failed": [f"{r['start']:.3f}s: {r['error']}" for r in failed[:5]],
+        "gap": max((g[0] for g in around), default=float("nan")),
+        "gap_before": max(before, default=float("nan")),
+        "latency_before": common.percentile(
+            [r["end"] - r["start"] for r in records if r["error"] is None and r["end"] < killed], 50
+        ),
+        "in_flight_at_kill": [r["end"] - r["start"] for r in in_flight],
+        "in_flight_longest": max((r["end"] - r["start"] for r in in_flight), default=float("nan")),
+        "down_after": seen["down"] - seen["killed"] if "down" in seen else float("nan"),
+        "status_after": seen.get("status", "up"),
+        "answers_after_kill": sum(1 for r in records if r["error"] is None and r["start"] > killed),
+    }
+    log(
+        f"endpoint failover: {out['failures']} failed of {out['requests']}, gap {out['gap'] * 1e3:.0f} ms "
+        f"(before the kill at most {out['gap_before'] * 1e3:.0f} ms), slot DOWN {out['down_after'] * 1e3:.1f} ms after the kill, "
+        f"in-flight requests took {[round(x * 1e3) for x in out['in_flight_at_kill']]} ms"
+    )
+    return out
+
+
+def run(seconds: float = 5.0, requests: int = 1000, clients: int = 8, *, log=print) -> dict:
+    """All three measurements on one endpoint; `seconds` per throughput round (and the failover's
+    length after the kill), `requests` latency samples per path."""
+    t0 = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench-endpoint-") as tmp:
+        stack = Stack(Path(tmp), log)
+        try:
+            out: dict = {"config": stack.start()}
+            stack.emulator("a", 0.0)
+            stack.emulator("b1", GENERATION_SECONDS)
+            stack.emulator("b2", GENERATION_SECONDS)
+            stack.wait_emulators()
+            log(
+                f"endpoint: HAProxy on 127.0.0.1:{stack.port} ({INVENTORY}, {REPLICAS} slots), 3 replica processes"
+            )
+            out["latency"] = latency(stack, requests, log)
+            out["throughput"] = throughput(stack, clients, seconds, log)
+            out["failover"] = failover(stack, seconds, log)
+        except Exception:
+            tail = stack.haproxy_log.read_text()[-1500:] if stack.haproxy_log.exists() else ""
+            if tail:
+                log(f"haproxy log tail:\n{tail}")
+            raise
+        finally:
+            stack.stop()
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    return out
