@@ -538,7 +538,7 @@ class ClusterSettings(BaseModel):
         json_schema_extra=HEALTH,
     )
 
-    # --- keeping the service up (the scheduled check replaces dead replicas)
+    # --- keeping the service up (login node): the scheduled check replaces dead replicas
     state: Literal["running", "stopped"] = Field(
         "running",
         description="running: the replicas should run (the check replaces dead ones); stopped: the "

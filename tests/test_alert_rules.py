@@ -205,7 +205,7 @@ def _login_state(monkeypatch, **data):
     monkeypatch.setattr(
         desired, "artifacts", lambda c: desired.Artifacts([], "0", [("installer-0.whl", b"")], "")
     )
-    return desired.for_host(cluster, cluster.login[0], "systemd")
+    return desired.for_host(cluster, cluster.login[0])
 
 
 def test_rules_not_installed_by_default(monkeypatch):

@@ -24,6 +24,7 @@ GROUPS = [
     "server",
     "endpoint (login node)",
     "scheduled health check (login node)",
+    "keeping the service up (login node)",
     "deploy switches",
 ]
 

@@ -137,7 +137,10 @@ def test_a_broken_sbatch_stops_the_deploy():
         ["sbatch: error: s_p_parse_file: unable to read /etc/slurm/slurm.conf", "@@rc=1"]
     )
     cluster = inventory.load(str(INVENTORIES / "h100.py"))
-    no_endpoint = {"haproxy": {"service": None, "version": None, "apt": False, "running": False}}
+    no_endpoint = {
+        "haproxy": {"service": None, "version": None, "apt": False, "running": False},
+        "submit": {"user": "root", "slurm_bin": "/usr/bin", "sudo": True},
+    }
     (problem,) = login_problems(cluster, {"slurm": broken, **no_endpoint})
     assert "sbatch is installed but fails" in problem and "slurm.conf" in problem
     assert login_problems(cluster, {"slurm": None, **no_endpoint})
@@ -185,7 +188,11 @@ def test_endpoint_off_means_no_endpoint_problems_and_no_files(tmp_path):
 
     from nemotron_deploy import desired
 
-    nothing = {"slurm": {"version": "22.05.8"}, "haproxy": {"service": None, "version": None, "apt": False}}
+    nothing = {
+        "slurm": {"version": "22.05.8"},
+        "haproxy": {"service": None, "version": None, "apt": False},
+        "submit": {"user": "root", "slurm_bin": "/usr/bin", "sudo": True},
+    }
     on = inventory.load(str(write_inventory(tmp_path / "on", "h100")))
     off = inventory.load(str(write_inventory(tmp_path / "off", "h100", settings={"endpoint": False})))
     forced = inventory.load(str(write_inventory(tmp_path / "forced", "h100", settings={"endpoint": True})))
@@ -193,5 +200,21 @@ def test_endpoint_off_means_no_endpoint_problems_and_no_files(tmp_path):
     assert login_problems(off, nothing) == []
     assert login_problems(forced, nothing), "endpoint = true on a host that cannot run it"
     login = on.login[0]
-    assert not any("/etc/haproxy" in p for p in desired.for_host(off, login, "systemd", endpoint=False).paths)
-    assert "/etc/haproxy/haproxy.cfg" in desired.for_host(on, login, "systemd", endpoint=True).paths
+    no_endpoint = desired.Login(endpoint=False)
+    assert not any("/etc/haproxy" in p for p in desired.for_host(off, login, no_endpoint).paths)
+    assert "/etc/haproxy/haproxy.cfg" in desired.for_host(on, login, desired.Login(endpoint=True)).paths
+
+
+def test_replacing_replicas_needs_sudo_on_the_login_node(tmp_path):
+    """The check runs as the health user and replaces replicas as the deploy's user: through sudo."""
+    from helpers import write_inventory
+
+    read = {
+        "slurm": {"version": "22.05.8"},
+        "haproxy": {"service": None, "version": None, "apt": False},
+        "submit": {"user": "root", "slurm_bin": "/usr/bin", "sudo": False},
+    }
+    (problem,) = login_problems(inventory.load(str(write_inventory(tmp_path / "a", "h100"))), read)
+    assert "sudo is not installed here: install it, or set restart_policy = never" in problem
+    never = inventory.load(str(write_inventory(tmp_path / "b", "h100", settings={"restart_policy": "never"})))
+    assert login_problems(never, read) == []
