@@ -86,7 +86,7 @@ def decide(
         submitted = None
     if job_active and job_id != state.get("job_id"):
         state["job_id"] = job_id
-        state["job_seen"] = started or now
+        state["job_seen"] = started if started is not None else now
         state.pop("failing_since", None)
     if reason == "ok":
         state.pop("failing_since", None)
@@ -102,7 +102,8 @@ def decide(
         if not counts:
             state.pop("failing_since", None)
             return Decision("none")
-        if now - float(state.get("job_seen") or now) < policy.startup_budget:
+        seen = state.get("job_seen")
+        if now - float(now if seen is None else seen) < policy.startup_budget:
             return Decision("starting", message="within its start-up budget")
         since = state.setdefault("failing_since", now)
         if now - since < policy.unhealthy_after:
@@ -121,7 +122,8 @@ def decide(
             "(--data submit=true)",
         )
     wait = backoff_seconds(int(state.get("consecutive_restarts") or 0), policy)
-    since_last = now - float(state.get("last_restart") or 0)
+    last = state.get("last_restart")
+    since_last = float("inf") if last is None else now - float(last)
     if since_last < wait:
         return Decision("backoff", cause, f"next replacement in {wait - since_last:.0f}s (back-off)")
     return Decision("replace", cause)
