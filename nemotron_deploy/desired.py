@@ -273,6 +273,8 @@ def for_host(cluster: Cluster, host_name: str, login: Login | None = None) -> Ho
     want.files += [WantedFile(path, text, "644") for path, text in health_units(cluster, login).items()]
     rule = sudoers(cluster, login)
     if rule:
+        # sudo's include dir: created if absent (mode as Debian's package has it), never re-owned.
+        want.dirs.append(WantedDir(str(PurePosixPath(SUDOERS_FILE).parent), "750"))
         want.files.append(WantedFile(SUDOERS_FILE, rule, "440"))
     if login.endpoint:
         # /etc/haproxy is the package's: created if absent (before the install), never re-owned.

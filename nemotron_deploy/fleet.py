@@ -410,8 +410,10 @@ def replace_dead(
     for r in results:
         st = states[r.slot]
         submitted = (started or {}).get("jobs", {}).get(r.job_name)
-        if submitted and st.get("deploy_at") != started.get("at"):
-            # The deploy submitted this job: it is starting (Slurm may hide it from this user).
+        if submitted and st.get("deploy_at") != started.get("at") and st.get("job_id") != str(submitted):
+            # The deploy submitted this job, and no check saw it run yet: it is starting (Slurm may
+            # hide it from this user until its batch script writes its record). The deploy's own
+            # check right after submitting sees it run, so a job that dies later is replaced at once.
             st["deploy_at"] = started.get("at")
             st["submitted"] = {"job_id": str(submitted), "at": float(started.get("at") or now)}
         down = None if view is None or view.error else view.servers.get(r.slot) == "down"
