@@ -43,6 +43,10 @@ deploy.install_health_check(host, cluster, snapshot)
 # 8. The endpoint: started, or reloaded if its files changed, its slots pointed at the replicas.
 deploy.run_endpoint(host, cluster, snapshot)
 
-# 9. Only with --data submit=true: submit every replica (one Slurm job each), wait until all
-#    generate, then put them in the endpoint.
+# 9. Replicas still on an earlier deploy's files: say which; with --data rollout=true, replace them
+#    one at a time (new job, wait until it generates, swap it in the endpoint, drain, cancel the old).
+deploy.roll_out(host, cluster, snapshot)
+
+# 10. Only with --data submit=true: submit every replica not queued (one Slurm job each), wait until
+#     all generate, then put them in the endpoint. With state=stopped: cancel them all instead.
 deploy.submit_job(host, cluster, snapshot)

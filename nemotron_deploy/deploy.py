@@ -13,6 +13,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from pyinfra import logger
 from pyinfra.operations import apt
 
 from . import desired
@@ -201,6 +202,43 @@ def run_endpoint(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         running=snap["haproxy"]["running"],
         config_changed=changed,
         sync_command=desired.sync_command(cluster, desired.Login.of(cluster, snap)),
+    )
+
+
+def stale_replicas(cluster: Cluster, snap: dict[str, Any]) -> list[tuple[int, dict]]:
+    """[(replica index, its job record)] of replicas whose job started with other files than this
+    deploy installs (the digest in the rendered sbatch)."""
+    s = cluster.settings
+    digest = desired.files_digest(cluster)
+    records = snap.get("records") or {}
+    return [
+        (i, rec)
+        for i in range(1, cluster.plan.replicas + 1)
+        if (rec := records.get(s.job_record(i))) is not None and rec.get("files") != digest
+    ]
+
+
+def roll_out(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
+    """Say which replicas run an earlier deploy's files; with `--data rollout=true`, replace them one
+    at a time (nemotron_deploy.rollout on the login node, as the user the deploy submits as)."""
+    s = cluster.settings
+    if desired.role(cluster, host.name) != "login" or s.state == "stopped":
+        return
+    stale = stale_replicas(cluster, snap)
+    if not stale:
+        return
+    if not s.rollout:
+        for i, rec in stale:
+            logger.warning(
+                f"{host.print_prefix}replica r{i} (job {rec.get('job_id')} on {rec.get('node')}) still runs the "
+                "files of an earlier deploy: roll it out with --data rollout=true (the scheduled check "
+                "reports it as WARNING stale)"
+            )
+        return
+    login = desired.Login.of(cluster, snap)
+    submit.roll_out(
+        name=f"Roll out the new files to {', '.join(f'r{i}' for i, _ in stale)}, one replica at a time",
+        command=desired.rollout_command(cluster, login),
     )
 
 

@@ -212,6 +212,34 @@ def sudoers(cluster: Cluster, login: Login) -> str | None:
 SUDOERS_FILE = "/etc/sudoers.d/nemotron-health"
 
 
+def files_digest(cluster: Cluster) -> str:
+    """The digest the rendered sbatch names (of every job file this deploy installs)."""
+    sbatch = next(f for f in artifacts(cluster).job_files if f.name == "nemotron.sbatch")
+    line = next(x for x in str(sbatch.content).splitlines() if x.startswith("readonly FILES_DIGEST="))
+    return line.split("=", 1)[1].strip()
+
+
+def rollout_command(cluster: Cluster, login: Login) -> str:
+    s = cluster.settings
+    argv = [
+        f"{s.health_venv}/bin/python", "-m", "nemotron_deploy.rollout",
+        "--slurm-job", s.job_name,
+        "--replicas", str(cluster.plan.replicas),
+        "--sbatch", f"{s.jobs_dir}/nemotron.sbatch",
+        "--records-dir", s.logs_dir,
+        "--port", str(s.port),
+        "--slurm-bin", login.slurm_bin,
+        "--budget", str(s.health_startup_budget_seconds),
+        "--drain-timeout", str(s.max_generation_seconds + 30),
+        "--lock", f"{health_timer.STATE_DIR}/state.json.lock",
+    ]  # fmt: skip
+    if login.endpoint:
+        argv += ["--endpoint-socket", endpoint_mod.STATS_SOCKET]
+    if cluster.plan.replica_capacity > cluster.plan.replicas:  # room for one more replica
+        argv.append("--surge")
+    return " ".join(shlex.quote(a) for a in argv)
+
+
 def for_host(cluster: Cluster, host_name: str, login: Login | None = None) -> HostState:
     """`login`: the login node's read (default: every path the login node may get, for the read)."""
     s = cluster.settings

@@ -35,6 +35,8 @@ STATS_SOCKET = "/run/haproxy/admin.sock"
 RUN_AS = "haproxy"  # user and group Debian's package creates
 BACKEND = "replicas"
 SLOT_PREFIX = "r"
+SPARE_PREFIX = "u"  # one spare slot, u1, for rolling updates
+SPARE_SLOT = f"{SPARE_PREFIX}1"
 # Where an unassigned slot points: nothing listens on port 1, and the slot is in maintenance anyway.
 PLACEHOLDER_ADDR = "127.0.0.1"
 PLACEHOLDER_PORT = 1

@@ -335,7 +335,7 @@ def sync_endpoint(socket_path: str, job_name: str, replicas: list[ReplicaResult]
 
 def check_fleet(opts: argparse.Namespace, job_name: str, count: int, port: int) -> FleetOutcome:
     acting = opts.restart_policy == "always" and not opts.stopped
-    lock = replacement.CheckLock(f"{opts.state_path}.lock" if opts.state_path else "/dev/null")
+    lock = replacement.CheckLock(f"{opts.state_path}.lock" if opts.state_path else None)
     with lock as locked:
         states = load_state(opts.state_path)
         results = []
@@ -354,18 +354,18 @@ def check_fleet(opts: argparse.Namespace, job_name: str, count: int, port: int) 
             if current and r.record is not None and r.job is not None and r.job.active:
                 r.stale = r.record.get("files") != current
         view = None
-        if opts.endpoint_socket:
+        if opts.endpoint_socket and locked:  # unlocked: a rollout or another check is changing slots
             view = sync_endpoint(opts.endpoint_socket, job_name, results, port)
         if acting and locked and not any(r.reason == "slurm_error" for r in results):
             replace_dead(opts, results, states, view)
             if view is not None and any(r.replaced_by for r in results):
                 view = sync_endpoint(opts.endpoint_socket, job_name, results, port)
         fleet = FleetOutcome(job_name, results, view)
-        if acting and not locked:
+        if not locked:
             fleet.long_lines.append(
-                f"warning: another check holds {lock.path}: no replica replaced by this one"
+                f"warning: another check or a rollout holds {lock.path}: this check changed nothing"
             )
-        error = save_state(opts.state_path, states)
+        error = save_state(opts.state_path, states) if locked else None
     if error:
         fleet.long_lines.append(f"warning: {error}")
     return fleet

@@ -18,7 +18,7 @@ from .facts.haproxy import Haproxy
 from .facts.images import ImagePresent
 from .facts.model import ModelConfig
 from .facts.runtimes import ContainerRuntimes
-from .facts.slurm import ReplicaJobs, SlurmVersion, SubmitContext
+from .facts.slurm import JobRecords, ReplicaJobs, SlurmVersion, SubmitContext
 from .facts.snapshot import snapshot
 from .facts.system import InitSystem, UnitEnabled, UserExists
 from .inventory import Cluster
@@ -62,6 +62,8 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
             ("haproxy", Haproxy, ()),
             ("submit", SubmitContext, ()),
         ]
+        records = tuple(s.job_record(i) for i in range(1, cluster.plan.replicas + 1))
+        probes.append(("records", JobRecords, (records,)))
         if s.state == "stopped":
             names = ",".join(s.replica_job(i) for i in range(1, cluster.plan.replicas + 1))
             probes.append(("replica_jobs", ReplicaJobs, (names,)))

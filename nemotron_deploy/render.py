@@ -169,6 +169,7 @@ def render_endpoint(
         "run_as": run_as,
         "socket_group": socket_group,
         "slot_prefix": endpoint.SLOT_PREFIX,
+        "spare_prefix": endpoint.SPARE_PREFIX,
         "placeholder": f"{endpoint.PLACEHOLDER_ADDR}:{endpoint.PLACEHOLDER_PORT}",
     }
     env = _environment()

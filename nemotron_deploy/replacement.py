@@ -170,12 +170,14 @@ class CheckLock:
     """One check at a time acts on a deployment: an exclusive flock beside the state file. A check
     that can't get it within `timeout` seconds acts on nothing (it still reports)."""
 
-    def __init__(self, path: str, timeout: float = 60.0) -> None:
+    def __init__(self, path: str | None, timeout: float = 60.0) -> None:
         self.path = path
         self.timeout = timeout
         self.fd: int | None = None
 
     def __enter__(self) -> bool:
+        if not self.path:  # no state file, nothing to guard
+            return True
         os.makedirs(os.path.dirname(os.path.abspath(self.path)) or ".", exist_ok=True)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         deadline = time.monotonic() + self.timeout

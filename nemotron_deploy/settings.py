@@ -589,6 +589,14 @@ class ClusterSettings(BaseModel):
         json_schema_extra=SWITCHES,
     )
 
+    rollout: bool = Field(
+        False,
+        description="Replace the replicas that run an earlier deploy's files, one at a time (new job, "
+        "wait until it generates, swap it in the endpoint, drain and cancel the old). For one run "
+        "(`--data rollout=true`); without it the deploy only says which replicas are stale.",
+        json_schema_extra=SWITCHES,
+    )
+
     @model_validator(mode="after")
     def _check_against_catalog(self) -> ClusterSettings:
         gpu = catalog.gpu_type(self.gpu_type)  # raises with the known types

@@ -169,3 +169,84 @@ def test_stop_really_stops_and_the_check_replaces_nothing(sandbox):
     finally:
         run = pyinfra("--data", "submit=true", timeout=300)  # running again, for the next tests
         assert run.rc == 0, run.describe()
+
+
+def _records_digest(sandbox) -> dict[str, str]:
+    out = {}
+    for name in (R1, R2):
+        path = Path(f"{LOGS_DIR}/{name}.job.json")
+        if path.exists():
+            out[name] = json.loads(path.read_text()).get("files")
+    return out
+
+
+def _current_digest() -> str:
+    line = next(x for x in Path(SBATCH).read_text().splitlines() if x.startswith("readonly FILES_DIGEST="))
+    return line.split("=", 1)[1]
+
+
+def test_a_rollout_across_two_replicas_under_load_fails_no_client_request(sandbox):
+    """Every node serves (4 nodes, 2 replicas): one replica at a time is drained, cancelled, submitted
+    again on the new files and put back, while the other serves every request."""
+    _serving(sandbox)
+    old = _current_digest()
+    run = deploy_ok("--data", "slurm_time_limit=00:58:00")  # the sbatch changes: both replicas stale
+    assert run.output.count("still runs the files of an earlier deploy") == 2, run.output
+    assert _check(sandbox)["reason"] == "stale"
+    failures: list[str] = []
+    stop = threading.Event()
+    sent = [0]
+
+    def client() -> None:
+        while not stop.is_set():
+            sent[0] += 1
+            try:
+                status, text = _put(f"rollout {sent[0]}:")
+                if not _generated(status, text):
+                    failures.append(f"{status} {text[:200]}")
+            except OSError as exc:
+                failures.append(repr(exc))
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=client) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        started = time.monotonic()
+        rolled = pyinfra("--data", "slurm_time_limit=00:58:00", "--data", "rollout=true", timeout=600)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert rolled.rc == 0, rolled.describe()
+    assert "rollout: done: every replica runs the current files" in rolled.output
+    print(f"rollout of 2 replicas: {took:.1f}s, {sent[0]} client requests, {len(failures)} failed")
+    assert failures == [], failures
+    assert sent[0] > 20
+    new = _current_digest()
+    assert new != old and _records_digest(sandbox) == {R1: new, R2: new}
+    assert _check(sandbox)["reason"] == "ok"
+    # Back to the inventory's files, rolled out too, for the next tests.
+    back = pyinfra("--data", "rollout=true", timeout=600)
+    assert back.rc == 0, back.describe()
+
+
+def test_a_rollout_whose_new_job_never_generates_leaves_the_old_replica_serving(sandbox):
+    """One replica on 4 nodes: room for one more, so the new job starts beside the old one. It never
+    generates (its server dies loading): the rollout stops, says so, and the old job keeps serving."""
+    cancel_jobs(sandbox)
+    one = ("--data", "replicas=1")
+    run = pyinfra(*one, "--data", "submit=true", timeout=300)
+    assert run.rc == 0, run.describe()
+    old_job = _jobs(sandbox)[R1][0]
+    broken = ("--data", 'job_env={"NEMO_EMULATOR_FAIL_LOAD": "1"}', "--data", "rollout=true")
+    rolled = pyinfra(*one, *broken, timeout=600)
+    assert rolled.rc != 0, rolled.describe()
+    assert "did not generate" in rolled.output and f"job {old_job} keeps serving" in rolled.output, (
+        rolled.output
+    )
+    assert _jobs(sandbox) == {R1: (old_job, _jobs(sandbox)[R1][1])}, "the old job is not the one running"
+    assert all(_generated(*_put(f"still served {i}:")) for i in range(4))
+    cancel_jobs(sandbox)
+    assert pyinfra(*one).rc == 0  # the inventory's files again

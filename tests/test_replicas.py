@@ -69,10 +69,11 @@ def _haproxy(sandbox, command: str) -> str:
 
 
 def _servers(sandbox) -> dict[str, dict[str, str]]:
-    """`show stat` rows of the backend's slots: {r1: {status, stot, addr, ...}}."""
+    """`show stat` rows of the replicas' slots: {r1: {status, stot, addr, ...}}."""
     text = _haproxy(sandbox, "show stat").lstrip("# ")
     rows = csv.DictReader(io.StringIO(text))
-    return {r["svname"]: r for r in rows if r["pxname"] == "replicas" and r["svname"] not in ("BACKEND",)}
+    # The replicas' slots r1..rN (not BACKEND, nor the spare slot u1 that rollouts use).
+    return {r["svname"]: r for r in rows if r["pxname"] == "replicas" and r["svname"].startswith("r")}
 
 
 def _scheduled_check(sandbox) -> str:

@@ -53,3 +53,36 @@ class ReplicaJobs(ProbeFact):
 
     def process(self, output: list[str]) -> list[tuple[str, str]]:
         return active_rows("\n".join(output))
+
+
+class JobRecords(ProbeFact):
+    """{path: the record (dict)} of the job records that exist among `paths` (what each replica's
+    batch script wrote: job id, first node, the files digest it started with)."""
+
+    def snippet(self, paths: tuple[str, ...]) -> str:
+        return (
+            "".join(
+                f"[ -r {shlex.quote(p)} ] && {{ echo {shlex.quote(p)}; head -n 1 {shlex.quote(p)}; echo; }}; "
+                for p in paths
+            )
+            + "true"
+        )
+
+    def process(self, output: list[str]) -> dict:
+        import json
+
+        records, path = {}, None
+        for line in output:
+            if not line.strip():
+                continue
+            if path is None:
+                path = line
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError:
+                value = None
+            if isinstance(value, dict):
+                records[path] = value
+            path = None
+        return records

@@ -201,3 +201,23 @@ def stop_replicas(live_jobs: list[str], started_file: str, started_file_present:
         yield StringCommand(f"scancel {' '.join(shlex.quote(j) for j in live_jobs)}")
     if started_file_present:
         yield StringCommand(f"rm -f {shlex.quote(started_file)}")
+
+
+@operation(is_idempotent=False)
+def roll_out(command: str):
+    """
+    Run the rolling update (nemotron_deploy.rollout) on the login node, printing its progress; it
+    fails, with the old replicas still serving, when a new job does not generate.
+
+    **Example:**
+
+    .. code:: python
+
+        roll_out(name="Roll out", command="/opt/.../python -m nemotron_deploy.rollout --slurm-job ...")
+    """
+
+    def run(state, host):
+        ok, _ = host.run_shell_command(command, print_output=True)
+        return ok
+
+    yield FunctionCommand(run, (), {})
