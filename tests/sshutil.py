@@ -240,6 +240,9 @@ def reset_deploy(sandbox) -> None:
         sandbox.login_host,
         f"find {DEPLOY_SHARED} -mindepth 1 -maxdepth 1 ! -name images -exec rm -rf {{}} + 2>/dev/null; "
         f"rm -rf {NODE_DIR} {CRON_FILE} {HEALTH_STATE_DIR} {HEALTH_METRICS_DIR} {TEXTFILE_DIR}; "
+        # The endpoint as a fresh login node has it: HAProxy stopped, the package's config only.
+        "/etc/init.d/haproxy stop >/dev/null 2>&1; rm -f /etc/haproxy/haproxy.cfg "
+        "/etc/haproxy/nemotron_envelope.lua /etc/sudoers.d/nemotron-health; "
         f"if id {HEALTH_USER} >/dev/null 2>&1; then userdel {HEALTH_USER}; fi; "
         f"getent group {HEALTH_USER} >/dev/null && groupdel {HEALTH_USER}; true",
     )
@@ -333,17 +336,17 @@ def source_digest() -> str:
     return wheelhouse.source_digest()
 
 
-def converged_attempts(attempt: Callable[[], T], tries: int = 3) -> T:
+def converged_attempts(attempt: Callable[[], T], tries: int = 3, *data: str) -> T:
     """Converge the deploy, then run `attempt` (more runs and their checks); again if it fails while
     the package's sources changed under it.
 
     The login node's health-check wheel is built from this working tree, which others edit while the
     tests run: a changed source is a real change on the login node, not a fault of the deploy. A
-    failure with unchanged sources is re-raised at once.
+    failure with unchanged sources is re-raised at once. `data`: the attempt's own --data arguments.
     """
     for i in range(tries):
         before = source_digest()
-        deploy_ok()
+        deploy_ok(*data)
         try:
             return attempt()
         except AssertionError:

@@ -205,7 +205,7 @@ def test_first_deploy_places_everything_with_the_right_modes(sandbox, tmp_path):
     check = ssh(sandbox, login, f"runuser -u {HEALTH_USER} -- {command}", check=False)
     assert check.returncode in (0, 1, 2), f"the health check itself failed:\n{check.stdout}{check.stderr}"
     prom = ssh(sandbox, login, f"cat {TEXTFILE_DIR}/nemotron.prom").stdout
-    assert "nemotron_up " in prom, prom
+    assert "nemotron_replica_up{" in prom, prom
 
 
 def test_an_existing_textfile_dir_keeps_its_owner_and_mode(sandbox):
@@ -436,8 +436,9 @@ def test_a_missing_image_is_pulled_again_on_that_node_only(deployed):
     offset = log.stat().st_size
 
     run = deploy_ok(env=clean_env(**PODMAN))
+    others = {node: "No changes" for node in sandbox.compute_names if node != SECOND}
     assert op_statuses(run.output, PULL_OP) == {
-        FIRST: "No changes",
+        **others,
         SECOND: "Success",
         sandbox.login_host: "Skipped",
     }, run.output
@@ -460,9 +461,10 @@ def test_a_missing_image_file_is_imported_once_for_the_whole_cluster(deployed):
     offset = log.stat().st_size
 
     run = deploy_ok()
+    others = {node: "Skipped" for node in sandbox.compute_names if node != FIRST}
     assert op_statuses(run.output, IMPORT_OP) == {
         FIRST: "Success",
-        SECOND: "Skipped",
+        **others,
         sandbox.login_host: "Skipped",
     }, run.output
     # 0644 (pyxis refuses a 0600 squashfs), a real squashfs, and nothing half-written left beside it.

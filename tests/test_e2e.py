@@ -212,7 +212,7 @@ def test_a_redeploy_after_submit_reports_zero_changes(sandbox, serving):
         table = results_table(run.output)
         assert table["Grand total"]["Success"] == "-", f"re-deploy after submit changed things:\n{run.output}"
 
-    converged_attempts(no_change)
+    converged_attempts(no_change, 3, "--data", "replicas=1")
     assert job_ids(sandbox) == [job_id], "the re-deploy (submit=false) touched the running job"
 
 
@@ -291,7 +291,8 @@ def test_a_cancelled_serve_job_leaves_nothing(sandbox):
         _submit()
         job_id = _only_job(sandbox)
         running = leftover_processes(sandbox)
-        assert set(running) == set(sandbox.compute_names), f"the job should run on both nodes: {running}"
+        nodes = set(sandbox.compute_names[:2])  # the one replica's 2 nodes (of the sandbox's 4)
+        assert set(running) == nodes, f"the job should run on both of its nodes: {running}"
         ssh(sandbox, sandbox.login_host, f"scancel {job_id}")
         wait_for(lambda: job_state(sandbox, job_id) == "CANCELLED", 30, f"job {job_id} to be cancelled")
         _no_job_processes_left(sandbox)
@@ -359,17 +360,18 @@ def test_a_cancelled_podman_job_leaves_no_container(sandbox):
         _submit(env=PODMAN)  # waits until rank 0, in its container, generates
         job_id = _only_job(sandbox)
         per_node = sandbox.gpus_per_node
+        job_nodes = sandbox.compute_names[:2]  # the one replica's 2 nodes (of the sandbox's 4)
         running = {node: _containers(sandbox, node) for node in sandbox.compute_names}
-        assert {node: len(names) for node, names in running.items()} == dict.fromkeys(
-            sandbox.compute_names, per_node
-        ), f"one container per task on every node: {running}"
+        assert {node: len(names) for node, names in running.items()} == {
+            node: per_node if node in job_nodes else 0 for node in sandbox.compute_names
+        }, f"one container per task on each of the job's nodes, none elsewhere: {running}"
         # The user site-packages are kept out of every rank's Python, inside its container.
         environ = (
             "for p in $(pgrep -f megatron_gpt_eval.py); do "
             f"grep -qxz SLURM_JOB_ID={job_id} /proc/$p/environ && "
             "{ grep -qxz PYTHONNOUSERSITE=1 /proc/$p/environ && echo yes || echo no; }; done; true"
         )
-        for node in sandbox.compute_names:
+        for node in job_nodes:
             flags = ssh(sandbox, node, environ).stdout.split()
             assert flags == ["yes"] * per_node, f"{node}: PYTHONNOUSERSITE=1 in the ranks: {flags}"
 
@@ -387,6 +389,8 @@ def test_a_cancelled_podman_job_leaves_no_container(sandbox):
         # They were named after the job and each task (global rank), so each task could stop its own.
         expected = {
             node: {f"nemotron-{job_id}-{i * per_node + local}" for local in range(per_node)}
+            if node in job_nodes
+            else set()
             for i, node in enumerate(sandbox.compute_names)
         }
         assert running == expected

@@ -82,7 +82,9 @@ def test_both_replicas_serve_through_the_endpoint(two):
     assert 'haproxy_server_status{proxy="replicas",server="r1",state="UP"} 1' in metrics
     # and healthy replicas stay in rotation check after check (inter 1 s, fall 2)
     time.sleep(3.5)
-    assert {n: s.status for n, s in ep.state().items()} == {"r1": "up", "r2": "up"}, ep.log.read_text()
+    assert {n: s.status for n, s in ep.state().items()} == {"r1": "up", "r2": "up", "u1": "maint"}, (
+        ep.log.read_text()
+    )
 
 
 def test_a_replica_still_loading_gets_no_traffic(tmp_path):
@@ -260,7 +262,11 @@ def test_updater_changes_slots_at_run_time_without_reload(tmp_path):
     try:
         with running_endpoint(cluster_with(tmp_path), 2, tmp_path / "ep") as ep:
             pid = ep.proc.pid
-            assert {n: s.status for n, s in ep.state().items()} == {"r1": "maint", "r2": "maint"}
+            assert {n: s.status for n, s in ep.state().items()} == {
+                "r1": "maint",
+                "r2": "maint",
+                "u1": "maint",
+            }
             sent = ep.sync(r1=(HOST, a.port), r2=(None, 0))
             assert sent == [
                 f"set server replicas/r1 addr {HOST} port {a.port}",

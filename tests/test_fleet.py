@@ -201,7 +201,7 @@ def test_no_replica_is_critical_and_the_endpoint_then_says_no_replica(tmp_path, 
             "set server replicas/r1 state maint",
             "set server replicas/r2 state maint",
         ]
-        assert {n: s.status for n, s in ep.state().items()} == {"r1": "maint", "r2": "maint"}
+        assert {n: s.status for n, s in ep.state().items()} == {"r1": "maint", "r2": "maint", "u1": "maint"}
         generations = reps[0].handle.generations
 
         code, out = run(

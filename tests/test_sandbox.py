@@ -280,13 +280,14 @@ def test_sbatch_then_scancel_leaves_no_process_on_any_node(sb):
     job = ssh(
         sb,
         "sb-login",
-        f"sbatch --parsable -N2 --ntasks-per-node=8 --gpus-per-node=8 -o {sb.shared_dir}/sbatch-%j.out "
+        f"sbatch --parsable -N{len(sb.compute)} --ntasks-per-node=8 --gpus-per-node=8 "
+        f"-o {sb.shared_dir}/sbatch-%j.out "
         f"--wrap 'srun sleep {tag}'",
     ).stdout.strip()
     assert job.isdigit()
     try:
         wait_for(
-            lambda: all(v >= 9 for v in _sleepers(sb, tag).values()), 30, "8 tasks + slurmstepd on both nodes"
+            lambda: all(v >= 9 for v in _sleepers(sb, tag).values()), 30, "8 tasks + slurmstepd on every node"
         )
         assert ssh(sb, "sb-login", f"squeue -h -j {job} -o %T").stdout.strip() == "RUNNING"
     finally:
