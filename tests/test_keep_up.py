@@ -89,6 +89,7 @@ def test_a_killed_replica_is_replaced_and_serves_again_with_no_client_request_lo
         t.start()
     try:
         time.sleep(1)
+        killed = time.monotonic()
         ssh(sandbox, sandbox.login_host, f"scancel {old_r2}")  # as a node failure would end it
         wait_for(lambda: R2 not in _jobs(sandbox), 60, "the killed r2 to end")
         # Within two check intervals a new job is submitted for r2 (as the deploy's user, via sudo).
@@ -101,6 +102,9 @@ def test_a_killed_replica_is_replaced_and_serves_again_with_no_client_request_lo
         # It generates; the next check points the endpoint at it; HAProxy's check puts it UP.
         wait_for(lambda: _check(sandbox)["replicas"][1]["reason"] == "ok", 120, "the new r2 to generate")
         wait_for(lambda: _servers(sandbox)["r2"]["status"] == "UP", 30, "r2 UP in the endpoint")
+        print(
+            f"replica killed -> full capacity again: {time.monotonic() - killed:.1f}s (checks run back to back)"
+        )
         before = int(_servers(sandbox)["r2"]["stot"])
         wait_for(lambda: int(_servers(sandbox)["r2"]["stot"]) > before, 30, "the new r2 to get requests")
     finally:
