@@ -34,7 +34,9 @@ def managed_paths(clu) -> dict[str, tuple[str, ...]]:
 
     out: dict[str, tuple[str, ...]] = {}
     for role, name in (("login", clu.login[0]), ("compute", clu.compute[0])):
-        paths = desired.for_host(clu, name, "systemd").paths + desired.for_host(clu, name, "cron").paths
+        paths = (
+            desired.for_host(clu, name).paths + desired.for_host(clu, name, desired.Login(init="cron")).paths
+        )
         if role == "login":  # read_host also checks the venv and its marker there
             s = clu.settings
             paths += (f"{s.health_venv}/bin/python", f"{s.health_venv}-wheels/installed.sha256")

@@ -4,6 +4,7 @@ once per session for the tests that need it, and fails them loudly (never skips)
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -13,7 +14,17 @@ def sandbox():
     from nemotron_rehearsal.sandbox.testing import session_sandbox
 
     # 4 compute nodes: two replicas of the 2-node layout (NEMOTRON_SANDBOX_NODES overrides).
-    yield from session_sandbox(int(os.environ.get("NEMOTRON_SANDBOX_NODES", "4")))
+    for sb in session_sandbox(int(os.environ.get("NEMOTRON_SANDBOX_NODES", "4"))):
+        # The login node's cron runs the scheduled check every minute, and the check replaces dead
+        # replicas: it would race the jobs the tests submit and cancel. Paused for the session; tests
+        # run the cron entry's command themselves when they mean to (as its user, like cron).
+        cron = [*sb.ssh_argv(sb.login_host, "pkill -STOP -x cron; true")]
+        subprocess.run(cron, capture_output=True, timeout=30)
+        try:
+            yield sb
+        finally:
+            resume = [*sb.ssh_argv(sb.login_host, "pkill -CONT -x cron; true")]
+            subprocess.run(resume, capture_output=True, timeout=30)
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 as its user exactly as cron runs it, replaces a replica whose job died (through the sudo rule the deploy
 installed) and one whose server stays unhealthy; `state=stopped` stops the service and its replacement.
 
-The sandbox runs no cron daemon: each test runs the cron entry's command itself, once per "interval".
+The sandbox's cron is paused for the tests (conftest.py): each test runs the cron entry's command
+itself, once per "interval".
 """
 
 from __future__ import annotations
