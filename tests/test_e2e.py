@@ -235,7 +235,7 @@ def test_the_scheduled_check_finds_the_job_slurm_hides_from_its_user(sandbox, se
 def test_every_rank_runs_inside_the_imported_image(sandbox, serving):
     """pyxis for real: the 16 servers run in enroot containers made from the imported squashfs
     (the image's own files, e.g. its README, are at their root; the host's python tests are not)."""
-    for node in sandbox.compute_names:
+    for node in sandbox.compute_names[:2]:  # the one replica's 2 nodes (of the sandbox's 4)
         probe = ssh(
             sandbox,
             node,

@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from helpers import model_card_client
@@ -25,6 +26,7 @@ from sshutil import (
     HEALTH_USER,
     HEALTH_VENV,
     JOB_BASE,
+    LOGS_DIR,
     SBATCH,
     cancel_jobs,
     converged_attempts,
@@ -106,6 +108,8 @@ def _serve_both(sandbox) -> None:
     if set(_jobs(sandbox)) != {R1, R2}:
         run = pyinfra("--data", "submit=true", timeout=300)
         assert run.rc == 0, run.describe()
+    else:  # e.g. a replica the check replaced: the check (paused cron's) points its slot at it
+        wait_for(lambda: "r2 OK" in _scheduled_check(sandbox), 120, "both replicas to generate")
     _both_up(sandbox)
 
 
@@ -161,6 +165,11 @@ def test_a_replica_answering_200_with_an_error_string_is_taken_out(sandbox, subm
         f"sbatch --parsable --export=ALL,NEMO_EMULATOR_ERROR_AFTER=1 --job-name={R2} {SBATCH}",
     )
     wait_for(lambda: R2 in _jobs(sandbox), 60, "the faulty r2 to run")
+    # Submitted by hand, it is hidden from the check's user (PrivateData) until its batch script writes
+    # its record: a check before that would see r2 gone and replace it with a healthy one.
+    faulty = _jobs(sandbox)[R2][0]
+    record = Path(f"{LOGS_DIR}/{R2}.job.json")
+    wait_for(lambda: record.exists() and f'"job_id": "{faulty}"' in record.read_text(), 60, "its record")
     try:
         # The scheduled check points slot r2 at the new job's node; HAProxy's own check then fails it.
         wait_for(
