@@ -43,7 +43,6 @@ Standard library only at import time, like health.py (``prometheus_client`` only
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -58,6 +57,7 @@ from .health import (
     default_state_file,
     load_state,
     save_state,
+    write_registry,
 )
 from .nagios import CRITICAL, OK, STATUS_NAMES, UNKNOWN, WARNING
 from .slurm import PENDING_STATES, SlurmError, read_record, record_path
@@ -461,7 +461,7 @@ def replace_dead(
 def write_textfile(path: str, fleet: FleetOutcome) -> None:
     """node_exporter textfile metrics (the module docstring's list), atomically, mode 0644."""
     try:
-        from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+        from prometheus_client import CollectorRegistry, Gauge
     except ImportError:
         raise OSError("prometheus_client is not installed: pip install prometheus-client") from None
     reg = CollectorRegistry()
@@ -519,12 +519,7 @@ def write_textfile(path: str, fleet: FleetOutcome) -> None:
         gauge("nemotron_endpoint_queue_length", "Requests waiting in the endpoint's queue", ep.queue_length)
     gauge("nemotron_check_timestamp_seconds", "Unix time of this check", fleet.timestamp)
     gauge("nemotron_check_status", "Nagios status of this check (0 OK,1 WARN,2 CRIT,3 UNKNOWN)", fleet.status)
-    old_umask = os.umask(0o022)
-    try:
-        write_to_textfile(path, reg)
-    finally:
-        os.umask(old_umask)
-    os.chmod(path, 0o644)
+    write_registry(path, reg)
 
 
 class _RestartsCollector:
@@ -561,7 +556,7 @@ def report_stopped(opts: argparse.Namespace, job_name: str) -> int:
             out.long_lines.append(f"warning: endpoint ({opts.endpoint_socket}): {exc}")
     if opts.prometheus_textfile:
         try:
-            from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+            from prometheus_client import CollectorRegistry, Gauge
 
             reg = CollectorRegistry()
             for name, doc, value in (
@@ -570,12 +565,7 @@ def report_stopped(opts: argparse.Namespace, job_name: str) -> int:
                 ("nemotron_check_status", "Nagios status of this check (0 OK,1 WARN,2 CRIT,3 UNKNOWN)", OK),
             ):
                 Gauge(name, doc, ["deployment"], registry=reg).labels(deployment=job_name).set(value)
-            old_umask = os.umask(0o022)
-            try:
-                write_to_textfile(opts.prometheus_textfile, reg)
-            finally:
-                os.umask(old_umask)
-            os.chmod(opts.prometheus_textfile, 0o644)
+            write_registry(opts.prometheus_textfile, reg)
         except (OSError, ImportError) as exc:
             out = Outcome(UNKNOWN, "internal_error", f"cannot write {opts.prometheus_textfile}: {exc}", None)
     print(json.dumps(out.as_dict(), sort_keys=True) if opts.json else out.nagios())

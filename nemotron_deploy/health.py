@@ -456,7 +456,7 @@ def parse_duration(text: str) -> float:
 def write_textfile(path: str, outcome: Outcome, state: dict[str, Any], target: str) -> None:
     """Write node_exporter textfile metrics atomically (prometheus_client's temp file + rename), 0644."""
     try:
-        from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+        from prometheus_client import CollectorRegistry, Gauge
     except ImportError:
         raise OSError("prometheus_client is not installed: pip install prometheus-client") from None
     reg = CollectorRegistry()
@@ -486,9 +486,16 @@ def write_textfile(path: str, outcome: Outcome, state: dict[str, Any], target: s
     )
     for code in REASONS:
         reason.labels(target=target, reason=code).set(1 if code == outcome.reason else 0)
+    write_registry(path, reg)
+
+
+def write_registry(path: str, registry: Any) -> None:
+    """A textfile for node_exporter: prometheus_client's temp file + rename (atomic), mode 0644."""
+    from prometheus_client import write_to_textfile
+
     old_umask = os.umask(0o022)
     try:
-        write_to_textfile(path, reg)
+        write_to_textfile(path, registry)
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o644)
