@@ -9,7 +9,6 @@ itself, once per "interval".
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from sshutil import (
     ssh,
     wait_for,
 )
-from test_replicas import _generated, _jobs, _put, _servers
+from test_replicas import _generated, _jobs, _put, _servers, steady_clients
 
 pytestmark = pytest.mark.sandbox
 
@@ -70,25 +69,7 @@ def _alone(sandbox):
 def test_a_killed_replica_is_replaced_and_serves_again_with_no_client_request_lost(sandbox):
     _serving(sandbox)
     old_r2 = _jobs(sandbox)[R2][0]
-    failures: list[str] = []
-    stop = threading.Event()
-    sent = [0]
-
-    def client() -> None:
-        while not stop.is_set():
-            sent[0] += 1
-            try:
-                status, text = _put(f"keep up {sent[0]}:")
-                if not _generated(status, text):
-                    failures.append(f"{status} {text[:200]}")
-            except OSError as exc:
-                failures.append(repr(exc))
-            time.sleep(0.05)
-
-    threads = [threading.Thread(target=client) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
+    with steady_clients("keep up") as traffic:
         time.sleep(1)
         killed = time.monotonic()
         ssh(sandbox, sandbox.login_host, f"scancel {old_r2}")  # as a node failure would end it
@@ -108,12 +89,8 @@ def test_a_killed_replica_is_replaced_and_serves_again_with_no_client_request_lo
         )
         before = int(_servers(sandbox)["r2"]["stot"])
         wait_for(lambda: int(_servers(sandbox)["r2"]["stot"]) > before, 30, "the new r2 to get requests")
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
-    assert sent[0] > 20
-    assert len(failures) <= 1, failures  # at most the one in flight on r2 when it was killed
+    assert traffic.sent > 20
+    assert len(traffic.failures) <= 1, traffic.failures  # at most the one in flight on r2 when it was killed
     log = ssh(sandbox, sandbox.login_host, "cat /var/lib/nemotron-health/state.json").stdout
     event = json.loads(log)["r2"]["events"][-1]
     assert (event["cause"], event["old_job_id"], event["new_job_id"]) == ("gone", "-", new_ids[0])
@@ -198,37 +175,17 @@ def test_a_rollout_across_two_replicas_under_load_fails_no_client_request(sandbo
     run = deploy_ok("--data", "slurm_time_limit=00:58:00")  # the sbatch changes: both replicas stale
     assert run.output.count("still runs the files of an earlier deploy") == 2, run.output
     assert _check(sandbox)["reason"] == "stale"
-    failures: list[str] = []
-    stop = threading.Event()
-    sent = [0]
-
-    def client() -> None:
-        while not stop.is_set():
-            sent[0] += 1
-            try:
-                status, text = _put(f"rollout {sent[0]}:")
-                if not _generated(status, text):
-                    failures.append(f"{status} {text[:200]}")
-            except OSError as exc:
-                failures.append(repr(exc))
-            time.sleep(0.05)
-
-    threads = [threading.Thread(target=client) for _ in range(2)]
-    for t in threads:
-        t.start()
-    try:
+    with steady_clients("rollout") as traffic:
         started = time.monotonic()
         rolled = pyinfra("--data", "slurm_time_limit=00:58:00", "--data", "rollout=true", timeout=600)
         took = time.monotonic() - started
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
     assert rolled.rc == 0, rolled.describe()
     assert "rollout: done: every replica runs the current files" in rolled.output
-    print(f"rollout of 2 replicas: {took:.1f}s, {sent[0]} client requests, {len(failures)} failed")
-    assert failures == [], failures
-    assert sent[0] > 20
+    print(
+        f"rollout of 2 replicas: {took:.1f}s, {traffic.sent} client requests, {len(traffic.failures)} failed"
+    )
+    assert traffic.failures == [], traffic.failures
+    assert traffic.sent > 20
     new = _current_digest()
     assert new != old and _records_digest(sandbox) == {R1: new, R2: new}
     assert _check(sandbox)["reason"] == "ok"

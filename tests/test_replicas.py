@@ -16,6 +16,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,59 @@ def _put(prompt: str, timeout: float = 30) -> tuple[int, str]:
 
 def _generated(status: int, text: str) -> bool:
     return status == 200 and isinstance(json.loads(text), dict) and "sentences" in json.loads(text)
+
+
+class Traffic:
+    """Client threads sending the model card's kind of request through the endpoint every 50 ms, each
+    answer checked: `sent` requests so far, `failures` (what failed and how)."""
+
+    def __init__(self, tag: str, limit: int | None, before: Callable[[int], None] | None) -> None:
+        self.tag, self.limit, self.before = tag, limit, before
+        self.sent = 0
+        self.failures: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def _client(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if self.limit is not None and self.sent >= self.limit:
+                    return
+                self.sent += 1
+                n = self.sent
+            if self.before:
+                self.before(n)
+            try:
+                status, text = _put(f"{self.tag} {n}:")
+                if not _generated(status, text):
+                    self.failures.append(f"{n}: {status} {text[:200]}")
+            except OSError as exc:
+                self.failures.append(f"{n}: {exc!r}")
+            time.sleep(0.05)
+
+    def join(self, timeout: float) -> None:
+        """Wait for the clients to end (all `limit` requests sent), at most `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
+@contextmanager
+def steady_clients(
+    tag: str, clients: int = 2, *, limit: int | None = None, before: Callable[[int], None] | None = None
+) -> Iterator[Traffic]:
+    """`clients` threads send requests (`before(n)` runs before the n-th) until the block ends or
+    `limit` requests were sent."""
+    traffic = Traffic(tag, limit, before)
+    traffic.threads = [threading.Thread(target=traffic._client) for _ in range(clients)]
+    for t in traffic.threads:
+        t.start()
+    try:
+        yield traffic
+    finally:
+        traffic._stop.set()
+        traffic.join(60)
 
 
 def _haproxy(sandbox, command: str) -> str:
@@ -197,36 +252,15 @@ def test_cancelling_a_replica_under_load_costs_at_most_one_client_request(sandbo
     most one request fails (one that was on r2 when it died), and the endpoint keeps answering."""
     _serve_both(sandbox)
     total, kill_at = 80, 30
-    failures: list[str] = []
-    lock = threading.Lock()
-    sent = [0]
 
-    def client() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with lock:
-                if sent[0] >= total:
-                    return
-                sent[0] += 1
-                n = sent[0]
-            if n == kill_at:
-                ssh(sandbox, sandbox.login_host, f"scancel -n {R2}")
-            try:
-                status, text = _put(f"stream {n}:")
-            except OSError as exc:
-                failures.append(f"{n}: {exc!r}")
-                continue
-            if not _generated(status, text):
-                failures.append(f"{n}: {status} {text[:200]}")
-            time.sleep(0.05)
+    def kill_r2_half_way(n: int) -> None:
+        if n == kill_at:
+            ssh(sandbox, sandbox.login_host, f"scancel -n {R2}")
 
-    threads = [threading.Thread(target=client) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(150)
-    assert sent[0] == total
-    assert len(failures) <= 1, failures
+    with steady_clients("stream", limit=total, before=kill_r2_half_way) as traffic:
+        traffic.join(150)
+    assert traffic.sent == total
+    assert len(traffic.failures) <= 1, traffic.failures
     assert R2 not in _jobs(sandbox), "r2 still runs: the scancel did not happen"
     assert _generated(*_put("after the kill:"))
     # The scheduled check takes the gone replica's slot out of the endpoint (maintenance).

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from nemotron_rehearsal import EMULATOR, NVIDIA_SMI_CAPTURES, PACKAGE_DIR
 from nemotron_rehearsal import sandbox as sb_api
-from nemotron_rehearsal.sandbox import layout, netns, nvidia_smi, slurm
+from nemotron_rehearsal.sandbox import gpus, layout, netns, nvidia_smi, slurm
 from nemotron_rehearsal.sandbox.proc import pid_alive
 from nemotron_rehearsal.sandbox.testing import CREATED_BY_TESTS
 
@@ -139,6 +139,46 @@ def test_stand_in_faults(smi):
 def test_stand_in_refuses_uncaptured_invocations(smi):
     code, out = smi("-q", gpus=2)
     assert code == 2 and out == ""
+
+
+def test_front_repeats_kept_healthy_answers_and_faults_always_reach_the_stand_in(tmp_path):
+    """The node's `nvidia-smi` is a shell front: the first healthy call runs the stand-in, which keeps
+    its answer; the same arguments again print that answer; a fault file sends every call to the
+    stand-in, which keeps nothing then."""
+    faults, answers = tmp_path / "faults.json", tmp_path / "answers"
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps({"gpus": 8, "captures": str(CAPTURES), "faults": str(faults), "cache": str(answers)})
+    )
+    program = tmp_path / "nvidia-smi"
+    program.write_text(
+        gpus.front(faults=str(faults), answers=str(answers), stand_in=str(STAND_IN), python=sys.executable)
+    )
+    program.chmod(0o755)
+    env = {**os.environ, "NEMOTRON_SANDBOX_NVIDIA_SMI_CONFIG": str(config)}
+    query = ("--query-gpu=index,name", "--format=csv,noheader")
+
+    def run(*args: str) -> str:
+        return subprocess.run(
+            [program, *args], capture_output=True, text=True, env=env, timeout=30, check=True
+        ).stdout
+
+    healthy = [f"{i}, NVIDIA H200" for i in range(8)]
+    assert run(*query).splitlines() == healthy
+    (kept,) = answers.iterdir()
+    kept.write_text(kept.read_text() + "kept\n")  # what the front prints is the kept file
+    assert run(*query).splitlines() == [*healthy, "kept"]
+    assert run("-L").count("NVIDIA H200") == 8  # other arguments: their own answer
+    assert len(list(answers.iterdir())) == 2
+    faults.write_text(json.dumps({"gpus": 7}))
+    assert run(*query).splitlines() == healthy[:7]
+    assert len(list(answers.iterdir())) == 2, "an answer under a fault was kept"
+    faults.unlink()
+    assert run(*query).splitlines() == [*healthy, "kept"]
+    shellcheck = subprocess.run(
+        ["shellcheck", "-s", "sh", "-"], input=gpus.FRONT, capture_output=True, text=True
+    )
+    assert shellcheck.returncode == 0, shellcheck.stdout
 
 
 def test_slurm_hostlist_and_gres():
@@ -366,17 +406,26 @@ def test_nvidia_smi_stand_in_and_fault_injection(sb):
     assert len(listing) == 8 and all("NVIDIA H200" in line for line in listing)
     assert ssh(sb, node, "nvidia-smi | grep -c 'NVIDIA H200'").stdout.strip() == "8"
     assert ssh(sb, node, "ls /opt/nemotron-sandbox/dev | grep -c '^nvidia[0-9]'").stdout.strip() == "8"
+    query = "nvidia-smi --query-gpu=index,name,ecc.errors.uncorrected.volatile.total --format=csv,noheader"
+    healthy = [f"{i}, NVIDIA H200, 0" for i in range(8)]
+    # A healthy answer is kept, and the node's front repeats it without the stand-in's Python.
+    assert ssh(sb, node, query).stdout.splitlines() == healthy
+    kept = ssh(sb, node, f"grep -l -x '7, NVIDIA H200, 0' {gpus.NODE_ANSWERS}/*").stdout.split()
+    assert len(kept) == 1, kept
+    ssh(sb, node, f"echo marked >> {kept[0]}")
+    assert ssh(sb, node, query).stdout.splitlines() == [*healthy, "marked"]  # the kept file, as kept
+    ssh(sb, node, f"rm {kept[0]}")
     with sb_api.exclusive_use("inject GPU faults"):
         try:
             sb_api.set_gpu_faults(node, gpus=7, ecc_uncorrected={2: 5}, name="NVIDIA H100 80GB HBM3")
-            query = "nvidia-smi --query-gpu=index,name,ecc.errors.uncorrected.volatile.total --format=csv,noheader"
-            out = ssh(sb, node, query).stdout
+            out = ssh(sb, node, query).stdout  # the same arguments: the fault wins over the kept answer
             assert out.splitlines() == [f"{i}, NVIDIA H100 80GB HBM3, {5 if i == 2 else 0}" for i in range(7)]
             other = ssh(sb, sb.compute[1].name, "nvidia-smi -L | wc -l").stdout.strip()
             assert other == "8", "faults are per node"
         finally:
             sb_api.clear_gpu_faults(node)
     assert len(ssh(sb, node, "nvidia-smi -L").stdout.splitlines()) == 8
+    assert ssh(sb, node, query).stdout.splitlines() == healthy
 
 
 @pytest.mark.sandbox

@@ -5,7 +5,8 @@ Nothing here pretends to compute. The device files are character devices with NV
 has files to hand out (opening them fails: no driver). `nvidia-smi` (nvidia_smi.py) prints the real
 captures in nvidia_smi_captures/ widened to the node's GPU count, and obeys a per-node fault file
 that tests write with `set_gpu_faults` to simulate a missing GPU, ECC errors, the wrong model or a
-driver that isn't loaded.
+driver that isn't loaded. On the node's PATH, `nvidia-smi` is a small shell front that repeats a
+healthy answer the stand-in already gave for the same arguments (see FRONT), else runs the stand-in.
 """
 
 from __future__ import annotations
@@ -24,8 +25,28 @@ HERE = Path(__file__).resolve().parent
 STAND_IN = HERE / "nvidia_smi.py"
 CAPTURES = HERE / "nvidia_smi_captures" / "h200-x2"
 NODE_CAPTURES = f"{NODE_SANDBOX_DIR}/nvidia-smi-captures/h200-x2"
+NODE_STAND_IN = f"{NODE_SANDBOX_DIR}/nvidia_smi.py"
+NODE_ANSWERS = f"{NODE_SANDBOX_DIR}/nvidia-smi-answers"
 NVIDIA_MAJOR = 195
 NVIDIA_CTL_MINOR = 255
+
+
+def front(*, faults: str, answers: str, stand_in: str, python: str = "/usr/bin/python3") -> str:
+    """The node's `nvidia-smi`: repeats the answer the stand-in kept for the same arguments while no
+    fault is injected, else runs the stand-in. Every sandbox node shares this machine's two cores:
+    Python's start-up (~50 ms of CPU) on every GPU query is a rehearsal cost that a real node doesn't
+    put on its neighbours; the front costs a few ms."""
+    return f"""#!/bin/sh
+# nvidia-smi STAND-IN front for the nemotron-deploy sandbox: NOT NVIDIA software, talks to no GPU.
+if [ ! -e {faults} ]; then
+    answer={answers}/$(printf '%s\\n' "$@" | md5sum | cut -d' ' -f1)
+    [ -f "$answer" ] && exec cat "$answer"
+fi
+exec {python} {stand_in} "$@"
+"""
+
+
+FRONT = front(faults=NODE_GPU_FAULTS, answers=NODE_ANSWERS, stand_in=NODE_STAND_IN)
 
 
 def _mknod(path: Path, major: int, minor: int) -> None:
@@ -51,16 +72,26 @@ def install(node: Node, gpus: int) -> None:
     captures = nodes.host_path(node, NODE_CAPTURES)
     shutil.rmtree(captures, ignore_errors=True)
     shutil.copytree(CAPTURES, captures)
-    config = {"gpus": gpus, "captures": NODE_CAPTURES, "faults": NODE_GPU_FAULTS}
+    config = {"gpus": gpus, "captures": NODE_CAPTURES, "faults": NODE_GPU_FAULTS, "cache": NODE_ANSWERS}
     nodes.install_file(node, NODE_NVIDIA_SMI_CONFIG, json.dumps(config, indent=1).encode() + b"\n")
+    shutil.rmtree(nodes.host_path(node, NODE_ANSWERS), ignore_errors=True)
 
     install_stand_in(node)
 
 
 def install_stand_in(node: Node, *, only_if_changed: bool = False) -> None:
-    nodes.install_file(
-        node, "/usr/local/bin/nvidia-smi", STAND_IN.read_bytes(), 0o755, only_if_changed=only_if_changed
-    )
+    """The stand-in and its front; the answers it kept are dropped when either changed."""
+    programs = {NODE_STAND_IN: STAND_IN.read_bytes(), "/usr/local/bin/nvidia-smi": FRONT.encode()}
+    if only_if_changed and all(_same(node, path, content) for path, content in programs.items()):
+        return
+    shutil.rmtree(nodes.host_path(node, NODE_ANSWERS), ignore_errors=True)
+    for path, content in programs.items():
+        nodes.install_file(node, path, content, 0o755)
+
+
+def _same(node: Node, path: str, content: bytes) -> bool:
+    target = nodes.host_path(node, path)
+    return target.is_file() and target.read_bytes() == content
 
 
 def set_gpu_faults(
