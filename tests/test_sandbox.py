@@ -192,8 +192,16 @@ def test_slurm_hostlist_and_gres():
 # --- the running sandbox (root) ----------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def idle_slurm(sandbox):
+    """No job left by earlier modules (a deployed replica): these tests take the nodes for their own."""
+    from sshutil import cancel_jobs
+
+    cancel_jobs(sandbox, timeout=60)
+
+
 @pytest.fixture
-def sb(sandbox):
+def sb(sandbox, idle_slurm):
     """The session's sandbox (tests/conftest.py: testing.session_sandbox); these tests need >= 2 nodes."""
     assert len(sandbox.compute) >= 2 and sandbox.gpus_per_node == 8
     return sandbox
