@@ -2,15 +2,15 @@
 
 The floor is what any deploy that checks its files must at least do: one OpenSSH round trip per
 host (login + N compute), all hosts in parallel, running the deploy's own stat + sha256sum snippet
-(``ManagedPaths``) over the paths the deploy manages on that host (``desired.for_host()`` for both init
-systems plus the venv's python and marker, the same list ``host_checks.read_host`` batches into its one
-fact command). On this machine every node's sshd shares the same cores, so the floor grows with N;
+(``ManagedPaths``) over the paths the deploy reads on that host (``host_checks.paths_to_read``, the
+same lists ``host_checks.read_host`` batches into its one fact command). On this machine every node's sshd shares the same cores, so the floor grows with N;
 the deploy is judged against the floor measured in the same round.
 
 One round = for every size (rotated each round, so no size always follows the same one): reset
 (remove what the deploy placed; the image stays pulled), first deploy, no-change re-deploy, floor.
 Rounds repeat ``runs`` times, interleaved, so machine drift hits every size alike. One more
-``--debug`` re-deploy per size (untimed) counts the SSH commands each host receives. Every deploy's
+``--debug`` re-deploy per size (untimed, after a deploy at that size: the replica count, so the
+login node's files, follows the size) counts the SSH commands each host receives. Every deploy's
 peak memory is the pyinfra process's ru_maxrss (``cluster.deploy``).
 """
 
@@ -28,30 +28,24 @@ class BenchError(RuntimeError):
     """A deploy failed: the numbers would be meaningless, so the part stops and says why."""
 
 
-def managed_paths(clu) -> dict[str, tuple[str, ...]]:
-    """role -> the paths the deploy's snapshot stats and checksums on a host of that role."""
-    from nemotron_deploy import desired
+def managed_paths(clu) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """role -> (paths the deploy's snapshot stats and checksums, files it only stats) on that role."""
+    from nemotron_deploy import host_checks
 
-    out: dict[str, tuple[str, ...]] = {}
-    for role, name in (("login", clu.login[0]), ("compute", clu.compute[0])):
-        paths = (
-            desired.for_host(clu, name).paths + desired.for_host(clu, name, desired.Login(init="cron")).paths
-        )
-        if role == "login":  # read_host also checks the venv and its marker there
-            s = clu.settings
-            paths += (f"{s.health_venv}/bin/python", f"{s.health_venv}-wheels/installed.sha256")
-        out[role] = tuple(dict.fromkeys(paths))
-    return out
+    return {
+        role: host_checks.paths_to_read(clu, name)
+        for role, name in (("login", clu.login[0]), ("compute", clu.compute[0]))
+    }
 
 
-def floor_command(paths: tuple[str, ...]) -> str:
+def floor_command(paths: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
     """``sh -c '<ManagedPaths snippet>'``: the deploy's own stat + sha256sum loop over ``paths``."""
     from nemotron_deploy.facts.files import ManagedPaths
 
-    return "sh -c " + shlex.quote(ManagedPaths().snippet(paths))
+    return "sh -c " + shlex.quote(ManagedPaths().snippet(*paths))
 
 
-def floor(sandbox, nodes: int, paths: dict[str, tuple[str, ...]]) -> dict:
+def floor(sandbox, nodes: int, paths: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]) -> dict:
     """One OpenSSH round trip per host (login + first N compute), all in parallel; wall time."""
     hosts = [(sandbox.login.name, paths["login"])]
     hosts += [(n.name, paths["compute"]) for n in sandbox.compute[:nodes]]
@@ -138,6 +132,7 @@ def run(sandbox, sizes: list[int], runs: int = 3, log=print) -> dict:
             )
     commands: dict[int, dict] = {}
     for n in sizes:
+        _deploy(n, "deploy at this size")  # from the previous size's files
         dbg = _deploy(n, "--debug re-deploy", "--debug")
         counts = count_ssh_commands(dbg.output)
         commands[n] = {

@@ -69,10 +69,21 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
             probes.append(("replica_jobs", ReplicaJobs, (names,)))
         if s.image_file:
             probes.append(("free", FreeSpace, (s.images_dir,)))
-    paths = list(desired.for_host(cluster, host.name).paths)
+    probes.append(("paths", ManagedPaths, paths_to_read(cluster, host.name)))
+    return snapshot(host, tuple(probes))
+
+
+def paths_to_read(cluster: Cluster, host_name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(paths to stat and checksum, files to stat only) on this host: what it should hold, and what
+    tells its state (the venv, the timer of either init system, the image)."""
+    s = cluster.settings
+    role = desired.role(cluster, host_name)
+    paths = list(desired.for_host(cluster, host_name).paths)
+    unhashed: tuple[str, ...] = ()
     if s.image_file:
         creds = desired.enroot_credentials(cluster)
-        paths += [s.image_file, creds, creds.rsplit("/", 1)[0]]
+        paths += [creds, creds.rsplit("/", 1)[0]]
+        unhashed = (s.image_file,)  # its presence only: never read the image's bytes
     if role == "login":
         # The init system is only known after this read: list the cron entry beside the systemd units.
         paths += [
@@ -84,8 +95,7 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
         ]
     elif s.container_runtime == "host":
         paths.append(s.eval_script)
-    probes.append(("paths", ManagedPaths, (tuple(dict.fromkeys(paths)),)))
-    return snapshot(host, tuple(probes))
+    return tuple(dict.fromkeys(paths)), unhashed
 
 
 def check_host(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:

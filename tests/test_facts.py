@@ -68,6 +68,25 @@ def test_managed_paths_reports_files_dirs_modes_and_checksums(tmp_path):
     assert user == Path(f).owner()
 
 
+def test_managed_paths_stats_unhashed_files_without_reading_them(tmp_path):
+    """The container image is only stat-ed: reading tens of GB on every node at every deploy would be
+    the deploy's slowest step."""
+    image, script = tmp_path / "nemo.sqsh", tmp_path / "run.sh"
+    image.write_bytes(b"image")
+    image.chmod(0o640)
+    script.write_text("x")
+    link = tmp_path / "link.sqsh"
+    link.symlink_to(image)
+    states = run_fact(ManagedPaths, (str(script),), (str(image), str(link), str(tmp_path / "absent.sqsh")))
+    assert states[str(image)].kind == "file" and states[str(image)].sha256 is None
+    assert states[str(image)].mode == "640" and states[str(image)].user == image.owner()
+    assert states[str(link)].kind == "other"  # never followed to an image elsewhere
+    assert states[str(script)].sha256 == hashlib.sha256(b"x").hexdigest()
+    assert str(tmp_path / "absent.sqsh") not in states
+    command = ManagedPaths().command((str(script),), (str(image),))
+    assert command.count("sha256sum") == 1 and "cat" not in command
+
+
 def test_gpu_fact_parses_the_real_capture(tmp_path):
     # The stand-in answers the deploy's exact query from the real 2 x H200 capture.
     bindir = fake_nvidia_smi(tmp_path, f"cat {CAPTURE / 'health-query.csv'}")

@@ -19,16 +19,26 @@ class PathState:
 
 
 class ManagedPaths(ProbeFact):
-    """{path: PathState}; paths that don't exist are absent from the dict."""
+    """{path: PathState}; paths that don't exist are absent from the dict. Files in `unhashed` are
+    stat-ed but not read (sha256 None): a container image is tens of GB on shared storage, and only
+    its presence matters; checksumming it on every node at every deploy would read it N times."""
 
-    def snippet(self, paths: tuple[str, ...]) -> str:
+    def snippet(self, paths: tuple[str, ...], unhashed: tuple[str, ...] = ()) -> str:
         quoted = " ".join(shlex.quote(p) for p in paths)
-        return (
+        loop = (
             f"for p in {quoted}; do "
             'if [ -L "$p" ]; then printf \'L - - - %s %s\\n\' "$(readlink "$p")" "$p"; '
             "elif [ -f \"$p\" ]; then printf 'F %s %s %s ' $(stat -c '%a %U %G' \"$p\"); "
             "sha256sum \"$p\" | cut -d' ' -f1 | tr '\\n' ' '; printf '%s\\n' \"$p\"; "
             'elif [ -d "$p" ]; then printf \'D %s %s %s - %s\\n\' $(stat -c \'%a %U %G\' "$p") "$p"; '
+            'elif [ -e "$p" ]; then printf \'O - - - - %s\\n\' "$p"; fi; done'
+        )
+        if not unhashed:
+            return loop
+        quoted = " ".join(shlex.quote(p) for p in unhashed)
+        return loop + (
+            f"\nfor p in {quoted}; do "
+            'if [ -f "$p" ] && [ ! -L "$p" ]; then printf \'F %s %s %s - %s\\n\' $(stat -c \'%a %U %G\' "$p") "$p"; '
             'elif [ -e "$p" ]; then printf \'O - - - - %s\\n\' "$p"; fi; done'
         )
 
