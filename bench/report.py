@@ -204,8 +204,9 @@ def markdown(results: dict) -> str:
             f"**Deploy scaling** on the sandbox cluster (login + N compute nodes, real OpenSSH), "
             f"{dep['runs']} run(s) per size, interleaved. First deploy: after removing what the deploy "
             "placed, with the image already pulled (pull excluded). Floor: one OpenSSH round trip per "
-            "host, all hosts in parallel, running the deploy's stat + sha256sum loop over every path "
-            "it manages. Every sshd shares this machine's cores, so the floor grows with N.",
+            "host, all hosts in parallel, with the key exchange pyinfra's paramiko negotiates "
+            "(curve25519), running the deploy's stat + sha256sum loop over every path it reads (the "
+            "image only stat-ed). Every sshd shares this machine's cores, so the floor grows with N.",
             "",
             "| compute nodes | first deploy | no-change re-deploy | floor | first / floor "
             "| re-deploy / floor | SSH commands per host (re-deploy) | pyinfra peak memory |",
