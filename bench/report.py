@@ -206,11 +206,14 @@ def markdown(results: dict) -> str:
             "placed, with the image already pulled (pull excluded). Floor: one OpenSSH round trip per "
             "host, all hosts in parallel, with the key exchange pyinfra's paramiko negotiates "
             "(curve25519), running the deploy's stat + sha256sum loop over every path it reads (the "
-            "image only stat-ed). Every sshd shares this machine's cores, so the floor grows with N.",
+            "image only stat-ed). Every sshd shares this machine's cores, so the floor grows with N. "
+            "Beside it, reported only: the same round trips with OpenSSH's default key exchange "
+            "(sntrup761x25519, ~70 ms of client CPU per host here), the floor as issue 13 measured it.",
             "",
             "| compute nodes | first deploy | no-change re-deploy | floor | first / floor "
-            "| re-deploy / floor | SSH commands per host (re-deploy) | pyinfra peak memory |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| re-deploy / floor | SSH commands per host (re-deploy) | pyinfra peak memory "
+            "| floor, OpenSSH's default key exchange |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for n in dep["sizes"]:
             s = dep["summary"][n]
@@ -221,7 +224,8 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {n} | {_cell(s['first'])} | {_cell(s['redeploy'])} | {_cell(s['floor'])} "
                 f"| {_marked(first, lim_f)} | {_marked(ratio, lim_r)} | {c['max']} "
-                f"| {_bytes(s.get('peak_rss_max', float('nan')))} |"
+                f"| {_bytes(s.get('peak_rss_max', float('nan')))} "
+                f"| {_cell(s['floor_default_kex']) if 'floor_default_kex' in s else '-'} |"
             )
         pulled = {n: dep["summary"][n].get("first_pulled_max", 0) for n in dep["sizes"]}
         if any(pulled.values()):
@@ -411,8 +415,9 @@ def summary_rows(results: dict) -> list[dict]:
     dep = results.get("deploy")
     if dep:
         for n in dep["sizes"]:
-            for key in ("first", "redeploy", "floor"):
-                add("deploy", key, n, "wall", "s", dep["summary"][n][key])
+            for key in ("first", "redeploy", "floor", "floor_default_kex"):
+                if key in dep["summary"][n]:
+                    add("deploy", key, n, "wall", "s", dep["summary"][n][key])
             c = dep["commands"][n]["max"]
             add("deploy", "redeploy", n, "ssh_commands_per_host_max", "count", _point(c))
             add("deploy", "any", n, "peak_rss_max", "B", _point(dep["summary"][n].get("peak_rss_max", 0)))
@@ -470,7 +475,9 @@ def sample_rows(results: dict) -> list[dict]:
     dep = results.get("deploy")
     if dep:
         for s in dep["samples"]:
-            for key in ("first", "redeploy", "floor"):
+            for key in ("first", "redeploy", "floor", "floor_default_kex"):
+                if key not in s:
+                    continue
                 rows.append(
                     {
                         "part": "deploy",
