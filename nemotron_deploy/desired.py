@@ -14,7 +14,7 @@ from pathlib import PurePosixPath
 
 import gevent.lock
 
-from . import alerts, render, wheelhouse
+from . import alerts, render, slurm, wheelhouse
 from . import endpoint as endpoint_mod
 from .inventory import Cluster
 from .operations import health_timer
@@ -215,8 +215,10 @@ SUDOERS_FILE = "/etc/sudoers.d/nemotron-health"
 def files_digest(cluster: Cluster) -> str:
     """The digest the rendered sbatch names (of every job file this deploy installs)."""
     sbatch = next(f for f in artifacts(cluster).job_files if f.name == "nemotron.sbatch")
-    line = next(x for x in str(sbatch.content).splitlines() if x.startswith("readonly FILES_DIGEST="))
-    return line.split("=", 1)[1].strip()
+    digest = slurm.files_digest_in(str(sbatch.content))
+    if digest is None:
+        raise RuntimeError("the rendered sbatch names no FILES_DIGEST (scripts/templates/nemotron.sbatch.j2)")
+    return digest
 
 
 def rollout_command(cluster: Cluster, login: Login) -> str:

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .endpoint_sync import BACKEND, SLOT_PREFIX
+from .endpoint_sync import SOCKET as STATS_SOCKET
+from .endpoint_sync import SPARE_PREFIX as SPARE_PREFIX  # re-exported for the template
 from .planner import Plan
 from .settings import ClusterSettings
 
@@ -31,12 +34,8 @@ from .settings import ClusterSettings
 CONFIG_DIR = "/etc/haproxy"
 CONFIG_FILE = "haproxy.cfg"
 LUA_FILE = "nemotron_envelope.lua"
-STATS_SOCKET = "/run/haproxy/admin.sock"
+# (STATS_SOCKET, with BACKEND, SLOT_PREFIX and the spare slot: from endpoint_sync, above.)
 RUN_AS = "haproxy"  # user and group Debian's package creates
-BACKEND = "replicas"
-SLOT_PREFIX = "r"
-SPARE_PREFIX = "u"  # one spare slot, u1, for rolling updates
-SPARE_SLOT = f"{SPARE_PREFIX}1"
 # Where an unassigned slot points: nothing listens on port 1, and the slot is in maintenance anyway.
 PLACEHOLDER_ADDR = "127.0.0.1"
 PLACEHOLDER_PORT = 1

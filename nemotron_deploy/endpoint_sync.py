@@ -29,8 +29,12 @@ import socket
 import sys
 from dataclasses import dataclass
 
-BACKEND = "replicas"  # endpoint.BACKEND (not imported: this module stays stdlib-only)
+# The endpoint's names, defined here (stdlib-only: the health check and the rollout import this
+# module on the login node) and re-exported by endpoint.py for the templates.
+BACKEND = "replicas"
 SLOT_PREFIX = "r"
+SPARE_PREFIX = "u"  # one spare slot, u1, for rolling updates
+SPARE_SLOT = f"{SPARE_PREFIX}1"
 SOCKET = "/run/haproxy/admin.sock"
 # srv_admin_state bits (HAProxy's SRV_ADMF_*): maintenance forced, inherited, by resolution, by hostname;
 # drain forced, inherited. (0x04, CMAINT, only records the config's `disabled` and stays after

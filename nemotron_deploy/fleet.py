@@ -60,7 +60,7 @@ from .health import (
     write_registry,
 )
 from .nagios import CRITICAL, OK, STATUS_NAMES, UNKNOWN, WARNING
-from .slurm import PENDING_STATES, SlurmError, read_record, record_path
+from .slurm import PENDING_STATES, SlurmError, files_digest, read_record, record_path
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -369,21 +369,6 @@ def check_fleet(opts: argparse.Namespace, job_name: str, count: int, port: int) 
     if error:
         fleet.long_lines.append(f"warning: {error}")
     return fleet
-
-
-FILES_DIGEST_PREFIX = "readonly FILES_DIGEST="
-
-
-def files_digest(sbatch: str) -> str | None:
-    """The digest of the job files the deploy installed last, as the sbatch file states it."""
-    try:
-        with open(sbatch, encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith(FILES_DIGEST_PREFIX):
-                    return line[len(FILES_DIGEST_PREFIX) :].strip()
-    except OSError:
-        return None
-    return None
 
 
 def replace_dead(

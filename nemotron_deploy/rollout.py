@@ -38,10 +38,9 @@ import sys
 import time
 
 from . import endpoint_sync, replacement
-from .fleet import files_digest
-from .slurm import SlurmError, query_job, read_record, record_path, replica_job_name
+from .endpoint_sync import SPARE_SLOT
+from .slurm import SlurmError, files_digest, query_job, read_record, record_path, replica_job_name
 
-SPARE_SLOT = "u1"  # endpoint.SPARE_SLOT (not imported: endpoint.py pulls in the settings)
 POLL = 0.5
 
 

@@ -290,3 +290,23 @@ def read_record(path: str | None) -> dict[str, Any] | None:
     if not isinstance(data, dict) or not str(data.get("job_id", "")).isdigit() or not data.get("node"):
         return None
     return data
+
+
+FILES_DIGEST_PREFIX = "readonly FILES_DIGEST="  # the sbatch's line naming its job files' digest
+
+
+def files_digest_in(sbatch_text: str) -> str | None:
+    """The digest of the job files an sbatch names (render.py writes it; its job records carry it)."""
+    for line in sbatch_text.splitlines():
+        if line.startswith(FILES_DIGEST_PREFIX):
+            return line[len(FILES_DIGEST_PREFIX) :].strip()
+    return None
+
+
+def files_digest(sbatch: str) -> str | None:
+    """The digest of the job files the deploy installed last, as the sbatch file at `sbatch` states it."""
+    try:
+        with open(sbatch, encoding="utf-8") as fh:
+            return files_digest_in(fh.read())
+    except OSError:
+        return None
