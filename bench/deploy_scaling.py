@@ -23,7 +23,6 @@ import time
 
 from . import cluster, common
 
-SSH = "ssh"
 # The key exchange pyinfra's paramiko negotiates. OpenSSH's default (sntrup761x25519, post-quantum)
 # costs ~70 ms of client CPU per connection here against ~0 for this one: with it, the floor would
 # measure OpenSSH's key exchange on two shared cores, not one round trip per host.
@@ -51,6 +50,10 @@ def floor_command(paths: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
     return "sh -c " + shlex.quote(ManagedPaths().snippet(*paths))
 
 
+def _with_options(ssh_argv: list[str], options: tuple[str, ...]) -> list[str]:
+    return [ssh_argv[0], *options, *ssh_argv[1:]]
+
+
 def floor(
     sandbox,
     nodes: int,
@@ -63,7 +66,7 @@ def floor(
     t0 = time.perf_counter()
     procs = [
         subprocess.Popen(
-            [SSH, *kex, *sandbox.ssh_argv(name, floor_command(p))[1:]],
+            _with_options(sandbox.ssh_argv(name, floor_command(p)), kex),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

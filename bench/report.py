@@ -225,7 +225,7 @@ def markdown(results: dict) -> str:
                 f"| {n} | {_cell(s['first'])} | {_cell(s['redeploy'])} | {_cell(s['floor'])} "
                 f"| {_marked(first, lim_f)} | {_marked(ratio, lim_r)} | {c['max']} "
                 f"| {_bytes(s.get('peak_rss_max', float('nan')))} "
-                f"| {_cell(s['floor_default_kex']) if 'floor_default_kex' in s else '-'} |"
+                f"| {_cell(s['floor_default_kex'])} |"
             )
         pulled = {n: dep["summary"][n].get("first_pulled_max", 0) for n in dep["sizes"]}
         if any(pulled.values()):
@@ -416,8 +416,7 @@ def summary_rows(results: dict) -> list[dict]:
     if dep:
         for n in dep["sizes"]:
             for key in ("first", "redeploy", "floor", "floor_default_kex"):
-                if key in dep["summary"][n]:
-                    add("deploy", key, n, "wall", "s", dep["summary"][n][key])
+                add("deploy", key, n, "wall", "s", dep["summary"][n][key])
             c = dep["commands"][n]["max"]
             add("deploy", "redeploy", n, "ssh_commands_per_host_max", "count", _point(c))
             add("deploy", "any", n, "peak_rss_max", "B", _point(dep["summary"][n].get("peak_rss_max", 0)))
@@ -476,8 +475,6 @@ def sample_rows(results: dict) -> list[dict]:
     if dep:
         for s in dep["samples"]:
             for key in ("first", "redeploy", "floor", "floor_default_kex"):
-                if key not in s:
-                    continue
                 rows.append(
                     {
                         "part": "deploy",

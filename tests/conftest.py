@@ -47,7 +47,9 @@ def sandbox():
 
 def _pause_cron(sb) -> None:
     """SIGSTOP cron, then let a check it already started finish (bounded): none runs after this."""
-    pause = "pkill -STOP -x cron; for _ in $(seq 150); do pgrep -u nemotron-health >/dev/null || break; sleep 0.2; done"
+    from sshutil import HEALTH_USER
+
+    pause = f"pkill -STOP -x cron; for _ in $(seq 150); do pgrep -u {HEALTH_USER} >/dev/null || break; sleep 0.2; done"
     subprocess.run([*sb.ssh_argv(sb.login_host, pause)], capture_output=True, timeout=60)
 
 

@@ -27,7 +27,9 @@ from sshutil import (
     ssh,
     wait_for,
 )
-from test_replicas import _generated, _jobs, _put, _servers, steady_clients
+from test_replicas import _generated, _jobs, _put, _serve_both, _servers, steady_clients
+
+from nemotron_deploy.slurm import files_digest
 
 pytestmark = pytest.mark.sandbox
 
@@ -46,17 +48,6 @@ def _check(sandbox, *extra: str) -> dict:
     return json.loads(out)
 
 
-def _serving(sandbox) -> None:
-    if set(_jobs(sandbox)) != {R1, R2}:
-        run = pyinfra("--data", "submit=true", timeout=300)
-        assert run.rc == 0, run.describe()
-    wait_for(
-        lambda: {k: v["status"] for k, v in _servers(sandbox).items()} == {"r1": "UP", "r2": "UP"},
-        60,
-        "both replicas UP",
-    )
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _alone(sandbox):
     with sb_api.exclusive_use("keep-up tests (submit, kill and replace jobs)"):
@@ -67,7 +58,7 @@ def _alone(sandbox):
 
 
 def test_a_killed_replica_is_replaced_and_serves_again_with_no_client_request_lost(sandbox):
-    _serving(sandbox)
+    _serve_both(sandbox)
     old_r2 = _jobs(sandbox)[R2][0]
     with steady_clients("keep up") as traffic:
         time.sleep(1)
@@ -100,7 +91,7 @@ def test_a_replica_whose_server_stays_unhealthy_is_replaced(sandbox):
     """r2 runs a server that answers 200 with an error string after its start-up check: once it has
     failed the check longer than the threshold (shortened here), the check cancels it and submits r2
     again (a healthy one, from the deployed sbatch)."""
-    _serving(sandbox)
+    _serve_both(sandbox)
     ssh(sandbox, sandbox.login_host, f"scancel --name={R2}")
     # Gone, COMPLETING included: its nodes are free for the faulty one.
     wait_for(lambda: R2 not in _jobs(sandbox) and len(job_ids(sandbox)) == 1, 120, "r2 to end")
@@ -135,7 +126,7 @@ def test_a_replica_whose_server_stays_unhealthy_is_replaced(sandbox):
 
 
 def test_stop_really_stops_and_the_check_replaces_nothing(sandbox):
-    _serving(sandbox)
+    _serve_both(sandbox)
     try:
         run = deploy_ok("--data", "state=stopped")
         assert "Stop the service" in run.output
@@ -162,16 +153,11 @@ def _records_digest(sandbox) -> dict[str, str]:
     return out
 
 
-def _current_digest() -> str:
-    line = next(x for x in Path(SBATCH).read_text().splitlines() if x.startswith("readonly FILES_DIGEST="))
-    return line.split("=", 1)[1]
-
-
 def test_a_rollout_across_two_replicas_under_load_fails_no_client_request(sandbox):
     """Every node serves (4 nodes, 2 replicas): one replica at a time is drained, cancelled, submitted
     again on the new files and put back, while the other serves every request."""
-    _serving(sandbox)
-    old = _current_digest()
+    _serve_both(sandbox)
+    old = files_digest(SBATCH)
     run = deploy_ok("--data", "slurm_time_limit=00:58:00")  # the sbatch changes: both replicas stale
     assert run.output.count("still runs the files of an earlier deploy") == 2, run.output
     assert _check(sandbox)["reason"] == "stale"
@@ -186,7 +172,7 @@ def test_a_rollout_across_two_replicas_under_load_fails_no_client_request(sandbo
     )
     assert traffic.failures == [], traffic.failures
     assert traffic.sent > 20
-    new = _current_digest()
+    new = files_digest(SBATCH)
     assert new != old and _records_digest(sandbox) == {R1: new, R2: new}
     assert _check(sandbox)["reason"] == "ok"
     # Back to the inventory's files, rolled out too, for the next tests.
@@ -194,7 +180,7 @@ def test_a_rollout_across_two_replicas_under_load_fails_no_client_request(sandbo
     assert back.rc == 0, back.describe()
 
 
-def test_a_rollout_whose_new_job_never_generates_leaves_the_old_replica_serving(sandbox):
+def test_a_rollout_whose_new_job_never_generates_leaves_the_old_replica_serve_both(sandbox):
     """One replica on 4 nodes: room for one more, so the new job starts beside the old one. It never
     generates (its server dies loading): the rollout stops, says so, and the old job keeps serving."""
     cancel_jobs(sandbox)

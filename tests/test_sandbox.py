@@ -22,6 +22,7 @@ from nemotron_rehearsal import sandbox as sb_api
 from nemotron_rehearsal.sandbox import gpus, layout, netns, nvidia_smi, slurm
 from nemotron_rehearsal.sandbox.proc import pid_alive
 from nemotron_rehearsal.sandbox.testing import CREATED_BY_TESTS
+from sshutil import cancel_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTURES = NVIDIA_SMI_CAPTURES
@@ -195,8 +196,6 @@ def test_slurm_hostlist_and_gres():
 @pytest.fixture(scope="module")
 def idle_slurm(sandbox):
     """No job left by earlier modules (a deployed replica): these tests take the nodes for their own."""
-    from sshutil import cancel_jobs
-
     cancel_jobs(sandbox, timeout=60)
 
 

@@ -74,24 +74,18 @@ def install(node: Node, gpus: int) -> None:
     shutil.copytree(CAPTURES, captures)
     config = {"gpus": gpus, "captures": NODE_CAPTURES, "faults": NODE_GPU_FAULTS, "cache": NODE_ANSWERS}
     nodes.install_file(node, NODE_NVIDIA_SMI_CONFIG, json.dumps(config, indent=1).encode() + b"\n")
-    shutil.rmtree(nodes.host_path(node, NODE_ANSWERS), ignore_errors=True)
-
-    install_stand_in(node)
+    install_stand_in(node)  # always writes, so the answers kept for the earlier config go
 
 
 def install_stand_in(node: Node, *, only_if_changed: bool = False) -> None:
     """The stand-in and its front; the answers it kept are dropped when either changed."""
     programs = {NODE_STAND_IN: STAND_IN.read_bytes(), "/usr/local/bin/nvidia-smi": FRONT.encode()}
-    if only_if_changed and all(_same(node, path, content) for path, content in programs.items()):
-        return
-    shutil.rmtree(nodes.host_path(node, NODE_ANSWERS), ignore_errors=True)
-    for path, content in programs.items():
-        nodes.install_file(node, path, content, 0o755)
-
-
-def _same(node: Node, path: str, content: bytes) -> bool:
-    target = nodes.host_path(node, path)
-    return target.is_file() and target.read_bytes() == content
+    wrote = [
+        nodes.install_file(node, path, content, 0o755, only_if_changed=only_if_changed)
+        for path, content in programs.items()
+    ]
+    if any(wrote):  # after the writes: an answer the old stand-in kept meanwhile goes too
+        shutil.rmtree(nodes.host_path(node, NODE_ANSWERS), ignore_errors=True)
 
 
 def set_gpu_faults(

@@ -80,17 +80,19 @@ def host_path(node: Node, path: str) -> Path:
 
 def install_file(
     node: Node, path: str, content: bytes, mode: int = 0o644, *, only_if_changed: bool = False
-) -> None:
+) -> bool:
     """Put a file at `path` inside the node, atomically (a program starting meanwhile sees the old or
-    the new file, never half of one); with only_if_changed, leave an identical file alone."""
+    the new file, never half of one); with only_if_changed, leave an identical file alone. True when
+    it wrote the file."""
     target = host_path(node, path)
     if only_if_changed and target.is_file() and target.read_bytes() == content:
-        return
+        return False
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_bytes(content)
     tmp.chmod(mode)
     tmp.rename(target)
+    return True
 
 
 def ensure_host_mountpoints() -> None:
