@@ -234,8 +234,18 @@ def test_a_replica_answering_200_with_an_error_string_is_taken_out(sandbox, subm
             90,
             "slot r2 to point at the new job",
         )
-        wait_for(lambda: _servers(sandbox)["r2"]["status"].startswith("DOWN"), 30, "r2 DOWN")
-        time.sleep(6)  # a few more of HAProxy's checks: it stays out
+        # DOWN for 6 s running (a few of HAProxy's checks): not merely DOWN while its server loads
+        # (refused), after which the first generation, the only good one, may bring it UP for a while.
+        down_since: list[float] = []
+
+        def down_for_6s() -> bool:
+            if not _servers(sandbox)["r2"]["status"].startswith("DOWN"):
+                down_since.clear()
+                return False
+            down_since[:] = down_since or [time.monotonic()]
+            return time.monotonic() - down_since[0] >= 6
+
+        wait_for(down_for_6s, 60, "r2 DOWN for 6 s running")
         servers = _servers(sandbox)
         assert servers["r2"]["status"].startswith("DOWN") and servers["r1"]["status"] == "UP", servers
         before = int(servers["r1"]["stot"])
