@@ -33,11 +33,12 @@ deploy.pull_container(host, cluster, snapshot)
 # 5. The endpoint's HAProxy on the login node, if missing (Debian's package), before its config.
 deploy.install_endpoint(host, cluster, snapshot)
 
-# 6. Job files: call_server.py, nemo_inference.sh, the health check on the nodes; the sbatch file;
-#    the endpoint's haproxy.cfg and request envelope on the login node.
+# 6. Job files: call_server.py, nemo_inference.sh, the health check on the nodes; the sbatch file,
+#    the endpoint's haproxy.cfg and request envelope, the health check's user, wheels, venv and
+#    timer or cron entry on the login node. A host whose files are in place gets no operation.
 deploy.ensure_files(host, cluster, snapshot)
 
-# 7. The scheduled health check on the login node (venv, user, systemd timer or cron).
+# 7. The scheduled health check on the login node: its systemd timer enabled (cron needs nothing).
 deploy.install_health_check(host, cluster, snapshot)
 
 # 8. The endpoint: started, or reloaded if its files changed, its slots pointed at the replicas.

@@ -8,6 +8,7 @@ so any failed check stops the deploy before a single change is made. What each h
 
 from __future__ import annotations
 
+import gc
 import os
 import weakref
 from pathlib import Path
@@ -36,6 +37,10 @@ def validated_cluster(inventory: Any) -> Cluster:
             raise DeployError(
                 "the inventory is invalid; nothing was changed:\n  " + "\n  ".join(map(str, exc.problems))
             ) from None
+        # pyinfra's process is short-lived, and what it holds by now (modules, the inventory, this
+        # validation) lives until it exits: take it out of the garbage collector's sight, so that
+        # each collection, and the one at exit, walks only what the run adds (~0.1 s of a deploy).
+        gc.freeze()
     return _clusters[inventory]
 
 
@@ -83,7 +88,8 @@ def ngc_key(cluster: Cluster) -> str | None:
 
 
 def ensure_files(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
-    """Directories, files and links (scripts, sbatch, health units, wheels) with explicit owners."""
+    """Directories, files and links (scripts, sbatch, health units, wheels) with explicit owners; on
+    the login node, then the health check's venv from those wheels, when they changed."""
     s = cluster.settings
     login = desired.role(cluster, host.name) == "login"
     if login:  # owns the health check's directories
@@ -91,14 +97,39 @@ def ensure_files(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
             name=f"User {s.health_user}", username=s.health_user, exists=snap["health_user"]
         )
     want = desired.for_host(cluster, host.name, desired.Login.of(cluster, snap) if login else None)
-    # One operation, one shell command per host (after SFTP uploads): every operation is a barrier
+    venv = _health_venv(cluster, snap) if login else ()
+    if not venv and files.tree_in_place(want.dirs, want.files, want.links, snap["paths"]):
+        return  # no operation where the read shows nothing to do (pyinfra lists the host as Skipped)
+    # One operation, one shell command per host (after one upload): every operation is a barrier
     # across hosts, and on a large cluster each round of commands costs about an SSH round trip.
+    # The login node's venv install rides in it, so it overlaps the compute nodes' uploads.
     files.managed_tree(
-        name="Job files, health-check wheels and timer" if login else "Job files",
+        name=f"Job files, health-check wheels, venv {s.health_venv} and timer" if login else "Job files",
         dirs=want.dirs,
         files=want.files,
         links=want.links,
         current=snap["paths"],
+        then=venv,
+    )
+
+
+def _health_venv(cluster: Cluster, snap: dict[str, Any]) -> tuple[Any, ...]:
+    """The venv install command, if the venv is missing or its wheels changed; else nothing."""
+    s = cluster.settings
+    built = desired.artifacts(cluster)
+    marker = snap["paths"].get(desired.wheels_marker(cluster))
+    installed = marker is not None and marker.sha256 == files.sha256_of(built.wheels_digest)
+    if installed and f"{s.health_venv}/bin/python" in snap["paths"]:
+        return ()
+    wheels = desired.wheels_dir(cluster)
+    return (
+        health_timer.venv_install(
+            venv=s.health_venv,
+            wheels=[f"{wheels}/{name}" for name, _ in built.wheels if name != built.installer],
+            installer=f"{wheels}/{built.installer}",
+            marker=desired.wheels_marker(cluster),
+            digest=built.wheels_digest,
+        ),
     )
 
 
@@ -151,24 +182,9 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
 
 
 def install_health_check(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
-    """The venv with this package, and the timer enabled (user and files come from ensure_files)."""
+    """The timer enabled (its user, files and venv come from ensure_files)."""
     if desired.role(cluster, host.name) != "login":
         return
-    s = cluster.settings
-    built = desired.artifacts(cluster)
-    marker = snap["paths"].get(desired.wheels_marker(cluster))
-    health_timer.ensure_venv(
-        name=f"Health-check venv {s.health_venv}",
-        venv=s.health_venv,
-        python_present=f"{s.health_venv}/bin/python" in snap["paths"],
-        wheels=[
-            f"{desired.wheels_dir(cluster)}/{name}" for name, _ in built.wheels if name != built.installer
-        ],
-        installer=f"{desired.wheels_dir(cluster)}/{built.installer}",
-        installed=marker is not None and marker.sha256 == files.sha256_of(built.wheels_digest),
-        marker=desired.wheels_marker(cluster),
-        digest=built.wheels_digest,
-    )
     units_changed = any(
         snap["paths"].get(path) is None or snap["paths"][path].sha256 != files.sha256_of(text)
         for path, text in desired.health_units(cluster, desired.Login.of(cluster, snap)).items()

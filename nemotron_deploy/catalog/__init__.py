@@ -127,7 +127,7 @@ class ModelSpec(BaseModel):
         if path.is_dir():
             path = path / "model_config.yaml"
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = load_yaml(path.read_text())
         except FileNotFoundError:
             raise CatalogError(
                 f"{path}: no such file; point --model-config at a checkpoint's model_config.yaml"
@@ -175,8 +175,13 @@ class ModelSpec(BaseModel):
             raise CatalogError(f"can't size this checkpoint: {problems}") from None
 
 
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with libyaml's loader where PyYAML has it (its wheels do): 5-10x faster."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
+
+
 def _load(name: str) -> dict[str, dict[str, Any]]:
-    return yaml.safe_load((HERE / name).read_text())
+    return load_yaml((HERE / name).read_text())
 
 
 @cache

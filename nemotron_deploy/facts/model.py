@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import shlex
+from functools import lru_cache
 
 import yaml
 
+from ..catalog import load_yaml
 from .base import ProbeFact
 
 
@@ -24,8 +26,14 @@ class ModelConfig(ProbeFact):
             return {"error": "the model directory does not exist"}
         if output == ["@@noconfig"]:
             return {"error": "the model directory has no readable model_config.yaml"}
-        try:
-            data = yaml.safe_load("\n".join(output))
-        except yaml.YAMLError as exc:
-            return {"error": f"model_config.yaml is not valid YAML: {exc}"}
-        return data if isinstance(data, dict) else {"error": "model_config.yaml is not a mapping"}
+        return dict(_parse("\n".join(output)))
+
+
+@lru_cache(maxsize=16)
+def _parse(text: str) -> dict:
+    """Parsed once per distinct text: every node usually reads the same checkpoint on shared storage."""
+    try:
+        data = load_yaml(text)
+    except yaml.YAMLError as exc:
+        return {"error": f"model_config.yaml is not valid YAML: {exc}"}
+    return data if isinstance(data, dict) else {"error": "model_config.yaml is not a mapping"}

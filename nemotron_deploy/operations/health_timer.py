@@ -153,39 +153,29 @@ def ensure_user(username: str, exists: bool):
         )
 
 
-@operation()
-def ensure_venv(
-    venv: str,
-    python_present: bool,
-    wheels: list[str],
-    installer: str,
-    installed: bool,
-    marker: str,
-    digest: str,
-):
+def venv_install(venv: str, wheels: list[str], installer: str, marker: str, digest: str) -> StringCommand:
     """
-    Create `venv` and install the uploaded wheels into it, offline, when they changed: in one command.
+    The command that creates `venv` and installs the uploaded wheels into it, offline.
 
     ``python3 -m venv --clear --without-pip`` (no pip bootstrap: that was most of a first deploy's
     fixed cost) and pypa's ``installer``, run from its uploaded wheel (``PYTHONPATH=<wheel>``: a
     pure-Python wheel is importable as is) and not installed into the venv. ``--clear`` starts from
     an empty venv on every change, as pip's --force-reinstall did, with no file of an older version
-    left behind. Needs no pip and no python3-venv/ensurepip on the login node.
+    left behind. Needs no pip and no python3-venv/ensurepip on the login node. The deploy runs it in
+    the login node's file operation, right after the wheels are in place (``managed_tree(then=)``).
 
     **Example:**
 
     .. code:: python
 
-        ensure_venv(venv="/opt/nemotron-deploy/health-venv", python_present=False,
-                    wheels=[".../nemotron_deploy-0.1.0-py3-none-any.whl"],
-                    installer=".../installer-1.1.0-py3-none-any.whl", installed=False,
-                    marker=".../installed.sha256", digest="ab12...")
+        venv_install(venv="/opt/nemotron-deploy/health-venv",
+                     wheels=[".../nemotron_deploy-0.1.0-py3-none-any.whl"],
+                     installer=".../installer-1.1.0-py3-none-any.whl",
+                     marker=".../installed.sha256", digest="ab12...")
     """
-    if installed and python_present:
-        return
     q = shlex.quote(venv)
     files = " ".join(shlex.quote(w) for w in wheels)
-    yield StringCommand(
+    return StringCommand(
         f"python3 -m venv --clear --without-pip {q} && "
         f"PYTHONPATH={shlex.quote(installer)} {q}/bin/python -m installer --compile-bytecode 0 {files} "
         f"&& printf %s {shlex.quote(digest)} > {shlex.quote(marker)}"
