@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if needs_sandbox:
             with cluster.sandbox_lock(args.lock, log=log):
                 try:
+                    common.compile_package()  # deploys run with the bytecode beside the sources
                     sandbox, before = cluster.ensure_nodes(max(args.sizes), log=log)
                     resized = before != len(sandbox.compute)
                     results["sandbox_nodes"] = len(sandbox.compute)

@@ -85,6 +85,23 @@ def sandbox_lock(mode: str, log=print) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def cron_paused(sandbox) -> Iterator[None]:
+    """The login node's cron stopped (SIGSTOP), after any check it started has finished (bounded).
+
+    Once a deploy installed it, the scheduled check runs every minute (~0.4 s of CPU at 32
+    replicas): whichever sample it lands in, deploy or floor, it would measure the check.
+    """
+    sb = sandbox_api()
+    login = sandbox.login.name
+    wait = "for _ in $(seq 150); do pgrep -f '[n]emotron_deploy[.]health' >/dev/null || break; sleep 0.2; done"
+    sb.node_run(login, ["sh", "-c", f"pkill -STOP -x cron; {wait}; true"], timeout=60)
+    try:
+        yield
+    finally:
+        sb.node_run(login, ["sh", "-c", "pkill -CONT -x cron; true"], timeout=60)
+
+
 def _parallel(fn, items) -> list:
     with ThreadPoolExecutor(max_workers=max(1, min(16, len(items)))) as pool:
         return list(pool.map(fn, items))
@@ -190,7 +207,9 @@ def deploy(nodes: int, *extra: str, runtime: str | None = None) -> DeployRun:
     (``runtime``: the sandbox's NEMOTRON_SANDBOX_RUNTIME, default its inventory's, pyxis)."""
     argv = [pyinfra(), "-y", INVENTORY, DEPLOY, *extra]
     env = common.child_env(
-        NEMOTRON_BENCH_NODES=str(nodes), **({"NEMOTRON_SANDBOX_RUNTIME": runtime} if runtime else {})
+        private_pycache=False,
+        NEMOTRON_BENCH_NODES=str(nodes),
+        **({"NEMOTRON_SANDBOX_RUNTIME": runtime} if runtime else {}),
     )
     with tempfile.TemporaryFile(mode="w+") as out:  # a file, not a pipe: nothing to drain while waiting
         t0 = time.perf_counter()

@@ -113,8 +113,13 @@ def run(sandbox, sizes: list[int], runs: int = 3, log=print) -> dict:
     clu = cluster.load_cluster()
     paths = managed_paths(clu)
     t0 = time.monotonic()
-    # Warm-up at the largest size: pulls the image on every node, builds the health wheels, fills
-    # the bytecode cache. Nothing of it is measured.
+    with cluster.cron_paused(sandbox):
+        return _measure(sandbox, clu, paths, sizes, runs, t0, log)
+
+
+def _measure(sandbox, clu, paths, sizes: list[int], runs: int, t0: float, log) -> dict:
+    # Warm-up at the largest size: pulls the image on every node, builds the health wheels. Nothing
+    # of it is measured.
     warm = _deploy(max(sizes), "warm-up deploy")
     log(f"deploy: warm-up at {max(sizes)} nodes {warm.wall:.1f}s")
     samples: list[dict] = []
