@@ -94,7 +94,9 @@ def cron_paused(sandbox) -> Iterator[None]:
     """
     sb = sandbox_api()
     login = sandbox.login.name
-    wait = "for _ in $(seq 150); do pgrep -f '[n]emotron_deploy[.]health' >/dev/null || break; sleep 0.2; done"
+    wait = (
+        "for _ in $(seq 150); do pgrep -f '[n]emotron_deploy[.]health' >/dev/null || break; sleep 0.2; done"
+    )
     sb.node_run(login, ["sh", "-c", f"pkill -STOP -x cron; {wait}; true"], timeout=60)
     try:
         yield

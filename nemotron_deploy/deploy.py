@@ -138,11 +138,13 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     s = cluster.settings
     runtime = s.pull_runtime or s.container_runtime
     if desired.role(cluster, host.name) == "compute" and runtime in ("docker", "podman"):
+        if snap.get("image"):
+            return  # present: no operation on this node (as for files; a call costs each host ~5 ms)
         containers.pull_image(
             name=f"Pull {s.image} ({runtime})",
             runtime=runtime,
             image=s.image,
-            present=bool(snap.get("image")),
+            present=False,  # returned above when it is
             ngc_key=ngc_key(cluster),
             tls_verify=s.registry_tls_verify,
             login=s.registry_login,

@@ -23,7 +23,10 @@ class Haproxy(ProbeFact):
             "if [ -d /run/systemd/system ]; then echo service=systemd; "
             "systemctl is-active --quiet haproxy && echo running=yes; "
             "elif [ -d /etc/init.d ]; then echo service=sysv; "
-            "[ -x /etc/init.d/haproxy ] && /etc/init.d/haproxy status >/dev/null 2>&1 && echo running=yes; "
+            # The init script's own test (a haproxy process for each pid in its pidfile), not its
+            # `status`: the script exits 0 for every action while haproxy.cfg is missing.
+            "p=/var/run/haproxy.pid; [ -f $p ] && while read -r pid; do "
+            'ps -o comm= -p "$pid" | grep -q haproxy && echo running=yes && break; done < $p; '
             "fi"
         )
 
