@@ -114,7 +114,10 @@ def reset(sandbox, nodes: int, settings) -> None:
 
     Compute nodes 1..N: node-local /opt/nemotron-deploy. Login: /opt/nemotron-deploy (the health
     venv and its wheels), /etc/cron.d/nemotron-health, the health check's state and textfile dirs
-    and its user. Shared: <shared>/nemotron-deploy (sbatch, logs), after cancelling the deploy's
+    and its user, its sudoers rule, and the endpoint (HAProxy stopped, its config removed: without
+    this, a first deploy after one of the same size found HAProxy running with the same config
+    and skipped starting it, 0.6 s at 64 nodes, so the first deploy's time hung on the order of
+    sizes). Shared: <shared>/nemotron-deploy (sbatch, logs), after cancelling the deploy's
     Slurm jobs, whose logs live there. The images stay (podman's, and pyxis's file in the shared
     dir's images/): first deploys are measured with the image already there (the registry part
     measures the fetch on its own).
@@ -129,6 +132,9 @@ def reset(sandbox, nodes: int, settings) -> None:
         # The images stay (pyxis's imported file is under the shared dir): first deploys exclude the fetch.
         f"find {shared} -mindepth 1 -maxdepth 1 ! -name images -exec rm -rf {{}} + 2>/dev/null; "
         f"rm -rf {NODE_DIR} {CRON_FILE} {STATE_DIR} {METRICS_DIR} {settings.prometheus_textfile_dir}; "
+        # The endpoint as a never-deployed login node has it: HAProxy installed, stopped, no config.
+        "/etc/init.d/haproxy stop >/dev/null 2>&1; rm -f /etc/haproxy/haproxy.cfg "
+        "/etc/haproxy/nemotron_envelope.lua /etc/sudoers.d/nemotron-health; "
         f"if id {user} >/dev/null 2>&1; then userdel {user}; fi; "
         f"if getent group {user} >/dev/null; then groupdel {user}; fi; true"
     )

@@ -219,7 +219,11 @@ def run_endpoint(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         service=snap["haproxy"]["service"],
         running=snap["haproxy"]["running"],
         config_changed=changed,
-        sync_command=desired.sync_command(cluster, desired.Login.of(cluster, snap)),
+        # Replicas write their records as they start: with none, the check would find nothing to
+        # put in a slot (0.4 s of a first deploy at 32 replicas); the scheduled check runs anyway.
+        sync_command=desired.sync_command(cluster, desired.Login.of(cluster, snap))
+        if snap.get("records")
+        else None,
     )
 
 

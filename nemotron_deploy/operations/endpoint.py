@@ -12,7 +12,7 @@ SERVICE = "haproxy"
 
 
 @operation()
-def ensure_running(service: str, running: bool, config_changed: bool, sync_command: str):
+def ensure_running(service: str, running: bool, config_changed: bool, sync_command: str | None):
     """
     Start HAProxy if it is not running, or reload it when its configuration changed (after `haproxy
     -c` accepts the file); leave it alone otherwise, so a re-deploy with nothing changed drops no
@@ -22,7 +22,8 @@ def ensure_running(service: str, running: bool, config_changed: bool, sync_comma
     + service: "systemd" (systemctl) or "sysv" (/etc/init.d/haproxy, hosts without systemd)
     + running: HAProxy runs now (from the host snapshot)
     + config_changed: this deploy changes haproxy.cfg or the Lua file it loads
-    + sync_command: the scheduled check, run once as its user (it applies the slots)
+    + sync_command: the scheduled check, run once as its user (it applies the slots); None where no
+      replica has ever written its record (a first deploy): there is nothing to point a slot at
 
     **Example:**
 
@@ -41,8 +42,9 @@ def ensure_running(service: str, running: bool, config_changed: bool, sync_comma
         yield StringCommand(f"systemctl enable --now {SERVICE}")
     else:
         yield StringCommand(f"/etc/init.d/{SERVICE} {'reload' if running else 'start'}")
-    # The check exits 1/2 while replicas are still loading: that is not a failed deploy.
-    yield StringCommand(f"{sync_command} || true")
+    if sync_command:
+        # The check exits 1/2 while replicas are still loading: that is not a failed deploy.
+        yield StringCommand(f"{sync_command} || true")
 
 
 @operation(is_idempotent=False)
