@@ -260,3 +260,14 @@ def test_a_host_whose_read_fails_stops_the_deploy_by_name():
     lost = SimpleNamespace(name="gpu-007", data={"ssh_hostname": "10.0.0.7"}, get_fact=lambda *a, **k: None)
     with pytest.raises(DeployError, match=r"gpu-007 \(10.0.0.7\): could not read the host over SSH"):
         snapshot(lost, (("runtimes", ContainerRuntimes, ()),))
+
+
+def test_model_config_is_parsed_once_per_text_and_each_caller_gets_its_own_dict():
+    fact = ModelConfig()
+    first = fact.process(["num_layers: 96", "hidden_size: 18432"])
+    second = fact.process(["num_layers: 96", "hidden_size: 18432"])
+    assert first == second == {"num_layers": 96, "hidden_size": 18432}
+    first["num_layers"] = 1
+    assert fact.process(["num_layers: 96", "hidden_size: 18432"])["num_layers"] == 96
+    assert "not valid YAML" in fact.process(["a: [1,"])["error"]
+    assert fact.process(["- a list"]) == {"error": "model_config.yaml is not a mapping"}

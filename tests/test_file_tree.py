@@ -10,7 +10,6 @@ import pytest
 
 from nemotron_deploy.desired import WantedDir, WantedFile, WantedLink
 from nemotron_deploy.facts.files import PathState
-from nemotron_deploy.facts.model import ModelConfig
 from nemotron_deploy.operations.files import _bundle, sha256_of, tree_in_place
 
 DIRS = [WantedDir("/opt/nemotron-deploy", "755", adopt=True), WantedDir("/srv/theirs", "755")]
@@ -98,14 +97,3 @@ def test_changed_files_travel_as_one_tar_with_one_member_each():
     assert _bundle(("text\n", b"\x00bytes")) == data, (
         "the same files must give the same bytes (cached per run)"
     )
-
-
-def test_model_config_is_parsed_once_per_text_and_each_caller_gets_its_own_dict():
-    fact = ModelConfig()
-    first = fact.process(["num_layers: 96", "hidden_size: 18432"])
-    second = fact.process(["num_layers: 96", "hidden_size: 18432"])
-    assert first == second == {"num_layers": 96, "hidden_size": 18432}
-    first["num_layers"] = 1
-    assert fact.process(["num_layers: 96", "hidden_size: 18432"])["num_layers"] == 96
-    assert "not valid YAML" in fact.process(["a: [1,"])["error"]
-    assert fact.process(["- a list"]) == {"error": "model_config.yaml is not a mapping"}
