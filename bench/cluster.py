@@ -94,14 +94,11 @@ def cron_paused(sandbox) -> Iterator[None]:
     """
     sb = sandbox_api()
     login = sandbox.login.name
-    wait = (
-        "for _ in $(seq 150); do pgrep -f '[n]emotron_deploy[.]health' >/dev/null || break; sleep 0.2; done"
-    )
-    sb.node_run(login, ["sh", "-c", f"pkill -STOP -x cron; {wait}; true"], timeout=60)
+    sb.node_run(login, ["sh", "-c", sb.PAUSE_CRON], timeout=60)
     try:
         yield
     finally:
-        sb.node_run(login, ["sh", "-c", "pkill -CONT -x cron; true"], timeout=60)
+        sb.node_run(login, ["sh", "-c", sb.RESUME_CRON], timeout=60)
 
 
 def _parallel(fn, items) -> list:

@@ -41,16 +41,17 @@ def sandbox():
         try:
             yield sb
         finally:
-            resume = [*sb.ssh_argv(sb.login_host, "pkill -CONT -x cron; true")]
+            from nemotron_rehearsal.sandbox import RESUME_CRON
+
+            resume = [*sb.ssh_argv(sb.login_host, RESUME_CRON)]
             subprocess.run(resume, capture_output=True, timeout=30)
 
 
 def _pause_cron(sb) -> None:
     """SIGSTOP cron, then let a check it already started finish (bounded): none runs after this."""
-    from sshutil import HEALTH_USER
+    from nemotron_rehearsal.sandbox import PAUSE_CRON
 
-    pause = f"pkill -STOP -x cron; for _ in $(seq 150); do pgrep -u {HEALTH_USER} >/dev/null || break; sleep 0.2; done"
-    subprocess.run([*sb.ssh_argv(sb.login_host, pause)], capture_output=True, timeout=60)
+    subprocess.run([*sb.ssh_argv(sb.login_host, PAUSE_CRON)], capture_output=True, timeout=60)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -15,6 +15,8 @@ CLI: `nemotron-deploy sandbox up|down|status`. Pytest: `testing.session_sandbox(
 """
 
 from .cluster import (
+    PAUSE_CRON,
+    RESUME_CRON,
     clear_gpu_faults,
     current,
     down,
@@ -33,6 +35,8 @@ from .locks import exclusive_use, shared_use
 from .proc import SandboxError
 
 __all__ = [
+    "PAUSE_CRON",
+    "RESUME_CRON",
     "Node",
     "Sandbox",
     "SandboxError",

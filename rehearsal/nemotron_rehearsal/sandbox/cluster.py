@@ -347,6 +347,17 @@ def node_up(name: str, timeout: float = 30) -> None:
         slurm.wait_nodes_idle(sandbox, [node.name], timeout=timeout)
 
 
+# The login node's cron, paused and resumed around work it must not race (the tests' jobs, the
+# benchmark's samples), as shell commands: the tests reach the node over SSH, the benchmark with
+# node_run. Pausing lets a check cron already started (run as the deploy's health user) finish,
+# for up to 30 s, so none runs once it returns.
+PAUSE_CRON = (
+    "pkill -STOP -x cron; "
+    "for _ in $(seq 150); do pgrep -u nemotron-health >/dev/null || break; sleep 0.2; done; true"
+)
+RESUME_CRON = "pkill -CONT -x cron; true"
+
+
 def node_run(name: str, argv: list[str], **kwargs):
     """Run a command inside a node without SSH (as root, in all of its namespaces)."""
     return node_ops.run_in(_require(name)[1], argv, **kwargs)
