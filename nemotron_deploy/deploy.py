@@ -144,6 +144,7 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
             name=f"Pull {s.image} ({runtime})",
             runtime=runtime,
             image=s.image,
+            present=False,  # returned above when it is
             ngc_key=ngc_key(cluster),
             tls_verify=s.registry_tls_verify,
             login=s.registry_login,

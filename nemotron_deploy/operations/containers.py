@@ -46,6 +46,7 @@ def _secret_upload(key: str, private_dir: str):
 def pull_image(
     runtime: str,
     image: str,
+    present: bool,
     ngc_key: str | None = None,
     tls_verify: bool = True,
     login: bool | None = None,
@@ -53,11 +54,11 @@ def pull_image(
     timeout_seconds: float | None = None,
 ):
     """
-    docker/podman: pull `image` on this node, printing progress. The deploy calls it only on nodes
-    whose read shows the image missing from local storage.
+    docker/podman: pull `image` on this node unless it is already in local storage, printing progress.
 
     + runtime: "docker" or "podman"
     + image: reference in docker form (registry/path:tag)
+    + present: the snapshot's answer to "is it already here?"
     + ngc_key: API key for nvcr.io (logs in with --password-stdin from a 0600 file first)
     + tls_verify: podman only; False for a plain-HTTP registry such as the sandbox's
     + login: log in with the key first; None: only when the image comes from nvcr.io
@@ -69,8 +70,10 @@ def pull_image(
     .. code:: python
 
         pull_image(name="Pull NeMo", runtime="podman", image="nvcr.io/nvidia/nemo:24.01.framework",
-                   ngc_key=os.environ.get("NGC_API_KEY"))
+                   present=False, ngc_key=os.environ.get("NGC_API_KEY"))
     """
+    if present:
+        return
     tool = shlex.quote(runtime)
     tls = " --tls-verify=false" if runtime == "podman" and not tls_verify else ""
     registry = registry_of(image)
