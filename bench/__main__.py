@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import check_cost, cluster, common, deploy_scaling, endpoint, readiness, registry, report
+from bench import check_cost, cluster, common, deploy_scaling, endpoint, readiness, registry, report
 
 PARTS = ("readiness", "check", "endpoint", "deploy", "registry")
 SANDBOX_PARTS = ("deploy", "registry")
@@ -22,9 +22,9 @@ section), results.csv, samples.csv, results.json and bench.png into --out.
 parts (--parts, default all):
   readiness  --readiness-starts emulator starts (random load delay, loopback, own port each):
              time from "can generate" (NEMO_EMULATOR_READY_FILE) to the return of
-             `python -m nemotron_deploy.health --wait`, and of the model card's curl loop + sleep 5
+             `python -m nemotron_deploy.service.health --wait`, and of the model card's curl loop + sleep 5
   check      one single check vs curl vs a bare stdlib Python probe: wall + CPU, --check-runs each;
-             import time of nemotron_deploy.health
+             import time of nemotron_deploy.service.health
   endpoint   HAProxy with the endpoint config rendered from inventories/h100.py (2 slots) in front of
              emulator processes on loopback: requests/s of 8 clients with 1 and 2 replicas (0.1 s per
              generation, rounds 1,2,2,1 of --endpoint-seconds); latency added by the endpoint (p50,

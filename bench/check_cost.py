@@ -5,13 +5,13 @@ Against one healthy emulator on loopback, each variant runs as a fresh process, 
 round-robin (so drift hits them alike); wall time is measured around the process, CPU time is the
 ``resource.getrusage(RUSAGE_CHILDREN)`` difference (user + system) across its wait:
 
-* ``health``: ``.venv/bin/python -m nemotron_deploy.health --host 127.0.0.1 --port P --no-state-file``;
+* ``health``: ``.venv/bin/python -m nemotron_deploy.service.health --host 127.0.0.1 --port P --no-state-file``;
 * ``curl``: ``curl -s -X PUT -H 'Content-Type: application/json' -d '<same body>' .../generate``;
 * ``bare-python``: a dozen-line urllib + json PUT of the same body, run by the same interpreter.
 
-Plus the module's import time, two ways: the wall time of ``python -c 'import nemotron_deploy.health'``
+Plus the module's import time, two ways: the wall time of ``python -c 'import nemotron_deploy.service.health'``
 minus that of ``python -c pass``, and ``python -X importtime``'s cumulative time of the top-level
-imports that ``import nemotron_deploy.health`` adds to a bare start-up.
+imports that ``import nemotron_deploy.service.health`` adds to a bare start-up.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import common
+from bench import common
 
 BARE_PROBE = '''\
 """Bare stdlib PUT probe: the floor for any Python health check."""
@@ -45,7 +45,7 @@ VARIANTS = ("health", "curl", "bare-python")
 
 def probe_body() -> str:
     """The health check's own probe body, so every variant asks the server for the same work."""
-    from nemotron_deploy.health import probe_payload
+    from nemotron_deploy.service.health import probe_payload
 
     return json.dumps(probe_payload())
 
@@ -56,7 +56,7 @@ def variant_argv(variant: str, port: int, body: str, bare: Path) -> list[str]:
         return [
             common.python(),
             "-m",
-            "nemotron_deploy.health",
+            "nemotron_deploy.service.health",
             "--host",
             common.LOOPBACK,
             "--port",
@@ -114,7 +114,7 @@ def importtime_us(env: dict[str, str], statement: str) -> dict[str, int]:
 def _importtime_added(env: dict[str, str]) -> float:
     """Seconds of import the health module adds to a bare ``python -c pass`` start-up."""
     base = importtime_us(env, "pass")
-    full = importtime_us(env, "import nemotron_deploy.health")
+    full = importtime_us(env, "import nemotron_deploy.service.health")
     return sum(us for name, us in full.items() if name not in base) / 1e6
 
 
@@ -148,7 +148,7 @@ def run(runs: int = 30, *, warmup: int = 3, log=print) -> dict:
                     samples[variant]["wall"].append(wall)
                     samples[variant]["cpu"].append(cpu)
                 bare_start, _, rc1, _ = timed([py, "-c", "pass"], env)
-                with_import, _, rc2, _ = timed([py, "-c", "import nemotron_deploy.health"], env)
+                with_import, _, rc2, _ = timed([py, "-c", "import nemotron_deploy.service.health"], env)
                 if i >= warmup and rc1 == rc2 == 0:
                     imports["pass"].append(bare_start)
                     imports["import"].append(with_import)

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from . import common
+from bench import common
 
 INVENTORY = "inventories/sandbox.py"
 DEPLOY = "deploys/nemotron.py"
@@ -119,7 +119,7 @@ def reset(sandbox, nodes: int, settings) -> None:
     dir's images/): first deploys are measured with the image already there (the registry part
     measures the fetch on its own).
     """
-    from nemotron_deploy.operations.health_timer import METRICS_DIR, STATE_DIR
+    from nemotron_deploy.deploy.operations.health_timer import METRICS_DIR, STATE_DIR
 
     sb = sandbox_api()
     user = settings.health_user

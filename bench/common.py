@@ -1,7 +1,7 @@
 """What every part shares: paths, the children's environment, summaries, and the emulator as a process.
 
 Why a separate child environment: this machine exports ``PYTHONDONTWRITEBYTECODE=1``, so every run of
-``python -m nemotron_deploy.health`` would recompile the module from source, which a pip-installed
+``python -m nemotron_deploy.service.health`` would recompile the module from source, which a pip-installed
 health check on a login node never does. Children get bytecode caching back, with the cache in a
 private temp dir (``PYTHONPYCACHEPREFIX``) so nothing is written into the repository or the system.
 """

@@ -21,7 +21,7 @@ import shlex
 import subprocess
 import time
 
-from . import cluster, common
+from bench import cluster, common
 
 # The key exchange pyinfra's paramiko negotiates. OpenSSH's default (sntrup761x25519, post-quantum)
 # costs ~70 ms of client CPU per connection here against ~0 for this one: with it, the floor would
@@ -35,7 +35,7 @@ class BenchError(RuntimeError):
 
 def managed_paths(clu) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     """role -> (paths the deploy's snapshot stats and checksums, files it only stats) on that role."""
-    from nemotron_deploy import host_checks
+    from nemotron_deploy.deploy import host_checks
 
     return {
         role: host_checks.paths_to_read(clu, name)
@@ -45,7 +45,7 @@ def managed_paths(clu) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
 
 def floor_command(paths: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
     """``sh -c '<ManagedPaths snippet>'``: the deploy's own stat + sha256sum loop over ``paths``."""
-    from nemotron_deploy.facts.files import ManagedPaths
+    from nemotron_deploy.deploy.facts.files import ManagedPaths
 
     return "sh -c " + shlex.quote(ManagedPaths().snippet(*paths))
 

@@ -40,9 +40,8 @@ import threading
 import time
 from pathlib import Path
 
-from nemotron_deploy import endpoint_sync
-
-from . import common
+from bench import common
+from nemotron_deploy.service import endpoint_sync
 
 INVENTORY = "inventories/h100.py"
 REPLICAS = 2

@@ -5,7 +5,7 @@ random ``NEMO_EMULATOR_LOAD_DELAY`` on its own loopback port; it writes the ``ti
 it became able to generate to ``NEMO_EMULATOR_READY_FILE``. The waiter is started together with the
 server, as the model card's launch script does:
 
-* ours: ``.venv/bin/python -m nemotron_deploy.health --wait --host 127.0.0.1 --port P`` (the real CLI);
+* ours: ``.venv/bin/python -m nemotron_deploy.service.health --wait --host 127.0.0.1 --port P`` (the real CLI);
 * the card's: its ``depends_on`` function verbatim in bash (``curl -X PUT`` every 10 s until curl
   exits 0), then its ``sleep 5`` before ``call_server.py`` would run.
 
@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import common
+from bench import common
 
 # The model card's depends_on() from nemo_inference.sh, unchanged except for the two arguments it is
 # called with; the `sleep 5` is what the card does before calling the server.
@@ -56,7 +56,7 @@ def waiter_argv(kind: str, port: int) -> list[str]:
         return [
             common.python(),
             "-m",
-            "nemotron_deploy.health",
+            "nemotron_deploy.service.health",
             "--wait",
             "--host",
             common.LOOPBACK,

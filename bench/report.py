@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from .common import Summary
+from bench.common import Summary
 
 # Issue 13's targets: no-change re-deploy / floor by node count, first deploy / floor, peak memory.
 RE_DEPLOY_FLOOR_LIMITS = {16: 1.5, 64: 1.3}
@@ -273,7 +273,7 @@ def markdown(results: dict) -> str:
             "| --- | ---: | ---: | ---: |",
         ]
         names = {
-            "health": "`python -m nemotron_deploy.health --no-state-file`",
+            "health": "`python -m nemotron_deploy.service.health --no-state-file`",
             "curl": "`curl -s -X PUT` (same body)",
             "bare-python": "bare stdlib `urllib` PUT (same interpreter)",
         }
@@ -282,8 +282,8 @@ def markdown(results: dict) -> str:
             lines.append(f"| {names[v]} | {_cell(cc[v]['wall'])} | {_cell(cc[v]['cpu'])} | {_x(r)} |")
         imp = cc["import"]
         lines += [
-            f"| `import nemotron_deploy.health` (start-up difference) | {_cell(imp['difference'])} | | |",
-            f"| `import nemotron_deploy.health` (`-X importtime`) | {_cell(imp['importtime'])} | | |",
+            f"| `import nemotron_deploy.service.health` (start-up difference) | {_cell(imp['difference'])} | | |",
+            f"| `import nemotron_deploy.service.health` (`-X importtime`) | {_cell(imp['importtime'])} | | |",
             "",
         ]
     ep = results.get("endpoint")

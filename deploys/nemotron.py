@@ -12,7 +12,8 @@ nemotron_deploy/ (deploy.py, host_checks.py, desired.py); this file is the check
 
 from pyinfra import host, inventory, state
 
-from nemotron_deploy import deploy, host_checks, reachability
+from nemotron_deploy.deploy import host_checks, reachability
+from nemotron_deploy.deploy import steps as deploy
 
 # 1. Validate the inventory: every host, every setting, and the sizing plan.
 cluster = deploy.validated_cluster(inventory)

@@ -16,8 +16,14 @@ EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
 # Subcommands implemented by their own module's main(argv); imported only when used.
 DELEGATED: dict[str, tuple[str, str]] = {
-    "health": ("nemotron_deploy.health", "poll the server until it generates; Nagios/JSON/Prometheus check"),
-    "preflight": ("nemotron_deploy.preflight", "check this node's GPUs with nvidia-smi (Nagios exit codes)"),
+    "health": (
+        "nemotron_deploy.service.health",
+        "poll the server until it generates; Nagios/JSON/Prometheus check",
+    ),
+    "preflight": (
+        "nemotron_deploy.service.preflight",
+        "check this node's GPUs with nvidia-smi (Nagios exit codes)",
+    ),
     "sandbox": ("nemotron_rehearsal.sandbox.cli", "a local Slurm cluster in network namespaces (root)"),
 }
 
@@ -41,7 +47,7 @@ def _fail(message: str, code: int) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from . import endpoint
+    from .deploy import endpoint
     from .inventory import InventoryError
 
     try:
@@ -90,8 +96,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
+    from .deploy.render import write
     from .inventory import InventoryError
-    from .render import write
 
     try:
         cluster = _load_cluster(args.inventory)

@@ -22,12 +22,7 @@ from pydantic import ValidationError
 
 from . import planner
 from .catalog import CatalogError, ModelSpec
-from .settings import (
-    NGC_KEY_LIKE,
-    SECRET_FIELD_NAMES,
-    ClusterSettings,
-    split_host_data,
-)
+from .settings import NGC_KEY_LIKE, SECRET_FIELD_NAMES, ClusterSettings, split_host_data
 
 ROLES = ("login", "compute")
 

@@ -15,8 +15,9 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from . import catalog, slurm
+from . import catalog
 from .catalog import GpuType, ModelSpec
+from .service import slurm
 
 DEFAULT_IMAGE = "nvcr.io/nvidia/nemo:24.01.framework"
 

@@ -75,7 +75,7 @@ def slurm(tmp_path, monkeypatch):
     """A fake Slurm (fake_slurm.FakeSlurm) first on PATH: `slurm.set({"jobs": {...}})` says what it knows."""
     from fake_slurm import FakeSlurm
 
-    from nemotron_deploy import slurm as slurm_module
+    from nemotron_deploy.service import slurm as slurm_module
 
     fake = FakeSlurm(tmp_path / "slurm")
     monkeypatch.setenv("PATH", f"{fake.bin}:{os.environ['PATH']}")

@@ -21,7 +21,8 @@ from nemotron_rehearsal import emulator
 from nemotron_rehearsal.emulator import serve_in_thread
 from test_endpoint import haproxy
 
-from nemotron_deploy import endpoint, endpoint_sync
+from nemotron_deploy.deploy import endpoint
+from nemotron_deploy.service import endpoint_sync
 
 HOST = "127.0.0.1"
 PING = "ping"  # the health check's prompt (haproxy.cfg.j2)
@@ -119,7 +120,7 @@ class Inventory:
 def running_endpoint(inv: Inventory, replicas: int, directory: Path) -> Iterator[Endpoint]:
     sock = directory / "admin.sock"
     rendered = subprocess.run(
-        [sys.executable, "-m", "nemotron_deploy.endpoint", str(inv.path), "--out", str(directory),
+        [sys.executable, "-m", "nemotron_deploy.deploy.endpoint", str(inv.path), "--out", str(directory),
          "--replicas", str(replicas), "--config-dir", str(directory), "--stats-socket", str(sock),
          "--bind", HOST],
         capture_output=True, text=True, timeout=60,

@@ -331,7 +331,7 @@ def op_statuses(output: str, operation: str) -> dict[str, str]:
 
 def source_digest() -> str:
     """The digest the deploy names the health-check wheel after (every .py/.yaml of the package)."""
-    from nemotron_deploy import wheelhouse
+    from nemotron_deploy.deploy import wheelhouse
 
     return wheelhouse.source_digest()
 

@@ -17,8 +17,10 @@ import pytest
 import yaml
 from helpers import INVENTORIES, REPO
 
-from nemotron_deploy import alerts, desired, inventory
-from nemotron_deploy.operations import health_timer
+from nemotron_deploy import inventory
+from nemotron_deploy.deploy import desired
+from nemotron_deploy.deploy.operations import health_timer
+from nemotron_deploy.service import alerts
 
 RULES = REPO / "nemotron_deploy" / "alerts" / alerts.RULES_NAME
 RULE_TESTS = REPO / "tests" / "prometheus" / "nemotron.rules.test.yml"
@@ -150,7 +152,7 @@ def test_every_metric_the_rules_use_is_documented():
         assert names, f"{rule['alert']}: no metric found in {rule['expr']!r}"
     undocumented = {alert: names - set(alerts.METRICS) for alert, names in used.items()}
     assert not any(undocumented.values()), (
-        f"metrics not in nemotron_deploy.alerts.METRICS (renamed?): {undocumented}"
+        f"metrics not in nemotron_deploy.service.alerts.METRICS (renamed?): {undocumented}"
     )
     assert set().union(*used.values()) >= {
         "nemotron_replica_up",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nemotron_deploy.operations.containers import enroot_credentials, import_image_file, registry_of
+from nemotron_deploy.deploy.operations.containers import enroot_credentials, import_image_file, registry_of
 
 IMAGE = "nvcr.io#nvidia/nemo:24.01.framework"
 

@@ -191,7 +191,8 @@ def test_first_deploy_places_everything_with_the_right_modes(sandbox, tmp_path):
     assert not exists(sandbox, login, "/etc/systemd/system/nemotron-health.timer")
     cron = read_bytes(sandbox, login, CRON_FILE).decode()
     assert (
-        f" {HEALTH_USER} {HEALTH_VENV}/bin/python -m nemotron_deploy.health --slurm-job nemotron-340b" in cron
+        f" {HEALTH_USER} {HEALTH_VENV}/bin/python -m nemotron_deploy.service.health --slurm-job nemotron-340b"
+        in cron
     )
     user = ssh(sandbox, login, f"getent passwd {HEALTH_USER}").stdout.strip().split(":")
     assert user[6] == "/usr/sbin/nologin" and int(user[2]) < 1000, f"not a system user: {user}"
@@ -202,7 +203,11 @@ def test_first_deploy_places_everything_with_the_right_modes(sandbox, tmp_path):
     }
     link = ssh(sandbox, login, f"readlink {TEXTFILE_DIR}/nemotron.prom").stdout.strip()
     assert link == f"{HEALTH_METRICS_DIR}/nemotron.prom"
-    ssh(sandbox, login, f"{HEALTH_VENV}/bin/python -c 'import nemotron_deploy.health, prometheus_client'")
+    ssh(
+        sandbox,
+        login,
+        f"{HEALTH_VENV}/bin/python -c 'import nemotron_deploy.service.health, prometheus_client'",
+    )
     # What cron runs, as the user cron runs it as: no job yet (CRITICAL), but the metrics are written.
     command = cron.splitlines()[-1].split(f" {HEALTH_USER} ", 1)[1].removesuffix(" >/dev/null 2>&1")
     check = ssh(sandbox, login, f"runuser -u {HEALTH_USER} -- {command}", check=False)

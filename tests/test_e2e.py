@@ -316,7 +316,7 @@ def test_health_fails_fast_with_the_state_of_a_job_killed_during_startup(sandbox
         health = subprocess.Popen(
             sandbox.ssh_argv(
                 login,
-                f"{HEALTH_VENV}/bin/python -m nemotron_deploy.health --wait --slurm-job {JOB_NAME} "
+                f"{HEALTH_VENV}/bin/python -m nemotron_deploy.service.health --wait --slurm-job {JOB_NAME} "
                 "--budget 120 --no-progress",
             ),
             stdout=subprocess.PIPE,

@@ -24,8 +24,10 @@ from pathlib import Path
 import pytest
 from helpers import INVENTORIES, REPO, SHIPPED, write_inventory
 
-from nemotron_deploy import endpoint, endpoint_sync, inventory, render
-from nemotron_deploy.endpoint_sync import ServerState
+from nemotron_deploy import inventory
+from nemotron_deploy.deploy import endpoint, render
+from nemotron_deploy.service import endpoint_sync
+from nemotron_deploy.service.endpoint_sync import ServerState
 
 GOLDEN_ENDPOINT = Path(__file__).resolve().parent / "golden-endpoint"
 WITH_SANDBOX = (*SHIPPED, "sandbox")
@@ -114,7 +116,7 @@ def test_regen_goldens_writes_the_endpoint_goldens():
     text = (REPO / "scripts" / "regen-goldens").read_text()
     assert (
         "golden-endpoint" in text
-        and f'nemotron_deploy.endpoint "${{inventory}}" --replicas {GOLDEN_REPLICAS}' in text
+        and f'nemotron_deploy.deploy.endpoint "${{inventory}}" --replicas {GOLDEN_REPLICAS}' in text
     )
 
 

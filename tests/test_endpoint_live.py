@@ -3,7 +3,7 @@
 on loopback, slots pointed at them by endpoint_sync through the runtime API. Nothing here leaves
 127.0.0.1. HAProxy must be installed (scripts/setup does): missing, these tests fail, never skip.
 
-The files are rendered by `python -m nemotron_deploy.endpoint` in a subprocess: loading an inventory
+The files are rendered by `python -m nemotron_deploy.deploy.endpoint` in a subprocess: loading an inventory
 runs pyinfra's CLI, which monkey-patches threading with gevent, and the stand-ins' threads must not
 straddle that.
 
@@ -300,7 +300,7 @@ def test_updater_changes_slots_at_run_time_without_reload(tmp_path):
             assert ep.proc.poll() is None and ep.proc.pid == pid
             # the CLI does the same
             cli = subprocess.run(
-                [sys.executable, "-m", "nemotron_deploy.endpoint_sync", "--socket", ep.socket,
+                [sys.executable, "-m", "nemotron_deploy.service.endpoint_sync", "--socket", ep.socket,
                  "--set", f"r1={HOST}:{a.port}", "--set", "r2=-", "--show"],
                 capture_output=True, text=True, timeout=30,
             )  # fmt: skip

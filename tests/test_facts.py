@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 from nemotron_rehearsal import NVIDIA_SMI_CAPTURES
 
-from nemotron_deploy.facts.disk import FreeSpace
-from nemotron_deploy.facts.files import ManagedPaths
-from nemotron_deploy.facts.gpus import NvidiaGpus
-from nemotron_deploy.facts.haproxy import Haproxy
-from nemotron_deploy.facts.images import ImagePresent
-from nemotron_deploy.facts.model import ModelConfig
-from nemotron_deploy.facts.runtimes import ContainerRuntimes
-from nemotron_deploy.facts.slurm import SlurmVersion
-from nemotron_deploy.facts.snapshot import HostSnapshot
-from nemotron_deploy.facts.system import InitSystem, UserExists
-from nemotron_deploy.nvidia_smi import QUERY_COMMAND
+from nemotron_deploy.deploy.facts.disk import FreeSpace
+from nemotron_deploy.deploy.facts.files import ManagedPaths
+from nemotron_deploy.deploy.facts.gpus import NvidiaGpus
+from nemotron_deploy.deploy.facts.haproxy import Haproxy
+from nemotron_deploy.deploy.facts.images import ImagePresent
+from nemotron_deploy.deploy.facts.model import ModelConfig
+from nemotron_deploy.deploy.facts.runtimes import ContainerRuntimes
+from nemotron_deploy.deploy.facts.slurm import SlurmVersion
+from nemotron_deploy.deploy.facts.snapshot import HostSnapshot
+from nemotron_deploy.deploy.facts.system import InitSystem, UserExists
+from nemotron_deploy.service.nvidia_smi import QUERY_COMMAND
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CAPTURE = NVIDIA_SMI_CAPTURES
@@ -254,8 +254,8 @@ def test_a_host_whose_read_fails_stops_the_deploy_by_name():
     """Before: a host lost after connecting made the snapshot None and the deploy a TypeError traceback."""
     from types import SimpleNamespace
 
-    from nemotron_deploy.errors import DeployError
-    from nemotron_deploy.facts.snapshot import snapshot
+    from nemotron_deploy.deploy.errors import DeployError
+    from nemotron_deploy.deploy.facts.snapshot import snapshot
 
     lost = SimpleNamespace(name="gpu-007", data={"ssh_hostname": "10.0.0.7"}, get_fact=lambda *a, **k: None)
     with pytest.raises(DeployError, match=r"gpu-007 \(10.0.0.7\): could not read the host over SSH"):

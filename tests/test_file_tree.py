@@ -8,9 +8,9 @@ import tarfile
 
 import pytest
 
-from nemotron_deploy.desired import WantedDir, WantedFile, WantedLink
-from nemotron_deploy.facts.files import PathState
-from nemotron_deploy.operations.files import _bundle, sha256_of, tree_in_place
+from nemotron_deploy.deploy.desired import WantedDir, WantedFile, WantedLink
+from nemotron_deploy.deploy.facts.files import PathState
+from nemotron_deploy.deploy.operations.files import _bundle, sha256_of, tree_in_place
 
 DIRS = [WantedDir("/opt/nemotron-deploy", "755", adopt=True), WantedDir("/srv/theirs", "755")]
 FILES = [

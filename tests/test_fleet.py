@@ -21,7 +21,7 @@ from fake_slurm import job
 from live_endpoint import HOST, Replica, ask, cluster_with, put, replica, running_endpoint
 from prometheus_client.parser import text_string_to_metric_families
 
-from nemotron_deploy import fleet, health
+from nemotron_deploy.service import fleet, health
 
 JOB = "nemotron-340b"
 
@@ -337,7 +337,7 @@ def test_fleet_usage_errors_are_unknown(argv, says, capsys):
 
 
 def test_python_m_health_runs_the_fleet_check(tmp_path, slurm):
-    """`python -m nemotron_deploy.health --replicas` (what the timer runs) takes the fleet path."""
+    """`python -m nemotron_deploy.service.health --replicas` (what the timer runs) takes the fleet path."""
     import os
     import subprocess
     import sys
@@ -345,7 +345,7 @@ def test_python_m_health_runs_the_fleet_check(tmp_path, slurm):
     slurm.set({"jobs": {"101": rjob(1)}})
     with fleet_of(1) as (_, port):
         proc = subprocess.run(
-            [sys.executable, "-m", "nemotron_deploy.health", "--slurm-job", JOB, "--replicas", "1",
+            [sys.executable, "-m", "nemotron_deploy.service.health", "--slurm-job", JOB, "--replicas", "1",
              "--port", str(port), "--no-state-file"],
             capture_output=True, text=True, timeout=30, env=dict(os.environ),
         )  # fmt: skip
@@ -424,5 +424,7 @@ def test_endpoint_envelope_refusal_is_critical_with_its_message(tmp_path, capsys
 
 def test_the_endpoint_texts_the_check_reads_are_in_the_template():
     """health.py recognises the endpoint's 503s by their text: the template must still say it."""
-    template = (Path(__file__).resolve().parents[1] / "scripts/templates/haproxy.cfg.j2").read_text()
+    template = (
+        Path(__file__).resolve().parents[1] / "nemotron_deploy/deploy/templates/haproxy.cfg.j2"
+    ).read_text()
     assert health.ENDPOINT_BUSY_TEXT in template and health.ENDPOINT_NO_REPLICA_TEXT in template

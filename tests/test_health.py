@@ -25,7 +25,7 @@ from fake_slurm import SCONTROL_LINE, job
 from nemotron_rehearsal.emulator import serve_in_thread
 from prometheus_client.parser import text_string_to_metric_families
 
-from nemotron_deploy import health
+from nemotron_deploy.service import health
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
@@ -423,7 +423,7 @@ def test_wait_shows_progress_on_a_terminal_only():
     argv = [
         sys.executable,
         "-m",
-        "nemotron_deploy.health",
+        "nemotron_deploy.service.health",
         "--wait",
         "--host",
         "127.0.0.1",
@@ -462,7 +462,7 @@ def test_wait_shows_progress_on_a_terminal_only():
 
 def test_the_shipped_zipapp_runs_alone(emu, tmp_path):
     """What rank 0 runs inside the container, where this package is not installed (-I: no site)."""
-    from nemotron_deploy import render
+    from nemotron_deploy.deploy import render
 
     lone = tmp_path / render.HEALTH_APP
     lone.write_bytes(render.health_zipapp())
@@ -489,7 +489,7 @@ def test_the_shipped_zipapp_runs_alone(emu, tmp_path):
 
 def test_import_is_light():
     code = (
-        "import sys, nemotron_deploy.health as h; "
+        "import sys, nemotron_deploy.service.health as h; "
         "heavy = {'pyinfra', 'pydantic', 'yaml', 'jinja2', 'prometheus_client', 'requests', 'subprocess'}; "
         "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))"
     )
@@ -643,7 +643,7 @@ def test_progress_lines_for_logs_when_not_a_terminal():
         [
             sys.executable,
             "-m",
-            "nemotron_deploy.health",
+            "nemotron_deploy.service.health",
             "--wait",
             "--host",
             "127.0.0.1",

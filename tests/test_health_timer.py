@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nemotron_deploy.operations import health_timer as health
+from nemotron_deploy.deploy.operations import health_timer as health
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ def test_service_treats_nagios_results_as_success_and_runs_unprivileged():
     assert "User=nemotron-health" in service
     assert "SuccessExitStatus=1 2 3" in service
     assert (
-        "ExecStart=/opt/v/bin/python -m nemotron_deploy.health --slurm-job job --replicas 2 --records-dir /s "
+        "ExecStart=/opt/v/bin/python -m nemotron_deploy.service.health --slurm-job job --replicas 2 --records-dir /s "
         "--port 1424 --prometheus-textfile" in service
     )
 

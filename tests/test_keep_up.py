@@ -29,7 +29,7 @@ from sshutil import (
 )
 from test_replicas import _generated, _jobs, _put, _serve_both, _servers, steady_clients
 
-from nemotron_deploy.slurm import files_digest
+from nemotron_deploy.service.slurm import files_digest
 
 pytestmark = pytest.mark.sandbox
 

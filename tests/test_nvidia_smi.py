@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from nemotron_rehearsal import NVIDIA_SMI_CAPTURES
 
-from nemotron_deploy import nvidia_smi
-from nemotron_deploy.nvidia_smi import (
+from nemotron_deploy.service import nvidia_smi
+from nemotron_deploy.service.nvidia_smi import (
     NVIDIA_SMI_QUERY,
     NVIDIA_SMI_QUERY_FIELDS,
     QUERY_COMMAND,

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from nemotron_rehearsal import NVIDIA_SMI_CAPTURES
 
-from nemotron_deploy import preflight
-from nemotron_deploy.nvidia_smi import NVIDIA_SMI_QUERY_ARGV, parse_query_csv, parse_query_xml
-from nemotron_deploy.preflight import check_gpus
+from nemotron_deploy.service import preflight
+from nemotron_deploy.service.nvidia_smi import NVIDIA_SMI_QUERY_ARGV, parse_query_csv, parse_query_xml
+from nemotron_deploy.service.preflight import check_gpus
 
 CAPTURES = NVIDIA_SMI_CAPTURES
 H200 = {"expect_names": ["NVIDIA H200"], "expect_memory_mib": 143771, "expect_count": 2}
@@ -247,7 +247,7 @@ def test_missing_nvidia_smi_is_critical(capsys, tmp_path, monkeypatch):
 
 def test_import_is_light():
     code = (
-        "import sys, nemotron_deploy.preflight; "
+        "import sys, nemotron_deploy.service.preflight; "
         "print(sorted({'yaml', 'pydantic', 'pyinfra', 'jinja2'} & {m.split('.')[0] for m in sys.modules}))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

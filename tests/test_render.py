@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from helpers import GOLDEN, INVENTORIES, REPO, SHIPPED, run_main, shellcheck, write_inventory
 
-from nemotron_deploy import inventory, render
+from nemotron_deploy import inventory
+from nemotron_deploy.deploy import render
 
 ALWAYS = ("call_server.py", "nemo_inference.sh", "nemotron.sbatch")
 SHELL = ("nemo_inference.sh", "nemotron.sbatch")

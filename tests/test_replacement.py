@@ -16,8 +16,10 @@ import pytest
 from fake_slurm import job
 from helpers import INVENTORIES, write_inventory
 
-from nemotron_deploy import desired, fleet, health, inventory
-from nemotron_deploy.replacement import DAY, CheckLock, Policy, backoff_seconds, decide
+from nemotron_deploy import inventory
+from nemotron_deploy.deploy import desired
+from nemotron_deploy.service import fleet, health
+from nemotron_deploy.service.replacement import DAY, CheckLock, Policy, backoff_seconds, decide
 
 POLICY = Policy(unhealthy_after=600, backoff_max=1800, max_per_day=10, startup_budget=300, first_backoff=60)
 
@@ -193,7 +195,7 @@ def test_two_checks_at_once_submit_one_job_per_replica(acting, slurm, tmp_path):
     argv, log = acting
     slurm.set({"jobs": {}})
     env = {**__import__("os").environ, "FAKE_SBATCH_SLEEP": "0.5"}
-    cmd = [sys.executable, "-m", "nemotron_deploy.health", *argv]
+    cmd = [sys.executable, "-m", "nemotron_deploy.service.health", *argv]
     procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     for p in procs:
         p.wait(timeout=60)

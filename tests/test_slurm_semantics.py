@@ -14,11 +14,12 @@ from helpers import INVENTORIES
 from nemotron_rehearsal.emulator import serve_in_thread
 from test_health import run
 
-from nemotron_deploy import inventory, slurm
-from nemotron_deploy.facts.slurm import SlurmVersion
-from nemotron_deploy.host_checks import login_problems
-from nemotron_deploy.operations import health_timer
-from nemotron_deploy.operations.submit import submit_decision
+from nemotron_deploy import inventory
+from nemotron_deploy.deploy.facts.slurm import SlurmVersion
+from nemotron_deploy.deploy.host_checks import login_problems
+from nemotron_deploy.deploy.operations import health_timer
+from nemotron_deploy.deploy.operations.submit import submit_decision
+from nemotron_deploy.service import slurm
 
 
 @pytest.fixture
@@ -151,7 +152,7 @@ def test_the_inventory_file_is_the_one_pyinfra_loaded(monkeypatch, tmp_path):
     """Not guessed from sys.argv: from the file group pyinfra adds and the code pyinfra executed."""
     from pyinfra_cli import util
 
-    from nemotron_deploy import deploy
+    from nemotron_deploy.deploy import steps as deploy
 
     inv = tmp_path / "inv" / "mycluster.py"
     codes = {
@@ -169,7 +170,7 @@ def test_the_inventory_file_is_the_one_pyinfra_loaded(monkeypatch, tmp_path):
 def test_the_endpoint_is_refused_by_preflight_where_haproxy_cannot_run():
     """Missing and not installable, too old, or no service manager: each names the fix, before any
     change (endpoint = false is always offered)."""
-    from nemotron_deploy.host_checks import endpoint_problems
+    from nemotron_deploy.deploy.host_checks import endpoint_problems
 
     def problem(**haproxy):
         (text,) = endpoint_problems({"version": None, "apt": False, "service": "systemd", **haproxy})
@@ -186,7 +187,7 @@ def test_the_endpoint_is_refused_by_preflight_where_haproxy_cannot_run():
 def test_endpoint_off_means_no_endpoint_problems_and_no_files(tmp_path):
     from helpers import write_inventory
 
-    from nemotron_deploy import desired
+    from nemotron_deploy.deploy import desired
 
     nothing = {
         "slurm": {"version": "22.05.8"},

@@ -22,8 +22,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from nemotron_deploy.operations import containers, watched
-from nemotron_deploy.operations.watched import Fetch, FetchFailed, run_watched
+from nemotron_deploy.deploy.operations import containers, watched
+from nemotron_deploy.deploy.operations.watched import Fetch, FetchFailed, run_watched
 
 REGISTRY = "registry.example:5000"
 IMAGE = f"{REGISTRY}/nvidia/nemo:24.01.framework"

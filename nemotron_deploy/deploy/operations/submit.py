@@ -10,7 +10,7 @@ import gevent
 from pyinfra import logger
 from pyinfra.api import FunctionCommand, StringCommand, operation
 
-from ..slurm import ACTIVE_STATES, ENDING_STATES, active_rows, parse_scontrol_record
+from ...service.slurm import ACTIVE_STATES, ENDING_STATES, active_rows, parse_scontrol_record
 
 
 class SubmitError(Exception):
@@ -23,7 +23,7 @@ ENDING_WAIT_SECONDS = 300
 
 def wait_command(*, venv: str, job_name: str, port: int, budget: int) -> str:
     """The health check that waits until the submitted job generates (progress as plain lines)."""
-    argv = [f"{venv}/bin/python", "-m", "nemotron_deploy.health", "--wait", "--progress-lines"]
+    argv = [f"{venv}/bin/python", "-m", "nemotron_deploy.service.health", "--wait", "--progress-lines"]
     argv += ["--slurm-job", job_name, "--port", str(port), "--budget", str(budget)]
     return " ".join(shlex.quote(a) for a in argv)
 
@@ -206,14 +206,14 @@ def stop_replicas(live_jobs: list[str], started_file: str, started_file_present:
 @operation(is_idempotent=False)
 def roll_out(command: str):
     """
-    Run the rolling update (nemotron_deploy.rollout) on the login node, printing its progress; it
+    Run the rolling update (nemotron_deploy.service.rollout) on the login node, printing its progress; it
     fails, with the old replicas still serving, when a new job does not generate.
 
     **Example:**
 
     .. code:: python
 
-        roll_out(name="Roll out", command="/opt/.../python -m nemotron_deploy.rollout --slurm-job ...")
+        roll_out(name="Roll out", command="/opt/.../python -m nemotron_deploy.service.rollout --slurm-job ...")
     """
 
     def run(state, host):

@@ -1,10 +1,10 @@
 """The endpoint: HAProxy on the login node in front of every replica, and what it enforces.
 
-`render.render_endpoint(cluster, replicas)` renders two files from `scripts/templates/`:
+`render.render_endpoint(cluster, replicas)` renders two files from `nemotron_deploy/deploy/templates/`:
 
 * ``haproxy.cfg`` (HAProxy 2.6, Debian bookworm's package): one frontend on ``endpoint_port``, one
   backend ``replicas`` with ``server-template`` slots ``r1..rN`` that start disabled; the updater
-  (:mod:`nemotron_deploy.endpoint_sync`) points them at the replicas' rank-0 nodes through the stats
+  (:mod:`nemotron_deploy.service.endpoint_sync`) points them at the replicas' rank-0 nodes through the stats
   socket at run time, without a reload. Each slot takes one request at a time (``maxconn 1``: NeMo's
   server holds one global lock), is health-checked with a real one-token generation (NeMo has no
   health route, and answers 200 with a JSON *string* for errors), and a request whose connection to
@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .endpoint_sync import BACKEND, SLOT_PREFIX
-from .endpoint_sync import SOCKET as STATS_SOCKET
-from .endpoint_sync import SPARE_PREFIX as SPARE_PREFIX  # re-exported for the template
-from .planner import Plan
-from .settings import ClusterSettings
+from ..planner import Plan
+from ..service.endpoint_sync import BACKEND, SLOT_PREFIX
+from ..service.endpoint_sync import SOCKET as STATS_SOCKET
+from ..service.endpoint_sync import SPARE_PREFIX as SPARE_PREFIX  # re-exported for the template
+from ..settings import ClusterSettings
 
 # Where Debian's haproxy.service reads its configuration, and the runtime API socket it conventionally
 # uses (Debian's default haproxy.cfg has the same path). The socket is mode 660, owner/group below:
@@ -138,13 +138,16 @@ def limits(settings: ClusterSettings, plan: Plan, replicas: int) -> Limits:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Write an inventory's endpoint files: `python -m nemotron_deploy.endpoint INVENTORY --out DIR`."""
+    """Write an inventory's endpoint files: `python -m nemotron_deploy.deploy.endpoint INVENTORY --out DIR`."""
     import argparse
     from pathlib import Path
 
-    from . import inventory, render
+    from .. import inventory
+    from . import render
 
-    parser = argparse.ArgumentParser(prog="python -m nemotron_deploy.endpoint", description=main.__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m nemotron_deploy.deploy.endpoint", description=main.__doc__
+    )
     parser.add_argument("inventory")
     parser.add_argument("--out", required=True, help="directory to write haproxy.cfg and the Lua file to")
     parser.add_argument("--replicas", type=int, help="replica slots (default: the plan's replicas)")

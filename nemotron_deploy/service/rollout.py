@@ -2,7 +2,7 @@
 request lost. Run by the deploy on the login node with ``--data rollout=true`` (as the user the deploy
 submits as), or by hand:
 
-    python -m nemotron_deploy.rollout --slurm-job nemotron-340b --replicas 2 --sbatch .../nemotron.sbatch \\
+    python -m nemotron_deploy.service.rollout --slurm-job nemotron-340b --replicas 2 --sbatch .../nemotron.sbatch \\
         --records-dir .../logs --port 1424 --endpoint-socket /run/haproxy/admin.sock --budget 2700
 
 For each replica whose running job's record names other files than the sbatch now in place, with
@@ -175,7 +175,7 @@ def roll_one(opts: argparse.Namespace, index: int, old_id: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m nemotron_deploy.rollout", description=__doc__.split("\n\n")[0]
+        prog="python -m nemotron_deploy.service.rollout", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--slurm-job", required=True, metavar="NAME", help="the deployment's job name")
     p.add_argument("--replicas", type=int, required=True)

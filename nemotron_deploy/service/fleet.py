@@ -1,6 +1,6 @@
 """The fleet check: every replica of a deployment, and the endpoint in front of them, in one verdict.
 
-``nemotron-deploy health --slurm-job NAME --replicas N`` (also ``python -m nemotron_deploy.health``):
+``nemotron-deploy health --slurm-job NAME --replicas N`` (also ``python -m nemotron_deploy.service.health``):
 each replica is its own Slurm job ``NAME-r<i>`` (i = 1..N, endpoint_sync.replica_job_name). For each
 one the check finds the job (squeue by name; where squeue hides it, PrivateData=jobs, the record its
 batch script wrote in ``--records-dir``), probes its first node with health.py's one-token

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from ..slurm import active_rows
+from ...service.slurm import active_rows
 from .base import ProbeFact
 
 

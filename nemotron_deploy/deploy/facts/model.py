@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import yaml
 
-from ..catalog import load_yaml
+from ...catalog import load_yaml
 from .base import ProbeFact
 
 

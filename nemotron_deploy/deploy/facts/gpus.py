@@ -1,8 +1,8 @@
-"""GPUs on a node, from `nvidia-smi`'s CSV query (parsed by nemotron_deploy.nvidia_smi)."""
+"""GPUs on a node, from `nvidia-smi`'s CSV query (parsed by nemotron_deploy.service.nvidia_smi)."""
 
 from __future__ import annotations
 
-from ..nvidia_smi import QUERY_COMMAND, parse_query_csv
+from ...service.nvidia_smi import QUERY_COMMAND, parse_query_csv
 from .base import ProbeFact
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..catalog import ModelSpec
+from ..inventory import Cluster
+from ..service.preflight import check_gpus
 from . import desired
-from .catalog import ModelSpec
 from .errors import DeployError
 from .facts.disk import FreeSpace
 from .facts.files import ManagedPaths
@@ -21,9 +23,7 @@ from .facts.runtimes import ContainerRuntimes
 from .facts.slurm import JobRecords, ReplicaJobs, SlurmVersion, SubmitContext
 from .facts.snapshot import snapshot
 from .facts.system import InitSystem, UnitEnabled, UserExists
-from .inventory import Cluster
 from .operations.health_timer import UNIT
-from .preflight import check_gpus
 
 # The endpoint's configuration needs http-check send/expect with bodies and retry-on (2.2+), and is
 # tested with Debian bookworm's 2.6.

@@ -67,7 +67,7 @@ def check_command(
     command = [
         f"{venv}/bin/python",
         "-m",
-        "nemotron_deploy.health",
+        "nemotron_deploy.service.health",
         "--slurm-job",
         job_name,
         "--replicas",

@@ -17,7 +17,7 @@ Slots already as desired get no command, so a second run sends nothing. Addresse
 
 Stdlib only: it runs from the health timer's venv on the login node, like health.py.
 
-    python -m nemotron_deploy.endpoint_sync --socket /run/haproxy/admin.sock --set r1=gpu01:1424 --set r2=-
+    python -m nemotron_deploy.service.endpoint_sync --socket /run/haproxy/admin.sock --set r1=gpu01:1424 --set r2=-
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def _slot_arg(text: str) -> tuple[str, tuple[str | None, int | None]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m nemotron_deploy.endpoint_sync",
+        prog="python -m nemotron_deploy.service.endpoint_sync",
         description="Point the endpoint's replica slots at replicas (HAProxy runtime API, no reload). "
         "Slots not named are left alone.",
     )

@@ -1,4 +1,4 @@
-"""Render the job files for one validated inventory, from the Jinja2 templates in `scripts/templates/`.
+"""Render the job files for one validated inventory, from the Jinja2 templates in `nemotron_deploy/deploy/templates/`.
 
 The deploy installs exactly these bytes, so `nemotron-deploy render` shows what a cluster will get.
 """
@@ -15,14 +15,12 @@ from pathlib import Path
 
 import jinja2
 
+from ..inventory import Cluster
 from . import endpoint
-from .inventory import Cluster
 
-REPO = Path(__file__).resolve().parent.parent
-TEMPLATES = REPO / "scripts" / "templates"
-PACKAGE_DIR = Path(__file__).resolve().parent
-# The health check and the stdlib-only modules it imports: what rank 0 runs inside the container.
-HEALTH_MODULES = ("__init__.py", "nagios.py", "slurm.py", "health.py")
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+# What rank 0 runs inside the container: the service side, whole (it imports only the stdlib and itself).
+SERVICE_DIR = Path(__file__).resolve().parents[1] / "service"
 HEALTH_APP = "nemotron_health.pyz"
 
 # Variables every task must see inside a container (docker/podman start with a clean environment).
@@ -62,10 +60,6 @@ class RenderedFile:
 
 @cache
 def _environment() -> jinja2.Environment:
-    if not TEMPLATES.is_dir():
-        raise FileNotFoundError(
-            f"templates not found at {TEMPLATES}: run nemotron-deploy from a clone of the repository"
-        )
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         undefined=jinja2.StrictUndefined,
@@ -195,9 +189,14 @@ def health_zipapp() -> bytes:
             info.external_attr = 0o644 << 16
             app.writestr(info, data)
 
-        add("__main__.py", b"import sys\n\nfrom nemotron_deploy.health import main\n\nsys.exit(main())\n")
-        for module in HEALTH_MODULES:
-            add(f"nemotron_deploy/{module}", (PACKAGE_DIR / module).read_bytes())
+        add(
+            "__main__.py",
+            b"import sys\n\nfrom nemotron_deploy.service.health import main\n\nsys.exit(main())\n",
+        )
+        add("nemotron_deploy/__init__.py", b"")
+        for path in sorted(SERVICE_DIR.rglob("*.py")):
+            if "__pycache__" not in path.parts:
+                add(f"nemotron_deploy/service/{path.relative_to(SERVICE_DIR).as_posix()}", path.read_bytes())
     return buf.getvalue()
 
 

@@ -17,12 +17,12 @@ from typing import Any
 from pyinfra import logger
 from pyinfra.operations import apt
 
+from ..inventory import Cluster, InventoryError, load
+from ..service.slurm import ENDING_STATES
 from . import desired
 from .desired import WantedDir, WantedFile
 from .errors import DeployError
-from .inventory import Cluster, InventoryError, load
 from .operations import containers, endpoint, files, health_timer, submit
-from .slurm import ENDING_STATES
 
 # One validation per pyinfra Inventory object, dropped with it (an id() could be reused).
 _clusters: weakref.WeakKeyDictionary[Any, Cluster] = weakref.WeakKeyDictionary()
@@ -242,7 +242,7 @@ def stale_replicas(cluster: Cluster, snap: dict[str, Any]) -> list[tuple[int, di
 
 def roll_out(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     """Say which replicas run an earlier deploy's files; with `--data rollout=true`, replace them one
-    at a time (nemotron_deploy.rollout on the login node, as the user the deploy submits as)."""
+    at a time (nemotron_deploy.service.rollout on the login node, as the user the deploy submits as)."""
     s = cluster.settings
     if desired.role(cluster, host.name) != "login" or s.state == "stopped":
         return

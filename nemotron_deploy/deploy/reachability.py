@@ -27,7 +27,7 @@ from pyinfra.api.exceptions import ConnectError
 from pyinfra.api.state import BaseStateCallback
 
 if TYPE_CHECKING:
-    from .inventory import Cluster
+    from ..inventory import Cluster
 
 DRAIN_REASON = "nemotron-deploy: unreachable, not deployed"
 

@@ -231,7 +231,7 @@ def classify_response(status: int, raw: bytes, duration: float, url: str) -> Pro
     return ProbeResult("ok", f"generated 1 token in {duration:.3f}s", duration, url, status)
 
 
-# What the endpoint answers itself (scripts/templates/haproxy.cfg.j2): after `timeout queue`, and
+# What the endpoint answers itself (nemotron_deploy/deploy/templates/haproxy.cfg.j2): after `timeout queue`, and
 # when no slot of the backend is UP. tests/test_endpoint.py checks the template still says so.
 ENDPOINT_BUSY_TEXT = "replicas are busy"
 ENDPOINT_NO_REPLICA_TEXT = "No replica is up"
@@ -1086,7 +1086,7 @@ def _emit(out: Outcome, opts: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    """Entry point of ``nemotron-deploy health`` and ``python -m nemotron_deploy.health``."""
+    """Entry point of ``nemotron-deploy health`` and ``python -m nemotron_deploy.service.health``."""
     parser = build_parser(prog)
     try:
         opts = parser.parse_args(argv)
@@ -1097,7 +1097,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
             from . import fleet
         except ImportError:  # the zipapp inside the container ships the single check only
             print(
-                f"{prog}: error: --replicas needs the installed package (nemotron_deploy.fleet)",
+                f"{prog}: error: --replicas needs the installed package (nemotron_deploy.service.fleet)",
                 file=sys.stderr,
             )
             return UNKNOWN

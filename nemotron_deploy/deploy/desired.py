@@ -14,9 +14,10 @@ from pathlib import PurePosixPath
 
 import gevent.lock
 
-from . import alerts, render, slurm, wheelhouse
+from ..inventory import Cluster
+from ..service import alerts, slurm
 from . import endpoint as endpoint_mod
-from .inventory import Cluster
+from . import render, wheelhouse
 from .operations import health_timer
 
 
@@ -217,14 +218,16 @@ def files_digest(cluster: Cluster) -> str:
     sbatch = next(f for f in artifacts(cluster).job_files if f.name == "nemotron.sbatch")
     digest = slurm.files_digest_in(str(sbatch.content))
     if digest is None:
-        raise RuntimeError("the rendered sbatch names no FILES_DIGEST (scripts/templates/nemotron.sbatch.j2)")
+        raise RuntimeError(
+            "the rendered sbatch names no FILES_DIGEST (nemotron_deploy/deploy/templates/nemotron.sbatch.j2)"
+        )
     return digest
 
 
 def rollout_command(cluster: Cluster, login: Login) -> str:
     s = cluster.settings
     argv = [
-        f"{s.health_venv}/bin/python", "-m", "nemotron_deploy.rollout",
+        f"{s.health_venv}/bin/python", "-m", "nemotron_deploy.service.rollout",
         "--slurm-job", s.job_name,
         "--replicas", str(cluster.plan.replicas),
         "--sbatch", f"{s.jobs_dir}/nemotron.sbatch",
