@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import check_cost, cluster, common, deploy_scaling, endpoint, readiness, registry, report
+from . import check_cost, cluster, common, deploy_scaling, endpoint, readiness, registry, report
 
 PARTS = ("readiness", "check", "endpoint", "deploy", "registry")
 SANDBOX_PARTS = ("deploy", "registry")

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import common
+from . import common
 
 BARE_PROBE = '''\
 """Bare stdlib PUT probe: the floor for any Python health check."""

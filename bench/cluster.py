@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from bench import common
+from . import common
 
 INVENTORY = "inventories/sandbox.py"
 DEPLOY = "deploys/nemotron.py"

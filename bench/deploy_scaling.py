@@ -21,7 +21,7 @@ import shlex
 import subprocess
 import time
 
-from bench import cluster, common
+from . import cluster, common
 
 # The key exchange pyinfra's paramiko negotiates. OpenSSH's default (sntrup761x25519, post-quantum)
 # costs ~70 ms of client CPU per connection here against ~0 for this one: with it, the floor would

@@ -40,8 +40,9 @@ import threading
 import time
 from pathlib import Path
 
-from bench import common
 from nemotron_deploy.service import endpoint_sync
+
+from . import common
 
 INVENTORY = "inventories/h100.py"
 REPLICAS = 2
@@ -58,7 +59,8 @@ END_STRINGS = ["<|endoftext|>", "<extra_id_1>", "\x11", "<extra_id_1>User"]
 RENDER = """\
 import grp, os, pwd, sys
 from pathlib import Path
-from nemotron_deploy import inventory, render
+from nemotron_deploy import inventory
+from nemotron_deploy.deploy import render
 inv, out, sock, port, replicas = sys.argv[1:6]
 cluster = inventory.load(inv, override_data={"endpoint_port": int(port)})
 who = {}

@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench import common
+from . import common
 
 # The model card's depends_on() from nemo_inference.sh, unchanged except for the two arguments it is
 # called with; the `sleep 5` is what the card does before calling the server.

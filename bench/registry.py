@@ -17,7 +17,7 @@ import re
 import time
 from pathlib import Path
 
-from bench import cluster, common
+from . import cluster, common
 
 LINE = re.compile(r'^(\S+) \S+ \S+ \[[^\]]*\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-)')
 RUNTIMES = ("pyxis", "podman")  # what inventories/group_data/sandbox.py can fetch with

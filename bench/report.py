@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from bench.common import Summary
+from .common import Summary
 
 # Issue 13's targets: no-change re-deploy / floor by node count, first deploy / floor, peak memory.
 RE_DEPLOY_FLOOR_LIMITS = {16: 1.5, 64: 1.3}

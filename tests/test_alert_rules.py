@@ -22,7 +22,7 @@ from nemotron_deploy.deploy import desired
 from nemotron_deploy.deploy.operations import health_timer
 from nemotron_deploy.service import alerts
 
-RULES = REPO / "nemotron_deploy" / "alerts" / alerts.RULES_NAME
+RULES = REPO / "nemotron_deploy" / "service" / "alerts" / alerts.RULES_NAME
 RULE_TESTS = REPO / "tests" / "prometheus" / "nemotron.rules.test.yml"
 ALERTS = {
     "NemotronReplicaDown": "warning",

@@ -14,7 +14,7 @@ server emulator at the path the NeMo container uses. Needs root on Debian/Ubuntu
 CLI: `nemotron-deploy sandbox up|down|status`. Pytest: `testing.session_sandbox()`.
 """
 
-from rehearsal.nemotron_rehearsal.sandbox.cluster import (
+from .cluster import (
     PAUSE_CRON,
     RESUME_CRON,
     clear_gpu_faults,
@@ -30,9 +30,9 @@ from rehearsal.nemotron_rehearsal.sandbox.cluster import (
     stop_node_sshd,
     up,
 )
-from rehearsal.nemotron_rehearsal.sandbox.layout import Node, Sandbox
-from rehearsal.nemotron_rehearsal.sandbox.locks import exclusive_use, shared_use
-from rehearsal.nemotron_rehearsal.sandbox.proc import SandboxError
+from .layout import Node, Sandbox
+from .locks import exclusive_use, shared_use
+from .proc import SandboxError
 
 __all__ = [
     "PAUSE_CRON",

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from rehearsal.nemotron_rehearsal.sandbox.proc import SandboxError
+from .proc import SandboxError
 
 
 def _print_status(report: dict) -> None:
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p_status.add_argument("--json", action="store_true", help="machine-readable output")
     args = parser.parse_args(argv)
 
-    from rehearsal.nemotron_rehearsal.sandbox import cluster
+    from . import cluster
 
     def log(message: str) -> None:
         print(f"sandbox: {message}", file=sys.stderr, flush=True)

@@ -21,30 +21,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from rehearsal.nemotron_rehearsal.sandbox import (
-    etc,
-    gpus,
-    locks,
-    munge,
-    nemo,
-    netns,
-    packages,
-    pyxis,
-    registry,
-    slurm,
-    sshd,
-)
-from rehearsal.nemotron_rehearsal.sandbox import nodes as node_ops
-from rehearsal.nemotron_rehearsal.sandbox.layout import (
-    SHARED_DIR,
-    STATE_DIR,
-    STATE_FILE,
-    Node,
-    Sandbox,
-    plan,
-    read_state,
-)
-from rehearsal.nemotron_rehearsal.sandbox.proc import SandboxError, tail
+from . import etc, gpus, locks, munge, nemo, netns, packages, pyxis, registry, slurm, sshd
+from . import nodes as node_ops
+from .layout import SHARED_DIR, STATE_DIR, STATE_FILE, Node, Sandbox, plan, read_state
+from .proc import SandboxError, tail
 
 Log = Callable[[str], None]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rehearsal.nemotron_rehearsal.sandbox import nodes
-from rehearsal.nemotron_rehearsal.sandbox.layout import UNPRIVILEGED_USER, Node, Sandbox
+from . import nodes
+from .layout import UNPRIVILEGED_USER, Node, Sandbox
 
 FIRST_UID = 2000
 

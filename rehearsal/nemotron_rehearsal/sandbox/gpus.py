@@ -17,15 +17,9 @@ import shutil
 import stat
 from pathlib import Path
 
-from rehearsal.nemotron_rehearsal.sandbox import nodes
-from rehearsal.nemotron_rehearsal.sandbox.layout import (
-    NODE_DEV_DIR,
-    NODE_GPU_FAULTS,
-    NODE_NVIDIA_SMI_CONFIG,
-    NODE_SANDBOX_DIR,
-    Node,
-)
-from rehearsal.nemotron_rehearsal.sandbox.proc import SandboxError
+from . import nodes
+from .layout import NODE_DEV_DIR, NODE_GPU_FAULTS, NODE_NVIDIA_SMI_CONFIG, NODE_SANDBOX_DIR, Node
+from .proc import SandboxError
 
 HERE = Path(__file__).resolve().parent
 STAND_IN = HERE / "nvidia_smi.py"

@@ -28,7 +28,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from rehearsal.nemotron_rehearsal.sandbox.layout import NODE_EMULATOR_PATH
+from .layout import NODE_EMULATOR_PATH
 
 PAYLOAD_BYTES = 1 << 20
 EPOCH = 1704067200  # 2024-01-01, fixed for reproducible digests

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from rehearsal.nemotron_rehearsal.sandbox.proc import SandboxError
+from .proc import SandboxError
 
 LOCK_FILE = Path("/run/lock/nemotron-sandbox.lock")
 DEFAULT_TIMEOUT = 900.0

@@ -12,9 +12,9 @@ import os
 import pwd
 from pathlib import Path
 
-from rehearsal.nemotron_rehearsal.sandbox import nodes
-from rehearsal.nemotron_rehearsal.sandbox.layout import STATE_DIR, Node
-from rehearsal.nemotron_rehearsal.sandbox.proc import SandboxError, tail, wait_until
+from . import nodes
+from .layout import STATE_DIR, Node
+from .proc import SandboxError, tail, wait_until
 
 MUNGE_DIR = STATE_DIR / "munge"
 KEY = MUNGE_DIR / "munge.key"

@@ -13,8 +13,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from rehearsal.nemotron_rehearsal.sandbox import nodes
-from rehearsal.nemotron_rehearsal.sandbox.layout import NODE_EMULATOR_PATH, Node, Sandbox
+from . import nodes
+from .layout import NODE_EMULATOR_PATH, Node, Sandbox
 
 HERE = Path(__file__).resolve().parent
 EMULATOR = HERE.parent / "emulator.py"

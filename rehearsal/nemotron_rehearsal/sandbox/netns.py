@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from rehearsal.nemotron_rehearsal.sandbox.layout import BRIDGE, BRIDGE_ADDRESS, NETNS_PREFIX, PREFIX_LEN, Node
-from rehearsal.nemotron_rehearsal.sandbox.proc import SandboxError, run
+from .layout import BRIDGE, BRIDGE_ADDRESS, NETNS_PREFIX, PREFIX_LEN, Node
+from .proc import SandboxError, run
 
 NETNS_DIR = Path("/run/netns")
 

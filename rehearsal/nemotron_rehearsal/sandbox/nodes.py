@@ -25,17 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
-from rehearsal.nemotron_rehearsal.sandbox import netns
-from rehearsal.nemotron_rehearsal.sandbox.layout import STATE_DIR, Node
-from rehearsal.nemotron_rehearsal.sandbox.proc import (
-    SandboxError,
-    kill_and_wait,
-    pid_alive,
-    read_pid,
-    run,
-    tail,
-    wait_until,
-)
+from . import netns
+from .layout import STATE_DIR, Node
+from .proc import SandboxError, kill_and_wait, pid_alive, read_pid, run, tail, wait_until
 
 NODEINIT = Path(__file__).with_name("nodeinit.py")
 SYSTEM_PYTHON = "/usr/bin/python3"

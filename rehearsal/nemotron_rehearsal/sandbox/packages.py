@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from rehearsal.nemotron_rehearsal.sandbox.proc import SandboxError, run
+from .proc import SandboxError, run
 
 # Debian package -> why the sandbox needs it.
 REQUIRED_PACKAGES: dict[str, str] = {

@@ -20,9 +20,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from rehearsal.nemotron_rehearsal.sandbox import nodes
-from rehearsal.nemotron_rehearsal.sandbox.layout import STATE_DIR, Node
-from rehearsal.nemotron_rehearsal.sandbox.proc import SandboxError, run
+from . import nodes
+from .layout import STATE_DIR, Node
+from .proc import SandboxError, run
 
 PYXIS_CANDIDATES = (
     "/usr/local/lib/slurm/spank_pyxis.so",

@@ -15,16 +15,9 @@ import http.client
 import secrets
 from pathlib import Path
 
-from rehearsal.nemotron_rehearsal.sandbox import image, nemo, nodes
-from rehearsal.nemotron_rehearsal.sandbox.layout import (
-    IMAGE_PATH,
-    NODE_DEV_DIR,
-    REGISTRY_PORT,
-    STATE_DIR,
-    Node,
-    Sandbox,
-)
-from rehearsal.nemotron_rehearsal.sandbox.proc import SandboxError, tail, wait_until
+from . import image, nemo, nodes
+from .layout import IMAGE_PATH, NODE_DEV_DIR, REGISTRY_PORT, STATE_DIR, Node, Sandbox
+from .proc import SandboxError, tail, wait_until
 
 REGISTRY_DIR = STATE_DIR / "registry"
 CONFIG = REGISTRY_DIR / "config.yml"

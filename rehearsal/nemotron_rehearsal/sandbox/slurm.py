@@ -16,9 +16,9 @@ and the host's /etc/slurm is never touched. Choices, each made for this machine:
 
 from __future__ import annotations
 
-from rehearsal.nemotron_rehearsal.sandbox import nodes
-from rehearsal.nemotron_rehearsal.sandbox.layout import NODE_DEV_DIR, Node, Sandbox
-from rehearsal.nemotron_rehearsal.sandbox.proc import tail, wait_until
+from . import nodes
+from .layout import NODE_DEV_DIR, Node, Sandbox
+from .proc import tail, wait_until
 
 SLURMCTLD_LOG = "/var/log/slurm/slurmctld.log"
 SLURMD_LOG = "/var/log/slurm/slurmd.log"

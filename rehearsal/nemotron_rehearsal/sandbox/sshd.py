@@ -13,9 +13,9 @@ import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from rehearsal.nemotron_rehearsal.sandbox import nodes
-from rehearsal.nemotron_rehearsal.sandbox.layout import STATE_DIR, Node, Sandbox
-from rehearsal.nemotron_rehearsal.sandbox.proc import SandboxError, kill_and_wait, run, tail, wait_until
+from . import nodes
+from .layout import STATE_DIR, Node, Sandbox
+from .proc import SandboxError, kill_and_wait, run, tail, wait_until
 
 SSH_DIR = STATE_DIR / "ssh"
 CLIENT_KEY = SSH_DIR / "id_ed25519"

@@ -21,9 +21,9 @@ import os
 import sys
 from collections.abc import Iterator
 
-from rehearsal.nemotron_rehearsal.sandbox import cluster, layout, locks
-from rehearsal.nemotron_rehearsal.sandbox.layout import STATE_DIR, Sandbox
-from rehearsal.nemotron_rehearsal.sandbox.proc import SandboxError
+from . import cluster, layout, locks
+from .layout import STATE_DIR, Sandbox
+from .proc import SandboxError
 
 CREATED_BY_TESTS = STATE_DIR / "created-by-tests"  # marker: a test session may take it down
 
