@@ -1,12 +1,41 @@
-"""Shared fixtures. The sandbox cluster (real sshd, Slurm, registry in network namespaces) comes up
-once per session for the tests that need it, and fails them loudly (never skips) when it can't."""
+"""Shared fixtures and the test tiers. A test's folder is its tier, and its marker:
+
+- ``tests/unit/``: no root, no tool beyond Python; seconds.   ``.venv/bin/pytest tests/unit``
+- ``tests/local/``: real tools on this machine (haproxy, promtool, shellcheck, systemd-analyze,
+  visudo, pip), loopback only, no root.                        ``.venv/bin/pytest tests/unit tests/local``
+- ``tests/sandbox/``: the sandbox cluster (real sshd, Slurm, registry, enroot + pyxis in network
+  namespaces); root. It comes up once per session, and fails its tests loudly (never skips) when it
+  can't.                                                       ``scripts/test`` runs all three.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
+
+TIERS = ("unit", "local", "sandbox")
+
+
+def _tier(path: Path) -> str | None:
+    parts = Path(path).parts
+    return next((tier for tier in TIERS if tier in parts[-2:-1]), None)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its folder's tier; the sandbox fixture outside tests/sandbox/ is an error."""
+    for item in items:
+        tier = _tier(item.path)
+        if tier is None:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in tests/unit, tests/local or tests/sandbox")
+        item.add_marker(tier)
+        if tier != "sandbox" and "sandbox" in item.fixturenames:
+            raise pytest.UsageError(
+                f"{item.nodeid} uses the sandbox cluster: move it to tests/sandbox/ (its tier needs root)"
+            )
+
 
 # What Slurm saw when a sandbox test failed: CI prints only the report, so it carries the evidence.
 _SLURM_STATE = (
@@ -59,7 +88,7 @@ def _cron_paused_for_module(request):
     """Pause cron again before a sandbox module's own set-up (which cancels jobs): an earlier module
     that brought the sandbox up again (a resize, a restart of its daemons) started a new cron, whose
     checks would replace the next tests' replicas."""
-    if request.node.get_closest_marker("sandbox"):
+    if _tier(request.node.path) == "sandbox" and "sandbox" in request.fixturenames:
         _pause_cron(request.getfixturevalue("sandbox"))
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
 from nemotron_rehearsal import EMULATOR, NVIDIA_SMI_CAPTURES, PACKAGE_DIR
 from nemotron_rehearsal import sandbox as sb_api
 from nemotron_rehearsal.sandbox import gpus, layout, netns, nvidia_smi, slurm
@@ -24,7 +25,7 @@ from nemotron_rehearsal.sandbox.proc import pid_alive
 from nemotron_rehearsal.sandbox.testing import CREATED_BY_TESTS
 from sshutil import cancel_jobs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 CAPTURES = NVIDIA_SMI_CAPTURES
 STAND_IN = PACKAGE_DIR / "sandbox" / "nvidia_smi.py"
 
@@ -225,7 +226,6 @@ def wait_for(predicate, timeout: float, what: str):
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
-@pytest.mark.sandbox
 def test_ssh_reaches_each_node_with_its_hostname_and_address(sb):
     assert sb.login.address == "10.213.0.2"
     assert sb.compute_addresses[:2] == ["10.213.0.11", "10.213.0.12"]
@@ -251,7 +251,6 @@ def test_ssh_reaches_each_node_with_its_hostname_and_address(sb):
     assert as_user.stdout.strip() == "nemotron", as_user.stderr
 
 
-@pytest.mark.sandbox
 def test_node_local_and_shared_paths(sb, tmp_path):
     marker = f"marker-{os.getpid()}-{time.time_ns()}"
     ssh(
@@ -290,7 +289,6 @@ def test_node_local_and_shared_paths(sb, tmp_path):
         ssh(sb, "sb-login", f"rm -f /etc/cron.d/sandbox-test /etc/systemd/system/{marker}.service")
 
 
-@pytest.mark.sandbox
 def test_srun_runs_16_tasks_with_the_right_node_ids_and_gpus(sb):
     cmd = "srun -N2 --ntasks-per-node=8 --gpus-per-node=8 bash -c 'echo $SLURM_NODEID $SLURM_PROCID $(hostname) $CUDA_VISIBLE_DEVICES'"
     lines = ssh(sb, "sb-login", cmd, timeout=60).stdout.splitlines()
@@ -321,7 +319,6 @@ def _sleepers(sb, tag: str) -> dict[str, int]:
     }
 
 
-@pytest.mark.sandbox
 def test_sbatch_then_scancel_leaves_no_process_on_any_node(sb):
     tag = str(3000 + os.getpid() % 1000)
     job = ssh(
@@ -343,7 +340,6 @@ def test_sbatch_then_scancel_leaves_no_process_on_any_node(sb):
     (sb.shared_dir / f"sbatch-{job}.out").unlink(missing_ok=True)
 
 
-@pytest.mark.sandbox
 def test_podman_pulls_the_image_from_the_registry_on_each_compute_node(sb):
     before = sb.registry_access_log.read_text().count("\n")
     host_storage = Path("/var/lib/containers/storage")
@@ -367,7 +363,6 @@ def test_podman_pulls_the_image_from_the_registry_on_each_compute_node(sb):
     assert (host_storage.exists() and sorted(p.name for p in host_storage.iterdir())) == host_storage_before
 
 
-@pytest.mark.sandbox
 def test_the_registry_serves_a_nemo_shaped_image_as_docker_v2(sb):
     """What enroot asks for (no OCI Accept header): a v2 schema 2 manifest; NeMo's environment; the
     stand-in at NeMo's path and a Python to run it, inside the image (not from the host)."""
@@ -406,7 +401,6 @@ def test_the_registry_serves_a_nemo_shaped_image_as_docker_v2(sb):
     assert get(f"/v2/{repo}/manifests/24.05", v2s2), "the second tag, for image-change tests"
 
 
-@pytest.mark.sandbox
 def test_nvidia_smi_stand_in_and_fault_injection(sb):
     node = sb.compute[0].name
     listing = ssh(sb, node, "nvidia-smi -L").stdout.splitlines()
@@ -435,7 +429,6 @@ def test_nvidia_smi_stand_in_and_fault_injection(sb):
     assert ssh(sb, node, query).stdout.splitlines() == healthy
 
 
-@pytest.mark.sandbox
 def test_model_dir_and_emulator_are_installed(sb):
     config = yaml.safe_load((sb.model_dir / "model_config.yaml").read_text())
     assert config["tensor_model_parallel_size"] == 8 and config["num_layers"] == 96
@@ -451,7 +444,6 @@ def test_model_dir_and_emulator_are_installed(sb):
             assert "placeholder" in text
 
 
-@pytest.mark.sandbox
 def test_pyinfra_reaches_every_node_through_the_inventory(sb):
     pyinfra = Path(sys.executable).with_name("pyinfra")
     result = subprocess.run(
@@ -463,7 +455,6 @@ def test_pyinfra_reaches_every_node_through_the_inventory(sb):
         assert f"[{node.name}] {node.name}" in re.sub(r"\s+", " ", result.stdout + result.stderr)
 
 
-@pytest.mark.sandbox
 def test_status_reports_every_node_and_daemon(sb):
     result = subprocess.run(
         [sys.executable, "-m", "nemotron_rehearsal.sandbox.cli", "status", "--json"],
@@ -478,7 +469,6 @@ def test_status_reports_every_node_and_daemon(sb):
     assert {n["slurm_state"] for n in report["nodes"][1:]} <= {"idle", "mixed", "allocated"}
 
 
-@pytest.mark.sandbox
 def test_up_again_is_a_fast_no_op(sb):
     start = time.monotonic()
     again = sb_api.up(nodes=len(sb.compute), gpus_per_node=8)
@@ -486,7 +476,6 @@ def test_up_again_is_a_fast_no_op(sb):
     assert again == sb
 
 
-@pytest.mark.sandbox
 def test_sshd_stop_and_start_on_one_node(sb):
     node = sb.compute[1].name
     with sb_api.exclusive_use("stop sshd on a node"):
@@ -500,7 +489,6 @@ def test_sshd_stop_and_start_on_one_node(sb):
         assert ssh(sb, node, "hostname").stdout.strip() == node
 
 
-@pytest.mark.sandbox
 def test_node_down_and_up(sb):
     node = sb.compute[1].name
     with sb_api.exclusive_use("power a node off"):
@@ -537,7 +525,6 @@ def _leftovers(pids: list[int]) -> list[str]:
     return found
 
 
-@pytest.mark.sandbox
 def test_down_leaves_nothing_then_up_works_again(sb):
     """Last on purpose: tears the sandbox down and brings it back (same size) for whoever runs after."""
     with sb_api.exclusive_use("take the sandbox down and up again"):

@@ -43,7 +43,7 @@ def test_set_to_the_client_returns_it(monkeypatch, tmp_path):
 
 def test_no_test_reaches_for_a_folder_beside_the_repository():
     """A newcomer's clone has nothing beside it: only the helper, through the variable, finds the client."""
-    for path in [*(REPO / "tests").glob("*.py"), *(REPO / "bench").glob("*.py")]:
+    for path in [*(REPO / "tests").rglob("*.py"), *(REPO / "bench").glob("*.py")]:
         text = path.read_text()
         assert not re.search(r"REPO\.parent\s*/|parents\[2\]", text), f"{path} looks outside the repository"
 

@@ -71,8 +71,6 @@ from sshutil import (
     stat_paths,
 )
 
-pytestmark = pytest.mark.sandbox
-
 FIRST, SECOND = "sb-node01", "sb-node02"
 ROOT_755 = ("755", "root", "root")
 ROOT_644 = ("644", "root", "root")

@@ -49,8 +49,6 @@ from sshutil import (
     wait_for,
 )
 
-pytestmark = pytest.mark.sandbox
-
 OK_LINE = re.compile(r"NEMOTRON OK - ready after \S+ \(\d+ attempts\): generated")
 FIRST = "sb-node01"
 

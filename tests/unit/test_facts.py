@@ -24,7 +24,7 @@ from nemotron_deploy.deploy.facts.snapshot import HostSnapshot
 from nemotron_deploy.deploy.facts.system import InitSystem, UserExists
 from nemotron_deploy.service.nvidia_smi import QUERY_COMMAND
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CAPTURE = NVIDIA_SMI_CAPTURES
 
 

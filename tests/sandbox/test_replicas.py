@@ -40,8 +40,6 @@ from sshutil import (
     wait_for,
 )
 
-pytestmark = pytest.mark.sandbox
-
 R1, R2 = f"{JOB_BASE}-r1", f"{JOB_BASE}-r2"
 LOGIN_ADDRESS = "10.213.0.2"  # the sandbox's login node (its own network namespace)
 ENDPOINT = f"http://{LOGIN_ADDRESS}:1424/generate"

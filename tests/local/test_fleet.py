@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from fake_slurm import job
+from helpers import REPO
 from live_endpoint import HOST, Replica, ask, cluster_with, put, replica, running_endpoint
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -424,7 +425,5 @@ def test_endpoint_envelope_refusal_is_critical_with_its_message(tmp_path, capsys
 
 def test_the_endpoint_texts_the_check_reads_are_in_the_template():
     """health.py recognises the endpoint's 503s by their text: the template must still say it."""
-    template = (
-        Path(__file__).resolve().parents[1] / "nemotron_deploy/deploy/templates/haproxy.cfg.j2"
-    ).read_text()
+    template = (REPO / "nemotron_deploy/deploy/templates/haproxy.cfg.j2").read_text()
     assert health.ENDPOINT_BUSY_TEXT in template and health.ENDPOINT_NO_REPLICA_TEXT in template

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import runpy
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 from nemotron_rehearsal.sandbox import netns
 
-INVENTORY = Path(__file__).resolve().parent.parent / "inventories" / "sandbox.py"
+INVENTORY = REPO / "inventories" / "sandbox.py"
 
 
 def test_refuses_to_load_for_pyinfra_when_the_bridge_is_down(monkeypatch):

@@ -15,18 +15,16 @@ import csv
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 from nemotron_rehearsal import sandbox as sb_api
 from nemotron_rehearsal.sandbox import testing
 
-REPO = Path(__file__).resolve().parent.parent
 PYTHON = REPO / ".venv" / "bin" / "python"
 OUTPUTS = ("README-table.md", "results.csv", "samples.csv", "results.json", "bench.png")
 
 
-@pytest.mark.sandbox
 def test_runner_smoke_writes_every_output_with_sensible_numbers(sandbox, tmp_path):
     nodes_before = len(sandbox.compute)
     out = tmp_path / "results"
@@ -102,7 +100,6 @@ def test_runner_smoke_writes_every_output_with_sensible_numbers(sandbox, tmp_pat
     assert sb_api.status()["up"]
 
 
-@pytest.mark.sandbox
 def test_larger_sandbox_path_deploys_to_the_first_n_nodes_and_restores(sandbox, tmp_path):
     """The path of the large runs (sandbox resized beyond the session's, the inventory reading the
     sandbox's nodes, NEMOTRON_BENCH_NODES selecting the first N, peak memory), at small counts: the

@@ -31,8 +31,6 @@ from test_replicas import _generated, _jobs, _put, _serve_both, _servers, steady
 
 from nemotron_deploy.service.slurm import files_digest
 
-pytestmark = pytest.mark.sandbox
-
 R1, R2 = f"{JOB_BASE}-r1", f"{JOB_BASE}-r2"
 
 

@@ -27,7 +27,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nemotron_deploy.service import health
 
-REPO = Path(__file__).resolve().parents[1]
 SYSTEM_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 
 

@@ -29,7 +29,7 @@ from nemotron_deploy.deploy import endpoint, render
 from nemotron_deploy.service import endpoint_sync
 from nemotron_deploy.service.endpoint_sync import ServerState
 
-GOLDEN_ENDPOINT = Path(__file__).resolve().parent / "golden-endpoint"
+GOLDEN_ENDPOINT = Path(__file__).resolve().parents[1] / "golden-endpoint"
 WITH_SANDBOX = (*SHIPPED, "sandbox")
 ENDPOINT_FILES = (endpoint.CONFIG_FILE, endpoint.LUA_FILE)
 GOLDEN_REPLICAS = 2  # scripts/regen-goldens renders the endpoint goldens with --replicas 2
