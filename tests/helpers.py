@@ -120,3 +120,26 @@ def run_main(argv: list[str]) -> int:
         return cli.main(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+
+
+def haproxy() -> str:
+    """Debian's haproxy binary (scripts/setup installs it); fails the test, naming the fix, without it."""
+    path = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    if path is None:
+        pytest.fail(
+            "haproxy is not installed: run scripts/setup (it installs Debian's haproxy)", pytrace=False
+        )
+    return path
+
+
+# Three A100 40GB nodes: the plan that leaves no room for log-probs (its envelope refuses them).
+A100_40GB_HOSTS = 'login = ["login01"]\ncompute = ["gpu01", "gpu02", "gpu03"]\n'
+
+
+def run_health(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """`nemotron-deploy health ARGV...` in-process: (exit code, stdout, stderr)."""
+    from nemotron_deploy.service import health
+
+    code = health.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from helpers import write_inventory
+from helpers import haproxy, write_inventory
 from nemotron_rehearsal import emulator
 from nemotron_rehearsal.emulator import serve_in_thread
-from test_endpoint import haproxy
 
 from nemotron_deploy.deploy import endpoint
 from nemotron_deploy.service import endpoint_sync

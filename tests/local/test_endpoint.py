@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import difflib
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import INVENTORIES, REPO, SHIPPED, write_inventory
+from helpers import A100_40GB_HOSTS, INVENTORIES, REPO, SHIPPED, haproxy, write_inventory
 
 from nemotron_deploy import inventory
 from nemotron_deploy.deploy import endpoint, render
@@ -33,15 +32,6 @@ GOLDEN_ENDPOINT = Path(__file__).resolve().parents[1] / "golden-endpoint"
 WITH_SANDBOX = (*SHIPPED, "sandbox")
 ENDPOINT_FILES = (endpoint.CONFIG_FILE, endpoint.LUA_FILE)
 GOLDEN_REPLICAS = 2  # scripts/regen-goldens renders the endpoint goldens with --replicas 2
-
-
-def haproxy() -> str:
-    path = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
-    if path is None:
-        pytest.fail(
-            "haproxy is not installed: run scripts/setup (it installs Debian's haproxy)", pytrace=False
-        )
-    return path
 
 
 def load(name: str, monkeypatch: pytest.MonkeyPatch) -> inventory.Cluster:
@@ -58,7 +48,6 @@ def write_endpoint(cluster: inventory.Cluster, replicas: int, out: Path, **kwarg
 
 
 # 3 nodes of A100 40GB: the plan leaves 6.4 GiB headroom, too little for log-probs.
-A100_40GB_HOSTS = 'login = ["login01"]\ncompute = ["gpu01", "gpu02", "gpu03"]\n'
 
 
 def a100_40gb(tmp_path: Path) -> inventory.Cluster:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from helpers import model_card_client
+from helpers import A100_40GB_HOSTS, model_card_client
 from live_endpoint import (
     HOST,
     Endpoint,
@@ -37,7 +37,6 @@ from live_endpoint import (
 )
 from nemotron_rehearsal import emulator
 from nemotron_rehearsal.emulator import continuation, serve_in_thread
-from test_endpoint import A100_40GB_HOSTS
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 from fake_slurm import FakeSlurm, job
 from helpers import INVENTORIES
+from helpers import run_health as run
 from nemotron_rehearsal.emulator import serve_in_thread
-from test_health import run
 
 from nemotron_deploy import inventory
 from nemotron_deploy.deploy.facts.slurm import SlurmVersion
