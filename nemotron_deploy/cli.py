@@ -46,6 +46,16 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return value
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from .deploy import endpoint
     from .inventory import InventoryError
@@ -96,14 +106,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from .deploy.render import write
+    from .deploy import endpoint, render
     from .inventory import InventoryError
 
     try:
         cluster = _load_cluster(args.inventory)
     except InventoryError as exc:
         return _fail(f"not rendering {args.inventory}:\n{exc}", EXIT_INVALID)
-    for path in write(cluster, args.out):
+    if args.endpoint:
+        files = render.render_endpoint(
+            cluster,
+            args.replicas or cluster.plan.replicas,
+            config_dir=args.config_dir or endpoint.CONFIG_DIR,
+            stats_socket=args.stats_socket or endpoint.STATS_SOCKET,
+            bind_address=args.bind,
+        )
+    else:
+        files = render.render(cluster)
+    for path in render.write(files, args.out):
         print(path)
     return EXIT_OK
 
@@ -188,9 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-config", metavar="PATH", help="size this checkpoint's model_config.yaml instead")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("render", help="write the job files the deploy would install")
+    p = sub.add_parser(
+        "render", help="write the job files (or, with --endpoint, HAProxy's) the deploy installs"
+    )
     p.add_argument("inventory")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write the files into")
+    g = p.add_argument_group("the endpoint's files (haproxy.cfg and its Lua request envelope)")
+    g.add_argument(
+        "--endpoint", action="store_true", help="write the endpoint's files instead of the job files"
+    )
+    g.add_argument("--replicas", type=_positive_int, metavar="N", help="replica slots (default: the plan's)")
+    g.add_argument("--config-dir", metavar="DIR", help="where haproxy.cfg finds the Lua file (/etc/haproxy)")
+    g.add_argument(
+        "--stats-socket", metavar="PATH", help="HAProxy's runtime API socket (/run/haproxy/admin.sock)"
+    )
+    g.add_argument(
+        "--bind", default="", metavar="ADDR", help="the address to listen on (default: every IPv4 address)"
+    )
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("validate", help="validate inventories, every host and setting (for CI)")
@@ -228,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
                 "in a clone of nemotron-deploy (it installs ./rehearsal beside the product)",
                 EXIT_USAGE,
             )
-        run: Callable[[list[str]], int] = module.main
+        run: Callable[..., int] = module.main
+        if argv[0] == "preflight":  # the check is stdlib-only; the catalog (pydantic) is looked up here
+            from .catalog import smi_expectations
+
+            return run(argv[1:], gpu_catalog=smi_expectations)
         return run(argv[1:])
     parser = build_parser()
     try:

@@ -119,7 +119,7 @@ class Inventory:
 def running_endpoint(inv: Inventory, replicas: int, directory: Path) -> Iterator[Endpoint]:
     sock = directory / "admin.sock"
     rendered = subprocess.run(
-        [sys.executable, "-m", "nemotron_deploy.deploy.endpoint", str(inv.path), "--out", str(directory),
+        [sys.executable, "-m", "nemotron_deploy.cli", "render", "--endpoint", str(inv.path), "--out", str(directory),
          "--replicas", str(replicas), "--config-dir", str(directory), "--stats-socket", str(sock),
          "--bind", HOST],
         capture_output=True, text=True, timeout=60,

@@ -216,3 +216,29 @@ def gpu_type_for_smi_name(name: str) -> GpuType | None:
         if name in gpu.smi_names:
             return gpu
     return None
+
+
+def smi_expectations(key: str, path: Path | None = None) -> tuple[list[str], int]:
+    """``(smi_names, memory_mib)`` of GPU type `key`, for ``nemotron-deploy preflight --expect-gpu``.
+
+    `path` reads another file in gpus.yaml's form (only those two keys are needed there).
+    """
+    if path is None:
+        gpu = gpu_type(key)
+        return list(gpu.smi_names), gpu.memory_mib
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CatalogError(f"cannot read the GPU catalog {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"the GPU catalog {path} is not valid YAML: {exc}") from None
+    table = data if isinstance(data, dict) else {}
+    entry = table.get(key)
+    if not isinstance(entry, dict):
+        raise CatalogError(
+            f"unknown GPU type {key!r} (known: {', '.join(sorted(table)) or 'none'}); add it to {path}"
+        )
+    names, memory = entry.get("smi_names"), entry.get("memory_mib")
+    if not isinstance(names, list) or not isinstance(memory, int):
+        raise CatalogError(f"{path}: entry {key!r} needs smi_names (list) and memory_mib (int)")
+    return [str(n) for n in names], memory

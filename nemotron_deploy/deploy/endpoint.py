@@ -1,6 +1,6 @@
 """The endpoint: HAProxy on the login node in front of every replica, and what it enforces.
 
-`render.render_endpoint(cluster, replicas)` renders two files from `nemotron_deploy/deploy/templates/`:
+`render.render_endpoint(cluster, replicas)` (`nemotron-deploy render --endpoint`) renders two files from `nemotron_deploy/deploy/templates/`:
 
 * ``haproxy.cfg`` (HAProxy 2.6, Debian bookworm's package): one frontend on ``endpoint_port``, one
   backend ``replicas`` with ``server-template`` slots ``r1..rN`` that start disabled; the updater
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from ..planner import Plan
 from ..service.endpoint_sync import BACKEND, SLOT_PREFIX
-from ..service.endpoint_sync import SOCKET as STATS_SOCKET
+from ..service.endpoint_sync import SOCKET as STATS_SOCKET  # noqa: F401  (render and the CLI use it)
 from ..service.endpoint_sync import SPARE_PREFIX as SPARE_PREFIX  # re-exported for the template
 from ..settings import ClusterSettings
 
@@ -135,47 +135,3 @@ def limits(settings: ClusterSettings, plan: Plan, replicas: int) -> Limits:
         # it down), then the request queues for the others: room for that and one more failure.
         retries=max(3, replicas + 1),
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Write an inventory's endpoint files: `python -m nemotron_deploy.deploy.endpoint INVENTORY --out DIR`."""
-    import argparse
-    from pathlib import Path
-
-    from .. import inventory
-    from . import render
-
-    parser = argparse.ArgumentParser(
-        prog="python -m nemotron_deploy.deploy.endpoint", description=main.__doc__
-    )
-    parser.add_argument("inventory")
-    parser.add_argument("--out", required=True, help="directory to write haproxy.cfg and the Lua file to")
-    parser.add_argument("--replicas", type=int, help="replica slots (default: the plan's replicas)")
-    parser.add_argument(
-        "--config-dir", default=CONFIG_DIR, help=f"where haproxy.cfg finds the Lua file ({CONFIG_DIR})"
-    )
-    parser.add_argument(
-        "--stats-socket", default=STATS_SOCKET, help=f"the runtime API socket ({STATS_SOCKET})"
-    )
-    parser.add_argument("--bind", default="", help="the address to listen on (default: every IPv4 address)")
-    opts = parser.parse_args(argv)
-    cluster = inventory.load(opts.inventory)
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = render.render_endpoint(
-        cluster,
-        opts.replicas or cluster.plan.replicas,
-        config_dir=opts.config_dir,
-        stats_socket=opts.stats_socket,
-        bind_address=opts.bind,
-    )
-    for f in files:
-        path = out / f.name
-        path.write_text(str(f.content))
-        path.chmod(int(f.mode, 8))
-        print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

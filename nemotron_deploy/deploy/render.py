@@ -200,11 +200,12 @@ def health_zipapp() -> bytes:
     return buf.getvalue()
 
 
-def write(cluster: Cluster, out_dir: str | Path) -> list[Path]:
+def write(files: list[RenderedFile], out_dir: str | Path) -> list[Path]:
+    """Write rendered files into `out_dir` with their modes (`nemotron-deploy render`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for f in render(cluster):
+    for f in files:
         path = out / f.name
         if isinstance(f.content, bytes):
             path.write_bytes(f.content)

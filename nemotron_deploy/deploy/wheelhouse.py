@@ -19,7 +19,7 @@ from pathlib import Path
 # Beside our own wheel, at the versions installed here: the health check's one dependency, and the
 # wheel installer the login node runs.
 WHEEL_DISTS = ("prometheus-client", "installer")
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # nemotron_deploy/, what the wheel carries
 REPO = PACKAGE_DIR.parent
 
 
@@ -30,7 +30,8 @@ def source_digest() -> str:
         REPO / "pyproject.toml",
         *sorted(PACKAGE_DIR.rglob("*.py")),
         *sorted(PACKAGE_DIR.rglob("*.yaml")),
-        *sorted(PACKAGE_DIR.rglob("*.yml")),  # alerts/nemotron.rules.yml
+        *sorted(PACKAGE_DIR.rglob("*.yml")),  # service/alerts/nemotron.rules.yml
+        *sorted(PACKAGE_DIR.rglob("*.j2")),  # deploy/templates/
     ]
     for path in files:
         if "__pycache__" in path.parts:

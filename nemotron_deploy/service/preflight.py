@@ -7,8 +7,10 @@ makes. It prints OK or CRITICAL with every problem found, in the Nagios plugin c
 (0 OK, 2 CRITICAL, 3 UNKNOWN for usage errors).
 
 The pure logic is :func:`check_gpus`, so that the deploy can run the same checks on the output of
-its pyinfra fact. Keep this module light: no pydantic; the GPU catalog (``catalog/gpus.yaml``) is
-read with pyyaml only when ``--expect-gpu`` is given.
+its pyinfra fact. It runs on GPU nodes, so it imports only the standard library: ``--expect-gpu``
+is looked up by the caller that has the catalog (``nemotron-deploy preflight`` passes
+``catalog.smi_expectations`` as ``gpu_catalog``); ``python -m nemotron_deploy.service.preflight``
+takes ``--expect-name``/``--expect-memory-mib`` instead.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from .nvidia_smi import (
 )
 
 PROG = "nemotron-deploy preflight"
-CATALOG = Path(__file__).resolve().parent / "catalog" / "gpus.yaml"
 MEMORY_TOLERANCE = 0.02  # drivers and board variants shift memory.total by a few hundred MiB
 NVIDIA_SMI_TIMEOUT = 60.0  # nvidia-smi can hang for minutes on a wedged GPU
 
@@ -142,29 +143,6 @@ def check_gpus(
     return problems
 
 
-def load_gpu_type(key: str, catalog: Path = CATALOG) -> tuple[list[str], int]:
-    """``(smi_names, memory_mib)`` of a GPU type in the catalog (pyyaml imported only here)."""
-    try:
-        import yaml
-    except ImportError:
-        raise UsageError(
-            "--expect-gpu needs pyyaml (pip install pyyaml), or pass --expect-name/--expect-memory-mib"
-        ) from None
-    try:
-        data = yaml.safe_load(catalog.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"cannot read the GPU catalog {catalog}: {exc.strerror or exc}") from None
-    table = data.get("gpus", data) if isinstance(data, dict) else {}
-    entry = table.get(key) if isinstance(table, dict) else None
-    if not isinstance(entry, dict):
-        known = ", ".join(sorted(table)) if isinstance(table, dict) else "none"
-        raise UsageError(f"unknown GPU type {key!r} (known: {known}); add it to {catalog}")
-    names, memory = entry.get("smi_names"), entry.get("memory_mib")
-    if not isinstance(names, list) or not isinstance(memory, int):
-        raise UsageError(f"{catalog}: entry {key!r} needs smi_names (list) and memory_mib (int)")
-    return [str(n) for n in names], memory
-
-
 def read_nvidia_smi(timeout: float = NVIDIA_SMI_TIMEOUT) -> tuple[GpuList | None, list[str]]:
     """Run the canonical query. Returns the report (None if unusable) and problems running it."""
     try:
@@ -240,7 +218,7 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "--from-csv", metavar="FILE", help="read saved output of the query above instead of running it"
     )
     src.add_argument("--from-xml", metavar="FILE", help="read saved `nvidia-smi -q -x` output instead")
-    p.add_argument("--catalog", type=Path, default=CATALOG, help=argparse.SUPPRESS)
+    p.add_argument("--catalog", type=Path, help=argparse.SUPPRESS)  # another gpus.yaml, for tests
     return p
 
 
@@ -260,8 +238,13 @@ def _read_source(opts: argparse.Namespace) -> tuple[GpuList | None, list[str], s
     return report, problems, NVIDIA_SMI_QUERY
 
 
-def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    """Entry point of ``nemotron-deploy preflight``."""
+# (GPU type key, another catalog file or None) -> (nvidia-smi names, memory.total in MiB); raises
+# LookupError or ValueError with a message naming the fix.
+GpuCatalog = Callable[[str, "Path | None"], tuple[list[str], int]]
+
+
+def main(argv: list[str] | None = None, prog: str = PROG, gpu_catalog: GpuCatalog | None = None) -> int:
+    """Entry point of ``nemotron-deploy preflight``; ``gpu_catalog`` resolves ``--expect-gpu``."""
     parser = build_parser(prog)
     try:
         opts = parser.parse_args(argv)
@@ -271,7 +254,15 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         names = list(opts.expect_name or [])
         memory = opts.expect_memory_mib
         if opts.expect_gpu:
-            cat_names, cat_memory = load_gpu_type(opts.expect_gpu, opts.catalog)
+            if gpu_catalog is None:
+                raise UsageError(
+                    "--expect-gpu needs the GPU catalog: run `nemotron-deploy preflight`, or pass "
+                    "--expect-name/--expect-memory-mib"
+                )
+            try:
+                cat_names, cat_memory = gpu_catalog(opts.expect_gpu, opts.catalog)
+            except (LookupError, ValueError, OSError) as exc:
+                raise UsageError(str(exc)) from None
             names = names or cat_names
             memory = memory if memory is not None else cat_memory
         if opts.min_driver:

@@ -109,7 +109,7 @@ def test_cli_render_writes_exactly_the_rendered_files(name, shipped, tmp_path, c
 
 def test_file_modes_and_roles(shipped, tmp_path):
     cluster = shipped["h100"]
-    render.write(cluster, tmp_path)
+    render.write(render.render(cluster), tmp_path)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes["call_server.py"] == modes["nemo_inference.sh"] == 0o755
     assert modes["nemotron.sbatch"] == 0o644
@@ -130,7 +130,7 @@ def test_regen_goldens_script_is_there_and_clean():
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shellcheck_shipped(name, shipped, tmp_path):
-    render.write(shipped[name], tmp_path)
+    render.write(render.render(shipped[name]), tmp_path)
     shellcheck(*(tmp_path / f for f in SHELL))
 
 
@@ -141,7 +141,7 @@ def test_shellcheck_every_runtime_and_mode(runtime, mode, gpu_request, tmp_path)
     cluster = _variant(
         tmp_path / "inv", container_runtime=runtime, mode=mode, gpu_request=gpu_request, **image
     )
-    render.write(cluster, tmp_path / "out")
+    render.write(render.render(cluster), tmp_path / "out")
     shellcheck(*(p for p in (tmp_path / "out").iterdir() if p.suffix in (".sh", ".sbatch")))
     files = _files(cluster)
     assert f"container runtime: {runtime}." in files["nemotron.sbatch"]
@@ -164,7 +164,7 @@ def test_shellcheck_minimal_settings(tmp_path):
         job_env={},
         extra_sbatch_options=["--qos=high", "--requeue"],
     )
-    render.write(cluster, tmp_path / "out")
+    render.write(render.render(cluster), tmp_path / "out")
     shellcheck(*(tmp_path / "out" / f for f in SHELL))
     sbatch = (tmp_path / "out" / "nemotron.sbatch").read_text()
     directives = _sbatch_directives(sbatch)

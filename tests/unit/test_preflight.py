@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from nemotron_rehearsal import NVIDIA_SMI_CAPTURES
 
-from nemotron_deploy.service import preflight
+from nemotron_deploy import cli
 from nemotron_deploy.service.nvidia_smi import NVIDIA_SMI_QUERY_ARGV, parse_query_csv, parse_query_xml
 from nemotron_deploy.service.preflight import check_gpus
 
@@ -136,7 +136,8 @@ def test_no_gpus():
 
 
 def run(capsys, *argv: str) -> tuple[int, str]:
-    code = preflight.main(list(argv))
+    """`nemotron-deploy preflight ARGV...` (the command line that has the GPU catalog)."""
+    code = cli.main(["preflight", *argv])
     out, err = capsys.readouterr()
     return code, out + err
 
