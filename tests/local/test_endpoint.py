@@ -267,9 +267,3 @@ def test_sync_fails_clearly_without_haproxy(tmp_path, capsys):
     code = endpoint_sync.main(["--socket", str(tmp_path / "none.sock"), "--set", "r1=127.0.0.1:1"])
     assert code == 2
     assert "stats socket" in capsys.readouterr().err
-
-
-def test_endpoint_sync_is_stdlib_only():
-    source = (REPO / "nemotron_deploy" / "endpoint_sync.py").read_text()
-    imports = set(re.findall(r"^(?:from|import) ([\w.]+)", source, re.M))
-    assert imports <= {"__future__", "argparse", "ipaddress", "re", "socket", "sys", "dataclasses"}, imports

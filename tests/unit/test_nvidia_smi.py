@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import csv
 import re
-from pathlib import Path
 
 import pytest
 from nemotron_rehearsal import NVIDIA_SMI_CAPTURES
 
-from nemotron_deploy.service import nvidia_smi
 from nemotron_deploy.service.nvidia_smi import (
     NVIDIA_SMI_QUERY,
     NVIDIA_SMI_QUERY_FIELDS,
@@ -216,9 +214,3 @@ def test_version_tuple_compares_numerically():
     assert version_tuple("580.159.04") > version_tuple("580.95.05")
     with pytest.raises(ValueError):
         version_tuple("latest")
-
-
-def test_module_is_stdlib_only():
-    source = Path(nvidia_smi.__file__).read_text()
-    imports = set(re.findall(r"^(?:from|import) ([\w.]+)", source, re.M))
-    assert imports <= {"__future__", "csv", "re", "xml.etree.ElementTree", "collections.abc", "dataclasses"}

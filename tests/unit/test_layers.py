@@ -1,0 +1,134 @@
+"""The package's layers, read from its imports: deploy -> model -> service, never back.
+
+- ``nemotron_deploy/service/`` runs on the cluster (the scheduled check, the rollout, inside the job's
+  container): it imports only the standard library and itself. Its one runtime dependency,
+  prometheus_client, may be imported only inside a function (where a textfile is written), and is
+  what the deploy ships beside it (``wheelhouse.WHEEL_DISTS``).
+- the model (``settings``, ``inventory``, ``planner``, ``catalog``) may use the service side's
+  knowledge (Slurm names), never the deploy-time side or the command line.
+- ``nemotron_deploy/deploy/`` never imports the command line.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+PACKAGE = REPO / "nemotron_deploy"
+MODEL = (
+    "nemotron_deploy.settings",
+    "nemotron_deploy.inventory",
+    "nemotron_deploy.planner",
+    "nemotron_deploy.catalog",
+)
+SERVICE_RUNTIME_DEPENDENCIES = {"prometheus_client"}
+
+
+@dataclass(frozen=True)
+class Import:
+    module: str  # the importing module
+    target: str  # absolute name imported (for `from X import y`: X.y when that is a module, else X)
+    lazy: bool  # inside a function
+    line: int
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(name: str) -> bool:
+    rel = Path(*name.split("."))
+    return (REPO / rel).with_suffix(".py").is_file() or (REPO / rel / "__init__.py").is_file()
+
+
+def imports_of(path: Path) -> list[Import]:
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    lazy_nodes = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        for inner in ast.walk(node)
+    }
+    found = []
+    for node in ast.walk(tree):
+        lazy = id(node) in lazy_nodes
+        if isinstance(node, ast.Import):
+            found += [Import(module, alias.name, lazy, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                source = ".".join([*base, node.module] if node.module else base)
+            else:
+                source = node.module or ""
+            for alias in node.names:
+                sub = f"{source}.{alias.name}"
+                target = sub if source.startswith("nemotron_deploy") and _is_module(sub) else source
+                found.append(Import(module, target, lazy, node.lineno))
+    return [i for i in found if i.target != "__future__"]
+
+
+def package_imports() -> list[Import]:
+    return [i for path in sorted(PACKAGE.rglob("*.py")) for i in imports_of(path)]
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _where(i: Import) -> str:
+    return f"{i.module} (line {i.line}) imports {i.target}"
+
+
+def test_service_imports_only_the_standard_library_and_itself():
+    stdlib = set(sys.stdlib_module_names)
+    wrong = [
+        _where(i)
+        for i in package_imports()
+        if _within(i.module, "nemotron_deploy.service")
+        and not _within(i.target, "nemotron_deploy.service")
+        and i.target.split(".")[0] not in stdlib
+        and not (i.lazy and i.target.split(".")[0] in SERVICE_RUNTIME_DEPENDENCIES)
+    ]
+    assert wrong == [], "service/ runs on the cluster: standard library and itself only\n" + "\n".join(wrong)
+
+
+def test_the_service_runtime_dependency_is_what_the_deploy_ships():
+    from nemotron_deploy.deploy import wheelhouse
+
+    shipped = {dist.replace("-", "_") for dist in wheelhouse.WHEEL_DISTS}
+    assert SERVICE_RUNTIME_DEPENDENCIES <= shipped
+
+
+@pytest.mark.parametrize(
+    ("layer", "forbidden"),
+    [
+        (MODEL, ("nemotron_deploy.deploy", "nemotron_deploy.cli")),
+        (("nemotron_deploy.deploy",), ("nemotron_deploy.cli",)),
+        (("nemotron_deploy.service",), ("nemotron_deploy.deploy", "nemotron_deploy.cli", *MODEL)),
+    ],
+    ids=["model", "deploy", "service"],
+)
+def test_layers_point_one_way(layer, forbidden):
+    wrong = [
+        _where(i)
+        for i in package_imports()
+        if any(_within(i.module, m) for m in layer) and any(_within(i.target, f) for f in forbidden)
+    ]
+    assert wrong == [], "deploy -> model -> service, never back:\n" + "\n".join(wrong)
+
+
+def test_the_checker_sees_what_it_must():
+    """The rules above read real imports: relative, aliased, and lazy ones inside functions."""
+    health = imports_of(PACKAGE / "service" / "health.py")
+    assert any(i.target.startswith("nemotron_deploy.service.") and not i.lazy for i in health)
+    steps = imports_of(PACKAGE / "deploy" / "steps.py")
+    assert any(i.target == "nemotron_deploy.inventory" for i in steps)
+    assert any(i.lazy for path in PACKAGE.rglob("*.py") for i in imports_of(path))
