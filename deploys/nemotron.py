@@ -7,7 +7,7 @@
 
 Checks come first: a bad inventory or a node that can't run the job stops the deploy before any
 host is changed. Re-running with nothing changed reports no changes. The steps live in
-nemotron_deploy/ (deploy.py, host_checks.py, desired.py); this file is the checklist.
+nemotron_deploy/deploy/ (steps.py, host_checks.py, desired.py); this file is the checklist.
 """
 
 from pyinfra import host, inventory, state

@@ -1,6 +1,6 @@
 """The live endpoint for tests: the rendered haproxy.cfg + Lua envelope in Debian's HAProxy (`haproxy -db`
 on 127.0.0.1 free ports, a temporary stats socket) and NeMo stand-ins (emulator.serve_in_thread) on
-loopback. Used by test_endpoint_live.py and test_fleet.py; see test_endpoint_live.py's docstring."""
+loopback. Used by tests/local/test_endpoint_live.py and test_fleet.py; see test_endpoint_live.py's docstring."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Helpers for the deploy and end-to-end tests against the sandbox cluster (tests/test_deploy.py,
+"""Helpers for the deploy and end-to-end tests against the sandbox cluster (tests/sandbox/test_deploy.py,
 tests/test_e2e.py): run pyinfra as an operator does, run commands on the nodes over real SSH, reset
 what a deploy placed, and cancel the jobs a test submitted.
 

@@ -3,7 +3,7 @@
 Order matters: the inventory is validated, then every host is read (one SSH command each) and
 checked, and only then are operations added. pyinfra prepares every host before executing anything,
 so any failed check stops the deploy before a single change is made. What each host should have is
-`desired.py`; the reads and checks are `host_checks.py`.
+`desired.py`; the reads and checks are `host_checks.py` (all in `nemotron_deploy/deploy/`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The file tree operation's decisions, without a host: when a host needs no operation at all, and the
-one upload that carries every changed file. (The sandbox tests run it for real: test_deploy.py.)"""
+one upload that carries every changed file. (The sandbox tests run it for real: tests/sandbox/test_deploy.py.)"""
 
 from __future__ import annotations
 
