@@ -114,12 +114,17 @@ def cmd_render(args: argparse.Namespace) -> int:
     except InventoryError as exc:
         return _fail(f"not rendering {args.inventory}:\n{exc}", EXIT_INVALID)
     if args.endpoint:
+        user, _, group = (args.run_as or endpoint.RUN_AS).partition(":")
+        group = group or user
         files = render.render_endpoint(
             cluster,
             args.replicas or cluster.plan.replicas,
             config_dir=args.config_dir or endpoint.CONFIG_DIR,
             stats_socket=args.stats_socket or endpoint.STATS_SOCKET,
             bind_address=args.bind,
+            run_as=user,
+            run_group=group,
+            socket_group=args.socket_group or group,
         )
     else:
         files = render.render(cluster)
@@ -225,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--bind", default="", metavar="ADDR", help="the address to listen on (default: every IPv4 address)"
     )
+    g.add_argument(
+        "--run-as",
+        metavar="USER[:GROUP]",
+        help="HAProxy's user and group, and its stats socket's owner (haproxy:haproxy)",
+    )
+    g.add_argument("--socket-group", metavar="GROUP", help="the stats socket's group (as --run-as)")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("validate", help="validate inventories, every host and setting (for CI)")

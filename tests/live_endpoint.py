@@ -4,8 +4,11 @@ loopback. Used by tests/local/test_endpoint_live.py and test_fleet.py; see test_
 
 from __future__ import annotations
 
+import grp
 import http.client
 import json
+import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -115,13 +118,21 @@ class Inventory:
     endpoint_port: int
 
 
+def _as_this_user() -> list[str]:
+    """HAProxy runs as whoever runs the tests: root (scripts/test) or not (the local tier alone)."""
+    if os.geteuid() == 0:
+        return []  # the rendered default: user and group haproxy, as the deploy installs it
+    user, group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+    return ["--run-as", f"{user}:{group}"]
+
+
 @contextmanager
 def running_endpoint(inv: Inventory, replicas: int, directory: Path) -> Iterator[Endpoint]:
     sock = directory / "admin.sock"
     rendered = subprocess.run(
         [sys.executable, "-m", "nemotron_deploy.cli", "render", "--endpoint", str(inv.path), "--out", str(directory),
          "--replicas", str(replicas), "--config-dir", str(directory), "--stats-socket", str(sock),
-         "--bind", HOST],
+         "--bind", HOST, *_as_this_user()],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert rendered.returncode == 0, rendered.stderr

@@ -143,6 +143,7 @@ def render_endpoint(
     bind_address: str = "",
     run_as: str = endpoint.RUN_AS,
     socket_group: str = endpoint.RUN_AS,
+    run_group: str | None = None,
 ) -> list[RenderedFile]:
     """The endpoint's files (haproxy.cfg and the Lua envelope it loads), for `replicas` slots.
 
@@ -161,6 +162,7 @@ def render_endpoint(
         "stats_socket": stats_socket,
         "bind_address": bind_address,
         "run_as": run_as,
+        "run_group": run_group or run_as,
         "socket_group": socket_group,
         "slot_prefix": endpoint.SLOT_PREFIX,
         "spare_prefix": endpoint.SPARE_PREFIX,
