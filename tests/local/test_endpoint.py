@@ -270,6 +270,6 @@ def test_sync_fails_clearly_without_haproxy(tmp_path, capsys):
 
 
 def test_endpoint_sync_is_stdlib_only():
-    source = (REPO / "nemotron_deploy" / "endpoint_sync.py").read_text()
+    source = (REPO / "nemotron_deploy" / "service" / "endpoint_sync.py").read_text()
     imports = set(re.findall(r"^(?:from|import) ([\w.]+)", source, re.M))
     assert imports <= {"__future__", "argparse", "ipaddress", "re", "socket", "sys", "dataclasses"}, imports
