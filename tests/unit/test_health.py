@@ -25,7 +25,10 @@ from fake_slurm import SCONTROL_LINE, job
 from nemotron_rehearsal.emulator import serve_in_thread
 from prometheus_client.parser import text_string_to_metric_families
 
-from nemotron_deploy.service import health
+from nemotron_deploy.service import health, slurm
+from nemotron_deploy.service import probe as probe_mod
+from nemotron_deploy.service.metrics import SINGLE_CHECK
+from nemotron_deploy.service.outcome import REASONS
 
 SYSTEM_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 
@@ -79,9 +82,9 @@ def canned():
         server.server_close()
 
 
-def probe(port: int, **kw) -> health.ProbeResult:
+def probe(port: int, **kw) -> probe_mod.ProbeResult:
     kw.setdefault("timeout", 5.0)
-    return health.probe("127.0.0.1", port, **kw)
+    return probe_mod.probe("127.0.0.1", port, **kw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,7 +104,7 @@ def test_refused():
 
 
 def test_unresolvable():
-    result = health.probe("nemotron-health-test.invalid", 1424, connect_timeout=3)
+    result = probe_mod.probe("nemotron-health-test.invalid", 1424, connect_timeout=3)
     assert result.reason == "unresolvable"
     assert "nemotron-health-test.invalid" in result.message
 
@@ -228,7 +231,7 @@ def test_disconnected_when_the_server_crashes_mid_request():
     ],
 )
 def test_classify_response(status, body, reason):
-    assert health.classify_response(status, body, 0.01, "http://x:1/generate").reason == reason
+    assert probe_mod.classify_response(status, body, 0.01, "http://x:1/generate").reason == reason
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,13 +306,14 @@ def test_busy_escalates_and_last_success_persists(capsys, tmp_path):
     assert codes[2][1].startswith("NEMOTRON CRITICAL - busy:") and "3 times in a row" in codes[2][1]
 
     m = metrics(prom)
+    assert set(m) == {metric.name for metric in SINGLE_CHECK}  # the contract, no more, no less
     assert m["nemotron_up"][0].value == 0
     assert m["nemotron_probe_status"][0].value == 2
     assert m["nemotron_probe_consecutive_busy"][0].value == 3
     assert m["nemotron_last_success_timestamp_seconds"][0].value == pytest.approx(last_success)
     reasons = {s.labels["reason"]: s.value for s in m["nemotron_probe_reason"]}
     assert reasons["busy"] == 1 and sum(reasons.values()) == 1
-    assert set(reasons) == set(health.REASONS)
+    assert set(reasons) == set(REASONS)
     assert stat.S_IMODE(prom.stat().st_mode) == 0o644
     assert sorted(p.name for p in prom.parent.iterdir()) == ["nemotron.prom"]  # no temp file left
 
@@ -511,7 +515,7 @@ def test_parse_scontrol_record():
         nodelist="gpu[01-02]",
         stderr="/x/e.err",
     )
-    rec = health.parse_scontrol_record(line)
+    rec = slurm.parse_scontrol_record(line)
     assert rec["JobId"] == "4242" and rec["JobState"] == "RUNNING" and rec["NodeList"] == "gpu[01-02]"
     assert rec["TRES"] == "cpu=16,node=2,billing=16,gres/gpu=16"
     assert rec["AllocNode:Sid"] == "login01:31337" and rec["StdErr"] == "/x/e.err" and rec["Power"] == ""
@@ -528,7 +532,7 @@ def test_parse_scontrol_record():
     ],
 )
 def test_expand_hostlist(expr, nodes):
-    assert health.expand_hostlist(expr) == nodes
+    assert slurm.expand_hostlist(expr) == nodes
 
 
 def test_slurm_job_by_name_probes_the_first_node(emu, slurm, capsys):
