@@ -30,7 +30,7 @@ import re
 import sys
 import time
 
-from . import endpoint_sync, metrics, replacement
+from . import metrics, replacement
 from .check import Target, check_once
 from .nagios import CRITICAL, OK, STATUS_NAMES, UNKNOWN, WARNING
 from .options import UsageError, positive
@@ -39,6 +39,8 @@ from .probe import DEFAULT_PORT
 from .slurm import PENDING_STATES, SlurmError, files_digest, read_record, record_path
 from .state import default_state_file, load_state, save_state
 
+# endpoint_sync is imported where it is used: every single check imports this module for its
+# options (add_arguments), and only the fleet check needs HAProxy's socket.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
@@ -299,6 +301,8 @@ def check_replica(opts: argparse.Namespace, job_name: str, port: int, state: dic
 
 
 def sync_endpoint(socket_path: str, job_name: str, replicas: list[ReplicaResult], port: int) -> EndpointView:
+    from . import endpoint_sync
+
     view = EndpointView(socket_path)
     nodes = {r.job_name: r.serving_node() for r in replicas}
     desired = endpoint_sync.desired_from_nodes(job_name, len(replicas), nodes, port)
@@ -320,6 +324,8 @@ def sync_endpoint(socket_path: str, job_name: str, replicas: list[ReplicaResult]
 
 
 def check_fleet(opts: argparse.Namespace, job_name: str, count: int, port: int) -> FleetOutcome:
+    from . import endpoint_sync
+
     acting = opts.restart_policy == "always" and not opts.stopped
     lock = replacement.CheckLock(f"{opts.state_path}.lock" if opts.state_path else None)
     with lock as locked:
@@ -359,6 +365,8 @@ def check_fleet(opts: argparse.Namespace, job_name: str, count: int, port: int) 
 
 def report_stopped(opts: argparse.Namespace, job_name: str) -> int:
     """state=stopped: say so (OK), write only the deployment's series, act on nothing."""
+    from . import endpoint_sync
+
     message = (
         f"{job_name}: the service is stopped on purpose (state=stopped); nothing is checked or replaced. "
         "Start it with the deploy: --data state=running --data submit=true"
