@@ -45,7 +45,7 @@ VARIANTS = ("health", "curl", "bare-python")
 
 def probe_body() -> str:
     """The health check's own probe body, so every variant asks the server for the same work."""
-    from nemotron_deploy.service.health import probe_payload
+    from nemotron_deploy.service.probe import probe_payload
 
     return json.dumps(probe_payload())
 

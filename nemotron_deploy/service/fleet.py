@@ -3,9 +3,9 @@
 ``nemotron-deploy health --slurm-job NAME --replicas N`` (also ``python -m nemotron_deploy.service.health``):
 each replica is its own Slurm job ``NAME-r<i>`` (i = 1..N, endpoint_sync.replica_job_name). For each
 one the check finds the job (squeue by name; where squeue hides it, PrivateData=jobs, the record its
-batch script wrote in ``--records-dir``), probes its first node with health.py's one-token
-generation and keeps its busy count and last success in ONE state file, keyed by replica (``r1``...).
-With ``--endpoint-socket`` it then points the endpoint's slots at the running replicas and takes the
+batch script wrote in ``--records-dir``), probes its first node with the single check's one-token
+generation (check.check_once) and keeps its busy count and last success in ONE state file, keyed by
+replica (``r1``...). With ``--endpoint-socket`` it then points the endpoint's slots at the running replicas and takes the
 others out (endpoint_sync.apply, HAProxy's runtime API), and reads HAProxy's view: slots UP and the
 backend's queue. A replica whose Slurm lookup failed leaves its slot as it is.
 
@@ -15,29 +15,12 @@ generates, or when the endpoint socket fails or HAProxy refuses a command (``end
 UNKNOWN when Slurm could not be asked. One summary line with perfdata, then one line per replica;
 ``--json`` prints one object with ``replicas`` and ``endpoint``.
 
-Metrics (``--prometheus-textfile``; atomic, mode 0644). These names and labels are an interface:
-Prometheus alert rules are written against them.
+Metrics (``--prometheus-textfile``): metrics.REPLICA and metrics.DEPLOYMENT, the contract in
+metrics.py (``--stopped``: metrics.STOPPED only). Replacing dead replicas (``--restart-policy
+always``) is replacement.py's, options included.
 
-Per replica, labels ``deployment`` (the base job name) and ``replica`` (``r1``...):
-
-* ``nemotron_replica_up``: 1 if the replica generated a token in this check, else 0
-* ``nemotron_replica_busy``: 1 if its probe was busy (connected, no reply in time), else 0
-* ``nemotron_replica_last_success_timestamp_seconds``: Unix time of its last generation (0: never)
-* ``nemotron_replica_probe_duration_seconds``: duration of its probe (0: not probed)
-* ``nemotron_replica_info{deployment,replica,job_id,node,state}``: always 1; ``job_id`` and ``node``
-  ("" when unknown), ``state`` = the Slurm state (``RECORDED`` from a job record, ``GONE`` when no
-  job, ``UNKNOWN`` when Slurm could not be asked)
-
-Per deployment, label ``deployment``:
-
-* ``nemotron_endpoint_replicas``: configured replicas (N)
-* ``nemotron_replicas_up``: replicas that generated in this check
-* ``nemotron_endpoint_replicas_up``: slots HAProxy has UP (only with ``--endpoint-socket``, when read)
-* ``nemotron_endpoint_queue_length``: requests queued in the backend (only with the socket, when read)
-* ``nemotron_check_timestamp_seconds``: Unix time of this check
-* ``nemotron_check_status``: this check's Nagios status (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)
-
-Standard library only at import time, like health.py (``prometheus_client`` only to write the file).
+Runs on the cluster (the login node's scheduled check): standard library only at import time
+(``prometheus_client`` only to write the textfile, in metrics.py).
 """
 
 from __future__ import annotations
@@ -47,21 +30,17 @@ import re
 import sys
 import time
 
-from . import endpoint_sync, replacement
-from .health import (
-    DEFAULT_PORT,
-    Outcome,
-    Target,
-    UsageError,
-    check_once,
-    default_state_file,
-    load_state,
-    save_state,
-    write_registry,
-)
+from . import metrics, replacement
+from .check import Target, check_once
 from .nagios import CRITICAL, OK, STATUS_NAMES, UNKNOWN, WARNING
+from .options import UsageError, positive
+from .outcome import Outcome
+from .probe import DEFAULT_PORT
 from .slurm import PENDING_STATES, SlurmError, files_digest, read_record, record_path
+from .state import default_state_file, load_state, save_state
 
+# endpoint_sync is imported where it is used: every single check imports this module for its
+# options (add_arguments), and only the fleet check needs HAProxy's socket.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
@@ -69,22 +48,31 @@ if TYPE_CHECKING:
 
     from .slurm import JobInfo
 
-# The metric names (see the module docstring); tests import these.
-REPLICA_METRICS = (
-    "nemotron_replica_up",
-    "nemotron_replica_busy",
-    "nemotron_replica_last_success_timestamp_seconds",
-    "nemotron_replica_probe_duration_seconds",
-    "nemotron_replica_info",
-)
-ENDPOINT_METRICS = (
-    "nemotron_endpoint_replicas",
-    "nemotron_replicas_up",
-    "nemotron_endpoint_replicas_up",
-    "nemotron_endpoint_queue_length",
-    "nemotron_check_timestamp_seconds",
-    "nemotron_check_status",
-)
+# Options that go only with --replicas (health.py refuses them for the single check).
+REPLICAS_ONLY = ("records_dir", "endpoint_socket")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The fleet check's options, for health.build_parser."""
+    fl = parser.add_argument_group("replicas (--slurm-job NAME --replicas N)")
+    fl.add_argument(
+        "--replicas",
+        type=positive(int),
+        metavar="N",
+        help="check every replica job NAME-r1..NAME-rN (each one's first node), one verdict for all",
+    )
+    fl.add_argument(
+        "--records-dir",
+        metavar="DIR",
+        help="with --replicas: where the batch scripts write their job records (NAME-rI.job.json), read "
+        "for a replica squeue does not show to this user (PrivateData=jobs)",
+    )
+    fl.add_argument(
+        "--endpoint-socket",
+        metavar="PATH",
+        help="with --replicas: HAProxy's stats socket (e.g. /run/haproxy/admin.sock): point the "
+        "endpoint's slots at the running replicas, take the others out, and report HAProxy's view",
+    )
 
 
 class ReplicaResult:
@@ -298,7 +286,7 @@ def verdict(replicas: list[ReplicaResult], endpoint: EndpointView | None) -> tup
 
 
 def check_replica(opts: argparse.Namespace, job_name: str, port: int, state: dict[str, Any]) -> Outcome:
-    """health.check_once for one replica job, its busy count and last success in `state`."""
+    """check.check_once for one replica job, its busy count and last success in `state`."""
     record = record_path(opts.records_dir, job_name) if opts.records_dir else None
     target = Target(None, port, job_name, None, record=record)
     try:
@@ -313,6 +301,8 @@ def check_replica(opts: argparse.Namespace, job_name: str, port: int, state: dic
 
 
 def sync_endpoint(socket_path: str, job_name: str, replicas: list[ReplicaResult], port: int) -> EndpointView:
+    from . import endpoint_sync
+
     view = EndpointView(socket_path)
     nodes = {r.job_name: r.serving_node() for r in replicas}
     desired = endpoint_sync.desired_from_nodes(job_name, len(replicas), nodes, port)
@@ -334,6 +324,8 @@ def sync_endpoint(socket_path: str, job_name: str, replicas: list[ReplicaResult]
 
 
 def check_fleet(opts: argparse.Namespace, job_name: str, count: int, port: int) -> FleetOutcome:
+    from . import endpoint_sync
+
     acting = opts.restart_policy == "always" and not opts.stopped
     lock = replacement.CheckLock(f"{opts.state_path}.lock" if opts.state_path else None)
     with lock as locked:
@@ -357,7 +349,7 @@ def check_fleet(opts: argparse.Namespace, job_name: str, count: int, port: int) 
         if opts.endpoint_socket and locked:  # unlocked: a rollout or another check is changing slots
             view = sync_endpoint(opts.endpoint_socket, job_name, results, port)
         if acting and locked and not any(r.reason == "slurm_error" for r in results):
-            replace_dead(opts, results, states, view)
+            replacement.replace_dead(opts, results, states, view)
             if view is not None and any(r.replaced_by for r in results):
                 view = sync_endpoint(opts.endpoint_socket, job_name, results, port)
         fleet = FleetOutcome(job_name, results, view)
@@ -371,163 +363,10 @@ def check_fleet(opts: argparse.Namespace, job_name: str, count: int, port: int) 
     return fleet
 
 
-def replace_dead(
-    opts: argparse.Namespace, results: list[ReplicaResult], states: dict[str, Any], view: EndpointView | None
-) -> None:
-    """Decide for each replica, and replace the ones whose job is gone or whose server stays unhealthy."""
-    policy = replacement.Policy(
-        unhealthy_after=opts.unhealthy_restart_after,
-        backoff_max=opts.restart_backoff_max,
-        max_per_day=opts.max_restarts_per_day,
-        startup_budget=opts.startup_timeout,
-        first_backoff=min(60.0, opts.restart_backoff_max),
-    )
-    now = time.time()
-    started = None
-    if opts.started_file:
-        started = load_state(opts.started_file)  # {} when absent: the service was never started
-        if not started:
-            for r in results:
-                r.decision = replacement.Decision(
-                    "none", "", "not started by a deploy yet (--data submit=true): nothing replaced"
-                )
-            return
-    for r in results:
-        st = states[r.slot]
-        submitted = (started or {}).get("jobs", {}).get(r.job_name)
-        if submitted and st.get("deploy_at") != started.get("at") and st.get("job_id") != str(submitted):
-            # The deploy submitted this job, and no check saw it run yet: it is starting (Slurm may
-            # hide it from this user until its batch script writes its record). The deploy's own
-            # check right after submitting sees it run, so a job that dies later is replaced at once.
-            st["deploy_at"] = started.get("at")
-            st["submitted"] = {"job_id": str(submitted), "at": float(started.get("at") or now)}
-        down = None if view is None or view.error else view.servers.get(r.slot) == "down"
-        began = r.record.get("started") if r.record else None
-        r.decision = replacement.decide(
-            reason=r.reason,
-            job_id=r.job_id or None,
-            job_active=bool(r.job is not None and r.job.active),
-            started=float(began) if isinstance(began, (int, float)) else None,
-            down_in_endpoint=down,
-            state=st,
-            now=now,
-            policy=policy,
-        )
-        if r.decision.action != "replace":
-            continue
-        if not opts.sbatch:
-            r.decision = replacement.Decision("none", r.decision.cause, "no --sbatch: not replaced")
-            continue
-        new_id, error = replacement.replace(
-            job_name=r.job_name, sbatch=opts.sbatch, slurm_bin=opts.slurm_bin, submit_as=opts.submit_as
-        )
-        st["restarts"] = [*st.get("restarts", []), now]
-        st["last_restart"] = now
-        st["consecutive_restarts"] = int(st.get("consecutive_restarts") or 0) + 1
-        event = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-            "replica": r.slot,
-            "job_name": r.job_name,
-            "cause": r.decision.cause,
-            "old_job_id": r.job_id or "-",
-            "reason": r.reason,
-        }
-        if new_id:
-            st["restarts_total"] = r.restarts_total = int(st.get("restarts_total") or 0) + 1
-            st["submitted"] = {"job_id": new_id, "at": now}
-            r.replaced_by = new_id
-            event["new_job_id"] = new_id
-        else:
-            event["error"] = error
-            r.decision = replacement.Decision("failed", r.decision.cause, f"replacement failed: {error}")
-        replacement.record_event(st, event)
-
-
-def write_textfile(path: str, fleet: FleetOutcome) -> None:
-    """node_exporter textfile metrics (the module docstring's list), atomically, mode 0644."""
-    try:
-        from prometheus_client import CollectorRegistry, Gauge
-    except ImportError:
-        raise OSError("prometheus_client is not installed: pip install prometheus-client") from None
-    reg = CollectorRegistry()
-    dep = fleet.deployment
-    per = ["deployment", "replica"]
-
-    def replica_gauge(name: str, doc: str, value: Any) -> None:
-        g = Gauge(name, doc, per, registry=reg)
-        for r in fleet.replicas:
-            g.labels(deployment=dep, replica=r.slot).set(float(value(r)))
-
-    replica_gauge("nemotron_replica_up", "1 if the replica generated a token in this check", lambda r: r.ok)
-    replica_gauge(
-        "nemotron_replica_busy", "1 if the replica's probe was busy (no reply in time)", lambda r: r.busy
-    )
-    replica_gauge(
-        "nemotron_replica_last_success_timestamp_seconds",
-        "Unix time of the replica's last successful generation (0: never)",
-        lambda r: r.last_success or 0.0,
-    )
-    replica_gauge(
-        "nemotron_replica_probe_duration_seconds",
-        "Duration of the replica's probe (0: not probed)",
-        lambda r: r.duration or 0.0,
-    )
-    replica_gauge(
-        "nemotron_replica_stale",
-        "1 if the replica runs the files of an earlier deploy (roll out to replace it)",
-        lambda r: bool(r.stale),
-    )
-    replica_gauge(
-        "nemotron_replica_restart_capped",
-        "1 if the check stopped replacing the replica (max_restarts_per_day in 24 h)",
-        lambda r: r.capped,
-    )
-    reg.register(_RestartsCollector(fleet))
-    info = Gauge(
-        "nemotron_replica_info",
-        "The replica's Slurm job, first node and state (GONE: no job); always 1",
-        [*per, "job_id", "node", "state"],
-        registry=reg,
-    )
-    for r in fleet.replicas:
-        info.labels(deployment=dep, replica=r.slot, job_id=r.job_id, node=r.node, state=r.slurm_state).set(1)
-
-    def gauge(name: str, doc: str, value: float) -> None:
-        Gauge(name, doc, ["deployment"], registry=reg).labels(deployment=dep).set(value)
-
-    gauge("nemotron_endpoint_replicas", "Replicas configured (--replicas)", len(fleet.replicas))
-    gauge("nemotron_replicas_up", "Replicas that generated a token in this check", fleet.generating)
-    ep = fleet.endpoint
-    if ep is not None and ep.replicas_up is not None:
-        gauge("nemotron_endpoint_replicas_up", "Replica slots HAProxy has UP", ep.replicas_up)
-    if ep is not None and ep.queue_length is not None:
-        gauge("nemotron_endpoint_queue_length", "Requests waiting in the endpoint's queue", ep.queue_length)
-    gauge("nemotron_check_timestamp_seconds", "Unix time of this check", fleet.timestamp)
-    gauge("nemotron_check_status", "Nagios status of this check (0 OK,1 WARN,2 CRIT,3 UNKNOWN)", fleet.status)
-    write_registry(path, reg)
-
-
-class _RestartsCollector:
-    """nemotron_replica_restarts_total: a counter kept in the state file (no _created sample)."""
-
-    def __init__(self, fleet: FleetOutcome) -> None:
-        self.fleet = fleet
-
-    def collect(self):
-        from prometheus_client.core import CounterMetricFamily
-
-        family = CounterMetricFamily(
-            "nemotron_replica_restarts",
-            "Replacements of the replica's job submitted by the scheduled check",
-            labels=["deployment", "replica"],
-        )
-        for r in self.fleet.replicas:
-            family.add_metric([self.fleet.deployment, r.slot], r.restarts_total)
-        yield family
-
-
 def report_stopped(opts: argparse.Namespace, job_name: str) -> int:
     """state=stopped: say so (OK), write only the deployment's series, act on nothing."""
+    from . import endpoint_sync
+
     message = (
         f"{job_name}: the service is stopped on purpose (state=stopped); nothing is checked or replaced. "
         "Start it with the deploy: --data state=running --data submit=true"
@@ -541,16 +380,7 @@ def report_stopped(opts: argparse.Namespace, job_name: str) -> int:
             out.long_lines.append(f"warning: endpoint ({opts.endpoint_socket}): {exc}")
     if opts.prometheus_textfile:
         try:
-            from prometheus_client import CollectorRegistry, Gauge
-
-            reg = CollectorRegistry()
-            for name, doc, value in (
-                ("nemotron_service_stopped", "1 when the service is stopped on purpose (state=stopped)", 1),
-                ("nemotron_check_timestamp_seconds", "Unix time of this check", out.timestamp),
-                ("nemotron_check_status", "Nagios status of this check (0 OK,1 WARN,2 CRIT,3 UNKNOWN)", OK),
-            ):
-                Gauge(name, doc, ["deployment"], registry=reg).labels(deployment=job_name).set(value)
-            write_registry(opts.prometheus_textfile, reg)
+            metrics.write_stopped_textfile(opts.prometheus_textfile, job_name, out.timestamp, OK)
         except (OSError, ImportError) as exc:
             out = Outcome(UNKNOWN, "internal_error", f"cannot write {opts.prometheus_textfile}: {exc}", None)
     print(json.dumps(out.as_dict(), sort_keys=True) if opts.json else out.nagios())
@@ -592,7 +422,7 @@ def main(opts: argparse.Namespace, parser: argparse.ArgumentParser, prog: str) -
         return UNKNOWN
     if opts.prometheus_textfile:
         try:
-            write_textfile(opts.prometheus_textfile, fleet)
+            metrics.write_fleet_textfile(opts.prometheus_textfile, fleet)
         except OSError as exc:
             fleet.long_lines.append(f"error: cannot write {opts.prometheus_textfile}: {exc}")
             fleet.extra["textfile_error"] = str(exc)
@@ -602,4 +432,4 @@ def main(opts: argparse.Namespace, parser: argparse.ArgumentParser, prog: str) -
     return fleet.status
 
 
-__all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "check_fleet", "main", "verdict", "write_textfile"]
+__all__ = ["CRITICAL", "OK", "UNKNOWN", "WARNING", "add_arguments", "check_fleet", "main", "verdict"]

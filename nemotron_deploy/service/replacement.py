@@ -26,33 +26,102 @@ from __future__ import annotations
 import fcntl
 import getpass
 import os
-import subprocess
 import time
-from dataclasses import dataclass
+from collections import namedtuple
+
+from .options import positive
+from .state import load_state
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     from typing import Any
 
 DAY = 86400.0
 MAX_EVENTS = 50  # kept per replica in the state file
 SYSLOG_IDENT = "nemotron-health"
 
-
-@dataclass(frozen=True)
-class Policy:
-    unhealthy_after: float = 600.0
-    backoff_max: float = 1800.0
-    max_per_day: int = 10
-    startup_budget: float = 2700.0
-    first_backoff: float = 60.0
+# Options that go only with --replicas (health.py refuses them for the single check).
+REPLICAS_ONLY = ("sbatch", "submit_as", "started_file", "stopped")
 
 
-@dataclass(frozen=True)
-class Decision:
-    action: str  # "none" | "starting" | "wait" | "backoff" | "capped" | "replace"
-    cause: str = ""  # "gone" | "unhealthy" (for replace, backoff, capped)
-    message: str = ""
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of replacing dead replicas (and ``--stopped``), for health.build_parser."""
+    rs = parser.add_argument_group("replacing dead replicas (--replicas ... --restart-policy always)")
+    rs.add_argument(
+        "--restart-policy",
+        choices=("always", "never"),
+        default="never",
+        help="always: submit a replica again when its job is gone or its server failed the check for "
+        "--unhealthy-restart-after seconds (default never: report only)",
+    )
+    rs.add_argument("--sbatch", metavar="PATH", help="the batch file a replacement submits")
+    rs.add_argument(
+        "--submit-as",
+        metavar="USER",
+        help="submit and cancel as this user (through `sudo -n -u USER`, which the deploy allows for "
+        "exactly these commands) when it is not the user running the check",
+    )
+    rs.add_argument(
+        "--slurm-bin",
+        metavar="DIR",
+        default="/usr/bin",
+        help="where sbatch and scancel are (default /usr/bin)",
+    )
+    rs.add_argument(
+        "--unhealthy-restart-after",
+        type=positive(float),
+        default=600.0,
+        metavar="S",
+        help="replace a running replica whose server failed the check this long (default 600)",
+    )
+    rs.add_argument(
+        "--restart-backoff-max",
+        type=positive(float),
+        default=1800.0,
+        metavar="S",
+        help="the longest back-off between two replacements of one replica (default 1800)",
+    )
+    rs.add_argument(
+        "--max-restarts-per-day",
+        type=positive(int),
+        default=10,
+        metavar="N",
+        help="stop replacing a replica after N replacements in 24 h: CRITICAL restart_capped (default 10)",
+    )
+    rs.add_argument(
+        "--started-file",
+        metavar="PATH",
+        help="the file the deploy writes when it submits the replicas: replace only once it exists "
+        "(a deploy that only installs starts nothing), and count its jobs as starting meanwhile",
+    )
+    rs.add_argument(
+        "--stopped",
+        action="store_true",
+        help="the service is stopped on purpose (the deploy's state=stopped): report that, replace nothing",
+    )
+
+
+# Immutable records as namedtuples, not dataclasses: every single check imports this module for its
+# options (add_arguments), and dataclasses costs ~5 ms of import time (it imports inspect).
+class Policy(
+    namedtuple(
+        "Policy",
+        "unhealthy_after backoff_max max_per_day startup_budget first_backoff",
+        defaults=(600.0, 1800.0, 10, 2700.0, 60.0),
+    )
+):
+    """How the check replaces: seconds unhealthy before a replacement, the back-off's cap, at most
+    max_per_day replacements in 24 h, a job's start-up budget, the first back-off."""
+
+    __slots__ = ()
+
+
+class Decision(namedtuple("Decision", "action cause message", defaults=("", ""))):
+    """action: "none" | "starting" | "wait" | "backoff" | "capped" | "replace"; cause: "gone" |
+    "unhealthy" (for replace, backoff, capped); message: what to tell."""
+
+    __slots__ = ()
 
 
 def backoff_seconds(consecutive: int, policy: Policy) -> float:
@@ -129,6 +198,78 @@ def decide(
     return Decision("replace", cause)
 
 
+def replace_dead(opts: argparse.Namespace, results: list[Any], states: dict[str, Any], view: Any) -> None:
+    """The fleet check's replacements: decide for each replica (fleet.ReplicaResult, updated with its
+    decision and new job), and replace the ones whose job is gone or whose server stays unhealthy.
+    `states`: every replica's state by slot; `view`: the fleet.EndpointView, or None."""
+    policy = Policy(
+        unhealthy_after=opts.unhealthy_restart_after,
+        backoff_max=opts.restart_backoff_max,
+        max_per_day=opts.max_restarts_per_day,
+        startup_budget=opts.startup_timeout,
+        first_backoff=min(60.0, opts.restart_backoff_max),
+    )
+    now = time.time()
+    started = None
+    if opts.started_file:
+        started = load_state(opts.started_file)  # {} when absent: the service was never started
+        if not started:
+            for r in results:
+                r.decision = Decision(
+                    "none", "", "not started by a deploy yet (--data submit=true): nothing replaced"
+                )
+            return
+    for r in results:
+        st = states[r.slot]
+        submitted = (started or {}).get("jobs", {}).get(r.job_name)
+        if submitted and st.get("deploy_at") != started.get("at") and st.get("job_id") != str(submitted):
+            # The deploy submitted this job, and no check saw it run yet: it is starting (Slurm may
+            # hide it from this user until its batch script writes its record). The deploy's own
+            # check right after submitting sees it run, so a job that dies later is replaced at once.
+            st["deploy_at"] = started.get("at")
+            st["submitted"] = {"job_id": str(submitted), "at": float(started.get("at") or now)}
+        down = None if view is None or view.error else view.servers.get(r.slot) == "down"
+        began = r.record.get("started") if r.record else None
+        r.decision = decide(
+            reason=r.reason,
+            job_id=r.job_id or None,
+            job_active=bool(r.job is not None and r.job.active),
+            started=float(began) if isinstance(began, (int, float)) else None,
+            down_in_endpoint=down,
+            state=st,
+            now=now,
+            policy=policy,
+        )
+        if r.decision.action != "replace":
+            continue
+        if not opts.sbatch:
+            r.decision = Decision("none", r.decision.cause, "no --sbatch: not replaced")
+            continue
+        new_id, error = replace(
+            job_name=r.job_name, sbatch=opts.sbatch, slurm_bin=opts.slurm_bin, submit_as=opts.submit_as
+        )
+        st["restarts"] = [*st.get("restarts", []), now]
+        st["last_restart"] = now
+        st["consecutive_restarts"] = int(st.get("consecutive_restarts") or 0) + 1
+        event = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+            "replica": r.slot,
+            "job_name": r.job_name,
+            "cause": r.decision.cause,
+            "old_job_id": r.job_id or "-",
+            "reason": r.reason,
+        }
+        if new_id:
+            st["restarts_total"] = r.restarts_total = int(st.get("restarts_total") or 0) + 1
+            st["submitted"] = {"job_id": new_id, "at": now}
+            r.replaced_by = new_id
+            event["new_job_id"] = new_id
+        else:
+            event["error"] = error
+            r.decision = Decision("failed", r.decision.cause, f"replacement failed: {error}")
+        record_event(st, event)
+
+
 def _argv(submit_as: str | None, argv: list[str]) -> list[str]:
     if submit_as and submit_as != getpass.getuser():
         return ["sudo", "-n", "-u", submit_as, *argv]
@@ -139,6 +280,8 @@ def replace(
     *, job_name: str, sbatch: str, slurm_bin: str, submit_as: str | None, timeout: float = 60.0
 ) -> tuple[str | None, str]:
     """scancel what is left of the replica's jobs, then submit it again: (new job id or None, output)."""
+    import subprocess  # not at import time: every single check imports this module for its options
+
     cancel = _argv(submit_as, [f"{slurm_bin}/scancel", f"--name={job_name}"])
     submit = _argv(submit_as, [f"{slurm_bin}/sbatch", "--parsable", f"--job-name={job_name}", sbatch])
     try:

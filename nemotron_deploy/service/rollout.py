@@ -38,7 +38,9 @@ import sys
 import time
 
 from . import endpoint_sync, replacement
+from .check import wait_for_job
 from .endpoint_sync import SPARE_SLOT
+from .nagios import OK
 from .slurm import SlurmError, files_digest, query_job, read_record, record_path, replica_job_name
 
 POLL = 0.5
@@ -96,10 +98,10 @@ def _submit(opts: argparse.Namespace, name: str) -> str:
 
 
 def _generates(opts: argparse.Namespace, job_id: str) -> bool:
-    from . import health
-
-    argv = ["--wait", "--progress-lines", "--slurm-job", job_id, "--port", str(opts.port)]
-    return health.main([*argv, "--budget", str(opts.budget)]) == 0
+    """The health check's start-up wait for the new job; its verdict line goes to stdout."""
+    out = wait_for_job(job_id, opts.port, opts.budget)
+    print(out.nagios(), flush=True)
+    return out.status == OK
 
 
 def _gone(job_id: str) -> bool:

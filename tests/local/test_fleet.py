@@ -22,7 +22,8 @@ from helpers import REPO
 from live_endpoint import HOST, Replica, ask, cluster_with, put, replica, running_endpoint
 from prometheus_client.parser import text_string_to_metric_families
 
-from nemotron_deploy.service import fleet, health
+from nemotron_deploy.service import health, probe
+from nemotron_deploy.service import metrics as contract
 
 JOB = "nemotron-340b"
 
@@ -132,7 +133,8 @@ def test_all_replicas_generate_ok_and_the_endpoint_follows(tmp_path, slurm, caps
     assert "2/2 slots UP" in endpoint_line and "sent: nothing" in endpoint_line
 
     m = metrics(prom)
-    assert set(fleet.REPLICA_METRICS) | set(fleet.ENDPOINT_METRICS) <= set(m)
+    # Every family of the contract's fleet metrics, no other (the parser names a counter without _total).
+    assert set(m) == {x.name.removesuffix("_total") for x in (*contract.REPLICA, *contract.DEPLOYMENT)}
     assert by_replica(m["nemotron_replica_up"]) == {"r1": 1.0, "r2": 1.0}
     assert by_replica(m["nemotron_replica_busy"]) == {"r1": 0.0, "r2": 0.0}
     for s in m["nemotron_replica_last_success_timestamp_seconds"]:
@@ -142,7 +144,7 @@ def test_all_replicas_generate_ok_and_the_endpoint_follows(tmp_path, slurm, caps
         ({"deployment": JOB, "replica": "r1", "job_id": "101", "node": "127.0.0.1", "state": "RUNNING"}, 1.0),
         ({"deployment": JOB, "replica": "r2", "job_id": "102", "node": "127.0.0.2", "state": "RUNNING"}, 1.0),
     ]
-    one = {name: m[name][0] for name in fleet.ENDPOINT_METRICS}
+    one = {x.name: m[x.name][0] for x in contract.DEPLOYMENT}
     assert all(s.labels == {"deployment": JOB} for s in one.values())
     assert one["nemotron_endpoint_replicas"].value == 2
     assert one["nemotron_replicas_up"].value == 2
@@ -370,7 +372,7 @@ def test_endpoint_check_generates_through_haproxy(tmp_path, capsys, monkeypatch)
         code, out = run(capsys, "--endpoint", f"http://{HOST}:{ep.port}", "--prometheus-textfile", str(prom))
     assert code == 0, out
     assert out.startswith("NEMOTRON OK - generated 1 token in ")
-    assert health.DEFAULT_PROMPT in reps[0].requests
+    assert probe.DEFAULT_PROMPT in reps[0].requests
     assert metrics(prom)["nemotron_up"][0].labels == {"target": "endpoint"}
     assert [p.name for p in (tmp_path / "state" / "nemotron-deploy").iterdir()] == ["health-endpoint.json"]
 
@@ -424,6 +426,6 @@ def test_endpoint_envelope_refusal_is_critical_with_its_message(tmp_path, capsys
 
 
 def test_the_endpoint_texts_the_check_reads_are_in_the_template():
-    """health.py recognises the endpoint's 503s by their text: the template must still say it."""
+    """The probe recognises the endpoint's 503s by their text: the template must still say it."""
     template = (REPO / "nemotron_deploy/deploy/templates/haproxy.cfg.j2").read_text()
-    assert health.ENDPOINT_BUSY_TEXT in template and health.ENDPOINT_NO_REPLICA_TEXT in template
+    assert probe.ENDPOINT_BUSY_TEXT in template and probe.ENDPOINT_NO_REPLICA_TEXT in template

@@ -18,7 +18,7 @@ from helpers import INVENTORIES, write_inventory
 
 from nemotron_deploy import inventory
 from nemotron_deploy.deploy import desired
-from nemotron_deploy.service import fleet, health
+from nemotron_deploy.service import health, metrics
 from nemotron_deploy.service.replacement import DAY, CheckLock, Policy, backoff_seconds, decide
 
 POLICY = Policy(unhealthy_after=600, backoff_max=1800, max_per_day=10, startup_budget=300, first_backoff=60)
@@ -251,6 +251,8 @@ def test_stopped_replaces_nothing_and_takes_no_replica_series(acting, slurm, cap
     text = textfile.read_text()
     assert 'nemotron_service_stopped{deployment="svc"} 1.0' in text
     assert "nemotron_replica_up" not in text and "nemotron_replicas_up" not in text  # no alert fires
+    types = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    assert types == {m.name for m in metrics.STOPPED}
 
 
 def test_replacement_metrics(acting, slurm, capsys, tmp_path):
@@ -262,7 +264,7 @@ def test_replacement_metrics(acting, slurm, capsys, tmp_path):
     assert 'nemotron_replica_restarts_total{deployment="svc",replica="r1"} 1.0' in text
     assert "# TYPE nemotron_replica_restarts_total counter" in text
     assert 'nemotron_replica_restart_capped{deployment="svc",replica="r1"} 0.0' in text
-    assert fleet.REPLICA_METRICS  # the documented list
+    assert {metrics.REPLICA_RESTARTS, metrics.REPLICA_RESTART_CAPPED} <= set(metrics.REPLICA)  # the contract
 
 
 # --- what the deploy installs -------------------------------------------------------------------------

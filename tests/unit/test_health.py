@@ -6,6 +6,7 @@ something other than NeMo. Slurm is faked by executables on PATH that print what
 
 from __future__ import annotations
 
+import argparse
 import http.server
 import json
 import os
@@ -25,7 +26,11 @@ from fake_slurm import SCONTROL_LINE, job
 from nemotron_rehearsal.emulator import serve_in_thread
 from prometheus_client.parser import text_string_to_metric_families
 
-from nemotron_deploy.service import health
+from nemotron_deploy.service import health, rollout
+from nemotron_deploy.service import probe as probe_mod
+from nemotron_deploy.service.metrics import SINGLE_CHECK
+from nemotron_deploy.service.outcome import REASONS
+from nemotron_deploy.service.slurm import expand_hostlist, parse_scontrol_record
 
 SYSTEM_PYTHON = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
 
@@ -79,9 +84,9 @@ def canned():
         server.server_close()
 
 
-def probe(port: int, **kw) -> health.ProbeResult:
+def probe(port: int, **kw) -> probe_mod.ProbeResult:
     kw.setdefault("timeout", 5.0)
-    return health.probe("127.0.0.1", port, **kw)
+    return probe_mod.probe("127.0.0.1", port, **kw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,7 +106,7 @@ def test_refused():
 
 
 def test_unresolvable():
-    result = health.probe("nemotron-health-test.invalid", 1424, connect_timeout=3)
+    result = probe_mod.probe("nemotron-health-test.invalid", 1424, connect_timeout=3)
     assert result.reason == "unresolvable"
     assert "nemotron-health-test.invalid" in result.message
 
@@ -228,7 +233,7 @@ def test_disconnected_when_the_server_crashes_mid_request():
     ],
 )
 def test_classify_response(status, body, reason):
-    assert health.classify_response(status, body, 0.01, "http://x:1/generate").reason == reason
+    assert probe_mod.classify_response(status, body, 0.01, "http://x:1/generate").reason == reason
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,13 +308,14 @@ def test_busy_escalates_and_last_success_persists(capsys, tmp_path):
     assert codes[2][1].startswith("NEMOTRON CRITICAL - busy:") and "3 times in a row" in codes[2][1]
 
     m = metrics(prom)
+    assert set(m) == {metric.name for metric in SINGLE_CHECK}  # the contract, no more, no less
     assert m["nemotron_up"][0].value == 0
     assert m["nemotron_probe_status"][0].value == 2
     assert m["nemotron_probe_consecutive_busy"][0].value == 3
     assert m["nemotron_last_success_timestamp_seconds"][0].value == pytest.approx(last_success)
     reasons = {s.labels["reason"]: s.value for s in m["nemotron_probe_reason"]}
     assert reasons["busy"] == 1 and sum(reasons.values()) == 1
-    assert set(reasons) == set(health.REASONS)
+    assert set(reasons) == set(REASONS)
     assert stat.S_IMODE(prom.stat().st_mode) == 0o644
     assert sorted(p.name for p in prom.parent.iterdir()) == ["nemotron.prom"]  # no temp file left
 
@@ -511,7 +517,7 @@ def test_parse_scontrol_record():
         nodelist="gpu[01-02]",
         stderr="/x/e.err",
     )
-    rec = health.parse_scontrol_record(line)
+    rec = parse_scontrol_record(line)
     assert rec["JobId"] == "4242" and rec["JobState"] == "RUNNING" and rec["NodeList"] == "gpu[01-02]"
     assert rec["TRES"] == "cpu=16,node=2,billing=16,gres/gpu=16"
     assert rec["AllocNode:Sid"] == "login01:31337" and rec["StdErr"] == "/x/e.err" and rec["Power"] == ""
@@ -528,7 +534,7 @@ def test_parse_scontrol_record():
     ],
 )
 def test_expand_hostlist(expr, nodes):
-    assert health.expand_hostlist(expr) == nodes
+    assert expand_hostlist(expr) == nodes
 
 
 def test_slurm_job_by_name_probes_the_first_node(emu, slurm, capsys):
@@ -588,6 +594,17 @@ def test_wait_fails_fast_when_the_job_fails_and_shows_its_stderr(slurm, capsys, 
     assert elapsed < 3, f"took {elapsed:.2f}s to notice the failed job"
     # the job was looked up by name once, then followed by id
     assert sum(c.startswith("squeue") for c in slurm.calls()) == 1
+
+
+def test_the_rollout_waits_with_the_start_up_wait(emu, slurm, capsys):
+    """rollout._generates: the --wait of `health --slurm-job ID`, as a function, its line on stdout."""
+    slurm.set({"jobs": {"4242": job("RUNNING", nodelist="127.0.0.1")}})
+    opts = argparse.Namespace(port=emu.port, budget=10.0)
+    assert rollout._generates(opts, "4242")
+    assert capsys.readouterr().out.startswith("NEMOTRON OK - ready after")
+    slurm.set({"jobs": {}})
+    assert not rollout._generates(opts, "4242")
+    assert capsys.readouterr().out.startswith("NEMOTRON CRITICAL - job_gone")
 
 
 def test_wait_fails_fast_when_the_job_vanished(slurm, capsys):

@@ -1,4 +1,4 @@
-"""The package's layers, read from its imports: deploy -> model -> service, never back.
+"""The package's layers, read from its imports: deploy -> model -> service, never back; no import circle.
 
 - ``nemotron_deploy/service/`` runs on the cluster (the scheduled check, the rollout, inside the job's
   container): it imports only the standard library and itself. Its one runtime dependency,
@@ -20,6 +20,7 @@ import pytest
 from helpers import REPO
 
 PACKAGE = REPO / "nemotron_deploy"
+PACKAGE_NAME = "nemotron_deploy"
 MODEL = (
     "nemotron_deploy.settings",
     "nemotron_deploy.inventory",
@@ -132,3 +133,117 @@ def test_the_checker_sees_what_it_must():
     steps = imports_of(PACKAGE / "deploy" / "steps.py")
     assert any(i.target == "nemotron_deploy.inventory" for i in steps)
     assert any(i.lazy for path in PACKAGE.rglob("*.py") for i in imports_of(path))
+
+
+# --- import circles ----------------------------------------------------------------------------
+
+
+def _imports(path: Path, name: str, modules: set[str]) -> set[str]:
+    """The package's modules that `name` (the file at `path`) imports."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+
+    def add(target: str) -> None:
+        # `from x import y`: y is a module when x.y is one, else a name in x (or its package).
+        while target and target not in modules:
+            target = target.rpartition(".")[0]
+        if target:
+            found.add(target)
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == PACKAGE_NAME:
+                    add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                origin = ".".join(base + ([node.module] if node.module else []))
+            else:
+                origin = node.module or ""
+            if origin.split(".")[0] != PACKAGE_NAME:
+                continue
+            for alias in node.names:
+                target = f"{origin}.{alias.name}"
+                add(target if target in modules else origin)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py")) if "__pycache__" not in p.parts}
+    modules = set(files)
+    return {name: _imports(path, name, modules) for name, path in files.items()}
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's algorithm, iterative: the graph's strongly connected components."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                components.append(sorted(component))
+    return components
+
+
+def _cycle(graph: dict[str, set[str]], component: list[str]) -> list[str]:
+    """One circle through the component's first module, for the message: a -> b -> ... -> a."""
+    members, start = set(component), component[0]
+    paths = {start: [start]}
+    queue = [start]
+    while queue:
+        node = queue.pop(0)
+        for child in sorted(graph[node] & members):
+            if child == start:
+                return [*paths[node], start]
+            if child not in paths:
+                paths[child] = [*paths[node], child]
+                queue.append(child)
+    return component
+
+
+def test_the_graph_sees_relative_and_local_imports():
+    graph = import_graph()
+    assert "nemotron_deploy.service.slurm" in graph["nemotron_deploy.service.check"]  # from .slurm import
+    assert "nemotron_deploy.inventory" in graph["nemotron_deploy.cli"]  # inside a function
+
+
+def test_no_import_circles():
+    """The whole package: no module imports itself, and no circle (deferred imports count: a circle
+    that works only because an import is deferred is still a knot)."""
+    graph = import_graph()
+    selfish = sorted(name for name, deps in graph.items() if name in deps)
+    assert not selfish, f"modules that import themselves: {selfish}"
+    circles = [_cycle(graph, c) for c in strongly_connected(graph) if len(c) > 1]
+    assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)

@@ -2,7 +2,7 @@
 
 The deploy installs them on the login node when `prometheus_rules_dir` is set (desired.for_host), with
 the health-check staleness threshold scaled to `health_interval_seconds` (:func:`rules`). They are
-linted and unit-tested with promtool (tests/test_alert_rules.py, tests/prometheus/).
+linted and unit-tested with promtool (tests/local/test_alert_rules.py, tests/prometheus/).
 """
 
 from __future__ import annotations
@@ -10,31 +10,16 @@ from __future__ import annotations
 import re
 from importlib.resources import files
 
+from .. import metrics
+
 RULES_NAME = "nemotron.rules.yml"
 
-METRICS: dict[str, str] = {
-    # Per replica; labels deployment (the base Slurm job name), replica (r1..rN).
-    "nemotron_replica_up": "1 if the replica's last check got a generation, else 0",
-    "nemotron_replica_busy": "1 if the replica was connected but did not answer in time (generation lock held)",
-    "nemotron_replica_last_success_timestamp_seconds": "when the replica last generated (Unix time)",
-    "nemotron_replica_info": "always 1; labels job_id, node and state (Slurm) of the replica's job",
-    "nemotron_replica_stale": "1 if the replica runs files older than the last deploy (roll it out)",
-    "nemotron_replica_restarts_total": "how many times the check replaced the replica",
-    "nemotron_replica_restart_capped": "1 once the check stopped replacing it after max_restarts_per_day",
-    # Per endpoint; label deployment.
-    "nemotron_endpoint_replicas": "replica slots the endpoint has (the deployment's replica count)",
-    "nemotron_replicas_up": "replicas the check saw generate",
-    "nemotron_endpoint_replicas_up": "replicas the endpoint (HAProxy) has UP",
-    "nemotron_endpoint_queue_length": "requests waiting in the endpoint for a free replica",
-    "nemotron_check_timestamp_seconds": "when the check last ran (Unix time)",
-    "nemotron_check_status": "the check's Nagios status (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN)",
-    # node_exporter's textfile collector, about the file the check writes (label file).
-    "node_textfile_mtime_seconds": "when node_exporter saw the check's textfile last modified (Unix time)",
-}
-"""Every metric the alert rules may use, with what it means: the scheduled health check's metrics (in
-node_exporter's textfile directory; node_exporter adds `instance` and `job`) and node_exporter's own.
-tests/test_alert_rules.py fails when a rule names a metric not listed here, so a metric renamed on
-one side breaks the tests instead of silencing an alert."""
+METRICS: dict[str, str] = {m.name: m.help for m in (*metrics.CONTRACT, *metrics.NODE_EXPORTER)}
+"""Every metric the alert rules may use, with its HELP text: the metrics contract (metrics.CONTRACT,
+what the scheduled health check writes to node_exporter's textfile directory; node_exporter adds
+`instance` and `job`) and node_exporter's own about that file. tests/local/test_alert_rules.py fails
+when a rule names a metric not listed here, so a metric renamed on one side breaks the tests instead
+of silencing an alert."""
 
 DEFAULT_HEALTH_INTERVAL_SECONDS = 60
 STALE_AFTER_CHECKS = 5  # the textfile is stale when not rewritten for 5 check intervals (300 s at 60 s)
