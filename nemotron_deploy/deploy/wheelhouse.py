@@ -19,7 +19,7 @@ from pathlib import Path
 # Beside our own wheel, at the versions installed here: the health check's one dependency, and the
 # wheel installer the login node runs.
 WHEEL_DISTS = ("prometheus-client", "installer")
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # nemotron_deploy/, not nemotron_deploy/deploy/
 REPO = PACKAGE_DIR.parent
 
 
