@@ -8,11 +8,9 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
 
 
 def python_m(module: str, *argv: str) -> subprocess.CompletedProcess:
