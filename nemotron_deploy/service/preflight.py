@@ -34,7 +34,7 @@ from .nvidia_smi import (
 )
 
 PROG = "nemotron-deploy preflight"
-CATALOG = Path(__file__).resolve().parent / "catalog" / "gpus.yaml"
+CATALOG = Path(__file__).resolve().parents[1] / "catalog" / "gpus.yaml"  # nemotron_deploy/catalog/
 MEMORY_TOLERANCE = 0.02  # drivers and board variants shift memory.total by a few hundred MiB
 NVIDIA_SMI_TIMEOUT = 60.0  # nvidia-smi can hang for minutes on a wedged GPU
 
