@@ -41,7 +41,7 @@ def _build(repo: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[st
     wheelhouse.py is loaded from `repo` itself (it finds the package beside it), not the installed one.
     """
     spec = importlib.util.spec_from_file_location(
-        "_wheelhouse_under_test", repo / "nemotron_deploy" / "wheelhouse.py"
+        "_wheelhouse_under_test", repo / "nemotron_deploy" / "deploy" / "wheelhouse.py"
     )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
@@ -62,8 +62,8 @@ def test_health_wheel_carries_no_rehearsal_code(
     ours = [w for w in wheels if w.name.startswith("nemotron_deploy-")]
     assert len(ours) == 1, wheels
     names = zipfile.ZipFile(ours[0]).namelist()
-    assert "nemotron_deploy/health.py" in names and "nemotron_deploy/catalog/gpus.yaml" in names
-    assert "nemotron_deploy/alerts/nemotron.rules.yml" in names
+    assert "nemotron_deploy/service/health.py" in names and "nemotron_deploy/catalog/gpus.yaml" in names
+    assert "nemotron_deploy/service/alerts/nemotron.rules.yml" in names
     leaked = [n for n in names if any(m in n for m in REHEARSAL_MARKERS)]
     assert leaked == [], f"rehearsal code in the shipped wheel: {leaked}"
 
@@ -78,7 +78,7 @@ def test_pip_install_of_the_root_is_the_product_only(clone: Path, tmp_path: Path
     (wheel,) = tmp_path.glob("nemotron_deploy-*.whl")
     top_levels = {n.split("/", 1)[0] for n in zipfile.ZipFile(wheel).namelist()}
     # Package data: the alert rules the deploy installs come from the installed package.
-    assert "nemotron_deploy/alerts/nemotron.rules.yml" in zipfile.ZipFile(wheel).namelist()
+    assert "nemotron_deploy/service/alerts/nemotron.rules.yml" in zipfile.ZipFile(wheel).namelist()
     assert {t for t in top_levels if not t.endswith(".dist-info")} == {"nemotron_deploy"}
     leaked = [n for n in zipfile.ZipFile(wheel).namelist() if any(m in n for m in REHEARSAL_MARKERS)]
     assert leaked == []
@@ -97,12 +97,12 @@ def test_digest_moves_with_the_product_not_the_rehearsal(
         "a rehearsal edit changed the shipped digest"
     )
 
-    rules = clone / "nemotron_deploy" / "alerts" / "nemotron.rules.yml"
+    rules = clone / "nemotron_deploy" / "service" / "alerts" / "nemotron.rules.yml"
     rules.write_text(rules.read_text() + "\n# an edit of the shipped alert rules\n")
     with_rules = _build(clone, tmp_path / "c3", monkeypatch)[0]
     assert with_rules != before, "a rules edit must change the digest (the rules ship in the wheel)"
 
-    health = clone / "nemotron_deploy" / "health.py"
+    health = clone / "nemotron_deploy" / "service" / "health.py"
     health.write_text(health.read_text() + "\n# a product edit\n")
     assert _build(clone, tmp_path / "c4", monkeypatch)[0] not in (before, with_rules), (
         "a product edit must change the digest"
