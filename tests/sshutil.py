@@ -101,8 +101,10 @@ def pyinfra(
     timeout: float = 300,
     yes: bool = True,
     deploy: str = DEPLOY,
+    cwd: str | Path = REPO,
 ) -> Run:
-    """`pyinfra -y INVENTORY deploys/nemotron.py ARGS...` from the repository root, output captured.
+    """`pyinfra -y INVENTORY deploys/nemotron.py ARGS...` from the repository root (or `cwd`: another
+    tree's, with its own inventories and deploy), output captured.
 
     `yes=False` leaves out -y: for --dry, which then runs pyinfra's change detection (with -y it is
     skipped and --json reports no hosts_with_change at all) and exits without prompting.
@@ -111,7 +113,7 @@ def pyinfra(
     t0 = time.monotonic()
     result = subprocess.run(
         argv,
-        cwd=REPO,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 
@@ -55,23 +57,39 @@ def build() -> tuple[str, list[Path]]:
     done = target / ".complete"
     if not done.exists():
         target.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--quiet",
-            "--no-deps",
-            "--wheel-dir",
-            str(target),
-            str(REPO),
-            *(f"{dist}=={version(dist)}" for dist in WHEEL_DISTS),
-        ]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"building the health-check wheels failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}\n"
-                "pip needs PyPI (or a configured index) on the deploying machine for this step"
-            )
+        with tempfile.TemporaryDirectory(prefix="nemotron-wheel-") as tmp:
+            _build_into(target, _clean_copy(Path(tmp)))
         done.write_text(digest)
     return digest, sorted(target.glob("*.whl"))
+
+
+def _clean_copy(dest: Path) -> Path:
+    """The sources the wheel is built from, copied: setuptools builds in the source tree's build/, and
+    a module removed from the package (an earlier layout's) stayed in build/lib and in every later
+    wheel; the build writes no build/ or egg-info into the repository either."""
+    for name in ("pyproject.toml", "README.md"):
+        if (REPO / name).exists():
+            shutil.copy2(REPO / name, dest / name)
+    shutil.copytree(PACKAGE_DIR, dest / PACKAGE_DIR.name, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def _build_into(target: Path, source: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--quiet",
+        "--no-deps",
+        "--wheel-dir",
+        str(target),
+        str(source),
+        *(f"{dist}=={version(dist)}" for dist in WHEEL_DISTS),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"building the health-check wheels failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}\n"
+            "pip needs PyPI (or a configured index) on the deploying machine for this step"
+        )

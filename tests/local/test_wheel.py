@@ -112,3 +112,21 @@ def test_digest_moves_with_the_product_not_the_rehearsal(
     assert _build(clone, tmp_path / "c4", monkeypatch)[0] not in (before, with_rules), (
         "a product edit must change the digest"
     )
+
+
+def test_a_stale_build_dir_does_not_ship_removed_modules(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """setuptools builds in the source tree's build/: a module an earlier layout had (its build/lib
+    left over from a deploy of that release) must not ride along in the login node's wheel, and the
+    build leaves nothing in the checkout."""
+    repo = _tracked_copy(tmp_path / "checkout")
+    stale = repo / "build" / "lib" / "nemotron_deploy" / "fleet.py"  # the earlier layout's module
+    stale.parent.mkdir(parents=True)
+    stale.write_text("raise SystemExit('the earlier layout')\n")
+    _, wheels = _build(repo, tmp_path / "cache", monkeypatch)
+    (ours,) = [w for w in wheels if w.name.startswith("nemotron_deploy-")]
+    names = zipfile.ZipFile(ours).namelist()
+    assert "nemotron_deploy/fleet.py" not in names and "nemotron_deploy/service/fleet.py" in names
+    assert not (repo / "nemotron_deploy.egg-info").exists()
+    assert sorted(p.name for p in (repo / "build").iterdir()) == ["lib"]

@@ -7,12 +7,13 @@ import subprocess
 
 from helpers import REPO
 from prometheus_client.parser import text_string_to_metric_families
+from sshutil import console_script
 
 
 def test_installed_check_runs_as_the_health_user_and_writes_metrics(sandbox):
     """Deploy, then run exactly the command cron would run, as the user cron would run it."""
     deploy = subprocess.run(
-        [str(REPO / ".venv/bin/pyinfra"), "-y", "inventories/sandbox.py", "deploys/nemotron.py"],
+        [console_script("pyinfra"), "-y", "inventories/sandbox.py", "deploys/nemotron.py"],
         cwd=REPO,
         capture_output=True,
         text=True,
