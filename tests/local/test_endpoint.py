@@ -105,7 +105,7 @@ def test_regen_goldens_writes_the_endpoint_goldens():
     text = (REPO / "scripts" / "regen-goldens").read_text()
     assert (
         "golden-endpoint" in text
-        and f'nemotron_deploy.deploy.endpoint "${{inventory}}" --replicas {GOLDEN_REPLICAS}' in text
+        and f'render --endpoint "${{inventory}}" --replicas {GOLDEN_REPLICAS}' in text
     )
 
 
