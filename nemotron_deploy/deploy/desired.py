@@ -101,6 +101,7 @@ def wheels_marker(cluster: Cluster) -> str:
 
 
 def enroot_credentials(cluster: Cluster) -> str:
+    """Where releases before 0.2 kept enroot's credentials between deploys (removed when found)."""
     return f"{cluster.settings.node_dir}/enroot/.credentials"
 
 

@@ -16,11 +16,11 @@ from typing import Any
 
 from pyinfra import logger
 from pyinfra.operations import apt
+from pyinfra.operations import files as pyinfra_files
 
 from ..inventory import Cluster, InventoryError, load
 from ..service.slurm import ENDING_STATES
 from . import desired
-from .desired import WantedDir, WantedFile
 from .errors import DeployError
 from .operations import containers, endpoint, files, health_timer, submit
 
@@ -153,31 +153,24 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         )
     elif s.image_file and host.name == cluster.compute[0]:
         # One host imports for the whole cluster, onto shared storage.
-        key = ngc_key(cluster)
-        creds = None
         registry = containers.registry_of(s.image)
         login = s.registry_login if s.registry_login is not None else registry == containers.NGC_REGISTRY
-        if key and runtime == "pyxis" and login:
-            creds = desired.enroot_credentials(cluster)
-            files.managed_directories(
-                name="enroot config",
-                dirs=[WantedDir(creds.rsplit("/", 1)[0], "700", adopt=True)],
-                current=snap["paths"],
-            )
-            files.managed_files(
-                name="enroot credentials (0600)",
-                files=[WantedFile(creds, containers.enroot_credentials(key, registry), "600")],
-                current=snap["paths"],
-                secret=True,
+        present = s.image_file in snap["paths"]
+        leftover = desired.enroot_credentials(cluster)
+        if leftover in snap["paths"]:  # an earlier release kept the key here between deploys
+            pyinfra_files.directory(
+                name="Old enroot credentials removed (the key leaves the node)",
+                path=leftover.rsplit("/", 1)[0],
+                present=False,
             )
         containers.import_image_file(
             name=f"Import {s.image} ({runtime})",
             runtime=runtime,
             image=s.image,
             target=s.image_file,
-            present=s.image_file in snap["paths"],
+            present=present,
             tmp_dir=s.enroot_tmp_dir or f"{s.deploy_dir}/.import-tmp",
-            credentials_path=creds,
+            ngc_key=ngc_key(cluster) if runtime == "pyxis" and login and not present else None,
             stall_seconds=s.pull_stall_timeout_seconds,
             timeout_seconds=s.pull_timeout_seconds,
         )

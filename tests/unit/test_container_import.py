@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -83,18 +84,44 @@ def test_no_import_when_the_image_file_is_there():
     assert commands(runtime="pyxis", image=IMAGE, target="/x.sqsh", present=True, tmp_dir="/t") == []
 
 
-def test_enroot_reads_credentials_from_its_config_dir_not_the_command_line(tmp_path):
-    creds = tmp_path / "enroot" / ".credentials"
-    (cmd,) = commands(
-        runtime="pyxis",
-        image=IMAGE,
-        target="/x.sqsh",
-        present=False,
-        tmp_dir="/t",
-        credentials_path=str(creds),
-    )
-    assert f"ENROOT_CONFIG_PATH={creds.parent}" in cmd
-    assert "password" not in cmd
+def test_enroot_reads_the_key_from_a_private_dir_removed_with_the_import(tmp_path, monkeypatch):
+    """The key reaches enroot as a netrc file in a 0700 dir made for this import, never on a command
+    line, and leaves the node with the import: after a good one and after a failed one."""
+    from pyinfra.api import StringCommand
+
+    from nemotron_deploy.deploy.operations import containers
+
+    key_dir = tmp_path / "nemotron-enroot"
+    monkeypatch.setattr(containers, "host", SimpleNamespace(get_temp_filename=lambda hint: str(key_dir)))
+    for outcome, body in (("ok", 'cp "$ENROOT_CONFIG_PATH/.credentials" "$3"'), ("fail", "exit 1")):
+        bindir = tmp_path / f"bin-{outcome}"
+        # The stand-in reads the key where enroot would, then writes the image (or fails).
+        stand_in(bindir, "enroot", body)
+        steps = list(
+            import_image_file._inner(
+                runtime="pyxis", image=IMAGE, target=str(tmp_path / f"{outcome}.sqsh"), present=False,
+                tmp_dir=str(tmp_path / "t"), ngc_key="nvapi-secret",
+            )
+        )  # fmt: skip
+        mkdir, upload, watch = steps
+        assert isinstance(mkdir, StringCommand) and "mkdir -m 700" in mkdir.get_raw_value()
+        assert upload.dest == f"{key_dir}/.credentials"
+        fetch = watch.args[0]
+        assert "nvapi-secret" not in fetch.command + fetch.cleanup + mkdir.get_raw_value()
+        assert f"ENROOT_CONFIG_PATH={key_dir}" in fetch.command
+        run(mkdir.get_raw_value(), bindir)
+        (key_dir / ".credentials").write_text(upload.src.getvalue())
+        (key_dir / ".credentials").chmod(0o600)
+        assert stat.S_IMODE(key_dir.stat().st_mode) == 0o700
+        result = run(f"W={tmp_path}/w-{outcome}; {fetch.command}", bindir)
+        assert (result.returncode == 0) == (outcome == "ok"), result.stderr
+        assert not key_dir.exists(), f"the key's directory stayed after a {outcome} import"
+    assert (tmp_path / "ok.sqsh").read_text() == "machine nvcr.io login $oauthtoken password nvapi-secret\n"
+
+
+def test_no_key_no_credentials(tmp_path):
+    (cmd,) = commands(runtime="pyxis", image=IMAGE, target="/x.sqsh", present=False, tmp_dir="/t")
+    assert "ENROOT_CONFIG_PATH" not in cmd
     line = enroot_credentials("nvapi-secret")
     assert line == "machine nvcr.io login $oauthtoken password nvapi-secret\n"
 
@@ -104,3 +131,35 @@ def test_registry_of_both_reference_forms():
     assert registry_of("nvcr.io/nvidia/nemo:24.01.framework") == "nvcr.io"
     assert registry_of("10.213.0.2:5000/nvidia/nemo:24.01.framework") == "10.213.0.2:5000"
     assert registry_of("nvidia/nemo:24.01.framework") == "docker.io"
+
+
+@pytest.mark.parametrize("pull_rc", [0, 1])
+def test_a_pull_that_logged_in_logs_out_whatever_its_outcome(tmp_path, monkeypatch, pull_rc):
+    """docker/podman keep a login in a file of their own: the pull logs out when it ends (and the
+    watcher's clean-up after a stalled or killed pull does too), keeping the pull's exit code."""
+    from nemotron_deploy.deploy.operations import containers
+
+    monkeypatch.setattr(
+        containers, "host", SimpleNamespace(get_temp_filename=lambda hint: str(tmp_path / "k"))
+    )
+    steps = list(
+        containers.pull_image._inner(
+            runtime="podman", image="nvcr.io/nvidia/nemo:24.01.framework", present=False, ngc_key="nvapi-x"
+        )
+    )
+    fetch = steps[-1].args[0]
+    bindir = tmp_path / "bin"
+    calls = tmp_path / "calls"
+    stand_in(bindir, "podman", f'echo "$1 $2" >> {calls}; [ "$1" = logout ] || exit {pull_rc}')
+    assert run(fetch.command, bindir).returncode == pull_rc
+    assert calls.read_text().splitlines() == ["pull nvcr.io/nvidia/nemo:24.01.framework", "logout nvcr.io"]
+    calls.unlink()
+    run(fetch.cleanup, bindir)
+    assert calls.read_text().splitlines() == ["logout nvcr.io"]
+
+
+def test_an_anonymous_pull_does_not_log_out(monkeypatch):
+    from nemotron_deploy.deploy.operations import containers
+
+    (watch,) = containers.pull_image._inner(runtime="podman", image="quay.io/x/y:1", present=False)
+    assert "logout" not in watch.args[0].command + watch.args[0].cleanup

@@ -1,8 +1,10 @@
 """Getting the NeMo container onto the cluster, by runtime.
 
-Credentials: the NGC key is uploaded to a 0600 file of the deploying user, read from there by the
-runtime (`--password-stdin`, enroot's netrc file) and never put on a command line, where `ps` and
-pyinfra's output would show it. Every pull goes to a temporary name first and is renamed when
+Credentials: the NGC key is uploaded to a 0600 file in a 0700 directory made for this run, read from
+there by the runtime (`--password-stdin`, enroot's netrc file) and never put on a command line, where
+`ps` and pyinfra's output would show it. It stays on the node only while the fetch runs: the
+directory is removed when the login or the import has read it, and docker/podman log out of the
+registry when the pull ends, whether it succeeded or not (their login is a file of its own). Every pull goes to a temporary name first and is renamed when
 complete, so an interrupted pull never leaves a half image under the final name.
 
 Each pull or import runs detached on its host and is watched (watched.py): a progress line per host
@@ -33,13 +35,13 @@ def registry_of(image: str) -> str:
     return first if ("." in first or ":" in first or first == "localhost") else "docker.io"
 
 
-def _secret_upload(key: str, private_dir: str):
-    """Commands that put `key` in `private_dir`/key: the directory is made 0700 first and the upload's
-    temporary file is inside it, so the key is never in a world-readable file or on a command line."""
+def _secret_upload(secret: str, private_dir: str, name: str = "key"):
+    """Commands that put `secret` in `private_dir`/`name`: the directory is made 0700 first and the
+    upload's temporary file is inside it, so it is never in a world-readable file or on a command line."""
     q_dir = shlex.quote(private_dir)
     yield StringCommand(f"rm -rf {q_dir} && mkdir -m 700 {q_dir}")
-    path = f"{private_dir}/key"
-    yield UploadCommand(StringIO(key), path, remote_temp_filename=f"{path}.upload")
+    path = f"{private_dir}/{name}"
+    yield UploadCommand(StringIO(secret), path, remote_temp_filename=f"{path}.upload")
 
 
 @operation()
@@ -77,6 +79,8 @@ def pull_image(
     tool = shlex.quote(runtime)
     tls = " --tls-verify=false" if runtime == "podman" and not tls_verify else ""
     registry = registry_of(image)
+    pull = f"{tool} pull{tls} {shlex.quote(image)}"
+    logout = ""
     if ngc_key and (login if login is not None else registry == NGC_REGISTRY):
         private_dir = host.get_temp_filename("nemotron-ngc")
         yield from _secret_upload(ngc_key, private_dir)
@@ -85,11 +89,16 @@ def pull_image(
             f"{tool} login{tls} --username {shlex.quote(NGC_USER)} --password-stdin "
             f"{shlex.quote(registry)} < {q_dir}/key; rc=$?; rm -rf {q_dir}; exit $rc"
         )
+        # The login is a file of the runtime's (podman's auth.json, docker's config.json): the key
+        # leaves the node with it, when the pull ends or fails.
+        logout = f"{tool} logout {shlex.quote(registry)} >/dev/null 2>&1"
+        pull = f"{pull}; rc=$?; {logout}; exit $rc"
     # Not --quiet: its "Copying blob" lines are part of the progress shown.
     watch = Fetch(
         what=f"pull of {image}",
         registry=registry,
-        command=f"{tool} pull{tls} {shlex.quote(image)}",
+        command=pull,
+        cleanup=logout,
         stall_seconds=stall_seconds,
         timeout_seconds=timeout_seconds,
         **_docker_watch(runtime),
@@ -135,7 +144,7 @@ def import_image_file(
     target: str,
     present: bool,
     tmp_dir: str,
-    credentials_path: str | None = None,
+    ngc_key: str | None = None,
     stall_seconds: float = 600,
     timeout_seconds: float | None = None,
 ):
@@ -147,7 +156,8 @@ def import_image_file(
     + target: the final file, named after the reference so a new tag never reuses an old file
     + present: the snapshot saw `target` already
     + tmp_dir: enroot/apptainer scratch on a disk with room (their defaults fill /tmp and /run)
-    + credentials_path: enroot's netrc file (already placed, 0600) or None for anonymous pulls
+    + ngc_key: the registry's key for pyxis (enroot reads it from a netrc file in a 0700 directory made
+      for this import and removed with it), or None for anonymous pulls
     + stall_seconds: fail when the import made no progress for this long
     + timeout_seconds: fail when the import takes longer than this; None: no limit
 
@@ -165,10 +175,16 @@ def import_image_file(
     q_tmp, q_partial, q_target = shlex.quote(tmp_dir), shlex.quote(partial), shlex.quote(target)
     # The images dir is the login node's to own (desired.py); on a first deploy this step comes first.
     q_dir = shlex.quote(target.rsplit("/", 1)[0])
+    forget = ""  # removes the key's directory: when the import ends, and after a failed one
     if runtime == "pyxis":
         env = 'ENROOT_TEMP_PATH="$S" ENROOT_CACHE_PATH="$S/cache"'
-        if credentials_path:
-            env += f" ENROOT_CONFIG_PATH={shlex.quote(credentials_path.rsplit('/', 1)[0])}"
+        if ngc_key:
+            config_dir = host.get_temp_filename("nemotron-enroot")
+            yield from _secret_upload(
+                enroot_credentials(ngc_key, registry_of(image)), config_dir, ".credentials"
+            )
+            env += f" ENROOT_CONFIG_PATH={shlex.quote(config_dir)}"
+            forget = f"rm -rf {shlex.quote(config_dir)}; "
         fetch = f"{env} enroot import --output {q_partial} {shlex.quote('docker://' + image)}"
     else:
         docker_ref = image.replace("#", "/", 1)
@@ -182,7 +198,7 @@ def import_image_file(
     command = (
         f'{scratch}mkdir -p -m 755 {q_dir} && mkdir -p "$S" && rm -f {q_partial} '
         f"&& {{ {fetch} && chmod 644 {q_partial} && mv -f {q_partial} {q_target}; "
-        f'rc=$?; rm -rf "$S"; [ $rc = 0 ] || rm -f {q_partial}; exit $rc; }}'
+        f'rc=$?; {forget}rm -rf "$S"; [ $rc = 0 ] || rm -f {q_partial}; exit $rc; }}'
     )
     watch = Fetch(
         what=f"import of {image}",
@@ -191,7 +207,7 @@ def import_image_file(
         # Layers downloaded into the scratch dir, then the image file as it is written.
         measure=f'{scratch}du -sb "$S" 2>/dev/null | cut -f1; stat -c %s {q_partial} 2>/dev/null',
         # Left by a failed import: the half-written file and the scratch dir.
-        cleanup=f'{scratch}rm -f {q_partial}; rm -rf "$S"',
+        cleanup=f'{scratch}{forget}rm -f {q_partial}; rm -rf "$S"',
         stall_seconds=stall_seconds,
         timeout_seconds=timeout_seconds,
     )
