@@ -225,7 +225,17 @@ def image_present(sandbox, node: str) -> bool:
 
 
 def remove_image(sandbox, node: str) -> None:
-    ssh(sandbox, node, f"podman rmi -f {IMAGE} >/dev/null 2>&1; ! podman image exists {IMAGE}")
+    """The image gone from the node's podman storage; podman's own error after 30 s (a podman process
+    still holding the storage lock, e.g. a logout that just ended, makes one rmi fail)."""
+
+    def removed() -> str:
+        run = ssh(sandbox, node, f"podman rmi -f {IMAGE} 2>&1; ! podman image exists {IMAGE}", check=False)
+        return "" if run.returncode == 0 else run.stdout
+
+    deadline = time.monotonic() + 30
+    while (last := removed()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not last, f"podman rmi on {node} left the image: {last}"
 
 
 def reset_deploy(sandbox) -> None:
