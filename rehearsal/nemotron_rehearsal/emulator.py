@@ -19,9 +19,20 @@ What it reproduces (facts from NeMo v1.22/v1.23, see ``nemo-server-protocol.md``
   prints, then only global rank 0 (``SLURM_PROCID``/``RANK``) serves HTTP on ``0.0.0.0:port``.
   Every other rank blocks like a rank waiting in ``torch.distributed.broadcast`` and dies at once on
   SIGTERM/SIGINT/SIGHUP (what ``scancel`` and the end of a step deliver).
-* HTTP exactly like Flask + flask-restful: one route ``/generate``, PUT only (405 with a JSON message
-  otherwise), 404 HTML everywhere else including ``/``; validation errors are **200 with a JSON string
-  body**, only "Maximum number of sentences is 128" is a 400, a body without ``sentences`` is a 500;
+* HTTP as NeMo's Flask app on Werkzeug's development server (Flask 3.0, Werkzeug 3.0.1,
+  flask-restful 0.3.10), checked answer by answer against NeMo's own ``text_generation_server.py`` by
+  ``tests/unit/test_emulator_parity.py``. NeMo builds ``Flask(__name__, static_url_path='')``, so
+  besides flask-restful's ``/generate`` (PUT, OPTIONS) a static route ``/<path:filename>`` (GET,
+  HEAD, OPTIONS) with no folder behind it takes every other path: GET/HEAD anywhere but ``/`` is a 404
+  page (``GET /generate`` too), other methods are 405 with ``Allow``, ``/`` is 404 for every method,
+  OPTIONS answers Flask's automatic 200. Any method name is accepted (``put`` is PUT), paths are
+  percent-decoded and leading slashes merged, every answer says ``Connection: close``, reasons are
+  upper case (``404 NOT FOUND``), ``Expect: 100-continue`` gets two interim answers. The ``Allow``
+  order is a set's, so it follows the process's string-hash seed as in NeMo, and so does the 405 body
+  on ``/generate``: flask-restful's JSON if that order starts with PUT or OPTIONS, else Flask's HTML.
+  On ``PUT /generate``: a Content-Type other than JSON is 415, unparsable JSON 400 (both JSON
+  messages); validation errors are **200 with a JSON string body**, only "Maximum number of
+  sentences is 128" is a 400, a body that is not an object or lacks ``sentences`` is a 500;
   success is a JSON object with ``sentences``/``tokens``/``logprob``/``token_ids``/``offsets``. One
   global lock serialises generation. An exception inside generation (e.g. ``sentences`` not a list
   of strings) answers 500 and wedges the server: later requests are accepted but never answered,
@@ -62,9 +73,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 log = logging.getLogger("megatron_gpt_eval")
 
@@ -399,8 +411,82 @@ def validate(data: Any) -> tuple[Any, dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------------------------------
+# Flask's routing of NeMo's app: Flask(__name__, static_url_path='') + flask-restful's /generate
+# --------------------------------------------------------------------------------------------------
+
+
+def _flask_rule_methods(view_methods: Any) -> set[str]:
+    """A rule's method set, built by the same steps as Flask 3.0's ``add_url_rule`` and Werkzeug's
+    ``Rule``: the same operations on the same strings iterate in the same order as in NeMo's process
+    under the same ``PYTHONHASHSEED``, and that order shows in ``Allow`` and picks the 405 body."""
+    methods = {item.upper() for item in view_methods}
+    required_methods: set[str] = set()
+    if "OPTIONS" not in methods:  # provide_automatic_options
+        required_methods.add("OPTIONS")
+    methods |= required_methods
+    rule_methods = {x.upper() for x in methods}
+    if "HEAD" not in rule_methods and "GET" in rule_methods:
+        rule_methods.add("HEAD")
+    return rule_methods
+
+
+def _resource_methods() -> set[str]:
+    methods: set[str] = set()  # flask MethodView.__init_subclass__ for MegatronGenerate (put only)
+    methods.add("PUT")
+    return methods
+
+
+# Flask registers the static rule first (in Flask.__init__), then flask-restful adds /generate.
+STATIC_METHODS = _flask_rule_methods(("GET",))  # '/<path:filename>', endpoint 'static'
+GENERATE_METHODS = _flask_rule_methods(_resource_methods())  # '/generate', flask-restful's resource
+_PATH_CONVERTER = re.compile(r"(?P<__werkzeug_0>[^/].*?)\Z")  # Werkzeug's <path:...> part
+
+METHOD_NOT_ALLOWED_HTML = (
+    "<!doctype html>\n<html lang=en>\n<title>405 Method Not Allowed</title>\n<h1>Method Not Allowed</h1>\n"
+    "<p>The method is not allowed for the requested URL.</p>\n"
+)
+METHOD_NOT_ALLOWED = "The method is not allowed for the requested URL."
+HTML = "text/html; charset=utf-8"
+
+
+def flask_path(target: str) -> str:
+    """The path Werkzeug routes for a request target (its dev server's PATH_INFO, then MapAdapter)."""
+    url = urlsplit(target)
+    path = f"/{url.netloc}{url.path}" if not url.scheme and url.netloc else url.path
+    path = unquote(path)
+    return f"/{path.lstrip('/')}" if path else ""
+
+
+def route(path: str, method: str) -> tuple[str | None, list[str]]:
+    """Werkzeug's match: ``("generate" | "static", [])`` for a rule taking ``method`` at ``path``,
+    else ``(None, allowed)``: 405 with ``allowed`` in Werkzeug's order, or 404 when it is empty."""
+    have_match_for: set[str] = set()
+    # Werkzeug tries a second time with merged slashes. These two rules match the same paths either
+    # way, but the second pass's updates can resize the set, and so reorder it.
+    for _ in range(2):
+        if path == "/generate":  # static transitions are tried before the <path:...> one
+            if method in GENERATE_METHODS:
+                return "generate", []
+            have_match_for.update(GENERATE_METHODS)
+        if path and _PATH_CONVERTER.match(path[1:]):
+            if method in STATIC_METHODS:
+                return "static", []
+            have_match_for.update(STATIC_METHODS)
+    return None, list(have_match_for)
+
+
+# --------------------------------------------------------------------------------------------------
 # The server (rank 0)
 # --------------------------------------------------------------------------------------------------
+
+
+def _utf8(text: str) -> bool:
+    """Whether SentencePiece could take ``text`` (a lone surrogate from a JSON escape cannot)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class EmulatorState:
@@ -440,12 +526,15 @@ class EmulatorState:
             if (
                 not isinstance(sentences, list)
                 or not sentences
-                or not all(isinstance(s, str) for s in sentences)
+                or not all(isinstance(s, str) and _utf8(s) for s in sentences)
             ):
                 # Real NeMo raises inside generate() after rank 0 broadcast the request: the other
                 # ranks stay in the collective, so every later request hangs.
                 self.wedged = True
-                raise TypeError("emulator: sentences must be a non-empty list of str (NeMo would crash here)")
+                raise TypeError(
+                    "emulator: sentences must be a non-empty list of UTF-8 encodable str "
+                    "(NeMo's tokenizer would raise here)"
+                )
             start = time.perf_counter()
             output, n_tokens = generate_output(sentences, params)
             delay = f.slow_seconds + n_tokens * f.token_seconds
@@ -457,55 +546,91 @@ class EmulatorState:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """Flask/flask-restful look-alike for the one ``/generate`` resource."""
+    """Werkzeug's development server (``app.run(threaded=True)``) running NeMo's Flask app."""
 
     server_version = "Werkzeug/3.0.1"
     sys_version = "Python/3.10.12"
-    protocol_version = "HTTP/1.1"
+    protocol_version = "HTTP/1.1"  # Werkzeug's, for a threaded server
     server: _EmulatorServer
+
+    def __getattr__(self, name: str) -> Any:
+        # Werkzeug hands every method to the app: none gets http.server's 501.
+        if name.startswith("do_"):
+            return self._handle
+        raise AttributeError(name)
 
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.verbose:
             super().log_message(format, *args)
 
-    def _send(
-        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
+    def _send(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
+        self.send_response(status, HTTPStatus(status).phrase.upper())  # Werkzeug's status: "404 NOT FOUND"
+        for key, value in headers:
+            self.send_header(key, value)
+        self.send_header("Connection", "close")  # Werkzeug closes every connection
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command != "HEAD":  # Werkzeug drops the body for REQUEST_METHOD == "HEAD" only
             self.wfile.write(body)
 
-    def _send_json(self, status: int, obj: Any, *, flask_jsonify: bool = False, **headers: str) -> None:
-        if flask_jsonify:  # Flask's jsonify: sorted keys, compact, trailing newline
+    def _send_html(self, status: int, html: str, allow: list[str] | None = None) -> None:
+        """A Werkzeug HTTPException's own page (Flask's handler)."""
+        body = html.encode()
+        headers = [("Content-Type", HTML)]
+        if allow is not None:
+            headers.append(("Allow", ", ".join(allow)))
+        self._send(status, body, [*headers, ("Content-Length", str(len(body)))])
+
+    def _send_json(
+        self, status: int, obj: Any, *, jsonify: bool = False, allow: list[str] | None = None
+    ) -> None:
+        if jsonify:  # Flask's jsonify: sorted keys, compact, trailing newline
             text = json.dumps(obj, sort_keys=True, separators=(",", ":")) + "\n"
-        else:  # flask-restful's output_json
+        else:  # flask-restful's output_json (a resource's return value, or its handle_error)
             text = json.dumps(obj) + "\n"
-        self._send(status, text.encode(), "application/json", headers)
+        body = text.encode()
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        if allow is not None:
+            headers.append(("Allow", ", ".join(allow)))
+        self._send(status, body, headers)
 
     def _read_body(self) -> bytes:
-        length = int(self.headers.get("Content-Length") or 0)
+        """What Werkzeug's request stream holds: chunked, else Content-Length bytes, else nothing."""
+        if self.headers.get("Transfer-Encoding", "").strip().lower() == "chunked":
+            chunks = []
+            while True:
+                try:
+                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                except ValueError:
+                    break
+                if size <= 0:
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(chunks)
+        raw = (self.headers.get("Content-Length") or "").strip()
+        length = int(raw) if re.fullmatch(r"-?[0-9]+", raw) else 0
         return self.rfile.read(length) if length > 0 else b""
 
     def _handle(self) -> None:
-        body = self._read_body()
-        if urlsplit(self.path).path != "/generate":
-            self._send(404, NOT_FOUND_HTML.encode(), "text/html; charset=utf-8")
-            return
-        if self.command == "OPTIONS":
-            self._send(200, b"", "text/html; charset=utf-8", {"Allow": "OPTIONS, PUT"})
-            return
-        if self.command != "PUT":
-            msg = {"message": "The method is not allowed for the requested URL."}
-            self._send_json(405, msg, Allow="OPTIONS, PUT")
-            return
-        self._put(body)
+        if self.headers.get("Expect", "").lower().strip() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # Werkzeug's, after http.server's own
+        method = self.command.upper()
+        path = flask_path(self.path)
+        endpoint, allowed = route(path, method)
+        if endpoint is None and allowed:
+            # flask-restful answers a 405 if the first allowed method routes to its resource.
+            if route(path, allowed[0])[0] == "generate":
+                self._send_json(405, {"message": METHOD_NOT_ALLOWED}, allow=allowed)
+            else:
+                self._send_html(405, METHOD_NOT_ALLOWED_HTML, allow=allowed)
+        elif method == "OPTIONS" and endpoint is not None:  # Flask's automatic OPTIONS answer
+            self._send_html(200, "", allow=route(path, "--")[1])
+        elif endpoint == "generate":
+            self._put()
+        else:  # no rule, or the static rule: there is no static folder
+            self._send_html(404, NOT_FOUND_HTML)
 
-    def _put(self, body: bytes) -> None:
+    def _put(self) -> None:
         log.info("request IP: " + str(self.client_address[0]))
         ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if ctype != "application/json" and not (ctype.startswith("application/") and ctype.endswith("+json")):
@@ -516,7 +641,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(415, {"message": message})
             return
         try:
-            data = json.loads(body)
+            data = json.loads(self._read_body())
         except ValueError:
             message = "The browser (or proxy) sent a request that this server could not understand."
             self._send_json(400, {"message": message})
@@ -535,9 +660,7 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("Exception on /generate [PUT]")
             self._send_json(500, {"message": "Internal Server Error"})
             return
-        self._send_json(200, output, flask_jsonify=True)
-
-    do_PUT = do_GET = do_POST = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _handle
+        self._send_json(200, output, jsonify=True)
 
 
 class _EmulatorServer(ThreadingHTTPServer):
