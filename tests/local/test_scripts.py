@@ -33,6 +33,19 @@ def bin_dir():
     shutil.rmtree(path)
 
 
+@pytest.fixture
+def scripts_dir():
+    """A world-readable copy of scripts/: the clone itself may sit where `nobody` can't read (a home
+    directory is 0700 on Debian 12, as is a `mktemp -d`), and these tests are about the scripts."""
+    root = Path(tempfile.mkdtemp(prefix="nemotron-scripts-copy-"))
+    root.chmod(0o755)
+    shutil.copytree(REPO / "scripts", root / "scripts")
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    yield root / "scripts"
+    shutil.rmtree(root)
+
+
 def _as_user(argv: list[str], path: Path, **env: str) -> subprocess.CompletedProcess:
     """`argv` as an unprivileged user (nobody, if this is root), with PATH=`path` only."""
     prefix = []
@@ -52,10 +65,10 @@ def _as_user(argv: list[str], path: Path, **env: str) -> subprocess.CompletedPro
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_as_a_user_the_script_asks_sudo_for_itself(name, bin_dir):
+def test_as_a_user_the_script_asks_sudo_for_itself(name, bin_dir, scripts_dir):
     (bin_dir / "sudo").write_text(FAKE_SUDO)
     (bin_dir / "sudo").chmod(0o755)
-    script = REPO / "scripts" / name
+    script = scripts_dir / name
     run = _as_user(
         ["/bin/bash", str(script), "-k", "two words"],
         bin_dir,
@@ -73,8 +86,8 @@ def test_as_a_user_the_script_asks_sudo_for_itself(name, bin_dir):
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_as_a_user_without_sudo_the_script_says_it_needs_root(name, bin_dir):
-    run = _as_user(["/bin/bash", str(REPO / "scripts" / name)], bin_dir)
+def test_as_a_user_without_sudo_the_script_says_it_needs_root(name, bin_dir, scripts_dir):
+    run = _as_user(["/bin/bash", str(scripts_dir / name)], bin_dir)
     assert run.returncode == 1, run.stdout + run.stderr
     assert f"{name}: needs root" in run.stderr and "no sudo" in run.stderr
     assert run.stdout == ""
