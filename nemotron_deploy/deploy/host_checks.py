@@ -131,7 +131,9 @@ def directory_problems(cluster: Cluster, snap: dict[str, Any], dirs: list[desire
                 why = "is a symbolic link"
             elif st.kind != "directory":
                 why = "is not a directory"
-            elif st.user not in owners:
+            elif st.user not in owners and not (st.user == "UNKNOWN" and d.user != "root" and d.adopt):
+                # (An owner with no account left, for a directory the deploy re-owns to an account it
+                # manages: what a removed health user leaves behind; no account can act as it.)
                 why = f"is owned by {st.user}, not {' or '.join(sorted(owners))}"
             elif st.mode & 0o022 and f"{st.mode:o}" not in (d.mode, *d.legacy_modes):
                 why = "is writable by other accounts"

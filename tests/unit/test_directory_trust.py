@@ -97,3 +97,15 @@ def test_the_read_reports_links_owners_and_modes_without_following(tmp_path):
     assert found["paths"][str(tmp_path)].uid == os.geteuid()
     assert found["paths"]["/"].user == "root"
     assert str(link / "child") not in found["paths"]
+
+
+def test_the_health_users_dir_left_by_a_removed_account_is_adopted(cluster):
+    """/var/lib/nemotron-health owned by a uid with no account (the health user was removed, its
+    directory kept): re-owned to the health user the deploy creates. Another account's is refused."""
+    state = WantedDir(
+        "/var/lib/nemotron-health", "750", "nemotron-health", "nemotron-health", adopt=True, guarded=True
+    )
+    base = [st("/"), st("/var"), st("/var/lib")]
+    assert problems(cluster, [*base, st(state.path, mode=0o750, user="UNKNOWN")], [state]) == []
+    found = problems(cluster, [*base, st(state.path, mode=0o750, user="mallory")], [state])
+    assert any("is owned by mallory" in p for p in found), found
