@@ -237,3 +237,15 @@ def test_a_directory_another_user_made_on_a_shared_scratch_dir_stops_the_deploy(
         assert ssh(sandbox, login, f"ls -A {own}").stdout.strip() == ""
     finally:
         ssh(sandbox, login, f"rm -rf {scratch}")
+
+
+def test_an_existing_account_the_deploy_did_not_make_is_not_made_the_health_user(deployed):
+    """health_user = nobody (a system account that exists): the deploy refuses before any change,
+    naming it and the way out; nobody gets no sudo rule, no state directory, no socket group."""
+    sandbox = deployed
+    run = pyinfra("--data", "health_user=nobody")
+    assert run.rc != 0, run.describe()
+    assert "health_user nobody already exists" in run.output, run.output[-3000:]
+    assert "health_user_existing = true" in run.output and "nothing was changed" in run.output
+    rule = ssh(sandbox, sandbox.login_host, "cat /etc/sudoers.d/nemotron-health", check=False).stdout
+    assert "nobody" not in rule, rule
