@@ -117,7 +117,9 @@ def steady_clients(
 
 def _haproxy(sandbox, command: str) -> str:
     """A runtime API command on the login node, as the health user (the socket's group)."""
-    script = f"from nemotron_deploy.service import endpoint_sync as e; print(e.command({SOCKET!r}, {command!r}))"
+    script = (
+        f"from nemotron_deploy.service import endpoint_sync as e; print(e.command({SOCKET!r}, {command!r}))"
+    )
     return ssh(
         sandbox, sandbox.login_host, f'runuser -u {HEALTH_USER} -- {HEALTH_VENV}/bin/python -c "{script}"'
     ).stdout
