@@ -157,6 +157,49 @@ def _driver_version(value: str) -> str:
     return value
 
 
+# A plain POSIX account name (what useradd accepts by default, at most 32 characters).
+ACCOUNT_NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+# Words sudoers gives a meaning of their own in a user or Runas list.
+SUDO_RESERVED = frozenset({"all"})
+# Directories any local user may write into: nothing the deploy owns, nor its parent, may live there
+# (another user could create it first, or a link of that name, and own what root then runs).
+WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/run/user")
+
+
+def account_name(what: str, default: str):
+    """A validator for a setting naming a local account that sudoers, systemd and cron will name
+    (health_user, and the service_user to come): a plain POSIX user name, never a word sudo treats
+    specially (ALL, %group, +netgroup, #uid, !negation, an ALL-CAPS alias) (root: each setting's own rule)."""
+
+    def check(value: str) -> str:
+        if value.lower() in SUDO_RESERVED or value.isupper() or value[:1] in "%+#!":
+            raise ValueError(
+                f"{value!r} means something else to sudo (ALL, %group, +netgroup, #uid, !negation "
+                f"and ALL-CAPS aliases are sudoers syntax): the sudo rule for {what} would then apply "
+                f"to other users; use a plain user name, e.g. {default}"
+            )
+        if not ACCOUNT_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a plain POSIX user name: lower-case letters, digits, '_' and '-', "
+                f"starting with a letter or '_', at most 32 characters; e.g. {default}"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+def _not_world_writable(value: str) -> str:
+    """A directory the deploy owns must not live in a directory every user may write into."""
+    for base in WORLD_WRITABLE_DIRS:
+        if value == base or value.startswith(base + "/"):
+            raise ValueError(
+                f"{value} is under {base}, where every user may create files: another user could "
+                "create it (or a link of that name) before the deploy does and own what root then "
+                "runs from it; use a directory only root can write, e.g. /opt/nemotron-deploy/..."
+            )
+    return value
+
+
 def _health_user(value: str) -> str:
     if value == "root":
         raise ValueError(
@@ -336,14 +379,16 @@ class ClusterSettings(BaseModel):
         "job files, logs and imported images in <shared_dir>/nemotron-deploy. Required.",
         json_schema_extra=PATHS,
     )
-    node_dir: Annotated[AbsPath, _owned_dir("/opt/nemotron-deploy", "creates it, owner root, mode 755")] = (
-        Field(
-            "/opt/nemotron-deploy",
-            description="A directory the deploy creates and owns (root, mode 755) on every compute node, "
-            "for the job scripts. Change it if your site installs software elsewhere; never a system "
-            "directory.",
-            json_schema_extra=PATHS,
-        )
+    node_dir: Annotated[
+        AbsPath,
+        _owned_dir("/opt/nemotron-deploy", "creates it, owner root, mode 755"),
+        AfterValidator(_not_world_writable),
+    ] = Field(
+        "/opt/nemotron-deploy",
+        description="A directory the deploy creates and owns (root, mode 755) on every compute node, "
+        "for the job scripts. Change it if your site installs software elsewhere; never a system "
+        "directory.",
+        json_schema_extra=PATHS,
     )
     scripts_on_shared_storage: bool = Field(
         False,
@@ -492,17 +537,31 @@ class ClusterSettings(BaseModel):
     )
 
     # --- scheduled health check (login node)
-    health_user: Annotated[SafeName, AfterValidator(_health_user)] = Field(
+    health_user: Annotated[
+        str, account_name("the health check", "nemotron-health"), AfterValidator(_health_user)
+    ] = Field(
         "nemotron-health",
-        description="The unprivileged user the scheduled health check runs as; the deploy creates it. "
-        "Change it only to follow a site naming rule; never root.",
+        description="The unprivileged user the scheduled health check runs as; the deploy creates it "
+        "(marked 'nemotron-deploy health check' in its GECOS field) and refuses an existing account it "
+        "did not create. A plain POSIX user name; change it only to follow a site naming rule; never "
+        "root, ALL or a system account.",
         json_schema_extra=HEALTH,
     )
-    health_venv: Annotated[AbsPath, AfterValidator(_health_venv)] = Field(
-        "/opt/nemotron-deploy/health-venv",
-        description="The venv the deploy creates and owns, with its parent directory, on the login node "
-        "for the health check. Change it if your site installs software elsewhere.",
+    health_user_existing: bool = Field(
+        False,
+        description="Let the deploy use a health_user account that already exists and that it did not "
+        "create (it then gets the state directories, the sudo rule and the endpoint socket's group). "
+        "Set it only for an account made for this check alone, never for a system account (slurm, "
+        "munge, nobody).",
         json_schema_extra=HEALTH,
+    )
+    health_venv: Annotated[AbsPath, AfterValidator(_health_venv), AfterValidator(_not_world_writable)] = (
+        Field(
+            "/opt/nemotron-deploy/health-venv",
+            description="The venv the deploy creates and owns, with its parent directory, on the login node "
+            "for the health check. Change it if your site installs software elsewhere.",
+            json_schema_extra=HEALTH,
+        )
     )
     health_interval_seconds: int = Field(
         60,
@@ -659,7 +718,14 @@ class ClusterSettings(BaseModel):
 
     @property
     def logs_dir(self) -> str:
+        """The jobs' output (NeMo logs every request's prompts): readable by the submitting account only."""
         return f"{self.deploy_dir}/logs"
+
+    @property
+    def records_dir(self) -> str:
+        """Where each replica's batch script records its job id and first node: writable only by the
+        account that submits the jobs (the checks trust no record another account could write)."""
+        return f"{self.deploy_dir}/records"
 
     @property
     def replaces_replicas(self) -> bool:
@@ -674,7 +740,7 @@ class ClusterSettings(BaseModel):
     def job_record(self, index: int) -> str:
         """Where replica `index`'s batch script records its job id and first node, for checks that
         squeue hides the job from (Slurm's PrivateData=jobs)."""
-        return slurm.record_path(self.logs_dir, self.replica_job(index))
+        return slurm.record_path(self.records_dir, self.replica_job(index))
 
     @property
     def images_dir(self) -> str:

@@ -48,8 +48,9 @@ def job_state(job_id, job):
 
 if tool == "squeue":
     name = args[args.index("-n") + 1]
+    user = args[args.index("-u") + 1] if "-u" in args else None
     for job_id, job in jobs.items():
-        if job["name"] == name:
+        if job["name"] == name and (user is None or job.get("user", user) == user):
             print(job_id, job_state(job_id, job)["state"])
 elif tool == "scontrol" and args[:2] == ["show", "hostnames"]:
     if args[2] not in cfg.get("hostnames", {{}}):

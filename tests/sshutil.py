@@ -31,6 +31,7 @@ SHARED = "/var/lib/nemotron-sandbox/shared"
 DEPLOY_SHARED = f"{SHARED}/nemotron-deploy"
 JOBS_DIR = f"{DEPLOY_SHARED}/jobs"
 LOGS_DIR = f"{DEPLOY_SHARED}/logs"
+RECORDS_DIR = f"{DEPLOY_SHARED}/records"  # the job records: the submitting account's alone
 SBATCH = f"{JOBS_DIR}/nemotron.sbatch"
 NODE_DIR = "/opt/nemotron-deploy"
 SCRIPTS_DIR = f"{NODE_DIR}/scripts"
@@ -39,6 +40,7 @@ HEALTH_VENV = f"{NODE_DIR}/health-venv"
 HEALTH_USER = "nemotron-health"
 HEALTH_STATE_DIR = "/var/lib/nemotron-health"
 HEALTH_METRICS_DIR = "/var/lib/nemotron-health-metrics"
+DEPLOY_STATE_DIR = "/var/lib/nemotron-deploy"  # root's: the started file, the check's lock
 TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
 CRON_FILE = "/etc/cron.d/nemotron-health"
 IMAGE = "10.213.0.2:5000/nvidia/nemo:24.01.framework"  # podman's form
@@ -238,20 +240,20 @@ def remove_image(sandbox, node: str) -> None:
     assert not last, f"podman rmi on {node} left the image: {last}"
 
 
-def reset_deploy(sandbox) -> None:
+def reset_deploy(sandbox, *, wait_for_processes: bool = True) -> None:
     """Remove what a previous deploy placed, on every node: the next deploy starts from nothing.
 
     Jobs are cancelled first (their logs live in the shared dir being removed). The images stay
     (podman's, and pyxis's imported file): pulling and importing are tested on their own.
     """
-    cancel_jobs(sandbox)
+    cancel_jobs(sandbox, wait_for_processes=wait_for_processes)
     for node in sandbox.compute_names:
         ssh(sandbox, node, f"rm -rf {NODE_DIR}")
     ssh(
         sandbox,
         sandbox.login_host,
         f"find {DEPLOY_SHARED} -mindepth 1 -maxdepth 1 ! -name images -exec rm -rf {{}} + 2>/dev/null; "
-        f"rm -rf {NODE_DIR} {CRON_FILE} {HEALTH_STATE_DIR} {HEALTH_METRICS_DIR} {TEXTFILE_DIR}; "
+        f"rm -rf {NODE_DIR} {CRON_FILE} {HEALTH_STATE_DIR} {HEALTH_METRICS_DIR} {DEPLOY_STATE_DIR} {TEXTFILE_DIR}; "
         # The endpoint as a fresh login node has it: HAProxy stopped, the package's config only.
         "/etc/init.d/haproxy stop >/dev/null 2>&1; rm -f /etc/haproxy/haproxy.cfg "
         "/etc/haproxy/nemotron_envelope.lua /etc/sudoers.d/nemotron-health; "
@@ -275,12 +277,14 @@ def job_state(sandbox, job_id: str) -> str:
     return match.group(1) if match else "UNKNOWN"
 
 
-def cancel_jobs(sandbox, timeout: float = 30) -> None:
-    """scancel every job of the deploy's name and wait until Slurm has none left, nor its processes."""
+def cancel_jobs(sandbox, timeout: float = 30, *, wait_for_processes: bool = True) -> None:
+    """scancel every job of the deploy's name and wait until Slurm has none left, nor (unless told
+    not to: a test that needs no free node, beside another run's leftovers) its processes."""
     if ids := job_ids(sandbox):
         ssh(sandbox, sandbox.login_host, f"scancel {' '.join(ids)}")  # (scancel --name takes one name)
         wait_for(lambda: not job_ids(sandbox), timeout, f"Slurm to end the {JOB_BASE} jobs")
-    wait_for(lambda: not leftover_processes(sandbox), timeout, "the job's processes to exit")
+    if wait_for_processes:
+        wait_for(lambda: not leftover_processes(sandbox), timeout, "the job's processes to exit")
 
 
 def leftover_processes(sandbox) -> dict[str, str]:

@@ -28,6 +28,12 @@ class WantedDir:
     user: str = "root"
     group: str = "root"
     adopt: bool = False  # ours by name: fix owner and mode even if it existed before the deploy
+    # Held to the shared-cluster rules before any change (host_checks.directory_problems): not a link,
+    # owned by root or `user`, not writable by others, every parent safe. Off for the system's own
+    # directories the deploy only creates if absent (/etc/haproxy, node_exporter's, sudoers.d).
+    guarded: bool = False
+    # Modes an earlier release of the deploy gave this directory (the logs' 1777): adopted and fixed.
+    legacy_modes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ class Login:
     init: str = "systemd"  # systemd units, or a cron entry
     endpoint: bool = True
     submit_as: str = "root"  # who the deploy submits as (replacements are submitted as the same user)
+    submit_group: str = "root"  # that account's primary group
     slurm_bin: str = "/usr/bin"  # where sbatch and scancel are
 
     @classmethod
@@ -129,6 +136,7 @@ class Login:
             init=snap.get("init") or "cron",
             endpoint=endpoint_on(cluster, snap),
             submit_as=ctx.get("user") or "root",
+            submit_group=ctx.get("group") or "root",
             slurm_bin=ctx.get("slurm_bin") or "/usr/bin",
         )
 
@@ -148,10 +156,38 @@ def sync_command(cluster: Cluster, login: Login) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
+# What root writes for the check on the login node lives in a directory only root writes: root never
+# creates, opens or renames a file in a directory the health user (or anyone else) can write.
+DEPLOY_STATE_DIR = "/var/lib/nemotron-deploy"
+
+
 def started_file() -> str:
     """Written by the deploy's submit (replica job ids, time): the check replaces replicas only once
     the service was started, and counts those jobs as starting while Slurm hides them."""
-    return f"{health_timer.STATE_DIR}/started.json"
+    return f"{DEPLOY_STATE_DIR}/started.json"
+
+
+def lock_file() -> str:
+    """The lock the scheduled check (the health user) and the rollout (root) share: made by the deploy
+    in root's directory (group: the health user), opened by both without following a link."""
+    return f"{DEPLOY_STATE_DIR}/check.lock"
+
+
+def nodes_file(cluster: Cluster) -> str:
+    """root's list of the inventory's compute nodes: a job record naming any other node is not trusted."""
+    return f"{cluster.settings.jobs_dir}/compute-nodes"
+
+
+def nodes_text(cluster: Cluster) -> str:
+    """Each compute node's inventory name and its short form (Slurm's node names are often short)."""
+    names = dict.fromkeys(n for host in cluster.compute for n in (host, host.split(".", 1)[0]))
+    return "".join(f"{n}\n" for n in names)
+
+
+def records_owner(login: Login) -> tuple[str, str]:
+    """(user, group) of the job records directory: the account that submits the jobs, the one place
+    that decides it (today the deploy's SSH user; a `service_user` later)."""
+    return login.submit_as, login.submit_group
 
 
 def health_check_command(cluster: Cluster, login: Login) -> list[str]:
@@ -161,7 +197,10 @@ def health_check_command(cluster: Cluster, login: Login) -> list[str]:
         job_name=s.job_name,
         replicas=cluster.plan.replicas,
         port=s.port,
-        records_dir=s.logs_dir,
+        records_dir=s.records_dir,
+        job_user=records_owner(login)[0],
+        nodes_file=nodes_file(cluster),
+        lock_file=lock_file(),
         endpoint_socket=endpoint_mod.STATS_SOCKET if login.endpoint else None,
         replacement=health_timer.Replacement(
             sbatch=f"{s.jobs_dir}/nemotron.sbatch",
@@ -200,7 +239,7 @@ def sudoers(cluster: Cluster, login: Login) -> str | None:
     lines = []
     for i in range(1, cluster.plan.replicas + 1):
         name = s.replica_job(i)
-        lines.append(f"{login.slurm_bin}/scancel --name={name}")
+        lines.append(f"{login.slurm_bin}/scancel --user={login.submit_as} --name={name}")
         lines.append(f"{login.slurm_bin}/sbatch --parsable --job-name={name} {sbatch}")
     commands = ", \\\n    ".join(lines)
     return (
@@ -232,12 +271,13 @@ def rollout_command(cluster: Cluster, login: Login) -> str:
         "--slurm-job", s.job_name,
         "--replicas", str(cluster.plan.replicas),
         "--sbatch", f"{s.jobs_dir}/nemotron.sbatch",
-        "--records-dir", s.logs_dir,
+        "--records-dir", s.records_dir,
+        "--nodes-file", nodes_file(cluster),
         "--port", str(s.port),
         "--slurm-bin", login.slurm_bin,
         "--budget", str(s.health_startup_budget_seconds),
         "--drain-timeout", str(s.max_generation_seconds + 30),
-        "--lock", f"{health_timer.STATE_DIR}/state.json.lock",
+        "--lock", lock_file(),
     ]  # fmt: skip
     if login.endpoint:
         argv += ["--endpoint-socket", endpoint_mod.STATS_SOCKET]
@@ -257,36 +297,46 @@ def for_host(cluster: Cluster, host_name: str, login: Login | None = None) -> Ho
     if role(cluster, host_name) == "compute":
         if not s.scripts_on_shared_storage:
             want.dirs += [
-                WantedDir(s.node_dir, "755", adopt=owned_by_name(s.node_dir)),
-                WantedDir(s.scripts_dir, "755", adopt=True),
+                WantedDir(s.node_dir, "755", adopt=owned_by_name(s.node_dir), guarded=True),
+                WantedDir(s.scripts_dir, "755", adopt=True, guarded=True),
             ]
             want.files += compute_files
         return want
 
+    login = login or Login()
+    submitter, submitter_group = records_owner(login)
     want.dirs += [
-        WantedDir(s.deploy_dir, "755", adopt=True),
-        WantedDir(s.jobs_dir, "755", adopt=True),
-        # Jobs run as whoever submits them; sticky so they can't remove each other's logs and records.
-        WantedDir(s.logs_dir, "1777", adopt=True),
+        WantedDir(s.deploy_dir, "755", adopt=True, guarded=True),
+        WantedDir(s.jobs_dir, "755", adopt=True, guarded=True),
+        # The jobs' output (NeMo logs every prompt): the submitting account's alone. Earlier releases
+        # made it 1777 for every user: fixed on the next deploy.
+        WantedDir(
+            s.logs_dir, "700", submitter, submitter_group, adopt=True, guarded=True, legacy_modes=("1777",)
+        ),
+        # Job records: only the submitting account writes them; the check may read them.
+        WantedDir(s.records_dir, "755", submitter, submitter_group, adopt=True, guarded=True),
     ]
     if s.image_file:
-        want.dirs.append(WantedDir(s.images_dir, "755", adopt=True))
+        want.dirs.append(WantedDir(s.images_dir, "755", adopt=True, guarded=True))
     if s.scripts_on_shared_storage:
-        want.dirs.append(WantedDir(s.scripts_dir, "755", adopt=True))
+        want.dirs.append(WantedDir(s.scripts_dir, "755", adopt=True, guarded=True))
         want.files += compute_files
     want.files += [
         WantedFile(f"{s.jobs_dir}/{f.name}", f.content, f.mode) for f in job_files if f.role == "login"
     ]
+    want.files.append(WantedFile(nodes_file(cluster), nodes_text(cluster), "644"))
 
     venv_parent = str(PurePosixPath(s.health_venv).parent)
     user = s.health_user
     want.dirs += [
-        WantedDir(venv_parent, "755", adopt=owned_by_name(venv_parent)),
-        WantedDir(wheels_dir(cluster), "755", adopt=True),
-        WantedDir(health_timer.STATE_DIR, "750", user, user, adopt=True),
-        WantedDir(health_timer.METRICS_DIR, "755", user, user, adopt=True),
+        WantedDir(venv_parent, "755", adopt=owned_by_name(venv_parent), guarded=True),
+        WantedDir(wheels_dir(cluster), "755", adopt=True, guarded=True),
+        WantedDir(health_timer.STATE_DIR, "750", user, user, adopt=True, guarded=True),
+        WantedDir(health_timer.METRICS_DIR, "755", user, user, adopt=True, guarded=True),
+        WantedDir(DEPLOY_STATE_DIR, "755", adopt=True, guarded=True),
         WantedDir(s.prometheus_textfile_dir, "755"),  # node_exporter's: created if absent, never re-owned
     ]
+    want.files.append(WantedFile(lock_file(), "", "660", "root", user))
     want.links.append(
         WantedLink(f"{s.prometheus_textfile_dir}/{health_timer.METRICS_FILE}", health_timer.metrics_path())
     )
@@ -303,7 +353,6 @@ def for_host(cluster: Cluster, host_name: str, login: Login | None = None) -> Ho
     want.files += [
         WantedFile(f"{wheels_dir(cluster)}/{name}", data, "644") for name, data in artifacts(cluster).wheels
     ]
-    login = login or Login()
     want.files += [WantedFile(path, text, "644") for path, text in health_units(cluster, login).items()]
     rule = sudoers(cluster, login)
     if rule:

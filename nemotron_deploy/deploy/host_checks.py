@@ -14,7 +14,7 @@ from ..service.preflight import check_gpus
 from . import desired
 from .errors import DeployError
 from .facts.disk import FreeSpace
-from .facts.files import ManagedPaths
+from .facts.files import ManagedPaths, NodeState, PathChains, ancestors
 from .facts.gpus import NvidiaGpus
 from .facts.haproxy import Haproxy
 from .facts.images import ImagePresent
@@ -23,7 +23,7 @@ from .facts.runtimes import ContainerRuntimes
 from .facts.slurm import JobRecords, ReplicaJobs, SlurmVersion, SubmitContext
 from .facts.snapshot import snapshot
 from .facts.system import InitSystem, UnitEnabled, UserExists
-from .operations.health_timer import UNIT
+from .operations.health_timer import STATE_DIR, UNIT, USER_MARK
 
 # The endpoint's configuration needs http-check send/expect with bodies and retry-on (2.2+), and is
 # tested with Debian bookworm's 2.6.
@@ -70,7 +70,113 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
         if s.image_file:
             probes.append(("free", FreeSpace, (s.images_dir,)))
     probes.append(("paths", ManagedPaths, paths_to_read(cluster, host.name)))
+    probes.append(("chains", PathChains, (tuple(d.path for d in guarded_dirs(cluster, host.name)),)))
     return snapshot(host, tuple(probes))
+
+
+def guarded_dirs(cluster: Cluster, host_name: str) -> list[desired.WantedDir]:
+    """The directories this host's deploy makes, or runs what it placed from, that no other account
+    may own or control: every guarded one of desired.for_host, the health venv itself, and the
+    scratch of the one host that imports the image."""
+    s = cluster.settings
+    dirs = [d for d in desired.for_host(cluster, host_name).dirs if d.guarded]
+    if desired.role(cluster, host_name) == "login":
+        dirs.append(desired.WantedDir(s.health_venv, "755", guarded=True))
+    elif s.image_file and host_name == cluster.compute[0]:
+        dirs.append(desired.WantedDir(s.enroot_tmp_dir or f"{s.deploy_dir}/.import-tmp", "755", guarded=True))
+    return dirs
+
+
+def _setting_of(cluster: Cluster, path: str) -> str:
+    """The setting that chose `path`, for the fix in a refusal."""
+    s = cluster.settings
+    for setting, base in (
+        ("enroot_tmp_dir", s.enroot_tmp_dir),
+        ("health_venv", s.health_venv),
+        ("node_dir", s.node_dir),
+        ("shared_dir", s.shared_dir),
+    ):
+        if base and (path == base or path.startswith(base + "/") or base.startswith(path + "/")):
+            return f"choose another {setting}"
+    return "fix its owner and mode (the deploy's own fixed path)"
+
+
+def _describe(st: NodeState) -> str:
+    return f"{st.kind}, owner {st.user}, mode {st.mode:o}"
+
+
+def directory_problems(cluster: Cluster, snap: dict[str, Any], dirs: list[desired.WantedDir]) -> list[str]:
+    """Refusals, before any change, of a directory the deploy would adopt, or a parent it would go
+    through, that another account controls (a link, another owner, writable by others): such an
+    account would own what root then writes and runs there. The rules:
+
+    - a managed directory: not a link; owned by root or its intended owner; not writable by group or
+      others unless that is its intended mode (or a mode an earlier release gave it);
+    - each parent up to /: a link only if root's; owned by root or the deploying user; writable by
+      others only if sticky (/tmp, a 1777 scratch) and the entry below it on the way is ours.
+    """
+    chains = snap.get("chains") or PathChains.default()
+    states: dict[str, NodeState] = chains["paths"]
+    me = chains.get("user") or "root"
+    managed = {d.path for d in dirs}
+    problems: list[str] = []
+    seen: set[str] = set()
+    for d in dirs:
+        fix = _setting_of(cluster, d.path)
+        st = states.get(d.path)
+        if st is not None:
+            owners = {"root", d.user}
+            why = None
+            if st.kind == "link":
+                why = "is a symbolic link"
+            elif st.kind != "directory":
+                why = "is not a directory"
+            elif st.user not in owners and not (st.user == "UNKNOWN" and d.user != "root" and d.adopt):
+                # (An owner with no account left, for a directory the deploy re-owns to an account it
+                # manages: what a removed health user leaves behind; no account can act as it.)
+                why = f"is owned by {st.user}, not {' or '.join(sorted(owners))}"
+            elif st.mode & 0o022 and f"{st.mode:o}" not in (d.mode, *d.legacy_modes):
+                why = "is writable by other accounts"
+            if why:
+                problems.append(
+                    f"{d.path} ({_describe(st)}) {why}: the deploy would adopt it and write there as root; "
+                    f"remove it, or {fix}"
+                )
+        below = d.path
+        for parent in ancestors(d.path):
+            child, below = below, parent
+            if parent in managed or parent in seen:
+                continue
+            pst = states.get(parent)
+            if pst is None:
+                continue
+            seen.add(parent)
+            why = None
+            if pst.kind == "link":
+                if pst.user != "root":
+                    why = f"is a symbolic link owned by {pst.user}"
+            elif pst.user not in ("root", me):
+                why = f"is owned by {pst.user}, not root or {me} (the deploying user)"
+            elif pst.mode & 0o002:
+                cst = states.get(child)
+                ours = {"root", me} | ({d.user} if child == d.path else set())
+                if not pst.mode & 0o1000:
+                    why = "is writable by every account and not sticky"
+                elif cst is not None and (cst.kind == "link" or cst.user not in ours):
+                    seen.discard(parent)  # another entry below it may be ours
+                    problems.append(
+                        f"{child} ({_describe(cst)}) is in {parent} ({_describe(pst)}), which every "
+                        f"account may write, and is not the deploy's (root's or {d.user}'s): it could "
+                        f"take over what root writes and runs below it; remove it, or {fix}"
+                    )
+                    break
+            if why:
+                problems.append(
+                    f"{d.path}: its parent {parent} ({_describe(pst)}) {why}, so another account controls "
+                    f"what the deploy makes below it; {fix}"
+                )
+                break
+    return problems
 
 
 def paths_to_read(cluster: Cluster, host_name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -98,12 +204,59 @@ def paths_to_read(cluster: Cluster, host_name: str) -> tuple[tuple[str, ...], tu
     return tuple(dict.fromkeys(paths)), unhashed
 
 
+def trusted_records(cluster: Cluster, snap: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{path: record} of the login node's job records that pass the check's own test: a regular file
+    of the submitting account (or root) that no one else may write, naming one of the inventory's
+    compute nodes. The deploy (root) acts on no other: it cancels the jobs records name."""
+    owners = {"root", desired.records_owner(desired.Login.of(cluster, snap))[0]}
+    allowed = set(desired.nodes_text(cluster).split())
+    trusted = {}
+    for path, rec in (snap.get("records") or {}).items():
+        try:
+            private = not int(str(rec.get("_mode")), 8) & 0o022
+        except ValueError:
+            private = False
+        if rec.get("_owner") in owners and private and str(rec.get("node")) in allowed:
+            trusted[path] = rec
+    return trusted
+
+
+def health_user_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
+    """An existing health_user the deploy did not create is refused (unless health_user_existing):
+    it would get the state directories, the sudo rule and the endpoint socket's group. The deploy's
+    own: marked in its GECOS field, or (made by an earlier release, unmarked) owning the check's state
+    directory."""
+    s = cluster.settings
+    account = snap.get("health_user")
+    if account is None or s.health_user_existing or account.get("gecos") == USER_MARK:
+        return []
+    state = snap["paths"].get(STATE_DIR)
+    if state is not None and state.kind == "directory" and state.user == s.health_user:
+        return []  # an earlier release's (it is marked now)
+    return [
+        f"health_user {s.health_user} already exists (uid {account.get('uid')}, GECOS "
+        f"{account.get('gecos')!r}) and the deploy did not create it: it would get the check's state "
+        "directories, the sudo rule that submits and cancels the replicas, and the endpoint socket's "
+        "group; choose another health_user (the deploy creates it), or set health_user_existing = true "
+        "if that account is meant for this check alone"
+    ]
+
+
 def check_host(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     """Stop the deploy, before any change, if this host can't run the job as planned."""
     s = cluster.settings
+    role = desired.role(cluster, host.name)
+    # Not skipped by skip_preflight: these keep other accounts from owning what root writes and runs.
+    unsafe = directory_problems(cluster, snap, guarded_dirs(cluster, host.name))
+    if role == "login":
+        unsafe += health_user_problems(cluster, snap)
+    if unsafe:
+        raise DeployError(
+            f"refused on {host.name} ({role}): another account could control what the deploy would run "
+            "as root; nothing was changed on any host:\n  - " + "\n  - ".join(unsafe)
+        )
     if s.skip_preflight:
         return
-    role = desired.role(cluster, host.name)
     problems = login_problems(cluster, snap) if role == "login" else compute_problems(cluster, snap)
     free = snap.get("free")
     if free is not None and free < s.min_free_gib and not image_present(cluster, snap):

@@ -20,7 +20,7 @@ from pyinfra.operations import files as pyinfra_files
 
 from ..inventory import Cluster, InventoryError, load
 from ..service.slurm import ENDING_STATES
-from . import desired
+from . import desired, host_checks
 from .errors import DeployError
 from .operations import containers, endpoint, files, health_timer, submit
 
@@ -93,9 +93,15 @@ def ensure_files(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     s = cluster.settings
     login = desired.role(cluster, host.name) == "login"
     if login:  # owns the health check's directories
-        health_timer.ensure_user(
-            name=f"User {s.health_user}", username=s.health_user, exists=snap["health_user"]
-        )
+        account = snap["health_user"]
+        marked = account is None or account.get("gecos") == health_timer.USER_MARK or s.health_user_existing
+        if account is None or not marked:
+            health_timer.ensure_user(
+                name=f"User {s.health_user}",
+                username=s.health_user,
+                exists=account is not None,
+                marked=marked,
+            )
     want = desired.for_host(cluster, host.name, desired.Login.of(cluster, snap) if login else None)
     venv = _health_venv(cluster, snap) if login else ()
     if not venv and files.tree_in_place(want.dirs, want.files, want.links, snap["paths"]):
@@ -215,7 +221,7 @@ def run_endpoint(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         # Replicas write their records as they start: with none, the check would find nothing to
         # put in a slot (0.4 s of a first deploy at 32 replicas); the scheduled check runs anyway.
         sync_command=desired.sync_command(cluster, desired.Login.of(cluster, snap))
-        if snap.get("records")
+        if host_checks.trusted_records(cluster, snap)
         else None,
     )
 
@@ -225,7 +231,7 @@ def stale_replicas(cluster: Cluster, snap: dict[str, Any]) -> list[tuple[int, di
     deploy installs (the digest in the rendered sbatch)."""
     s = cluster.settings
     digest = desired.files_digest(cluster)
-    records = snap.get("records") or {}
+    records = host_checks.trusted_records(cluster, snap)
     return [
         (i, rec)
         for i in range(1, cluster.plan.replicas + 1)

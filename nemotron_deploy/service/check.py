@@ -32,7 +32,7 @@ from .probe import (
     probe,
     probe_payload,
 )
-from .slurm import PENDING_STATES, JobInfo, SlurmError, find_job_id, query_job, read_record
+from .slurm import PENDING_STATES, JobInfo, RecordTrust, SlurmError, find_job_id, query_job
 from .state import load_state, save_state
 
 TYPE_CHECKING = False
@@ -63,8 +63,12 @@ class Target:
         record: str | None = None,
         *,
         endpoint: bool = False,
+        trust: RecordTrust | None = None,
+        job_user: str | None = None,
     ) -> None:
         self.host = host
+        self.trust = trust  # whose records to believe (default: this user's), and on which nodes
+        self.job_user = job_user  # --job-user: a job name is looked up among this account's jobs only
         self.endpoint = endpoint  # --endpoint: HAProxy in front of the replicas, read its own answers
         self.record = record  # --job-record: the batch script's own record, for jobs squeue hides
         self.port = port
@@ -96,7 +100,7 @@ class Target:
     def lookup_job(self) -> JobInfo:
         spec = self.job_spec or str(self.job_id)
         if self._resolved_id is None and not re.fullmatch(r"\d+(_\d+)?", spec):
-            found = find_job_id(spec)
+            found = find_job_id(spec, self.job_user)
             if found is None:
                 return self._recorded_job(spec) or JobInfo("?", name=spec, state="GONE", source="gone")
             self._resolved_id = found
@@ -105,7 +109,11 @@ class Target:
     def _recorded_job(self, name: str) -> JobInfo | None:
         """The job as its batch script recorded it: squeue shows nothing where Slurm runs with
         PrivateData=jobs and this user (the scheduled check's) does not own the job."""
-        rec = read_record(self.record)
+        if not self.record:
+            return None
+        rec, untrusted = (self.trust or RecordTrust()).read(self.record)
+        if untrusted:
+            return JobInfo("?", name=name, state="GONE", source="untrusted", reason=untrusted)
         if rec is None or rec.get("job_name") != name:
             return None
         return JobInfo(
@@ -129,7 +137,8 @@ def check_once(opts: argparse.Namespace, target: Target, state: dict[str, Any] |
     if target.watches_job:
         job = target.lookup_job()
         if not job.active:
-            out = Outcome(CRITICAL, "job_gone", job.describe(), None)
+            reason = "untrusted_record" if job.source == "untrusted" else "job_gone"
+            out = Outcome(CRITICAL, reason, job.describe(), None)
             out.job = job
             return out
         if target.job_spec:

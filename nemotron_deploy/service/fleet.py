@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from .slurm import JobInfo
 
 # Options that go only with --replicas (health.py refuses them for the single check).
-REPLICAS_ONLY = ("records_dir", "endpoint_socket")
+REPLICAS_ONLY = ("records_dir", "endpoint_socket", "lock_file")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +66,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="with --replicas: where the batch scripts write their job records (NAME-rI.job.json), read "
         "for a replica squeue does not show to this user (PrivateData=jobs)",
+    )
+    fl.add_argument(
+        "--lock-file",
+        metavar="PATH",
+        help="with --replicas: the lock that keeps two checks (or a check and a rollout) from acting at "
+        "once (default: the state file's path + .lock); opened without following a link",
     )
     fl.add_argument(
         "--endpoint-socket",
@@ -288,7 +294,15 @@ def verdict(replicas: list[ReplicaResult], endpoint: EndpointView | None) -> tup
 def check_replica(opts: argparse.Namespace, job_name: str, port: int, state: dict[str, Any]) -> Outcome:
     """check.check_once for one replica job, its busy count and last success in `state`."""
     record = record_path(opts.records_dir, job_name) if opts.records_dir else None
-    target = Target(None, port, job_name, None, record=record)
+    target = Target(
+        None,
+        port,
+        job_name,
+        None,
+        record=record,
+        trust=getattr(opts, "trust", None),
+        job_user=getattr(opts, "job_user", None),
+    )
     try:
         out = check_once(opts, target, state)
     except SlurmError as exc:
@@ -327,7 +341,9 @@ def check_fleet(opts: argparse.Namespace, job_name: str, count: int, port: int) 
     from . import endpoint_sync
 
     acting = opts.restart_policy == "always" and not opts.stopped
-    lock = replacement.CheckLock(f"{opts.state_path}.lock" if opts.state_path else None)
+    lock = replacement.CheckLock(
+        getattr(opts, "lock_file", None) or (f"{opts.state_path}.lock" if opts.state_path else None)
+    )
     with lock as locked:
         states = load_state(opts.state_path)
         results = []
@@ -341,7 +357,11 @@ def check_fleet(opts: argparse.Namespace, job_name: str, count: int, port: int) 
             results.append(ReplicaResult(slot, name, out, sub))
         current = files_digest(opts.sbatch) if opts.sbatch else None
         for r in results:
-            rec = read_record(record_path(opts.records_dir, r.job_name)) if opts.records_dir else None
+            rec = (
+                read_record(record_path(opts.records_dir, r.job_name), getattr(opts, "trust", None))
+                if opts.records_dir
+                else None
+            )
             r.record = rec if rec and str(rec.get("job_id")) == r.job_id else None
             if current and r.record is not None and r.job is not None and r.job.active:
                 r.stale = r.record.get("files") != current
@@ -355,7 +375,9 @@ def check_fleet(opts: argparse.Namespace, job_name: str, count: int, port: int) 
         fleet = FleetOutcome(job_name, results, view)
         if not locked:
             fleet.long_lines.append(
-                f"warning: another check or a rollout holds {lock.path}: this check changed nothing"
+                f"warning: {lock.error}"
+                if lock.error
+                else f"warning: another check or a rollout holds {lock.path}: this check changed nothing"
             )
         error = save_state(opts.state_path, states) if locked else None
     if error:
@@ -387,6 +409,16 @@ def report_stopped(opts: argparse.Namespace, job_name: str) -> int:
     return out.status
 
 
+def record_trust(opts: argparse.Namespace) -> Any:
+    """Whose job records the check believes (--job-user, else this user) and on which nodes (--nodes-file)."""
+    from .slurm import RecordTrust
+
+    try:
+        return RecordTrust(getattr(opts, "job_user", None), getattr(opts, "nodes_file", None))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _fleet_args(opts: argparse.Namespace) -> tuple[str, int]:
     for option in ("url", "host", "endpoint", "job_id", "job_record", "wait"):
         if getattr(opts, option):
@@ -405,6 +437,12 @@ def main(opts: argparse.Namespace, parser: argparse.ArgumentParser, prog: str) -
     """``health --replicas N``: called by health.main with the parsed options."""
     try:
         job_name, port = _fleet_args(opts)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return UNKNOWN
+    try:
+        opts.trust = record_trust(opts)
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print(f"{prog}: error: {exc}", file=sys.stderr)

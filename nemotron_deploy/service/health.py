@@ -102,6 +102,19 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
         "when squeue shows no such job to this user, as on clusters with PrivateData=jobs",
     )
     where.add_argument(
+        "--job-user",
+        metavar="USER",
+        help="the account that submits the jobs: a job name is looked up among its jobs only (squeue -u; "
+        "another user may name a job the same), and only records it (or root) owns are read "
+        "(default: records of the user running the check)",
+    )
+    where.add_argument(
+        "--nodes-file",
+        metavar="PATH",
+        help="root's list of the cluster's compute nodes, one a line: a job record naming any other "
+        "node is not trusted (untrusted_record)",
+    )
+    where.add_argument(
         "--job-id",
         help="with --url/--host: also watch this Slurm job and fail as soon as it is no longer alive",
     )
@@ -221,7 +234,15 @@ def _target_from_args(opts: argparse.Namespace) -> Target:
     if opts.slurm_job:
         if opts.job_id:
             raise UsageError("--job-id is for --host/--url; --slurm-job already names the job")
-        return Target(None, port, opts.slurm_job, None, record=opts.job_record)
+        return Target(
+            None,
+            port,
+            opts.slurm_job,
+            None,
+            record=opts.job_record,
+            trust=fleet.record_trust(opts),
+            job_user=opts.job_user,
+        )
     raise UsageError(
         "say what to check: --url URL, --host HOST [--port P], --slurm-job NAME|ID [--replicas N] or "
         "--endpoint URL"

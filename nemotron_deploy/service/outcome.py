@@ -35,6 +35,9 @@ REASONS: dict[str, str] = {
     "disconnected": "the server closed the connection without a reply (it may have crashed)",
     "job_pending": "the Slurm job has not started yet",
     "job_gone": "the Slurm job is no longer pending or running",
+    "untrusted_record": "no job of the name that this user may see, and its job record is not trusted (a "
+    "link, not the submitting account's, in a directory others may write, or naming a node outside the "
+    "cluster): ignored",
     "server_exited": "the server process given with --server-pid has exited",
     "startup_timeout": "the server did not become ready within the start-up budget",
     "slurm_error": "Slurm could not be asked about the job",

@@ -3,7 +3,7 @@
 A replica is replaced when its job is gone (ended, cancelled, failed, timed out: Slurm no longer runs
 a job of its name) or when its server has failed the check for ``unhealthy_after`` seconds in a row
 (never while the job is within its start-up budget; a *busy* probe counts only when the endpoint also
-has the replica DOWN, since a loaded replica is busy too). Replacing = ``scancel --name=<job>-r<i>``
+has the replica DOWN, since a loaded replica is busy too). Replacing = ``scancel --user=<submit_as> --name=<job>-r<i>``
 (what is left of it) then ``sbatch --job-name=<job>-r<i> <sbatch>``.
 
 Limits, per replica: the first replacement is at once; each next one after a back-off that doubles
@@ -282,7 +282,9 @@ def replace(
     """scancel what is left of the replica's jobs, then submit it again: (new job id or None, output)."""
     import subprocess  # not at import time: every single check imports this module for its options
 
-    cancel = _argv(submit_as, [f"{slurm_bin}/scancel", f"--name={job_name}"])
+    # Only the submitting account's jobs: another user may have named a job the same.
+    owner = submit_as or getpass.getuser()
+    cancel = _argv(submit_as, [f"{slurm_bin}/scancel", f"--user={owner}", f"--name={job_name}"])
     submit = _argv(submit_as, [f"{slurm_bin}/sbatch", "--parsable", f"--job-name={job_name}", sbatch])
     try:
         res = subprocess.run(cancel, capture_output=True, text=True, timeout=timeout)
@@ -317,12 +319,28 @@ class CheckLock:
         self.path = path
         self.timeout = timeout
         self.fd: int | None = None
+        self.error: str | None = None  # why the lock was refused (not a regular file, a link...)
 
     def __enter__(self) -> bool:
         if not self.path:  # no state file, nothing to guard
             return True
+        import errno
+        import stat
+
         os.makedirs(os.path.dirname(os.path.abspath(self.path)) or ".", exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        # Never through a link, never anything but a regular file: root (the rollout) opens it too.
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            self.fd = os.open(self.path, flags, 0o600)
+        except OSError as exc:
+            why = "is a symbolic link" if exc.errno == errno.ELOOP else f"cannot be opened: {exc.strerror}"
+            self.error = f"lock {self.path} {why}: acting on nothing (remove it; the deploy makes it again)"
+            return False
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            self.fd = None
+            self.error = f"lock {self.path} is not a regular file: acting on nothing (remove it)"
+            return False
         deadline = time.monotonic() + self.timeout
         while True:
             try:

@@ -41,7 +41,7 @@ from . import endpoint_sync, replacement
 from .check import wait_for_job
 from .endpoint_sync import SPARE_SLOT
 from .nagios import OK
-from .slurm import SlurmError, files_digest, query_job, read_record, record_path, replica_job_name
+from .slurm import RecordTrust, SlurmError, files_digest, query_job, record_path, replica_job_name
 
 POLL = 0.5
 
@@ -54,11 +54,18 @@ def say(text: str) -> None:
     print(f"rollout: {text}", flush=True)
 
 
-def stale_replicas(job_name: str, replicas: int, records_dir: str, digest: str) -> list[tuple[int, str]]:
-    """[(replica index, its running job id)] of replicas whose running job started with other files."""
+def stale_replicas(
+    job_name: str, replicas: int, records_dir: str, digest: str, trust: RecordTrust | None = None
+) -> list[tuple[int, str]]:
+    """[(replica index, its running job id)] of replicas whose running job started with other files.
+    Only trusted records count (`trust`; default: this user's): the rollout cancels the job a record
+    names, as root."""
     stale = []
     for i in range(1, replicas + 1):
-        rec = read_record(record_path(records_dir, replica_job_name(job_name, i)))
+        path = record_path(records_dir, replica_job_name(job_name, i))
+        rec, untrusted = (trust or RecordTrust()).read(path)
+        if untrusted:
+            say(f"ignored: {untrusted}")
         if rec is None:
             continue
         try:
@@ -191,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=2700.0, help="start-up budget of a new job (s)")
     p.add_argument("--drain-timeout", type=float, default=330.0, help="longest wait for a request in flight")
     p.add_argument("--lock", help="the scheduled check's lock file (held throughout)")
+    p.add_argument(
+        "--nodes-file",
+        help="root's list of the cluster's compute nodes: a record naming another node is ignored",
+    )
     p.add_argument("--dry-run", action="store_true", help="only list the stale replicas")
     p.add_argument(
         "--surge", action="store_true", help="there is room for one more replica: start each new job first"
@@ -203,9 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     lock = replacement.CheckLock(opts.lock, timeout=600)
     with lock as locked:
         if opts.lock and not locked:
-            print(f"rollout: error: the scheduled check holds {opts.lock}; try again", file=sys.stderr)
+            why = lock.error or f"the scheduled check holds {opts.lock}; try again"
+            print(f"rollout: error: {why}", file=sys.stderr)
             return 2
-        stale = stale_replicas(opts.slurm_job, opts.replicas, opts.records_dir, digest)
+        trust = RecordTrust(None, opts.nodes_file)  # records of the user the rollout runs as (it submits)
+        stale = stale_replicas(opts.slurm_job, opts.replicas, opts.records_dir, digest, trust)
         if not stale:
             say("every running replica runs the current files: nothing to roll out")
             return 0

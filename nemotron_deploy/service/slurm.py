@@ -7,6 +7,7 @@ login nodes and inside the job's container.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -66,6 +67,8 @@ class JobInfo:
             extras.append(f"reason {self.reason}")
         if self.exit_code and not self.active and self.exit_code != "0:0":
             extras.append(f"exit code {self.exit_code}")
+        if self.source == "untrusted":
+            return f"no job named {self.name!r} that this user may see, and its record is not trusted: {self.reason}"
         if self.source == "record":
             return f"job {self.job_id} ({self.name}) is {self.reason}; rank 0 runs on {self.node}"
         if self.source == "gone":
@@ -172,11 +175,15 @@ def first_node(nodelist: str) -> str | None:
     return _FIRST_NODE[nodelist]
 
 
-def find_job_id(name: str) -> str | None:
-    """The id of the user's job called ``name``: an active one first, the newest among equals."""
-    res = _run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i %T"])
+def find_job_id(name: str, user: str | None = None) -> str | None:
+    """The id of the job called ``name`` (of ``user`` only, when given: another account may submit a
+    job of the same name): an active one first, the newest among equals."""
+    argv = ["squeue", "-h", "-t", "all", "-n", name, "-o", "%i %T"]
+    if user:
+        argv[1:1] = ["-u", user]
+    res = _run(argv)
     if res.returncode != 0:
-        raise SlurmError(f"squeue -n {name} failed: {(res.stderr or res.stdout).strip()}")
+        raise SlurmError(f"{' '.join(argv[:-2])} failed: {(res.stderr or res.stdout).strip()}")
     rows = [line.split() for line in res.stdout.splitlines() if line.strip()]
     if not rows:
         return None
@@ -278,18 +285,126 @@ def record_path(records_dir: str, job_name: str) -> str:
     return os.path.join(records_dir, f"{job_name}.job.json")
 
 
-def read_record(path: str | None) -> dict[str, Any] | None:
-    """The record's fields (job_id, job_name, node, user, started), or None if absent/unreadable."""
+def read_record(path: str | None, trust: RecordTrust | None = None) -> dict[str, Any] | None:
+    """The record's fields (job_id, job_name, node, user, started), or None if absent, unreadable or
+    not trusted (see :class:`RecordTrust`; default: written by this process's user)."""
     if not path:
         return None
+    return (trust or RecordTrust()).read(path)[0]
+
+
+class UntrustedFile(Exception):
+    """A file the checks would act on that another account could have written; the message says why."""
+
+
+def open_trusted(path: str, owner_uid: int, *, what: str = "file", limit: int = 1 << 20) -> bytes:
+    """The bytes of ``path``, if it is a regular file owned by ``owner_uid`` (or root), opened without
+    following a link, that no other account may write, in a directory no other account may write.
+    FileNotFoundError when absent; UntrustedFile (the reason) otherwise."""
+    import pwd
+    import stat
+
+    def who(uid: int) -> str:
+        try:
+            return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+        except KeyError:
+            return f"uid {uid}"
+
+    owners = {0, owner_uid}
+    expected = " or ".join(who(u) for u in sorted(owners))
+    directory = os.path.dirname(os.path.abspath(path))
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or not str(data.get("job_id", "")).isdigit() or not data.get("node"):
-        return None
-    return data
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            raise UntrustedFile(f"{what} {path} is a symbolic link: not followed") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UntrustedFile(f"{what} {path} is not a regular file")
+        if st.st_uid not in owners:
+            raise UntrustedFile(f"{what} {path} is owned by {who(st.st_uid)}, not {expected}")
+        if st.st_mode & 0o022:
+            raise UntrustedFile(f"{what} {path} is writable by other accounts (mode {st.st_mode & 0o7777:o})")
+        dst = os.stat(directory)
+        if dst.st_uid not in owners or dst.st_mode & 0o022:
+            raise UntrustedFile(
+                f"{what} {path} is in {directory} (owner {who(dst.st_uid)}, mode {dst.st_mode & 0o7777:o}), "
+                "which other accounts may write"
+            )
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)[:limit]
+    finally:
+        os.close(fd)
+
+
+class RecordTrust:
+    """Which job records the checks act on: a record is trusted only if the account that submits the
+    jobs (``owner``; default this process's user) or root wrote it (:func:`open_trusted`), and, with
+    ``nodes_file`` (root's list of the inventory's compute nodes, one a line), only if the node it
+    names is one of them. Anyone else's record could point the endpoint, or a root `scancel`, anywhere."""
+
+    def __init__(self, owner: str | None = None, nodes_file: str | None = None) -> None:
+        import pwd
+
+        if owner is None:
+            self.uid = os.geteuid()
+            try:
+                self.owner = pwd.getpwuid(self.uid).pw_name
+            except KeyError:
+                self.owner = str(self.uid)
+        else:
+            try:
+                self.uid = pwd.getpwnam(owner).pw_uid
+            except KeyError:
+                raise ValueError(f"--job-user {owner}: no such user here") from None
+            self.owner = owner
+        self.nodes_file = nodes_file
+        self._nodes: frozenset[str] | str | None = None  # the nodes, or why they can't be trusted
+
+    def nodes(self) -> frozenset[str] | str | None:
+        """The allowed nodes (None: no list given, any node), or the reason the list is not usable."""
+        if self.nodes_file is None:
+            return None
+        if self._nodes is None:
+            try:
+                text = open_trusted(self.nodes_file, 0, what="node list").decode("utf-8", "replace")
+                self._nodes = frozenset(line.strip() for line in text.splitlines() if line.strip())
+            except FileNotFoundError:
+                self._nodes = f"node list {self.nodes_file} is missing"
+            except (OSError, UntrustedFile) as exc:
+                self._nodes = str(exc)
+        return self._nodes
+
+    def read(self, path: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(record, None) for a trusted record; (None, why) for one that is there but not trusted;
+        (None, None) when there is none (absent, unreadable or not a record)."""
+        try:
+            data = json.loads(open_trusted(path, self.uid, what="job record", limit=65536))
+        except FileNotFoundError:
+            return None, None
+        except UntrustedFile as exc:
+            return None, str(exc)
+        except (OSError, ValueError):
+            return None, None
+        if not isinstance(data, dict) or not str(data.get("job_id", "")).isdigit() or not data.get("node"):
+            return None, None
+        nodes = self.nodes()
+        if isinstance(nodes, str):
+            return None, f"job record {path}: {nodes}, so no node can be trusted"
+        if nodes is not None and str(data["node"]) not in nodes:
+            return None, (
+                f"job record {path} names node {str(data['node'])[:100]!r}, which is not one of the "
+                f"cluster's compute nodes ({self.nodes_file})"
+            )
+        return data, None
 
 
 FILES_DIGEST_PREFIX = "readonly FILES_DIGEST="  # the sbatch's line naming its job files' digest

@@ -429,3 +429,49 @@ def test_the_endpoint_texts_the_check_reads_are_in_the_template():
     """The probe recognises the endpoint's 503s by their text: the template must still say it."""
     template = (REPO / "nemotron_deploy/deploy/templates/haproxy.cfg.j2").read_text()
     assert probe.ENDPOINT_BUSY_TEXT in template and probe.ENDPOINT_NO_REPLICA_TEXT in template
+
+
+def test_records_the_submitting_account_did_not_write_are_not_trusted(tmp_path, slurm, capsys):
+    """A record that is a link, or that others may write, or that names a node outside the cluster's
+    list, is ignored: the replica is reported untrusted_record with the reason, never probed there.
+    With --job-user, squeue is asked for that account's jobs only (another user's job of the same
+    name is not the replica)."""
+    import getpass
+
+    records = tmp_path / "records"
+    records.mkdir(mode=0o755)
+    records.chmod(0o755)
+    jobs = tmp_path / "jobs"
+    jobs.mkdir(mode=0o755)
+    jobs.chmod(0o755)
+    nodes = jobs / "compute-nodes"
+    nodes.write_text("127.0.0.1\n127.0.0.2\n")
+    nodes.chmod(0o644)
+
+    def record(i, node):
+        name = f"{JOB}-r{i}"
+        return {"job_id": f"10{i}", "job_name": name, "node": node, "user": "x", "started": 1}
+
+    (records / f"{JOB}-r1.job.json").write_text(json.dumps(record(1, "127.0.0.1")))
+    (records / f"{JOB}-r1.job.json").chmod(0o666)  # anyone may rewrite it
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text(json.dumps(record(2, "127.0.0.2")))
+    (records / f"{JOB}-r2.job.json").symlink_to(elsewhere)
+    # Another account's job of the replica's name, visible to this user: not the replica.
+    slurm.set({"jobs": {"999": dict(rjob(1), user="mallory")}})
+    me = getpass.getuser()
+    with fleet_of(2) as (_, port):
+        code, data = run_fleet(
+            capsys, tmp_path, 2, port, "--records-dir", str(records), "--job-user", me,
+            "--nodes-file", str(nodes),
+        )  # fmt: skip
+    assert [(r["reason"], r["node"]) for r in data["replicas"]] == [
+        ("untrusted_record", None),
+        ("untrusted_record", None),
+    ], data
+    assert "writable by other accounts" in data["replicas"][0]["message"]
+    assert "symbolic link" in data["replicas"][1]["message"]
+    assert code == 2
+    assert [c for c in slurm.calls() if c.startswith("squeue")] == [
+        f"squeue -u {me} -h -t all -n {JOB}-r{i} -o %i %T" for i in (1, 2)
+    ]

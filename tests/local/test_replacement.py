@@ -5,6 +5,7 @@ two checks from submitting twice), stale replicas, state=stopped, and the sudo r
 
 from __future__ import annotations
 
+import getpass
 import json
 import shutil
 import subprocess
@@ -164,9 +165,9 @@ def test_the_check_replaces_gone_replicas_and_logs_why(acting, slurm, capsys):
     slurm.set({"jobs": {}})  # neither replica's job exists
     code, out = _run(argv, capsys)
     assert log.read_text().splitlines() == [
-        "scancel --name=svc-r1",
+        f"scancel --user={getpass.getuser()} --name=svc-r1",  # this account's jobs only
         f"sbatch --parsable --job-name=svc-r1 {argv[argv.index('--sbatch') + 1]}",
-        "scancel --name=svc-r2",
+        f"scancel --user={getpass.getuser()} --name=svc-r2",
         f"sbatch --parsable --job-name=svc-r2 {argv[argv.index('--sbatch') + 1]}",
     ]
     replaced = {r["name"]: r["replacement"] for r in out["replicas"]}
@@ -283,7 +284,7 @@ def test_the_sudo_rule_allows_exactly_the_replicas_commands_and_visudo_accepts_i
     assert check.returncode == 0, check.stdout + check.stderr
     jobs = "/lustre/nemotron/nemotron-deploy/jobs/nemotron.sbatch"
     for i in (1, 2):
-        assert f"/usr/bin/scancel --name=nemotron-340b-r{i}" in rule
+        assert f"/usr/bin/scancel --user=slurmsvc --name=nemotron-340b-r{i}" in rule
         assert f"/usr/bin/sbatch --parsable --job-name=nemotron-340b-r{i} {jobs}" in rule
     assert "*" not in rule and "nemotron-340b-r3" not in rule
     assert "nemotron-health ALL=(slurmsvc) NOPASSWD: NEMOTRON_REPLICAS" in rule

@@ -32,6 +32,7 @@ from sshutil import (
     COMPUTE_SCRIPTS,
     CRON_FILE,
     DEPLOY_SHARED,
+    DEPLOY_STATE_DIR,
     HEALTH_METRICS_DIR,
     HEALTH_STATE_DIR,
     HEALTH_USER,
@@ -46,6 +47,7 @@ from sshutil import (
     NODE_DIR,
     PODMAN,
     PULL_OP,
+    RECORDS_DIR,
     REPO,
     SBATCH,
     SCRIPTS_DIR,
@@ -175,13 +177,23 @@ def test_first_deploy_places_everything_with_the_right_modes(sandbox, tmp_path):
             )
 
     login = sandbox.login_host
-    modes = stat_paths(sandbox, login, [DEPLOY_SHARED, JOBS_DIR, LOGS_DIR, SBATCH, CRON_FILE])
+    lock = f"{DEPLOY_STATE_DIR}/check.lock"
+    modes = stat_paths(
+        sandbox,
+        login,
+        [DEPLOY_SHARED, JOBS_DIR, LOGS_DIR, RECORDS_DIR, SBATCH, CRON_FILE, DEPLOY_STATE_DIR, lock],
+    )
     assert modes == {
         DEPLOY_SHARED: ROOT_755,
         JOBS_DIR: ROOT_755,
-        LOGS_DIR: ("1777", "root", "root"),
+        # The jobs' output (NeMo logs prompts) is the submitting account's alone; their records only
+        # it writes. Root writes the check's started file and lock in a directory only root writes.
+        LOGS_DIR: ("700", "root", "root"),
+        RECORDS_DIR: ROOT_755,
         SBATCH: ROOT_644,
         CRON_FILE: ROOT_644,
+        DEPLOY_STATE_DIR: ROOT_755,
+        lock: ("660", "root", HEALTH_USER),
     }
     assert read_bytes(sandbox, login, SBATCH) == (rendered / "nemotron.sbatch").read_bytes()
 
@@ -194,6 +206,7 @@ def test_first_deploy_places_everything_with_the_right_modes(sandbox, tmp_path):
     )
     user = ssh(sandbox, login, f"getent passwd {HEALTH_USER}").stdout.strip().split(":")
     assert user[6] == "/usr/sbin/nologin" and int(user[2]) < 1000, f"not a system user: {user}"
+    assert user[4] == "nemotron-deploy health check", f"not marked as the deploy's: {user}"
     assert stat_paths(sandbox, login, [HEALTH_STATE_DIR, HEALTH_METRICS_DIR, TEXTFILE_DIR]) == {
         HEALTH_STATE_DIR: ("750", HEALTH_USER, HEALTH_USER),
         HEALTH_METRICS_DIR: ("755", HEALTH_USER, HEALTH_USER),

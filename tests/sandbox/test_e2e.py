@@ -30,6 +30,7 @@ from sshutil import (
     LOGS_DIR,
     PODMAN,
     PORT,
+    RECORDS_DIR,
     REPO,
     SBATCH,
     SCRIPTS_DIR,
@@ -226,7 +227,7 @@ def test_the_scheduled_check_finds_the_job_slurm_hides_from_its_user(sandbox, se
     check = ssh(sandbox, login, f"runuser -u {HEALTH_USER} -- {command}", check=False)
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.startswith("NEMOTRON OK"), check.stdout
-    record = json.loads(ssh(sandbox, login, f"cat {LOGS_DIR}/{JOB_NAME}.job.json").stdout)
+    record = json.loads(ssh(sandbox, login, f"cat {RECORDS_DIR}/{JOB_NAME}.job.json").stdout)
     assert record["job_id"] == job_id and record["node"] == FIRST
 
 

@@ -18,7 +18,7 @@ from sshutil import (
     CRON_FILE,
     HEALTH_USER,
     JOB_BASE,
-    LOGS_DIR,
+    RECORDS_DIR,
     SBATCH,
     cancel_jobs,
     deploy_ok,
@@ -101,7 +101,7 @@ def test_a_replica_whose_server_stays_unhealthy_is_replaced(sandbox):
     wait_for(lambda: _jobs(sandbox).get(R2, ("",))[0] == faulty, 120, "the faulty r2 to run")
     # Submitted by hand, it is hidden from the check's user (PrivateData) until its record exists: a
     # check before that would see r2 gone and replace it.
-    record = f"{LOGS_DIR}/{R2}.job.json"
+    record = f"{RECORDS_DIR}/{R2}.job.json"
     wait_for(
         lambda: Path(record).exists() and f'"job_id": "{faulty}"' in Path(record).read_text(),
         60,
@@ -145,7 +145,7 @@ def test_stop_really_stops_and_the_check_replaces_nothing(sandbox):
 def _records_digest(sandbox) -> dict[str, str]:
     out = {}
     for name in (R1, R2):
-        path = Path(f"{LOGS_DIR}/{name}.job.json")
+        path = Path(f"{RECORDS_DIR}/{name}.job.json")
         if path.exists():
             out[name] = json.loads(path.read_text()).get("files")
     return out

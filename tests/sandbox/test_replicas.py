@@ -28,7 +28,7 @@ from sshutil import (
     HEALTH_USER,
     HEALTH_VENV,
     JOB_BASE,
-    LOGS_DIR,
+    RECORDS_DIR,
     SBATCH,
     cancel_jobs,
     converged_attempts,
@@ -223,7 +223,7 @@ def test_a_replica_answering_200_with_an_error_string_is_taken_out(sandbox, subm
     # Submitted by hand, it is hidden from the check's user (PrivateData) until its batch script writes
     # its record: a check before that would see r2 gone and replace it with a healthy one.
     faulty = _jobs(sandbox)[R2][0]
-    record = Path(f"{LOGS_DIR}/{R2}.job.json")
+    record = Path(f"{RECORDS_DIR}/{R2}.job.json")
     wait_for(lambda: record.exists() and f'"job_id": "{faulty}"' in record.read_text(), 60, "its record")
     try:
         # The scheduled check points slot r2 at the new job's node; HAProxy's own check then fails it.

@@ -28,6 +28,7 @@ from sshutil import (
     HEALTH_VENV,
     LOGS_DIR,
     NODE_DIR,
+    RECORDS_DIR,
     REPO,
     TEXTFILE_DIR,
     Run,
@@ -131,7 +132,7 @@ def assert_result(what: str, code: int, out: str, err: str) -> None:
 # its type, mode, owner and link target, and each file's digest. The check's own state and metrics
 # (the contents of its two directories), the jobs' records and the images are not the deploy's.
 _PLACED = (NODE_DIR, DEPLOY_SHARED, CRON_FILE, TEXTFILE_DIR, "/etc/haproxy", "/etc/sudoers.d/nemotron-health")
-_PRUNE = (f"{DEPLOY_SHARED}/images", LOGS_DIR)
+_PRUNE = (f"{DEPLOY_SHARED}/images", LOGS_DIR, RECORDS_DIR)
 _DIR_ONLY = (HEALTH_STATE_DIR, HEALTH_METRICS_DIR)
 
 

@@ -192,8 +192,8 @@ def test_image_present_fact_with_a_missing_tool_says_absent():
 
 
 def test_user_and_init_facts():
-    assert run_fact(UserExists, "root") is True
-    assert run_fact(UserExists, "no-such-user-xyz") is False
+    assert run_fact(UserExists, "root") == {"uid": "0", "gecos": "root"}  # the GECOS tells the deploy's own
+    assert run_fact(UserExists, "no-such-user-xyz") is None
     assert run_fact(InitSystem) == ("systemd" if Path("/run/systemd/system").is_dir() else "cron")
 
 
@@ -239,7 +239,7 @@ def test_snapshot_batches_every_fact_into_one_command(tmp_path):
     assert set(snap) == {"paths", "gpus", "user", "free"}
     assert str(f) in snap["paths"]
     assert len(snap["gpus"]) == 2
-    assert snap["user"] is True
+    assert snap["user"]["uid"] == "0"
     assert snap["free"] > 0
 
 

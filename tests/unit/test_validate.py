@@ -632,3 +632,64 @@ def test_plan_says_logprobs_are_refused_where_the_headroom_does_not_hold_them(tm
     assert run_main(["plan", str(path)]) == 0
     out = capsys.readouterr().out
     assert "log-probs (all_probs, compute_logprob): refused by the endpoint (HTTP 400)" in out
+
+
+# health_user (and the service_user to come) is named in the sudo rule, the unit and cron: a plain
+# POSIX user name, never a word sudoers gives a meaning of its own.
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("ALL", "means something else to sudo"),
+        ("all", "means something else to sudo"),
+        ("ADMINS", "means something else to sudo"),  # a User_Alias
+        ("%sudo", "means something else to sudo"),
+        ("+netgroup", "means something else to sudo"),
+        ("#0", "means something else to sudo"),
+        ("!nobody", "means something else to sudo"),
+        ("Nemotron", "not a plain POSIX user name"),
+        ("9health", "not a plain POSIX user name"),
+        ("a" * 33, "not a plain POSIX user name"),
+        ("health.user", "not a plain POSIX user name"),
+    ],
+)
+def test_health_user_that_is_not_a_plain_user_name_is_refused(tmp_path, name, says):
+    path = _bad(tmp_path, health_user=name)
+    problems = only_field(problems_of(path), "health_user")
+    _every_host(problems, path)
+    assert any(says in p.message for p in problems), [p.message for p in problems]
+
+
+@pytest.mark.parametrize("name", ["nemotron-health", "_nemotron", "svc_health-2", "a" * 32])
+def test_plain_user_names_are_accepted(tmp_path, name):
+    cluster = inventory.load(str(_bad(tmp_path, health_user=name)))
+    assert cluster.settings.health_user == name
+    assert cluster.settings.health_user_existing is False  # an existing account is refused by default
+
+
+def test_the_account_name_rule_is_one_reusable_validator():
+    """The rule lives in settings.account_name, for health_user now and a service_user later."""
+    from typing import Annotated
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from nemotron_deploy.settings import account_name
+
+    adapter = TypeAdapter(Annotated[str, account_name("the jobs", "nemotron-svc")])
+    assert adapter.validate_python("nemotron-svc") == "nemotron-svc"
+    with pytest.raises(ValidationError, match="e.g. nemotron-svc"):
+        adapter.validate_python("ALL")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("health_venv", "/tmp/x/venv"),
+        ("health_venv", "/var/tmp/nemotron/venv"),
+        ("node_dir", "/tmp/nemotron"),
+    ],
+)
+def test_deploy_owned_dirs_in_a_world_writable_dir_are_refused(tmp_path, field, value):
+    path = _bad(tmp_path, **{field: value})
+    problems = only_field(problems_of(path), field)
+    _every_host(problems, path)
+    assert any("where every user may create files" in p.message for p in problems)

@@ -56,3 +56,60 @@ class ManagedPaths(ProbeFact):
     @staticmethod
     def default() -> dict[str, PathState]:
         return {}
+
+
+@dataclass(frozen=True)
+class NodeState:
+    """One path as `stat` sees it without following a link: kind, mode, owner."""
+
+    path: str
+    kind: str  # "directory", "link", "file", "other"
+    mode: int  # permission bits with set-id and sticky
+    uid: int
+    user: str
+
+
+def ancestors(path: str) -> list[str]:
+    """The path's parents, nearest first, up to and including /."""
+    found = []
+    while path not in ("/", ""):
+        path = path.rsplit("/", 1)[0] or "/"
+        found.append(path)
+    return found
+
+
+class PathChains(ProbeFact):
+    """{"user": who the deploy runs as, "paths": {path: NodeState}} of each path and every parent of it
+    up to / (links not followed; paths that don't exist are absent): what the preflight needs to tell
+    whether a directory the deploy manages, or any parent of it, is another account's."""
+
+    def snippet(self, paths: tuple[str, ...]) -> str:
+        every = dict.fromkeys(p for path in paths for p in (path, *ancestors(path)))
+        quoted = " ".join(shlex.quote(p) for p in every)
+        return (
+            'echo "@user $(id -un)"; '
+            f'for p in {quoted}; do if [ -e "$p" ] || [ -L "$p" ]; then '
+            "stat -c '%F|%f|%u|%U|%n' -- \"$p\"; fi; done"
+        )
+
+    def process(self, output: list[str]) -> dict:
+        kinds = {"directory": "directory", "symbolic link": "link", "regular file": "file"}
+        user, states = None, {}
+        for line in output:
+            if line.startswith("@user "):
+                user = line[len("@user ") :].strip()
+                continue
+            fields = line.split("|", 4)
+            if len(fields) != 5:
+                continue
+            kind, raw_mode, uid, name, path = fields
+            try:
+                mode, number = int(raw_mode, 16) & 0o7777, int(uid)
+            except ValueError:
+                continue
+            states[path] = NodeState(path, kinds.get(kind, "other"), mode, number, name)
+        return {"user": user, "paths": states}
+
+    @staticmethod
+    def default() -> dict:
+        return {"user": None, "paths": {}}

@@ -31,7 +31,7 @@ class SubmitContext(ProbeFact):
 
     def snippet(self) -> str:
         return (
-            'echo "user=$(id -un)"; s=$(command -v sbatch) && echo "slurm_bin=${s%/*}"; '
+            'echo "user=$(id -un)"; echo "group=$(id -gn)"; s=$(command -v sbatch) && echo "slurm_bin=${s%/*}"; '
             "if command -v sudo >/dev/null 2>&1; then echo sudo=yes; fi"
         )
 
@@ -39,30 +39,35 @@ class SubmitContext(ProbeFact):
         seen = dict(line.split("=", 1) for line in output if "=" in line)
         return {
             "user": seen.get("user"),
+            "group": seen.get("group"),
             "slurm_bin": seen.get("slurm_bin"),
             "sudo": seen.get("sudo") == "yes",
         }
 
 
 class ReplicaJobs(ProbeFact):
-    """[(job id, state)] of the jobs named `names` (comma-separated) Slurm shows this user; [] when
-    squeue is missing or fails."""
+    """[(job id, state)] of this user's jobs named `names` (comma-separated; another account may name a
+    job the same: never counted); [] when squeue is missing or fails."""
 
     def snippet(self, names: str) -> str:
-        return f"squeue -h -t all -n {shlex.quote(names)} -o '%i %T' 2>/dev/null || true"
+        return f"squeue -h -t all -u \"$(id -un)\" -n {shlex.quote(names)} -o '%i %T' 2>/dev/null || true"
 
     def process(self, output: list[str]) -> list[tuple[str, str]]:
         return active_rows("\n".join(output))
 
 
 class JobRecords(ProbeFact):
-    """{path: the record (dict)} of the job records that exist among `paths` (what each replica's
-    batch script wrote: job id, first node, the files digest it started with)."""
+    """{path: the record (dict)} of the job records among `paths` that are regular files (not links),
+    each with its owner and mode as "_owner" and "_mode" (what each replica's batch script wrote: job
+    id, first node, the files digest it started with). Whether to believe one is the caller's test
+    (host_checks.trusted_records)."""
 
     def snippet(self, paths: tuple[str, ...]) -> str:
         return (
             "".join(
-                f"[ -r {shlex.quote(p)} ] && {{ echo {shlex.quote(p)}; head -n 1 {shlex.quote(p)}; echo; }}; "
+                f"if [ -f {shlex.quote(p)} ] && [ ! -L {shlex.quote(p)} ]; then "
+                f"printf '%s %s %s\\n' $(stat -c '%U %a' {shlex.quote(p)}) {shlex.quote(p)}; "
+                f"head -n 1 {shlex.quote(p)}; echo; fi; "
                 for p in paths
             )
             + "true"
@@ -71,18 +76,19 @@ class JobRecords(ProbeFact):
     def process(self, output: list[str]) -> dict:
         import json
 
-        records, path = {}, None
+        records, head = {}, None
         for line in output:
             if not line.strip():
                 continue
-            if path is None:
-                path = line
+            if head is None:
+                head = line.split(" ", 2)
                 continue
             try:
                 value = json.loads(line)
             except ValueError:
                 value = None
-            if isinstance(value, dict):
-                records[path] = value
-            path = None
+            if isinstance(value, dict) and len(head) == 3:
+                value["_owner"], value["_mode"] = head[0], head[1]
+                records[head[2]] = value
+            head = None
         return records

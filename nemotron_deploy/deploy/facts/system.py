@@ -18,13 +18,18 @@ class InitSystem(ProbeFact):
 
 
 class UserExists(ProbeFact):
-    """True when `name` is a user here (local or from the directory service)."""
+    """{"uid": ..., "gecos": ...} when `name` is a user here (local or from the directory service), else
+    None. The GECOS field tells an account the deploy made (desired.HEALTH_USER_MARK) from another."""
 
     def snippet(self, name: str) -> str:
-        return f"if id -u {shlex.quote(name)} >/dev/null 2>&1; then echo yes; else echo no; fi"
+        return f"getent passwd {shlex.quote(name)} || echo @@none"
 
-    def process(self, output: list[str]) -> bool:
-        return output[-1:] == ["yes"]
+    def process(self, output: list[str]) -> dict | None:
+        for line in output:
+            fields = line.split(":")
+            if len(fields) >= 7:
+                return {"uid": fields[2], "gecos": fields[4]}
+        return None
 
 
 class UnitEnabled(ProbeFact):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shlex
 import tarfile
 from functools import lru_cache
 from io import BytesIO, StringIO
+from typing import Any
 
 from pyinfra import host, logger, state
-from pyinfra.api import StringCommand, operation
+from pyinfra.api import FunctionCommand, StringCommand, operation
 from pyinfra.facts.files import FileContents
 from pyinfra.operations.util.files import generate_color_diff
 
@@ -87,14 +89,25 @@ def _dir_steps(dirs: list[WantedDir], current: dict[str, PathState]) -> list[str
     steps = []
     for d in dirs:
         have = current.get(d.path)
-        if have is None or (
-            d.adopt
-            and (have.kind, have.mode, have.user, have.group) != ("directory", d.mode, d.user, d.group)
-        ):
-            # One process: creates it (and missing parents, as mkdir -p), or re-owns it if it exists.
+        q, owner = shlex.quote(d.path), f"{shlex.quote(d.user)}:{shlex.quote(d.group)}"
+        if have is None:
+            # Created, never adopted: mkdir fails if anything took the name since the read (another
+            # account in a sticky scratch dir), where install -d would adopt it or follow its link.
+            # Missing parents (rare: a shared_dir not made yet) are made root's first.
+            parent = shlex.quote(d.path.rsplit("/", 1)[0] or "/")
             steps.append(
-                f"install -d -o {shlex.quote(d.user)} -g {shlex.quote(d.group)} -m {d.mode} {shlex.quote(d.path)}"
+                f"{{ [ -d {parent} ] || install -d -m 755 {parent}; }} && mkdir -m {d.mode} -- {q} "
+                f"&& chown -h {owner} -- {q}"
             )
+        elif d.adopt and (have.kind, have.mode, have.user, have.group) != (
+            "directory",
+            d.mode,
+            d.user,
+            d.group,
+        ):
+            # Ours (the preflight refused it if it were a link or another account's): owner and mode.
+            # 5 digits: GNU chmod clears a directory's set-group-ID bit only when told explicitly.
+            steps.append(f"chown -h {owner} -- {q} && chmod {d.mode.zfill(5)} -- {q}")
     return steps
 
 
@@ -194,10 +207,7 @@ def managed_tree(
                 if isinstance(f.content, str):
                     _show_diff(f, current.get(f.path))
         data = _bundle(tuple(f.content for f in changed))
-        upload = host.get_temp_filename(f"nemotron-files-{sha256_of(data)}")
-        yield UploadCommand(BytesIO(data), upload, remote_temp_filename=upload)
-        q = shlex.quote(upload)
-        steps.append(f'unpacked="$(mktemp -d)" && tar -xf {q} -C "$unpacked" && rm -f {q}')
+        steps.append('tar -xf "$unpacked/bundle.tar" -C "$unpacked" && rm -f "$unpacked/bundle.tar"')
     member = {f.path: i for i, f in enumerate(changed)}
     for f in files:
         have = current.get(f.path)
@@ -210,6 +220,32 @@ def managed_tree(
     if changed:
         steps.append('rm -rf "$unpacked"')
     steps += _link_steps(links, current)
-    if steps:
+    if changed:
+        yield FunctionCommand(_upload_then_run, (data, " && ".join(steps)), {})
+    elif steps:
         yield StringCommand(" && ".join(steps))
     yield from then
+
+
+PRIVATE_DIR = re.compile(r"^/tmp/nemotron-deploy\.[A-Za-z0-9]+$")
+
+
+def _upload_then_run(state: Any, host: Any, data: bytes, command: str) -> bool:
+    """Upload `data` into a directory made for this run (mktemp -d: 0700, a name no one can guess
+    or take first) and run `command` with it as $unpacked. Never a fixed /tmp path: another account
+    could create it first, as a link to a file root would then overwrite, or a bundle root unpacks."""
+    ok, out = host.run_shell_command(StringCommand("mktemp -d /tmp/nemotron-deploy.XXXXXXXXXX"))
+    private = out.stdout.strip() if ok else ""
+    if not PRIVATE_DIR.match(private):
+        host.log_styled(f"could not make a private upload directory: {out.stderr or private}", fg="red")
+        return False
+    upload = UploadCommand(
+        BytesIO(data), f"{private}/bundle.tar", remote_temp_filename=f"{private}/bundle.tar"
+    )
+    if not upload.execute(state, host, {}):
+        host.run_shell_command(StringCommand(f"rm -rf {shlex.quote(private)}"))
+        return False
+    ok, _ = host.run_shell_command(StringCommand(f"unpacked={shlex.quote(private)} && {command}"))
+    if not ok:
+        host.run_shell_command(StringCommand(f"rm -rf {shlex.quote(private)}"))
+    return ok

@@ -58,6 +58,9 @@ def check_command(
     port: int,
     records_dir: str,
     endpoint_socket: str | None,
+    job_user: str | None = None,
+    nodes_file: str | None = None,
+    lock_file: str | None = None,
     replacement: Replacement | None = None,
     stopped: bool = False,
 ) -> list[str]:
@@ -77,6 +80,12 @@ def check_command(
         "--port",
         str(port),
     ]
+    if job_user:  # only its jobs (squeue -u) and the records it wrote are believed
+        command += ["--job-user", job_user]
+    if nodes_file:  # a record naming any node outside the cluster is not believed
+        command += ["--nodes-file", nodes_file]
+    if lock_file:  # in root's directory: root (the rollout) opens it too
+        command += ["--lock-file", lock_file]
     if endpoint_socket:
         command += ["--endpoint-socket", endpoint_socket]
     if stopped:
@@ -135,10 +144,16 @@ def cron_entry(*, user: str, command: list[str], interval: int) -> dict[str, str
     }
 
 
+# The GECOS field of the account the deploy creates: how a later deploy tells it from someone else's.
+USER_MARK = "nemotron-deploy health check"
+
+
 @operation()
-def ensure_user(username: str, exists: bool):
+def ensure_user(username: str, exists: bool, marked: bool = True):
     """
-    Create an unprivileged system user (no login shell, no home) unless it exists.
+    Create an unprivileged system user (no login shell, no home), marked as the deploy's in its GECOS
+    field, unless it exists; mark an existing one the preflight found to be the deploy's (an earlier
+    release made it unmarked) with `marked=False`.
 
     **Example:**
 
@@ -146,11 +161,14 @@ def ensure_user(username: str, exists: bool):
 
         ensure_user(name="Health user", username="nemotron-health", exists=False)
     """
+    q = shlex.quote(username)
     if not exists:
-        q = shlex.quote(username)
         yield StringCommand(
-            f"useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin {q}"
+            f"useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin "
+            f"--comment {shlex.quote(USER_MARK)} {q}"
         )
+    elif not marked:
+        yield StringCommand(f"usermod --comment {shlex.quote(USER_MARK)} {q}")
 
 
 def venv_install(venv: str, wheels: list[str], installer: str, marker: str, digest: str) -> StringCommand:

@@ -53,7 +53,10 @@ def submit_decision(rows: list[tuple[str, str]]) -> tuple[str, list[str]]:
 
 
 def _queued(host, job_name: str) -> list[tuple[str, str]]:
-    ok, out = host.run_shell_command(f"squeue -h -t all -n {shlex.quote(job_name)} -o '%i %T'")
+    # This account's jobs only: another user may have submitted a job of the same name.
+    ok, out = host.run_shell_command(
+        f"squeue -h -t all -u \"$(id -un)\" -n {shlex.quote(job_name)} -o '%i %T'"
+    )
     if not ok:
         raise SubmitError(f"squeue failed: {out.stderr or out.stdout}")
     return active_rows(out.stdout)
