@@ -167,6 +167,12 @@ def started_file() -> str:
     return f"{DEPLOY_STATE_DIR}/started.json"
 
 
+def earlier_started_file() -> str:
+    """Where releases before the layout change kept the started file: in the health user's own state
+    directory, which root must no longer write into (an upgrade writes started_file() instead)."""
+    return f"{health_timer.STATE_DIR}/started.json"
+
+
 def lock_file() -> str:
     """The lock the scheduled check (the health user) and the rollout (root) share: made by the deploy
     in root's directory (group: the health user), opened by both without following a link."""

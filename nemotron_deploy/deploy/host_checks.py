@@ -199,6 +199,8 @@ def paths_to_read(cluster: Cluster, host_name: str) -> tuple[tuple[str, ...], tu
             f"{s.health_venv}/bin/python",
             desired.wheels_marker(cluster),
         ]
+        # Its presence only: it lives in a directory the health user can write, so root never reads it.
+        unhashed += (desired.earlier_started_file(),)
     elif s.container_runtime == "host":
         paths.append(s.eval_script)
     return tuple(dict.fromkeys(paths)), unhashed

@@ -285,6 +285,12 @@ def submit_job(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
                 name="Endpoint: take the replicas out", command=desired.sync_command(cluster, login)
             )
         return
+    if desired.started_file() not in snap["paths"] and desired.earlier_started_file() in snap["paths"]:
+        # An upgrade of a started service: without the file where the check now looks, it would
+        # replace no dead replica until the next `--data submit=true`.
+        submit.mark_started(
+            name="Service started (file moved to root's state directory)", started_file=desired.started_file()
+        )
     if not s.submit:
         return
     smoke = s.mode == "smoke"  # the job ends by itself after one call: wait for its end instead

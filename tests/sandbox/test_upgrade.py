@@ -43,6 +43,8 @@ from sshutil import (
 
 # The last release before the layout change: its scheduled check runs `-m nemotron_deploy.health`.
 OLD_RELEASE = "d405f12"
+OLD_STARTED = f"{HEALTH_STATE_DIR}/started.json"  # where that release kept the started file
+NEW_STARTED = "/var/lib/nemotron-deploy/started.json"
 OLD_MODULE = "nemotron_deploy.health"
 NEW_MODULE = "nemotron_deploy.service.health"
 RESULTS = (0, 1, 2)  # OK, WARNING, CRITICAL: a result; UNKNOWN (3) or a traceback is a broken check
@@ -175,6 +177,9 @@ def test_upgrade_from_the_old_layout_keeps_the_scheduled_check_running(sandbox, 
         assert f" -m {OLD_MODULE} " in old_command, old_command
         code, out, err, _ = run_scheduled(sandbox, user, old_command)
         assert_result("the old release's scheduled check", code, out, err)
+        # A started service: the old release's submit kept its started file in the health user's
+        # state dir (written here as it wrote it, not by submitting: no replica needs to run).
+        ssh(sandbox, login, f"""printf '%s\\n' '{{"at": 1, "jobs": {{}}}}' > {OLD_STARTED}""")
 
         # 2. This tree over it: converges, and a second run changes nothing.
         first = deploy_tree(REPO)
@@ -184,6 +189,13 @@ def test_upgrade_from_the_old_layout_keeps_the_scheduled_check_running(sandbox, 
         assert total["Success"] == "-" and total["Error"] == "-", (
             f"a second run changed things:\n{again.describe()}"
         )
+        # The service stays started: the check finds the started file where it now looks (root's own
+        # directory), or it would replace no dead replica until the next submit. Root left the old
+        # file alone (it never writes in the health user's directory).
+        stats = ssh(sandbox, login, f"stat -c '%U %a' {NEW_STARTED}; cat {OLD_STARTED}").stdout.splitlines()
+        assert stats[0] == "root 644", stats
+        assert stats[1] == '{"at": 1, "jobs": {}}', stats
+        ssh(sandbox, login, f"rm -f {OLD_STARTED} {NEW_STARTED}")
         # Nothing of the old release left, nothing missing: the nodes are as a first deploy leaves them.
         upgraded = placed(sandbox)
         for node, lines in fresh.items():

@@ -111,10 +111,8 @@ def submit_and_wait(
             )
         job_ids = [_submit_one(host, job_name) for job_name in job_names]
         if started_file:
-            record = json.dumps({"at": time.time(), "jobs": dict(zip(job_names, job_ids, strict=True))})
-            q = shlex.quote(started_file)
             ok, out = host.run_shell_command(
-                f"printf '%s\\n' {shlex.quote(record)} > {q}.tmp && chmod 644 {q}.tmp && mv -f {q}.tmp {q}"
+                write_started(started_file, dict(zip(job_names, job_ids, strict=True)))
             )
             if not ok:
                 raise SubmitError(f"cannot write {started_file}: {out.stderr}")
@@ -184,6 +182,31 @@ def _wait_until_done(host, job_id: str, budget_seconds: int) -> None:
             f"see {job.get('StdErr', 'its StdErr')}"
         )
     print(f"{host.print_prefix}job {job_id} COMPLETED: the smoke test passed")
+
+
+def write_started(started_file: str, jobs: dict[str, str]) -> StringCommand:
+    """The started file, {"at": time, "jobs": {name: id}}, written atomically (0644) in root's own dir."""
+    record = json.dumps({"at": time.time(), "jobs": jobs})
+    q = shlex.quote(started_file)
+    return StringCommand(
+        f"printf '%s\\n' {shlex.quote(record)} > {q}.tmp && chmod 644 {q}.tmp && mv -f {q}.tmp {q}"
+    )
+
+
+@operation()
+def mark_started(started_file: str):
+    """
+    Record that the service was started, without submitting: the upgrade of a running service from a
+    release that kept the started file in the health user's directory (the check replaces dead
+    replicas only once it finds this file). No job ids: its jobs run already, Slurm shows them.
+
+    **Example:**
+
+    .. code:: python
+
+        mark_started(name="Service started (upgrade)", started_file="/var/lib/nemotron-deploy/started.json")
+    """
+    yield write_started(started_file, {})
 
 
 @operation()
