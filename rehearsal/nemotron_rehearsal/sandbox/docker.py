@@ -232,6 +232,9 @@ def stop(node: Node, timeout: float = 30) -> None:
     pids = _dockerd_pids(node)
     if pids:
         kill_and_wait(pids, timeout=timeout, sig=signal.SIGTERM)
+    # What dockerd leaves mounted: its handle of the node's network namespace (host networking).
+    handle = f"{NODE_EXEC_ROOT}/netns/default"
+    nodes.run_in(node, ["sh", "-c", 'if mountpoint -q "$1"; then umount "$1"; fi', "sh", handle], check=False)
 
 
 def stop_engines(sandbox: Sandbox) -> None:
