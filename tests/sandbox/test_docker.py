@@ -13,9 +13,12 @@ Every test cancels the jobs it submitted and removes the containers a failure le
 from __future__ import annotations
 
 import base64
+import os
+import signal
 import subprocess
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -173,6 +176,48 @@ def test_a_failing_rank_ends_every_container_of_the_job(sandbox):
     # docker kill's 137 came back through `docker run` and the task; srun then ended the step.
     assert "sb-node02: task 9: Exited with exit code 137" in err, err[-3000:]
     assert f"Terminating StepId={job_id}.0" in err, err[-3000:]
+
+
+@contextmanager
+def _registry_stopped(sandbox):
+    """SIGSTOP the registry: it keeps accepting connections (the kernel's backlog) and answers nothing."""
+    pids = [
+        pid
+        for pid in sb_netns.pids_in(sandbox.login.netns)
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "docker-registry"
+    ]
+    assert len(pids) == 1, f"expected one docker-registry in {sandbox.login.name}, found {pids}"
+    os.kill(pids[0], signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pids[0], signal.SIGCONT)
+
+
+def test_a_stalled_registry_fails_the_docker_pull_in_time_and_leaves_nothing(sandbox):
+    """The stall bound with a real engine: the pull is the daemon's, watched through its temp dir
+    (/var/lib/docker/tmp); with the registry stalled it fails the deploy in time, the engine drops the
+    pull when its client is killed, and the next deploy pulls."""
+    second = sandbox.compute_names[1]
+    deploy_ok(env=clean_env(**DOCKER))  # everything else in place: the pull is the only change
+    _remove_image(sandbox, second)
+    stall = 20
+    with _registry_stopped(sandbox):
+        run = pyinfra(
+            "--data", f"pull_stall_timeout_seconds={stall}", timeout=stall + 120, env=clean_env(**DOCKER)
+        )
+    assert run.rc != 0, f"the deploy succeeded with the registry stalled:\n{run.describe()}"
+    assert run.seconds < stall + 30, f"the stalled pull failed the deploy only after {run.seconds:.0f}s"
+    assert op_statuses(run.output, PULL_OP).get(second, "").startswith("Error"), run.describe()
+    message = f"pull of {IMAGE} on {second} from registry {sandbox.registry} stalled: no progress for"
+    assert message in run.output, run.describe()
+    assert not _has_image(sandbox, second)
+    leftovers = ssh(sandbox, second, "pgrep -a -f '[d]ocker pull'; ls -A /var/lib/docker/tmp; true").stdout
+    assert not leftovers.strip(), f"the stopped pull left this on {second}: {leftovers}"
+
+    run = deploy_ok(env=clean_env(**DOCKER))  # the registry answers again
+    assert op_statuses(run.output, PULL_OP).get(second) == "Success", run.output
+    assert _has_image(sandbox, second)
 
 
 def test_the_ngc_key_is_used_for_docker_login_and_leaves_the_node(sandbox):

@@ -125,6 +125,18 @@ def _dockerd_pids(node: Node) -> list[int]:
     return found
 
 
+def _starting(node: Node) -> bool:
+    """A process of the node on its way to be dockerd or being it: `setsid -f` forks before it execs,
+    so for a moment the new process is still called setsid (its command line names dockerd)."""
+    for pid in netns.pids_in(node.netns):
+        try:
+            if DOCKERD.encode() in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def running(node: Node) -> bool:
     return bool(_dockerd_pids(node)) and _ping(node)
 
@@ -168,13 +180,14 @@ def _try_start(node: Node, sandbox: Sandbox, drv: str) -> str | None:
     def settled() -> str | bool:
         if _ping(node):
             return "up"
-        return "died" if not _dockerd_pids(node) else False
+        return "died" if not _starting(node) else False
 
     try:
         outcome = wait_until(
             settled, timeout=START_TIMEOUT, what=f"dockerd on {node.name}", hint=lambda: tail(log)
         )
     except SandboxError as exc:
+        stop(node)  # one that never answered: out of the way of the next attempt
         return str(exc)
     if outcome == "up":
         return None
