@@ -201,7 +201,7 @@ def test_a_stalled_registry_fails_the_docker_pull_in_time_and_leaves_nothing(san
     second = sandbox.compute_names[1]
     deploy_ok(env=clean_env(**DOCKER))  # everything else in place: the pull is the only change
     _remove_image(sandbox, second)
-    stall = 20
+    stall = 10  # below docker's own give-up on a registry that answers nothing (~25 s: TLS, then HTTP)
     with _registry_stopped(sandbox):
         run = pyinfra(
             "--data", f"pull_stall_timeout_seconds={stall}", timeout=stall + 120, env=clean_env(**DOCKER)
