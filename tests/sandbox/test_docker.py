@@ -279,3 +279,19 @@ def test_the_engines_are_the_nodes_own(sandbox):
     engines = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True).stdout.split()
     assert {int(p) for p in engines} - in_nodes == set(), "a dockerd runs outside the compute nodes"
     assert len(engines) == len(sandbox.compute), engines
+
+
+def test_a_node_powered_off_and_on_gets_its_engine_back_with_its_images(sandbox):
+    """node_down kills the node's engine with everything else of it; node_up starts it again (the
+    engines were asked for), on the same data root: the image pulled before is still there."""
+    node = sandbox.compute[-1]
+    assert _has_image(sandbox, node.name), "the earlier tests pulled the image on every node"
+    sb_api.node_down(node.name)
+    try:
+        assert not sb_docker.running(node)
+    finally:
+        sb_api.node_up(node.name)
+    assert sb_docker.running(node)
+    assert _has_image(sandbox, node.name), "the node's engine came back without its images"
+    status = {n["name"]: n["daemons"] for n in sb_api.status()["nodes"]}
+    assert status[node.name] == {"sshd": True, "slurmd": True, "dockerd": True, "containerd": True}
