@@ -269,10 +269,15 @@ def test_the_engines_are_the_nodes_own(sandbox):
         assert info == ["/var/lib/docker", sb_docker.driver(node), node.name], info
         source = ssh(sandbox, node.name, "findmnt -n -o SOURCE /var/lib/docker").stdout
         assert str(node.local_dir / sb_docker.DATA_ROOT_DIR) in source, source
-        assert (
-            ssh(sandbox, node.name, "test -S /run/docker/containerd/containerd.sock", check=False).returncode
-            == 0
-        )
+        own = ssh(sandbox, node.name, "test -S /run/docker/containerd/containerd.sock", check=False)
+        assert own.returncode == 0, "dockerd's own containerd, under the node's /run"
+        # Debian's client, whatever a host may have in its own /usr/local/bin (the nodes' is private).
+        client = ssh(
+            sandbox,
+            node.name,
+            "command -v docker; docker version --format '{{.Client.Version}} {{.Server.Version}}'",
+        ).stdout.split()
+        assert client[0] == "/usr/bin/docker" and client[1] == client[2], client
     assert sb_docker.driver(sandbox.compute[0]) == "overlay2"
     # No engine outside the compute nodes: the host (and the login node) run none.
     in_nodes = set().union(*sb_netns.pids_by_netns([n.netns for n in sandbox.compute]).values())

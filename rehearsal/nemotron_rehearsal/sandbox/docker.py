@@ -74,7 +74,6 @@ def daemon_json(registry: str, driver: str) -> str:
         "exec-opts": ["native.cgroupdriver=cgroupfs"],
         "default-runtime": "runc-sandbox",
         "runtimes": {"runc-sandbox": {"path": NODE_RUNC_SHIM}},
-        "features": {"buildkit": False},
     }
     return json.dumps(config, indent=1) + "\n"
 
