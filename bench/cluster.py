@@ -141,17 +141,51 @@ def reset(sandbox, nodes: int, settings) -> None:
 
 
 def remove_images(sandbox, nodes: int, settings) -> None:
-    """Make the next deploy fetch the image again: ``podman rmi`` it on compute nodes 1..N (per-node
-    pulls), or remove the file pyxis/apptainer imported once into shared storage."""
+    """Make the next deploy fetch the image again: ``podman rmi`` or ``docker rmi`` it on compute nodes
+    1..N (per-node pulls), or remove the file pyxis/apptainer imported once into shared storage."""
     sb = sandbox_api()
     if settings.image_file:
         sb.node_run(sandbox.compute[0].name, ["rm", "-f", settings.image_file], timeout=60)
         return
 
+    tool = settings.pull_runtime or settings.container_runtime
+
     def rmi(node) -> None:
-        sb.node_run(node.name, ["podman", "rmi", "--force", "--ignore", settings.image], timeout=120)
+        if tool == "docker":  # (no --ignore: an absent image is an error it says, and nothing else)
+            sb.node_run(node.name, ["docker", "rmi", "--force", settings.image], timeout=120, check=False)
+            if (
+                sb.node_run(node.name, ["docker", "image", "inspect", settings.image], check=False).returncode
+                == 0
+            ):
+                raise RuntimeError(f"docker rmi left {settings.image} on {node.name}")
+        else:
+            sb.node_run(node.name, ["podman", "rmi", "--force", "--ignore", settings.image], timeout=120)
 
     _parallel(rmi, list(sandbox.compute[:nodes]))
+
+
+@contextmanager
+def engines(sandbox, runtime: str, log=print) -> Iterator[None]:
+    """For the docker runtime: the compute nodes' Docker engines, started for the block and stopped
+    after it unless they were running before (the sandbox starts none by itself)."""
+    if runtime != "docker":
+        yield
+        return
+    from nemotron_rehearsal.sandbox import docker
+
+    sb = sandbox_api()
+    before = docker.wanted() and all(docker.running(n) for n in sandbox.compute)
+    took = sb.start_docker(sandbox, log=log)
+    log(
+        f"docker engines: started in {max(took.values()):.2f}s (slowest node)"
+        if any(took.values())
+        else "docker engines: running"
+    )
+    try:
+        yield
+    finally:
+        if not before:
+            sb.stop_docker(sandbox)
 
 
 def runtimes(sandbox) -> list[str]:

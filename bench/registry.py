@@ -1,14 +1,15 @@
 """Registry traffic: bytes the sandbox registry serves for one deploy that fetches the image.
 
 For each runtime and node count: make the image absent (pyxis: remove the file imported into shared
-storage; podman: ``podman rmi`` on compute nodes 1..N), remember the end of the registry's access log
+storage; podman/docker: ``podman rmi``/``docker rmi`` on compute nodes 1..N), remember the end of the registry's access log
 (``Sandbox.registry_access_log``, Apache combined format, one line per request with the bytes sent),
 run the deploy, and add up the new lines that come from those N nodes' addresses (traffic from anyone
 else in the same seconds is not counted). The deploy's other files are in place, so the fetch is the
-only change; its wall time is the import (pyxis) or the slowest node's pull (podman).
+only change; its wall time is the import (pyxis) or the slowest node's pull (podman, docker).
 
-pyxis imports once for the cluster (target: 1x the image, whatever the node count); podman pulls on
-every node, for comparison.
+pyxis imports once for the cluster (target: 1x the image, whatever the node count); podman and docker
+pull on every node, for comparison. docker's engines (one per compute node) are started for its rows
+and stopped after them unless they were running already.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from . import cluster, common
 
 LINE = re.compile(r'^(\S+) \S+ \S+ \[[^\]]*\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-)')
-RUNTIMES = ("pyxis", "podman")  # what inventories/group_data/sandbox.py can fetch with
+RUNTIMES = ("pyxis", "podman", "docker")  # what inventories/group_data/sandbox.py can fetch with
 
 
 def parse(text: str) -> list[dict]:
@@ -73,31 +74,36 @@ def traffic(entries: list[dict], clients: set[str]) -> dict:
 def run(sandbox, sizes: list[int], log=print) -> dict:
     """Bytes served per deploy for each size and each runtime the sandbox can fetch with."""
     found = cluster.runtimes(sandbox)
-    access_log = Path(sandbox.registry_access_log)
     out: dict = {"runtimes_found": found, "rows": [], "image_bytes": None}
     t0 = time.monotonic()
     for runtime in RUNTIMES:
         settings = cluster.load_cluster(runtime).settings
         out.setdefault("images", {})[runtime] = settings.image
-        cluster.deploy(max(sizes), runtime=runtime)  # converge this runtime's job files first
-        for n in sizes:
-            cluster.remove_images(sandbox, n, settings)
-            offset = _log_size(access_log)
-            run_ = cluster.deploy(n, runtime=runtime)
-            if not run_.ok:
-                raise RuntimeError(f"{runtime} deploy on {n} nodes failed:\n{cluster.tail(run_.output)}")
-            time.sleep(0.3)  # the registry writes its access log line after the response
-            entries = parse(_read_from(access_log, offset))
-            row = {"runtime": runtime, "nodes": n, "deploy_wall": run_.wall, "changed": run_.changed}
-            row.update(traffic(entries, {node.address for node in sandbox.compute[:n]}))
-            out["rows"].append(row)
-            log(
-                f"registry: {runtime} {n:>2} nodes: {row['bytes']} bytes in {row['requests']} requests "
-                f"({row['nodes_pulling']} nodes fetched), deploy with fetch {run_.wall:.2f}s"
-            )
+        with cluster.engines(sandbox, runtime, log=log):
+            _measure(sandbox, runtime, settings, sizes, out, log)
     cluster.deploy(max(sizes))  # leave the sandbox on its default runtime
     one = [r["bytes"] for r in out["rows"] if r["runtime"] == "pyxis"]
     out["image_bytes"] = min(one) if one else None
-    out["not_measured"] = [r for r in found if r not in ("podman", "enroot")]
+    out["not_measured"] = [r for r in found if r not in ("podman", "docker", "enroot")]
     out["seconds"] = round(time.monotonic() - t0, 1)
     return out
+
+
+def _measure(sandbox, runtime: str, settings, sizes: list[int], out: dict, log) -> None:
+    access_log = Path(sandbox.registry_access_log)
+    cluster.deploy(max(sizes), runtime=runtime)  # converge this runtime's job files first
+    for n in sizes:
+        cluster.remove_images(sandbox, n, settings)
+        offset = _log_size(access_log)
+        run_ = cluster.deploy(n, runtime=runtime)
+        if not run_.ok:
+            raise RuntimeError(f"{runtime} deploy on {n} nodes failed:\n{cluster.tail(run_.output)}")
+        time.sleep(0.3)  # the registry writes its access log line after the response
+        entries = parse(_read_from(access_log, offset))
+        row = {"runtime": runtime, "nodes": n, "deploy_wall": run_.wall, "changed": run_.changed}
+        row.update(traffic(entries, {node.address for node in sandbox.compute[:n]}))
+        out["rows"].append(row)
+        log(
+            f"registry: {runtime} {n:>2} nodes: {row['bytes']} bytes in {row['requests']} requests "
+            f"({row['nodes_pulling']} nodes fetched), deploy with fetch {run_.wall:.2f}s"
+        )

@@ -293,8 +293,9 @@ def markdown(results: dict) -> str:
     if rg:
         lines += [
             "**Registry traffic**: bytes the sandbox registry served for one deploy that fetches the "
-            "image (removed first): pyxis imports it once into shared storage with enroot, podman pulls "
-            "it on every node. x image: bytes served over the pyxis import's bytes at its smallest size.",
+            "image (removed first): pyxis imports it once into shared storage with enroot, podman and "
+            "docker pull it on every node (docker: each node's own engine). x image: bytes served over "
+            "the pyxis import's bytes at its smallest size.",
             "",
             "| runtime | compute nodes | bytes served | x image | nodes that fetched | requests | deploy with fetch |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -7,8 +7,9 @@ The container runtime is the shipped inventories' default, pyxis, for real: the 
 sandbox registry's NeMo-shaped stand-in image once with enroot, and the job's `srun --container-image`
 runs every rank in it. NEMOTRON_SANDBOX_RUNTIME selects another path to rehearse:
   podman  every compute node pulls the image with podman and each rank runs in a podman container;
+  docker  the same with each compute node's own Docker engine, which the sandbox starts only for it
+          (`nemotron-deploy sandbox up` with this variable set, or `--docker`);
   host    NeMo "installed on the nodes" (the stand-in at /opt/NeMo), and podman still pulls the image.
-(docker: where a Docker engine runs, which the sandbox does not start.)
 """
 
 import os

@@ -82,11 +82,17 @@ def test_runner_smoke_writes_every_output_with_sensible_numbers(sandbox, tmp_pat
     assert set(commands["per_host"]) == {sandbox.login.name, *sandbox.compute_names[:2]}  # --sizes 2
     assert commands["max"] >= 1
 
-    pyxis, podman = results["registry"]["rows"]
-    assert (pyxis["runtime"], pyxis["nodes"], podman["runtime"], podman["nodes"]) == ("pyxis", 2, "podman", 2)
-    # pyxis imports once, from the first compute node; podman pulls on both, about twice the bytes.
+    pyxis, podman, docker = results["registry"]["rows"]
+    assert [(r["runtime"], r["nodes"]) for r in (pyxis, podman, docker)] == [
+        ("pyxis", 2),
+        ("podman", 2),
+        ("docker", 2),
+    ]
+    # pyxis imports once, from the first compute node; podman and docker (each node's own engine)
+    # pull on both, about twice the bytes.
     assert pyxis["nodes_pulling"] == 1 and pyxis["blob_bytes"] > 1 << 20
     assert podman["nodes_pulling"] == 2 and 1.8 < podman["blob_bytes"] / pyxis["blob_bytes"] < 2.2
+    assert docker["nodes_pulling"] == 2 and 1.8 < docker["blob_bytes"] / pyxis["blob_bytes"] < 2.2
 
     with open(out / "results.csv", newline="") as fh:
         parts = {r["part"] for r in csv.DictReader(fh)}

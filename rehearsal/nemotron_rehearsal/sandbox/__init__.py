@@ -4,11 +4,13 @@ Each node is a network + UTS + mount + PID namespace on the private bridge nsbr0
 with its own hostname, address, sshd and node-local directories; together they run munge, Slurm
 (slurmctld on sb-login, slurmd with fake gres/gpu on sb-node01..), a docker-registry holding a tiny
 stand-in of the NeMo image, an `nvidia-smi` stand-in answering from real H200 captures, and NeMo's
-server emulator at the path the NeMo container uses. Needs root on Debian/Ubuntu.
+server emulator at the path the NeMo container uses, and on demand a Docker engine per compute
+node (docker.py). Needs root on Debian/Ubuntu.
 
     from nemotron_rehearsal import sandbox
     sb = sandbox.up(nodes=2, gpus_per_node=8)   # seconds; returns at once if already up
     subprocess.run(sb.ssh_argv("sb-login", "sinfo"))
+    sandbox.start_docker()                      # the compute nodes' Docker engines, on demand
     sandbox.down()
 
 CLI: `nemotron-deploy sandbox up|down|status`. Pytest: `testing.session_sandbox()`.
@@ -25,8 +27,10 @@ from .cluster import (
     node_run,
     node_up,
     set_gpu_faults,
+    start_docker,
     start_node_sshd,
     status,
+    stop_docker,
     stop_node_sshd,
     up,
 )
@@ -50,8 +54,10 @@ __all__ = [
     "node_up",
     "set_gpu_faults",
     "shared_use",
+    "start_docker",
     "start_node_sshd",
     "status",
+    "stop_docker",
     "stop_node_sshd",
     "up",
 ]

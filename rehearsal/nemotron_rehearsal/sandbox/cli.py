@@ -1,4 +1,4 @@
-"""`nemotron-deploy sandbox up|down|status`: the local Slurm cluster in network namespaces (root).
+"""`nemotron-deploy sandbox up [--docker]|down|status|docker-stop`: the local Slurm cluster in network namespaces (root).
 
 Exit codes: 0 success, 1 the sandbox failed (message says what and where to look), 2 usage error.
 `status` exits 0 when the sandbox is up and healthy, 1 otherwise (so scripts can test it).
@@ -39,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="create the sandbox (or check that it is up)")
     p_up.add_argument("--nodes", type=int, default=2, help="compute nodes (default 2)")
     p_up.add_argument("--gpus-per-node", type=int, default=8, help="fake GPUs per compute node (default 8)")
+    p_up.add_argument(
+        "--docker",
+        action="store_true",
+        help="also start a Docker engine on every compute node (the docker runtime's path; implied by "
+        "NEMOTRON_SANDBOX_RUNTIME=docker)",
+    )
+    sub.add_parser("docker-stop", help="stop the compute nodes' Docker engines (their images stay)")
     sub.add_parser("down", help="remove the sandbox and everything it created")
     p_status = sub.add_parser("status", help="report nodes, addresses and daemons")
     p_status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -52,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             try:
-                sandbox = cluster.up(nodes=args.nodes, gpus_per_node=args.gpus_per_node, log=log)
+                sandbox = cluster.up(
+                    nodes=args.nodes,
+                    gpus_per_node=args.gpus_per_node,
+                    log=log,
+                    docker=True if args.docker else None,
+                )
             except ValueError as exc:
                 parser.error(str(exc))
             for n in sandbox.nodes:
@@ -60,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "down":
             cluster.down(log=log)
+            return 0
+        if args.command == "docker-stop":
+            cluster.stop_docker()
             return 0
         report = cluster.status()
         if args.json:

@@ -2,7 +2,10 @@
 
     up(nodes=2, gpus_per_node=8) -> Sandbox   idempotent: an already healthy sandbox of that size is
                                               returned as is; anything else (other size, a crashed
-                                              leftover) is torn down first
+                                              leftover) is torn down first. docker=True (default:
+                                              NEMOTRON_SANDBOX_RUNTIME=docker) also starts the
+                                              compute nodes' Docker engines (docker.py)
+    start_docker() -> dict, stop_docker()     the Docker engines alone, on a running sandbox
     down()                                    removes everything: processes, namespaces, links, files
     status() -> dict                          per node: address, init process, daemons, Slurm state
     current() -> Sandbox | None               the running sandbox, from the state file
@@ -15,13 +18,14 @@ behind by name (nsb-* namespaces, the nsbr0 bridge, the state dir), so both are 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import etc, gpus, locks, munge, nemo, netns, packages, pyxis, registry, slurm, sshd
+from . import docker, etc, gpus, locks, munge, nemo, netns, packages, pyxis, registry, slurm, sshd
 from . import nodes as node_ops
 from .layout import SHARED_DIR, STATE_DIR, STATE_FILE, Node, Sandbox, plan, read_state
 from .proc import SandboxError, tail
@@ -125,6 +129,9 @@ def _refresh_programs(sandbox: Sandbox) -> None:
         gpus.install_stand_in(node, only_if_changed=True)
     registry.refresh_podman(sandbox)
     registry.refresh_image(sandbox)
+    if docker.wanted():
+        for node in sandbox.compute:
+            docker.install_hook(node)
 
 
 def _start_login(sandbox: Sandbox) -> None:
@@ -141,8 +148,33 @@ def _start_compute(node: Node) -> None:
     slurm.start_slurmd(node)
 
 
-def up(nodes: int = 2, gpus_per_node: int = 8, *, log: Log = _quiet) -> Sandbox:
-    """Bring the sandbox up with `nodes` compute nodes (see module docstring). Needs root."""
+def docker_requested() -> bool:
+    """NEMOTRON_SANDBOX_RUNTIME=docker: the runtime the sandbox inventory then deploys needs engines."""
+    return os.environ.get("NEMOTRON_SANDBOX_RUNTIME") == "docker"
+
+
+def up(nodes: int = 2, gpus_per_node: int = 8, *, log: Log = _quiet, docker: bool | None = None) -> Sandbox:
+    """Bring the sandbox up with `nodes` compute nodes (see module docstring), and with `docker` (default:
+    docker_requested()) the compute nodes' Docker engines. Needs root."""
+    sandbox = _up(nodes, gpus_per_node, log)
+    if docker if docker is not None else docker_requested():
+        start_docker(sandbox, log=log)
+    return sandbox
+
+
+def start_docker(sandbox: Sandbox | None = None, *, log: Log = _quiet) -> dict[str, float]:
+    """Start the Docker engine of every compute node of the running sandbox (those not running yet);
+    the seconds each took. The default runtime's path never starts them."""
+    sandbox = sandbox or _require_up()
+    return docker.start_engines(sandbox, log=log)
+
+
+def stop_docker(sandbox: Sandbox | None = None) -> None:
+    """Stop the compute nodes' Docker engines (their pulled images stay for the next start)."""
+    docker.stop_engines(sandbox or _require_up())
+
+
+def _up(nodes: int, gpus_per_node: int, log: Log) -> Sandbox:
     packages.check_host()
     wanted = plan(nodes, gpus_per_node)
     existing = current()
@@ -268,8 +300,10 @@ def status() -> dict:
         except SandboxError:
             pass
     report_nodes = []
+    engines = docker.wanted()
     for n in sandbox.nodes:
-        daemons = {d: bool(procs[n.name].get(d)) for d in _expected(n)}
+        expected = (*_expected(n), *(docker.DAEMONS if engines and n.role == "compute" else ()))
+        daemons = {d: bool(procs[n.name].get(d)) for d in expected}
         report_nodes.append(
             {
                 "name": n.name,
@@ -297,6 +331,7 @@ def status() -> dict:
         "registry_access_log": str(sandbox.registry_access_log),
         "emulator_installed": nemo.emulator_available(),
         "timings": sandbox.timings,
+        "docker_engines": engines,
         "nodes": report_nodes,
     }
 
@@ -304,10 +339,15 @@ def status() -> dict:
 # --- fault injection -----------------------------------------------------------------------------
 
 
-def _require(name: str) -> tuple[Sandbox, Node]:
+def _require_up() -> Sandbox:
     sandbox = current()
     if sandbox is None:
         raise SandboxError("the sandbox is not up: run `nemotron-deploy sandbox up`")
+    return sandbox
+
+
+def _require(name: str) -> tuple[Sandbox, Node]:
+    sandbox = _require_up()
     return sandbox, sandbox.node(name)
 
 
@@ -344,6 +384,8 @@ def node_up(name: str, timeout: float = 30) -> None:
         _start_login(sandbox)
     else:
         _start_compute(node)
+        if docker.wanted():
+            docker.start(node, sandbox)
         slurm.wait_nodes_idle(sandbox, [node.name], timeout=timeout)
 
 

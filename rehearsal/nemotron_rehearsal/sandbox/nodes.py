@@ -107,6 +107,16 @@ def ensure_host_mountpoints() -> None:
         HOST_DIRS_FILE.write_text(json.dumps(sorted(set(previous) | set(created))))
 
 
+def ensure_host_mountpoint(path: str) -> None:
+    """A directory the nodes bind over later (e.g. docker's data root), created if the host lacks it
+    and recorded for `down` like the PRIVATE_DIRS."""
+    if Path(path).exists():
+        return
+    Path(path).mkdir(parents=True)
+    previous = json.loads(HOST_DIRS_FILE.read_text()) if HOST_DIRS_FILE.exists() else []
+    HOST_DIRS_FILE.write_text(json.dumps(sorted({*previous, path})))
+
+
 def remove_host_mountpoints() -> None:
     """Remove the (empty) host directories `ensure_host_mountpoints` created."""
     if not HOST_DIRS_FILE.exists():

@@ -27,9 +27,9 @@ REQUIRED_PACKAGES: dict[str, str] = {
     "slurmd": "Slurm node daemon on compute nodes",
     "slurm-client": "srun, sbatch, squeue, scancel, sinfo",
     "docker-registry": "the image registry on the login node",
-    "podman": "image pulls on compute nodes, and the jobs of the docker/podman runtime",
+    "podman": "image pulls on compute nodes, and the jobs of the podman runtime",
     "runc": "podman's OCI runtime on the nodes (crun refuses this host's hybrid cgroup layout)",
-    "catatonit": "podman run --init, which the docker/podman sbatch uses",
+    "catatonit": "podman run --init, which the podman sbatch uses",
     "skopeo": "pushes the sandbox's NeMo stand-in image to the registry",
     "python3": "the node init process, the nvidia-smi stand-in and the NeMo emulator",
     "cron": "cron on the login node (deploys may install /etc/cron.d jobs there)",
@@ -60,9 +60,9 @@ def missing_packages(packages: list[str] | None = None) -> list[str]:
     return [p for p in wanted if p not in installed]
 
 
-def ensure_packages(log=print) -> list[str]:
-    """Install whatever REQUIRED_PACKAGES are missing; return the list that was installed."""
-    missing = missing_packages()
+def ensure_packages(log=print, required: dict[str, str] | None = None) -> list[str]:
+    """Install whatever of `required` (REQUIRED_PACKAGES) is missing; return the list that was installed."""
+    missing = missing_packages(list(required or REQUIRED_PACKAGES))
     if not missing:
         return []
     log(f"installing Debian packages: {' '.join(missing)}")
@@ -90,4 +90,20 @@ def ensure_packages(log=print) -> list[str]:
     still = missing_packages(missing)
     if still:
         raise SandboxError(f"apt-get reported success but these packages are still missing: {still}")
+    keep_host_services_off(missing)
     return missing
+
+
+# Services a package enables for the host's boot (or socket activation) that the sandbox runs in its
+# nodes only: disabled after the install, and stopped if this host's systemd started them anyway.
+# docker.io pulls in containerd, whose service it enables too.
+HOST_SERVICES_OFF = {"docker.io": ("docker.socket", "docker.service", "containerd.service")}
+
+
+def keep_host_services_off(installed: list[str]) -> None:
+    units = [u for pkg in installed for u in HOST_SERVICES_OFF.get(pkg, ())]
+    if not units or not shutil.which("systemctl"):
+        return
+    run(["systemctl", "disable", "--quiet", *units], check=False, what="systemctl disable")
+    if Path("/run/systemd/system").is_dir():
+        run(["systemctl", "stop", *units], check=False, what="systemctl stop")

@@ -8,9 +8,9 @@ For tests/conftest.py:
         yield from session_sandbox()
 
 The sandbox is brought up with NEMOTRON_SANDBOX_NODES compute nodes (default 2), or reused if it is
-already up with that size. It is taken down at the end only if a test session brought it up, no other
-session still uses it and NEMOTRON_SANDBOX_KEEP=1 isn't set, so a developer's running sandbox
-survives a test run. Tests that power nodes off or stop sshd wrap that in
+already up with that size (with NEMOTRON_SANDBOX_RUNTIME=docker, with its Docker engines too). It
+is taken down at the end only if a test session brought it up, no other session still uses it and
+NEMOTRON_SANDBOX_KEEP=1 isn't set, so a developer's running sandbox survives a test run. Tests that power nodes off or stop sshd wrap that in
 `with nemotron_rehearsal.sandbox.exclusive_use("why"):` so concurrent sessions don't trip over it.
 pytest is imported lazily: this module is part of the package, which doesn't depend on pytest.
 """
