@@ -15,13 +15,14 @@ behind by name (nsb-* namespaces, the nsbr0 bridge, the state dir), so both are 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import etc, gpus, locks, munge, nemo, netns, packages, pyxis, registry, slurm, sshd
+from . import etc, gpus, layout, locks, munge, nemo, netns, packages, pyxis, registry, slurm, sshd
 from . import nodes as node_ops
 from .layout import SHARED_DIR, STATE_DIR, STATE_FILE, Node, Sandbox, plan, read_state
 from .proc import SandboxError, tail
@@ -115,6 +116,23 @@ def _prepare_files(sandbox: Sandbox) -> None:
         nemo.install_emulator(node)
         pyxis.install_programs(node, enroot)
     nemo.install_model(sandbox)
+    ensure_api_key()
+
+
+def ensure_api_key() -> None:
+    """The sandbox endpoint's keys file with one key, made once with the product's own `api-key new`
+    code; the key itself only in REHEARSAL_KEY_FILE (root, 0600)."""
+    from nemotron_deploy import api_keys
+
+    layout.ENDPOINT_DIR.mkdir(mode=0o700, exist_ok=True)
+    layout.ENDPOINT_DIR.chmod(0o700)
+    if layout.REHEARSAL_KEY_FILE.exists() and layout.API_KEYS_FILE.exists():
+        return
+    layout.API_KEYS_FILE.unlink(missing_ok=True)
+    key = api_keys.add(layout.API_KEYS_FILE, layout.REHEARSAL_KEY_NAME)
+    fd = os.open(layout.REHEARSAL_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(key + "\n")
 
 
 def _refresh_programs(sandbox: Sandbox) -> None:
@@ -149,6 +167,7 @@ def up(nodes: int = 2, gpus_per_node: int = 8, *, log: Log = _quiet) -> Sandbox:
     if existing == wanted and _healthy(existing) and _current(existing):
         packages.ensure_packages(log=log)  # one dpkg-query; installs what a newer sandbox needs
         _refresh_programs(existing)
+        ensure_api_key()
         log(f"sandbox already up: {len(existing.compute)} compute nodes, {existing.gpus_per_node} GPUs each")
         return existing
     with locks.exclusive_use("bring the sandbox up", on_wait=log):
