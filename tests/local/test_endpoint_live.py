@@ -314,14 +314,16 @@ def test_updater_changes_slots_at_run_time_without_reload(tmp_path):
         b.handle.stop()
 
 
-def test_model_card_client_is_answered_through_the_endpoint(tmp_path):
-    """The model card's unchanged call_server.py (it calls localhost:1424) gets its answer through the
-    endpoint listening on 1424, from a replica behind it."""
+def test_model_card_client_is_answered_through_an_open_endpoint(tmp_path):
+    """The model card's unchanged call_server.py (it calls localhost:1424, no key, no TLS) gets its
+    answer through an endpoint opened on purpose (endpoint_auth = none, endpoint_tls = none) listening
+    on 1424, from a replica behind it. (The default endpoint refuses it: test_endpoint_access.py.)"""
     call_server = model_card_client()  # skips unless NEMOTRON_MODEL_CARD_CLIENT is set (.ci/run sets it)
     wait_for(lambda: _port_free(1424), 15, "port 1424 to be free (another test run holds it)", 0.2)
     a = replica()
     try:
-        with running_endpoint(cluster_with(tmp_path, endpoint_port=1424), 2, tmp_path / "ep") as ep:
+        inv = cluster_with(tmp_path, endpoint_port=1424, endpoint_auth="none")
+        with running_endpoint(inv, 2, tmp_path / "ep") as ep:
             ep.sync(r1=(HOST, a.port))
             ep.wait_status("r1", "up")
             result = subprocess.run(
