@@ -126,8 +126,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     ac.add_argument(
         "--api-key-file",
         metavar="PATH",
-        help=f"with --endpoint: read the API key from this file (first line) instead of ${API_KEY_ENV}; "
-        "never give the key itself as an argument",
+        help=f"with --endpoint: read the API key from this file (first line; - for standard input) "
+        f"instead of ${API_KEY_ENV}; never give the key itself as an argument",
     )
 
     fleet.add_arguments(p)

@@ -48,7 +48,12 @@ class Access:
 
 
 def api_key_from(env: dict[str, str] | None = None, key_file: str | None = None) -> str | None:
-    """The API key: from ``key_file`` (its first line) if given, else $NEMOTRON_API_KEY; None if neither."""
+    """The API key: from ``key_file`` (its first line; "-": standard input) if given, else
+    $NEMOTRON_API_KEY; None if neither."""
+    if key_file == "-":
+        import sys
+
+        return sys.stdin.readline().strip() or None
     if key_file:
         with open(key_file, encoding="utf-8") as f:
             return f.readline().strip() or None

@@ -391,6 +391,11 @@ def test_health_endpoint_over_tls_with_the_key_from_the_environment(tls, tmp_pat
     key_file.chmod(0o600)
     from_file = health("--ca-file", ep.ca_file, "--api-key-file", str(key_file), environ=keyless)
     assert from_file.returncode == 0, from_file.stdout + from_file.stderr
+    from_stdin = subprocess.run(
+        [*base, "--ca-file", ep.ca_file, "--api-key-file", "-"],
+        input=ep.keys["health"] + "\n", capture_output=True, text=True, timeout=60, env=keyless,
+    )  # fmt: skip
+    assert from_stdin.returncode == 0, from_stdin.stdout + from_stdin.stderr
 
 
 def test_the_deployed_call_server_calls_the_endpoint_with_the_key_from_the_environment(tls, tmp_path):
