@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from . import api_keys, planner
 from .catalog import CatalogError, ModelSpec
-from .settings import NGC_KEY_LIKE, SECRET_FIELD_NAMES, ClusterSettings, split_host_data
+from .settings import API_KEY_LIKE, NGC_KEY_LIKE, SECRET_FIELD_NAMES, ClusterSettings, split_host_data
 
 ROLES = ("login", "compute")
 
@@ -279,7 +279,7 @@ def _secret_fields(name: str, value: Any) -> list[str]:
     if name.rsplit(".", 1)[-1].lower() in SECRET_FIELD_NAMES:
         return [name]
     if isinstance(value, str):
-        return [name] if NGC_KEY_LIKE.match(value) else []
+        return [name] if NGC_KEY_LIKE.match(value) or API_KEY_LIKE.match(value) else []
     if isinstance(value, dict):
         return [f for k, v in value.items() for f in _secret_fields(f"{name}.{k}", v)]
     if isinstance(value, (list, tuple)):
@@ -296,11 +296,24 @@ def _redacted(value: Any, name: str = "") -> Any:
     return "<redacted>" if _secret_fields(name, value) else value
 
 
+def _holds_api_key(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(API_KEY_LIKE.match(value))
+    if isinstance(value, dict):
+        return any(_holds_api_key(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_api_key(v) for v in value)
+    return False
+
+
 def _secret_problems(path: str, host: str, data: dict) -> list[Problem]:
     return [
         Problem(
             path,
-            "looks like an NGC key in plain text: secrets never go in inventory data; export it "
+            "looks like an endpoint API key in plain text: the inventory holds only their hashes, in "
+            "endpoint_api_keys_file (`nemotron-deploy api-key new NAME --file FILE`); remove it"
+            if _holds_api_key(value)
+            else "looks like an NGC key in plain text: secrets never go in inventory data; export it "
             "in the environment variable named by ngc_api_key_env, or put it in a 0600 file named by "
             "ngc_api_key_file",
             host=host,

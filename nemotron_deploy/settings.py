@@ -36,6 +36,8 @@ SBATCH_OPTION = re.compile(r"^--[a-z][a-z0-9-]*(=[A-Za-z0-9._:/@%+=,-]+)?$")
 IMAGE_TAG = re.compile(r"(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127}|@sha256:[0-9a-f]{64})$")
 # New-style keys start nvapi-; legacy ones are ~84 base64 characters (never a path: no leading /).
 NGC_KEY_LIKE = re.compile(r"^(nvapi-[A-Za-z0-9_-]{20,}|(?!/)[A-Za-z0-9+/]{80,}={0,2})$")
+# The endpoint's API keys (nemotron_deploy.api_keys): only their hashes belong anywhere.
+API_KEY_LIKE = re.compile(r"^nmt-[A-Za-z0-9_-]{20,}$")
 SECRET_FIELD_NAMES = {"ngc_api_key", "ngc_key", "ngc_password", "ngc_token", "registry_password", "api_key"}
 
 # Host data keys that belong to pyinfra itself (connectors, sudo, ...), not to this schema.

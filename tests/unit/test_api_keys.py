@@ -253,3 +253,14 @@ def test_preflight_wants_the_tls_files_the_inventory_names(tmp_path):
         ("/etc/haproxy/nemotron-endpoint.crt", "/etc/ssl/ep.crt"),
         ("/etc/haproxy/nemotron-endpoint.crt.key", "/etc/ssl/ep.key"),
     }
+
+
+def test_an_api_key_pasted_into_inventory_data_is_refused_and_never_printed(tmp_path, capsys):
+    key = api_keys.new_key()
+    path = write_inventory(tmp_path, "h100", extra=f"job_env = {{'MY_TOKEN': {key!r}}}\n")
+    problems = problems_of(path)
+    assert {p.field for p in problems} == {"job_env.MY_TOKEN"}
+    assert "endpoint API key in plain text" in problems[0].message
+    assert key not in "\n".join(map(str, problems))
+    assert run_main(["validate", str(path)]) == 1
+    assert key not in "".join(capsys.readouterr())
