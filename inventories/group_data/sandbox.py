@@ -45,4 +45,6 @@ if os.environ.get("NEMOTRON_DEPLOY_OFFLINE"):
 else:
     from nemotron_rehearsal.sandbox import layout as _layout
 
-    endpoint_api_keys_file = str(_layout.API_KEYS_FILE)
+    # layout.API_KEYS_FILE, spelled from STATE_DIR: a venv whose rehearsal package predates the keys
+    # (installed from another checkout) still loads this inventory, and `sandbox up` makes the file.
+    endpoint_api_keys_file = str(_layout.STATE_DIR / "endpoint" / "api-keys")
