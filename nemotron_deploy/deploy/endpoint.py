@@ -207,8 +207,8 @@ def self_signed_script(
     cert: str, key: str, *, names: list[str], addresses: list[str], user: str, group: str, days: int
 ) -> str:
     """POSIX sh that makes the endpoint's key pair where it runs (the key never leaves that host):
-    the key `user`:`group` 0640 (HAProxy's group only), the certificate 0644 for clients to verify
-    against. Names the certificate for the host's own names and addresses (hostname, hostname -f,
+    the key `user`:`group` 0640 (HAProxy's group only), the certificate 0644, owned by whoever runs
+    it (root, in the deploy), for clients to verify against. Names the certificate for the host's own names and addresses (hostname, hostname -f,
     hostname -I), localhost, and `names`/`addresses` (the inventory's name and address of the host).
     Each file lands by rename, the key first; the deploy runs it only while either file is missing."""
     q = shlex.quote
@@ -225,7 +225,7 @@ def self_signed_script(
         'cat "$d/err" >&2; rm -rf "$d"; exit 1; fi; '
         f'install -o {q(user)} -g {q(group)} -m 640 "$d/key" {q(key + ".nemotron-new")}; '
         f"mv -f {q(key + '.nemotron-new')} {q(key)}; "
-        f'install -o {q(user)} -g {q(user)} -m 644 "$d/crt" {q(cert + ".nemotron-new")}; '
+        f'install -m 644 "$d/crt" {q(cert + ".nemotron-new")}; '
         f"mv -f {q(cert + '.nemotron-new')} {q(cert)}; "
         'rm -rf "$d"'
     )
