@@ -14,7 +14,10 @@ Everything runs on loopback, no root, nothing shared with the sandbox:
   pointed at them by ``endpoint_sync.apply`` over the stats socket, as the health timer does.
 * Clients are threads here, each sending the model card client's body (one prompt, a few tokens,
   ``PUT /generate``), a new connection per request as ``call_server.py`` does; an answer counts when
-  it is 200 with a JSON object holding ``sentences``.
+  it is 200 with a JSON object holding ``sentences``. Through the endpoint they do what the deployed
+  default asks of a client: TLS verified against the self-signed certificate (made by the deploy's own
+  key-pair script, here), and an API key each (made with ``api-key new``'s code: one key per client,
+  as separate users, so the per-key limit of requests in flight does not throttle the load).
 
 Three measurements:
 
@@ -30,9 +33,13 @@ Three measurements:
 
 from __future__ import annotations
 
+import grp
 import http.client
 import json
+import os
+import pwd
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -40,6 +47,8 @@ import threading
 import time
 from pathlib import Path
 
+from nemotron_deploy import api_keys
+from nemotron_deploy.deploy import endpoint as endpoint_files
 from nemotron_deploy.service import endpoint_sync
 
 from . import common
@@ -61,8 +70,8 @@ import grp, os, pwd, sys
 from pathlib import Path
 from nemotron_deploy import inventory
 from nemotron_deploy.deploy import render
-inv, out, sock, port, replicas = sys.argv[1:6]
-cluster = inventory.load(inv, override_data={"endpoint_port": int(port)})
+inv, out, sock, port, replicas, keys = sys.argv[1:7]
+cluster = inventory.load(inv, override_data={"endpoint_port": int(port), "endpoint_api_keys_file": keys})
 who = {}
 if os.geteuid() != 0:  # HAProxy can only switch to the user it runs as
     who = {"run_as": pwd.getpwuid(os.geteuid()).pw_name, "socket_group": grp.getgrgid(os.getegid()).gr_name}
@@ -99,10 +108,25 @@ def body(prompt: str, tokens: int = 16) -> bytes:
     ).encode()
 
 
-def put(port: int, data: bytes, timeout: float = 60.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(common.LOOPBACK, port, timeout=timeout)
+KEYS = 64  # one API key per client thread (at most this many clients)
+
+
+def put(
+    port: int, data: bytes, timeout: float = 60.0, *, key: str | None = None, ca_file: str | None = None
+) -> tuple[int, bytes]:
+    """One request on a new connection: plain to a replica; to the endpoint over TLS with a key."""
+    if ca_file:
+        context = ssl.create_default_context(cafile=ca_file)
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            common.LOOPBACK, port, timeout=timeout, context=context
+        )
+    else:
+        conn = http.client.HTTPConnection(common.LOOPBACK, port, timeout=timeout)
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     try:
-        conn.request("PUT", "/generate", data, {"Content-Type": "application/json"})
+        conn.request("PUT", "/generate", data, headers)
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -132,9 +156,17 @@ class Stack:
         self.haproxy_log = workdir / "haproxy.log"
         self.emulators: dict[str, tuple[subprocess.Popen, int]] = {}
         self.proc: subprocess.Popen | None = None
+        self.keys: list[str] = []
+        self.ca_file: str | None = None
+
+    def client(self, i: int) -> dict:
+        """How client `i` calls the endpoint (put's keywords)."""
+        return {"key": self.keys[i], "ca_file": self.ca_file}
 
     def start(self) -> dict:
         t0 = time.monotonic()
+        keys_file = self.workdir / "api-keys"
+        self.keys = [api_keys.add(keys_file, f"bench-{i}") for i in range(KEYS)]
         rendered = subprocess.run(
             [
                 sys.executable,
@@ -145,6 +177,7 @@ class Stack:
                 self.socket,
                 str(self.port),
                 str(REPLICAS),
+                str(keys_file),
             ],
             cwd=common.REPO,
             capture_output=True,
@@ -157,6 +190,16 @@ class Stack:
             )
         check, queue = (int(x) for x in rendered.stdout.split()[-2:])
         cfg = self.workdir / "haproxy.cfg"
+        # endpoint_tls = self-signed (h100's default): the deploy's own script makes the pair here
+        cert, key = self.workdir / endpoint_files.TLS_CERT_FILE, self.workdir / endpoint_files.TLS_KEY_FILE
+        script = endpoint_files.self_signed_script(
+            str(cert), str(key), names=["localhost"], addresses=[common.LOOPBACK],
+            user=pwd.getpwuid(os.geteuid()).pw_name, group=grp.getgrgid(os.getegid()).gr_name, days=2,
+        )  # fmt: skip
+        made = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
+        if made.returncode != 0:
+            raise RuntimeError(f"making the self-signed certificate failed: {made.stderr.strip()[-2000:]}")
+        self.ca_file = str(cert)
         with self.haproxy_log.open("w") as out:
             self.proc = subprocess.Popen(
                 [haproxy(), "-f", str(cfg), "-db"],
@@ -249,7 +292,7 @@ class Stack:
 # --------------------------------------------------------------------------------------------------
 
 
-def load(port: int, clients: int, seconds: float, tag: str, at=None) -> tuple[list[dict], float]:
+def load(stack: Stack, clients: int, seconds: float, tag: str, at=None) -> tuple[list[dict], float]:
     """`clients` closed-loop clients for `seconds`; returns every request (start/end relative to t0)
     and t0. `at`: (delay, callable) run by the calling thread `delay` seconds after t0."""
     records: list[dict] = []
@@ -262,7 +305,7 @@ def load(port: int, clients: int, seconds: float, tag: str, at=None) -> tuple[li
             n += 1
             start = time.monotonic()
             try:
-                status, data = put(port, body(f"{tag} client {i} request {n}"))
+                status, data = put(stack.port, body(f"{tag} client {i} request {n}"), **stack.client(i))
                 error = problem(status, data)
             except OSError as exc:
                 error = f"{type(exc).__name__}: {exc}"
@@ -285,7 +328,7 @@ def throughput(stack: Stack, clients: int, seconds: float, log) -> dict:
     for i, n in enumerate(ROUND_PATTERN):
         stack.sync(r1="b1", r2="b2" if n == 2 else None)
         before = stack.served()
-        records, _ = load(stack.port, clients, seconds, f"throughput round {i}")
+        records, _ = load(stack, clients, seconds, f"throughput round {i}")
         after = stack.served()
         ends = [r["end"] for r in records if r["error"] is None and ROUND_WARMUP <= r["end"] <= seconds]
         errors = [r for r in records if r["error"] is not None]
@@ -335,7 +378,7 @@ def latency(stack: Stack, requests: int, log) -> dict:
         for name, port in paths.items() if i % 2 == 0 else reversed(paths.items()):
             start = time.perf_counter()
             try:
-                status, reply = put(port, data)
+                status, reply = put(port, data, **(stack.client(0) if name == "through" else {}))
                 elapsed = time.perf_counter() - start
                 error = problem(status, reply)
             except OSError as exc:
@@ -390,7 +433,7 @@ def failover(stack: Stack, seconds: float, log) -> dict:
                 return
             time.sleep(0.005)
 
-    records, t0 = load(stack.port, FAILOVER_CLIENTS, total, "failover", at=(kill_after, kill))
+    records, t0 = load(stack, FAILOVER_CLIENTS, total, "failover", at=(kill_after, kill))
     killed = seen["killed"] - t0
     ok_ends = [r["end"] for r in records if r["error"] is None]
     gaps = [(b - a, a, b) for a, b in zip(ok_ends, ok_ends[1:], strict=False)]

@@ -67,7 +67,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     p = cluster.plan
     shapes = endpoint.request_shapes(p)
     if args.json:
-        print(json.dumps({**p.as_dict(), "requests": shapes}, indent=2))
+        print(json.dumps({**p.as_dict(), "requests": shapes, "access": endpoint.access(cluster)}, indent=2))
         return EXIT_OK
     rows = [
         ("model", f"{p.model} ({p.parameters_billion} B parameters)"),
@@ -98,6 +98,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             + f" (they need {shapes['logprob_need_gib']} GiB per GPU beyond weights + KV cache; "
             f"the plan leaves {shapes['logprob_capacity_gib']})",
         ),
+        ("endpoint access", endpoint.access_summary(cluster)),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -198,6 +199,25 @@ def cmd_settings(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_api_key(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from . import api_keys
+
+    try:
+        key = api_keys.add(Path(args.file), args.name)
+    except api_keys.KeysFileError as exc:
+        return _fail(str(exc), EXIT_INVALID)
+    print(key)
+    print(
+        f"nemotron-deploy: {args.name}'s key is above, shown once (only its hash went into {args.file}): "
+        "give it to its user, who sends it as `Authorization: Bearer <key>` (call_server.py and "
+        "`nemotron-deploy health` read it from NEMOTRON_API_KEY). Re-deploy to install it.",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nemotron-deploy",
@@ -228,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stats-socket", metavar="PATH", help="HAProxy's runtime API socket (/run/haproxy/admin.sock)"
     )
     g.add_argument(
-        "--bind", default="", metavar="ADDR", help="the address to listen on (default: every IPv4 address)"
+        "--bind", default="", metavar="ADDR", help="the one address to listen on (default: endpoint_bind)"
     )
     g.add_argument(
         "--run-as",
@@ -251,6 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the settings as JSON (for tools)")
     p.set_defaults(func=cmd_settings)
+
+    p = sub.add_parser("api-key", help="make API keys for the endpoint (a keys file of their hashes)")
+    keys = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    k = keys.add_parser(
+        "new",
+        help="print a new key once and append NAME <its sha256> to the keys file",
+        description="Make a new API key for the endpoint: print it once on stdout, and append `NAME "
+        "<sha256 of the key>` to FILE (created 0600 if missing). No key is stored anywhere; set "
+        "endpoint_api_keys_file = FILE in the inventory and re-deploy to install it.",
+    )
+    k.add_argument("name", metavar="NAME", help="who the key is for: letters, digits, . _ - (e.g. team-a)")
+    k.add_argument("--file", required=True, metavar="KEYS", help="the keys file (endpoint_api_keys_file)")
+    k.set_defaults(func=cmd_api_key)
 
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)

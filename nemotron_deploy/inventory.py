@@ -20,9 +20,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from . import planner
+from . import api_keys, planner
 from .catalog import CatalogError, ModelSpec
-from .settings import NGC_KEY_LIKE, SECRET_FIELD_NAMES, ClusterSettings, split_host_data
+from .settings import API_KEY_LIKE, NGC_KEY_LIKE, SECRET_FIELD_NAMES, ClusterSettings, split_host_data
 
 ROLES = ("login", "compute")
 
@@ -86,6 +86,8 @@ class Cluster:
     settings: ClusterSettings
     plan: planner.Plan
     host_settings: dict[str, ClusterSettings] = field(default_factory=dict)
+    # The endpoint's API keys (names and hashes, from endpoint_api_keys_file); empty with auth none.
+    api_keys: list[api_keys.ApiKey] = field(default_factory=list)
     # Names this validation for per-run caches (rendered files, wheels); never reused, unlike id().
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -253,7 +255,14 @@ def _pydantic_problems(path: str, host: str, exc: ValidationError, data: dict) -
         elif loc and loc[0] in FIXES:
             msg = f"{msg}; {FIXES[loc[0]]}"
         if not loc:  # a model-level check: find the field it is about
-            for candidate in ("submit", "gpus_per_node", "container_image", "gpu_type", "model"):
+            for candidate in (
+                "submit",
+                "endpoint_tls",
+                "gpus_per_node",
+                "container_image",
+                "gpu_type",
+                "model",
+            ):
                 if (
                     (candidate == "submit" and err["msg"].startswith("Value error, submit=true"))
                     or (candidate != "submit" and candidate in err["msg"])
@@ -270,7 +279,7 @@ def _secret_fields(name: str, value: Any) -> list[str]:
     if name.rsplit(".", 1)[-1].lower() in SECRET_FIELD_NAMES:
         return [name]
     if isinstance(value, str):
-        return [name] if NGC_KEY_LIKE.match(value) else []
+        return [name] if NGC_KEY_LIKE.match(value) or API_KEY_LIKE.match(value) else []
     if isinstance(value, dict):
         return [f for k, v in value.items() for f in _secret_fields(f"{name}.{k}", v)]
     if isinstance(value, (list, tuple)):
@@ -287,11 +296,24 @@ def _redacted(value: Any, name: str = "") -> Any:
     return "<redacted>" if _secret_fields(name, value) else value
 
 
+def _holds_api_key(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(API_KEY_LIKE.match(value))
+    if isinstance(value, dict):
+        return any(_holds_api_key(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_holds_api_key(v) for v in value)
+    return False
+
+
 def _secret_problems(path: str, host: str, data: dict) -> list[Problem]:
     return [
         Problem(
             path,
-            "looks like an NGC key in plain text: secrets never go in inventory data; export it "
+            "looks like an endpoint API key in plain text: the inventory holds only their hashes, in "
+            "endpoint_api_keys_file (`nemotron-deploy api-key new NAME --file FILE`); remove it"
+            if _holds_api_key(value)
+            else "looks like an NGC key in plain text: secrets never go in inventory data; export it "
             "in the environment variable named by ngc_api_key_env, or put it in a 0600 file named by "
             "ngc_api_key_file",
             host=host,
@@ -410,4 +432,38 @@ def load(
             ]
         )
 
-    return Cluster(path, Path(path).stem, login, compute, settings, sized, host_settings)
+    keys = _api_keys(path, settings)
+    return Cluster(path, Path(path).stem, login, compute, settings, sized, host_settings, keys)
+
+
+def keys_file_path(inventory_path: str, settings: ClusterSettings) -> Path | None:
+    """endpoint_api_keys_file, a relative one from the inventory file's directory."""
+    if not settings.endpoint_api_keys_file:
+        return None
+    return Path(inventory_path).parent / Path(settings.endpoint_api_keys_file).expanduser()
+
+
+def _api_keys(path: str, settings: ClusterSettings) -> list[api_keys.ApiKey]:
+    """The endpoint's keys: required with endpoint_auth = api-key (where the endpoint may run)."""
+    if settings.endpoint is False or settings.endpoint_auth == "none":
+        return []
+    keys_file = keys_file_path(path, settings)
+    if keys_file is None:
+        raise InventoryError(
+            [
+                Problem(
+                    path,
+                    "endpoint_auth = api-key (the default) needs the file of API key hashes: make one "
+                    "with `nemotron-deploy api-key new NAME --file FILE` and set endpoint_api_keys_file "
+                    "= FILE in group_data (or endpoint_auth = 'none' to open the endpoint to anyone "
+                    "who can reach its port)",
+                    field="endpoint_api_keys_file",
+                )
+            ]
+        )
+    try:
+        return api_keys.read(keys_file)
+    except api_keys.KeysFileError as exc:
+        raise InventoryError(
+            [Problem(path, str(exc), field="endpoint_api_keys_file", value=settings.endpoint_api_keys_file)]
+        ) from None

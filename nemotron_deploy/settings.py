@@ -7,6 +7,7 @@ never live in inventory data: the NGC key comes from an environment variable or 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Sequence
 from pathlib import PurePosixPath
@@ -35,6 +36,8 @@ SBATCH_OPTION = re.compile(r"^--[a-z][a-z0-9-]*(=[A-Za-z0-9._:/@%+=,-]+)?$")
 IMAGE_TAG = re.compile(r"(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127}|@sha256:[0-9a-f]{64})$")
 # New-style keys start nvapi-; legacy ones are ~84 base64 characters (never a path: no leading /).
 NGC_KEY_LIKE = re.compile(r"^(nvapi-[A-Za-z0-9_-]{20,}|(?!/)[A-Za-z0-9+/]{80,}={0,2})$")
+# The endpoint's API keys (nemotron_deploy.api_keys): only their hashes belong anywhere.
+API_KEY_LIKE = re.compile(r"^nmt-[A-Za-z0-9_-]{20,}$")
 SECRET_FIELD_NAMES = {"ngc_api_key", "ngc_key", "ngc_password", "ngc_token", "registry_password", "api_key"}
 
 # Host data keys that belong to pyinfra itself (connectors, sudo, ...), not to this schema.
@@ -207,6 +210,27 @@ def _health_user(value: str) -> str:
             "privilege (it only calls the server and writes metrics), and a fault in it would then "
             "act as root; use the default, nemotron-health (the deploy creates it)"
         )
+    return value
+
+
+def _bind_address(value: str) -> str:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not an IP address: the endpoint binds addresses, e.g. 0.0.0.0 (every IPv4 "
+            "address), :: (every IPv6 one) or the login node's cluster-network address"
+        ) from None
+    return value
+
+
+def _cidr(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=True)
+    except ValueError as exc:
+        raise ValueError(
+            f"{value!r} is not a network in CIDR form ({exc}); e.g. 10.0.0.0/8 or 127.0.0.1/32"
+        ) from None
     return value
 
 
@@ -535,6 +559,61 @@ class ClusterSettings(BaseModel):
         "(seconds). Lower it to notice a failed replica sooner; raise it to load replicas less.",
         json_schema_extra=ENDPOINT,
     )
+    endpoint_auth: Literal["api-key", "none"] = Field(
+        "api-key",
+        description="Who may call the endpoint. api-key: only requests with `Authorization: Bearer <key>` "
+        "for a key in endpoint_api_keys_file (others get 401); none: anyone who can reach the port "
+        "(`nemotron-deploy plan` then says the endpoint is open).",
+        json_schema_extra=ENDPOINT,
+    )
+    endpoint_api_keys_file: str | None = Field(
+        None,
+        description="The API keys file on the operator's machine (relative paths: from the inventory "
+        "file's directory): one `NAME <sha256 hex of the key>` per line, written by `nemotron-deploy "
+        "api-key new NAME --file FILE`. It holds no secret; the deploy installs the hashes as HAProxy's "
+        "map (root:haproxy 0640). Required with endpoint_auth = api-key.",
+        json_schema_extra=ENDPOINT,
+    )
+    endpoint_tls: Literal["self-signed", "files", "none"] = Field(
+        "self-signed",
+        description="TLS on the endpoint's port. self-signed: the deploy makes a key pair once on the "
+        "login node (the key never leaves it) and leaves the certificate at "
+        "/etc/haproxy/nemotron-endpoint.crt for clients to verify against; files: your certificate "
+        "and key (endpoint_tls_cert, endpoint_tls_key); none: plain HTTP (API keys cross the network "
+        "in clear: only where TLS ends in front of the login node, or on a trusted network).",
+        json_schema_extra=ENDPOINT,
+    )
+    endpoint_tls_cert: AbsPath | None = Field(
+        None,
+        description="With endpoint_tls = files: the certificate (PEM, chain after it) on the login node.",
+        json_schema_extra=ENDPOINT,
+    )
+    endpoint_tls_key: AbsPath | None = Field(
+        None,
+        description="With endpoint_tls = files: its private key (PEM) on the login node; keep it 0600.",
+        json_schema_extra=ENDPOINT,
+    )
+    endpoint_bind: list[Annotated[str, AfterValidator(_bind_address)]] = Field(
+        ["0.0.0.0"],
+        min_length=1,
+        description="The login node's addresses the endpoint listens on (IP addresses; 0.0.0.0 = every "
+        "IPv4 address, :: = every IPv6 one). Narrow it to the cluster network's address.",
+        json_schema_extra=ENDPOINT,
+    )
+    endpoint_metrics_allow: list[Annotated[str, AfterValidator(_cidr)]] = Field(
+        ["127.0.0.1/32", "::1/128"],
+        description="Client networks (CIDRs) that may read GET /metrics (HAProxy's Prometheus exporter) "
+        "without an API key; any other client needs a valid key. Add your Prometheus server's address.",
+        json_schema_extra=ENDPOINT,
+    )
+    endpoint_max_inflight_per_key: int | None = Field(
+        None,
+        ge=1,
+        description="Requests one API key may have in the endpoint at once, running or queued (a count); "
+        "beyond it 429 with Retry-After. Default: the replica count (one key may keep every replica busy "
+        "but never queue ahead of another key). Set replicas - 1 to always keep one replica for others.",
+        json_schema_extra=ENDPOINT,
+    )
 
     # --- scheduled health check (login node)
     health_user: Annotated[
@@ -668,6 +747,16 @@ class ClusterSettings(BaseModel):
             )
         if self.container_image is not None:
             check_image(self.container_image, self.container_runtime)
+        if self.endpoint_tls == "files" and not (self.endpoint_tls_cert and self.endpoint_tls_key):
+            raise ValueError(
+                "endpoint_tls = files needs endpoint_tls_cert and endpoint_tls_key (paths on the login "
+                "node); set both, or use endpoint_tls = self-signed"
+            )
+        if self.endpoint_tls != "files" and (self.endpoint_tls_cert or self.endpoint_tls_key):
+            raise ValueError(
+                f"endpoint_tls_cert / endpoint_tls_key are set but endpoint_tls = {self.endpoint_tls}, "
+                "which does not use them: set endpoint_tls = files, or remove them"
+            )
         if self.submit and self.state == "stopped":
             raise ValueError(
                 "submit=true with state=stopped: a stopped service submits nothing; start it with "

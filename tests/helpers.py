@@ -77,6 +77,9 @@ def write_inventory(
     for key, value in (settings or {}).items():
         data += f"{key} = {value!r}\n"
     (group_data / f"{name}.py").write_text(data + extra)
+    keys = INVENTORIES / f"{base}.api-keys"  # endpoint_api_keys_file, beside the inventory
+    if keys.exists() and not (directory / keys.name).exists():
+        shutil.copy(keys, directory / keys.name)
     path = directory / f"{name}.py"
     path.write_text(hosts if hosts is not None else (INVENTORIES / f"{base}.py").read_text())
     return path

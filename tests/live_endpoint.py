@@ -10,6 +10,7 @@ import json
 import os
 import pwd
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,11 +24,26 @@ from helpers import haproxy, write_inventory
 from nemotron_rehearsal import emulator
 from nemotron_rehearsal.emulator import serve_in_thread
 
+from nemotron_deploy import api_keys
 from nemotron_deploy.deploy import endpoint
 from nemotron_deploy.service import endpoint_sync
 
 HOST = "127.0.0.1"
 PING = "ping"  # the health check's prompt (haproxy.cfg.j2)
+
+
+def make_self_signed(directory: Path) -> Path:
+    """The deploy's own key-pair script (endpoint.self_signed_script), run here as this user: the
+    certificate for localhost / 127.0.0.1 in `directory`, its key beside it. Returns the certificate."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / endpoint.TLS_CERT_FILE, directory / endpoint.TLS_KEY_FILE
+    user, group = pwd.getpwuid(os.getuid()).pw_name, grp.getgrgid(os.getgid()).gr_name
+    script = endpoint.self_signed_script(
+        str(cert), str(key), names=["localhost"], addresses=[HOST], user=user, group=group, days=2
+    )
+    made = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    return cert
 
 
 def free_port() -> int:
@@ -47,13 +63,42 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
         time.sleep(interval)
 
 
-def put(port: int, body: dict | bytes, timeout: float = 30.0) -> tuple[int, str]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+def put(port: int, body: dict | bytes, timeout: float = 30.0, *, key: str | None = None) -> tuple[int, str]:
+    """PUT /generate over plain HTTP (an endpoint with endpoint_tls = none, or a replica)."""
+    status, _, text = request(port, "PUT", "/generate", body, key=key, timeout=timeout)
+    return status, text
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: dict | bytes | None = None,
+    *,
+    key: str | None = None,
+    ca_file: str | None = None,
+    source: str | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> tuple[int, dict[str, str], str]:
+    """One request as sent (method and path verbatim), from `source` (a loopback address) if given,
+    over TLS verified against `ca_file` if given: (status, headers, body)."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    source_address = (source, 0) if source else None
+    if ca_file:
+        context = ssl.create_default_context(cafile=ca_file)
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            HOST, port, timeout=timeout, context=context, source_address=source_address
+        )
+    else:
+        conn = http.client.HTTPConnection(HOST, port, timeout=timeout, source_address=source_address)
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    if key is not None:
+        sent["Authorization"] = f"Bearer {key}"
     try:
-        conn.request("PUT", "/generate", data, {"Content-Type": "application/json"})
+        conn.request(method, path, data, sent)
         resp = conn.getresponse()
-        return resp.status, resp.read().decode()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read().decode(errors="replace")
     finally:
         conn.close()
 
@@ -99,6 +144,24 @@ class Endpoint:
     port: int
     socket: str
     log: Path
+    keys: dict[str, str] = field(default_factory=dict)  # name -> key (cluster_with makes them)
+    ca_file: str | None = None  # the self-signed certificate, with endpoint_tls = self-signed
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.ca_file else 'http'}://{HOST}:{self.port}"
+
+    def put(
+        self, body: dict | bytes, timeout: float = 30.0, *, key: str | None = "client"
+    ) -> tuple[int, str]:
+        """PUT /generate with the key named `key` (None: no key)."""
+        status, _, text = self.request("PUT", "/generate", body, key=key, timeout=timeout)
+        return status, text
+
+    def request(self, method: str, path: str, body=None, *, key: str | None = "client", **kwargs):
+        """`request` to this endpoint, with the key named `key` (None: no key), over its TLS."""
+        secret = self.keys[key] if key is not None else None
+        return request(self.port, method, path, body, key=secret, ca_file=self.ca_file, **kwargs)
 
     def sync(self, **slots: tuple[str | None, int]) -> list[str]:
         return endpoint_sync.apply(self.socket, slots)
@@ -116,6 +179,8 @@ class Endpoint:
 class Inventory:
     path: Path
     endpoint_port: int
+    keys: dict[str, str] = field(default_factory=dict)
+    tls: bool = False
 
 
 def _as_this_user() -> list[str]:
@@ -136,6 +201,7 @@ def running_endpoint(inv: Inventory, replicas: int, directory: Path) -> Iterator
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert rendered.returncode == 0, rendered.stderr
+    ca_file = str(make_self_signed(directory)) if inv.tls else None
     cfg = directory / endpoint.CONFIG_FILE
     log = directory / "haproxy.log"
     with log.open("w") as out:
@@ -143,7 +209,7 @@ def running_endpoint(inv: Inventory, replicas: int, directory: Path) -> Iterator
     try:
         wait_for(lambda: sock.exists() or proc.poll() is not None, 10, "HAProxy's stats socket")
         assert proc.poll() is None, f"haproxy exited {proc.returncode}:\n{log.read_text()}"
-        yield Endpoint(proc, inv.endpoint_port, str(sock), log)
+        yield Endpoint(proc, inv.endpoint_port, str(sock), log, dict(inv.keys), ca_file)
     finally:
         proc.terminate()
         try:
@@ -154,8 +220,17 @@ def running_endpoint(inv: Inventory, replicas: int, directory: Path) -> Iterator
 
 
 def cluster_with(tmp_path: Path, base: str = "h100", hosts: str | None = None, **settings) -> Inventory:
-    """An inventory beside the shipped one, checking replicas every second, on a free port."""
-    settings = {"endpoint_check_seconds": 1, "max_generation_seconds": 10, **settings}
+    """An inventory beside the shipped one, checking replicas every second, on a free port. Unless
+    the settings say otherwise: API keys on, with two keys made by `nemotron-deploy api-key new`'s
+    code ("client" for the tests' requests, "health" for the check's), and no TLS (the TLS tests ask
+    for endpoint_tls = self-signed)."""
+    settings = {"endpoint_check_seconds": 1, "max_generation_seconds": 10, "endpoint_tls": "none", **settings}
     settings.setdefault("endpoint_port", free_port())
+    keys: dict[str, str] = {}
+    if settings.get("endpoint_auth", "api-key") == "api-key" and "endpoint_api_keys_file" not in settings:
+        keys_file = tmp_path / "inv-api-keys"
+        keys_file.unlink(missing_ok=True)
+        keys = {name: api_keys.add(keys_file, name) for name in ("client", "health")}
+        settings["endpoint_api_keys_file"] = str(keys_file)
     path = write_inventory(tmp_path / "inv", base, hosts=hosts, settings=settings)
-    return Inventory(path, settings["endpoint_port"])
+    return Inventory(path, settings["endpoint_port"], keys, settings["endpoint_tls"] != "none")

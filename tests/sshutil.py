@@ -256,10 +256,53 @@ def reset_deploy(sandbox, *, wait_for_processes: bool = True) -> None:
         f"rm -rf {NODE_DIR} {CRON_FILE} {HEALTH_STATE_DIR} {HEALTH_METRICS_DIR} {DEPLOY_STATE_DIR} {TEXTFILE_DIR}; "
         # The endpoint as a fresh login node has it: HAProxy stopped, the package's config only.
         "/etc/init.d/haproxy stop >/dev/null 2>&1; rm -f /etc/haproxy/haproxy.cfg "
-        "/etc/haproxy/nemotron_envelope.lua /etc/sudoers.d/nemotron-health; "
+        "/etc/haproxy/nemotron_envelope.lua /etc/haproxy/nemotron_api_keys.map "
+        "/etc/haproxy/nemotron-endpoint.crt /etc/haproxy/nemotron-endpoint.crt.key /etc/sudoers.d/nemotron-health; "
         f"if id {HEALTH_USER} >/dev/null 2>&1; then userdel {HEALTH_USER}; fi; "
         f"getent group {HEALTH_USER} >/dev/null && groupdel {HEALTH_USER}; true",
     )
+
+
+# --- the endpoint -----------------------------------------------------------------------------------
+
+LOGIN_ADDRESS = "10.213.0.2"  # the sandbox's login node (its own network namespace)
+ENDPOINT = f"https://{LOGIN_ADDRESS}:1424"
+ENDPOINT_CERT = "/etc/haproxy/nemotron-endpoint.crt"  # endpoint_tls = self-signed, on the login node
+
+
+def rehearsal_key() -> str:
+    """The sandbox inventory's API key, made by `sandbox up` (root, 0600)."""
+    from nemotron_rehearsal.sandbox import layout
+
+    return layout.REHEARSAL_KEY_FILE.read_text().strip()
+
+
+def endpoint_cert() -> Path:
+    """The deployed certificate, where the login node's /etc keeps it on this host."""
+    from nemotron_rehearsal.sandbox import layout, nodes
+
+    state = layout.read_state()
+    assert state is not None, "the sandbox is not up"
+    return nodes.host_path(state.login, ENDPOINT_CERT)
+
+
+def endpoint_put(body: dict, timeout: float = 30, *, key: str | None = None) -> tuple[int, str]:
+    """PUT /generate through the sandbox's endpoint from this host, as a client does: TLS verified
+    against the deployed certificate, the rehearsal key (or `key`) as Authorization: Bearer."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key or rehearsal_key()}"}
+    request = urllib.request.Request(
+        f"{ENDPOINT}/generate", data=json.dumps(body).encode(), method="PUT", headers=headers
+    )
+    context = ssl.create_default_context(cafile=str(endpoint_cert()))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 # --- Slurm ------------------------------------------------------------------------------------------

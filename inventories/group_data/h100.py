@@ -9,3 +9,6 @@ shared_dir = "/lustre/nemotron"  # PLACEHOLDER: shared filesystem seen by login 
 container_runtime = "pyxis"
 container_image = "nvcr.io#nvidia/nemo:24.01.framework"  # pyxis form: '#' after the registry
 ngc_api_key_env = "NGC_API_KEY"  # the key is read from this environment variable, never stored here
+# The endpoint's API keys (hashes only): add one with
+#   nemotron-deploy api-key new NAME --file inventories/h100.api-keys
+endpoint_api_keys_file = "h100.api-keys"

@@ -10,3 +10,6 @@ container_runtime = "pyxis"
 container_image = "nvcr.io#nvidia/nemo:24.01.framework"  # pyxis form: '#' after the registry
 ngc_api_key_env = "NGC_API_KEY"  # the key is read from this environment variable, never stored here
 extra_sbatch_options = ["--qos=inference"]  # PLACEHOLDER: any extra #SBATCH lines your site needs
+# The endpoint's API keys (hashes only): add one with
+#   nemotron-deploy api-key new NAME --file inventories/h200.api-keys
+endpoint_api_keys_file = "h200.api-keys"

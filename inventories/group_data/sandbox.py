@@ -34,3 +34,18 @@ if _runtime == "host":
 registry_tls_verify = False
 min_free_gib = 1
 health_startup_budget_seconds = 300
+
+# The endpoint's API keys: `nemotron-deploy sandbox up` makes /var/lib/nemotron-sandbox/endpoint/api-keys
+# with one key, "rehearsal" (its key beside it in rehearsal.key, root 0600), with the same code as
+# `nemotron-deploy api-key new`; scripts/rehearse and the tests call the endpoint with it. Read for
+# validation only (validate, plan, render: NEMOTRON_DEPLOY_OFFLINE, set by nemotron-deploy), the
+# inventory names the committed sandbox.api-keys, which has no key: what those print (and the goldens)
+# does not depend on this machine's sandbox.
+if os.environ.get("NEMOTRON_DEPLOY_OFFLINE"):
+    endpoint_api_keys_file = "sandbox.api-keys"
+else:
+    from nemotron_rehearsal.sandbox import layout as _layout
+
+    # layout.API_KEYS_FILE, spelled from STATE_DIR: a venv whose rehearsal package predates the keys
+    # (installed from another checkout) still loads this inventory, and `sandbox up` makes the file.
+    endpoint_api_keys_file = str(_layout.STATE_DIR / "endpoint" / "api-keys")

@@ -142,12 +142,39 @@ class Login:
 
 
 def endpoint_files(cluster: Cluster) -> list[WantedFile]:
-    """haproxy.cfg and the Lua envelope, for the plan's replicas; the socket's group is the health
-    user's, so the scheduled check can point the slots at the replicas."""
+    """haproxy.cfg, the Lua envelope and the API keys' map, for the plan's replicas; the socket's group
+    is the health user's, so the scheduled check can point the slots at the replicas. The map is
+    readable by HAProxy's group only (root:haproxy 0640)."""
     rendered = render.render_endpoint(
         cluster, cluster.plan.replicas, socket_group=cluster.settings.health_user
     )
-    return [WantedFile(f"{endpoint_mod.CONFIG_DIR}/{f.name}", f.content, f.mode) for f in rendered]
+    return [
+        WantedFile(
+            f"{endpoint_mod.CONFIG_DIR}/{f.name}",
+            f.content,
+            f.mode,
+            group=endpoint_mod.RUN_AS if f.name == endpoint_mod.KEYS_MAP_FILE else "root",
+        )
+        for f in rendered
+    ]
+
+
+def tls_cert_path() -> str:
+    return f"{endpoint_mod.CONFIG_DIR}/{endpoint_mod.TLS_CERT_FILE}"
+
+
+def tls_key_path() -> str:
+    return f"{endpoint_mod.CONFIG_DIR}/{endpoint_mod.TLS_KEY_FILE}"
+
+
+def endpoint_links(cluster: Cluster) -> list[WantedLink]:
+    """endpoint_tls = files: the certificate and key where haproxy.cfg names them, as links to the
+    operator's files (HAProxy reads them as root when it starts or reloads)."""
+    s = cluster.settings
+    if s.endpoint_tls != "files":
+        return []
+    assert s.endpoint_tls_cert and s.endpoint_tls_key  # settings refuse files without both
+    return [WantedLink(tls_cert_path(), s.endpoint_tls_cert), WantedLink(tls_key_path(), s.endpoint_tls_key)]
 
 
 def sync_command(cluster: Cluster, login: Login) -> str:
@@ -369,4 +396,5 @@ def for_host(cluster: Cluster, host_name: str, login: Login | None = None) -> Ho
         # /etc/haproxy is the package's: created if absent (before the install), never re-owned.
         want.dirs.append(WantedDir(endpoint_mod.CONFIG_DIR, "755"))
         want.files += endpoint_files(cluster)
+        want.links += endpoint_links(cluster)
     return want

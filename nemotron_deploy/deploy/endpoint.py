@@ -20,6 +20,7 @@ deploy agree. It imports nothing outside the standard library and the package's 
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 from ..planner import Plan
@@ -34,6 +35,23 @@ from ..settings import ClusterSettings
 CONFIG_DIR = "/etc/haproxy"
 CONFIG_FILE = "haproxy.cfg"
 LUA_FILE = "nemotron_envelope.lua"
+# The API keys' hashes (HAProxy map: sha256 hex -> name), root:haproxy 0640.
+KEYS_MAP_FILE = "nemotron_api_keys.map"
+# TLS: the certificate (world-readable: clients verify against it) and, beside it, its key (HAProxy
+# loads <certificate file>.key when the certificate file has no key: ssl-load-extra-files): root:haproxy 0640.
+# endpoint_tls = self-signed makes both once; files links them to the operator's.
+TLS_CERT_FILE = "nemotron-endpoint.crt"
+TLS_KEY_FILE = TLS_CERT_FILE + ".key"
+SELF_SIGNED_DAYS = 3650
+# What a client at its limit of requests in flight is told to wait (seconds): one of its own requests
+# ending frees a place.
+RETRY_AFTER_SECONDS = 1
+# A request answered a moment ago counts as in flight until HAProxy frees its stream: measured on
+# loopback, about 1 in 20 back-to-back requests of one client at its limit met it (tests/local/
+# test_endpoint_access.py). A request over the limit by the count is looked at again, every step,
+# for this long before its 429.
+INFLIGHT_GRACE_MS = 50
+INFLIGHT_STEP_MS = 5
 # (STATS_SOCKET, with BACKEND, SLOT_PREFIX and the spare slot: from endpoint_sync, above.)
 RUN_AS = "haproxy"  # user and group Debian's package creates
 # Where an unassigned slot points: nothing listens on port 1, and the slot is in maintenance anyway.
@@ -111,6 +129,7 @@ class Limits:
     client_timeout_s: int
     connect_timeout_s: int
     retries: int
+    max_inflight_per_key: int
 
 
 def limits(settings: ClusterSettings, plan: Plan, replicas: int) -> Limits:
@@ -134,4 +153,79 @@ def limits(settings: ClusterSettings, plan: Plan, replicas: int) -> Limits:
         # A dead replica can take two tries (an empty response, then a refused connection that marks
         # it down), then the request queues for the others: room for that and one more failure.
         retries=max(3, replicas + 1),
+        max_inflight_per_key=max_inflight_per_key(settings, replicas),
+    )
+
+
+def max_inflight_per_key(settings: ClusterSettings, replicas: int) -> int:
+    """endpoint_max_inflight_per_key, by default the replica count: one key may keep every replica busy
+    but never queue behind them, so another key's request is first in line for the next free one."""
+    return settings.endpoint_max_inflight_per_key or replicas
+
+
+def access(cluster) -> dict:
+    """Who may call the endpoint, as `plan` shows it."""
+    s = cluster.settings
+    return {
+        "auth": s.endpoint_auth,
+        "api_keys": [k.name for k in cluster.api_keys],
+        "api_keys_file": s.endpoint_api_keys_file,
+        "tls": s.endpoint_tls,
+        "bind": list(s.endpoint_bind),
+        "port": s.endpoint_port,
+        "metrics_allow": list(s.endpoint_metrics_allow),
+        "max_inflight_per_key": max_inflight_per_key(s, cluster.plan.replicas),
+    }
+
+
+def access_summary(cluster) -> str:
+    a = access(cluster)
+    s = cluster.settings
+    if s.endpoint is False:
+        return "no endpoint (endpoint = false)"
+    scheme = "http" if a["tls"] == "none" else "https"
+    where = f"{scheme} on {', '.join(a['bind'])} port {a['port']}"
+    tls = {
+        "none": "no TLS: keys and prompts cross the network in clear",
+        "self-signed": f"TLS with a self-signed certificate made on the login node ({CONFIG_DIR}/{TLS_CERT_FILE})",
+        "files": f"TLS with {s.endpoint_tls_cert}",
+    }[a["tls"]]
+    if a["auth"] == "none":
+        return (
+            f"OPEN to anyone who can reach it (endpoint_auth = none); {where}; {tls}; /metrics from "
+            f"{', '.join(a['metrics_allow']) or 'nowhere'}"
+        )
+    names = ", ".join(a["api_keys"]) or "none yet: every request gets 401 until you add one"
+    return (
+        f"API keys only ({len(a['api_keys'])} in {a['api_keys_file']}: {names}); {where}; {tls}; at most "
+        f"{a['max_inflight_per_key']} request(s) in flight per key; /metrics from "
+        f"{', '.join(a['metrics_allow']) or 'nowhere'} or with a key"
+    )
+
+
+def self_signed_script(
+    cert: str, key: str, *, names: list[str], addresses: list[str], user: str, group: str, days: int
+) -> str:
+    """POSIX sh that makes the endpoint's key pair where it runs (the key never leaves that host):
+    the key `user`:`group` 0640 (HAProxy's group only), the certificate 0644, owned by whoever runs
+    it (root, in the deploy), for clients to verify against. Names the certificate for the host's own names and addresses (hostname, hostname -f,
+    hostname -I), localhost, and `names`/`addresses` (the inventory's name and address of the host).
+    Each file lands by rename, the key first; the deploy runs it only while either file is missing."""
+    q = shlex.quote
+    extra_dns = " ".join(q(n) for n in names)
+    extra_ip = " ".join(q(a) for a in addresses)
+    return (
+        "set -e; umask 077; d=$(mktemp -d); "
+        "cn=$(hostname -f 2>/dev/null || hostname); "
+        'san="DNS:localhost,IP:127.0.0.1"; '
+        f'for n in $(hostname) $(hostname -f 2>/dev/null || true) {extra_dns}; do san="$san,DNS:$n"; done; '
+        f'for a in $(hostname -I 2>/dev/null || true) {extra_ip}; do san="$san,IP:$a"; done; '
+        f"if ! openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days {int(days)} "
+        '-subj "/CN=$cn" -addext "subjectAltName=$san" -keyout "$d/key" -out "$d/crt" 2>"$d/err"; then '
+        'cat "$d/err" >&2; rm -rf "$d"; exit 1; fi; '
+        f'install -o {q(user)} -g {q(group)} -m 640 "$d/key" {q(key + ".nemotron-new")}; '
+        f"mv -f {q(key + '.nemotron-new')} {q(key)}; "
+        f'install -m 644 "$d/crt" {q(cert + ".nemotron-new")}; '
+        f"mv -f {q(cert + '.nemotron-new')} {q(cert)}; "
+        'rm -rf "$d"'
     )

@@ -11,7 +11,7 @@ from typing import Any
 from ..catalog import ModelSpec
 from ..inventory import Cluster
 from ..service.preflight import check_gpus
-from . import desired
+from . import desired, endpoint, render
 from .errors import DeployError
 from .facts.disk import FreeSpace
 from .facts.files import ManagedPaths, NodeState, PathChains, ancestors
@@ -201,6 +201,13 @@ def paths_to_read(cluster: Cluster, host_name: str) -> tuple[tuple[str, ...], tu
         ]
         # Its presence only: it lives in a directory the health user can write, so root never reads it.
         unhashed += (desired.earlier_started_file(),)
+        # TLS files: their presence only (never a private key's bytes, not even hashed).
+        # (With endpoint_tls = files the deploy's paths are links, read with the other paths.)
+        tls = {
+            "self-signed": [desired.tls_cert_path(), desired.tls_key_path()],
+            "files": [s.endpoint_tls_cert, s.endpoint_tls_key],
+        }.get(s.endpoint_tls, [])
+        unhashed = (*unhashed, *(p for p in tls if p))
     elif s.container_runtime == "host":
         paths.append(s.eval_script)
     return tuple(dict.fromkeys(paths)), unhashed
@@ -285,6 +292,7 @@ def login_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
         )
     if desired.endpoint_on(cluster, snap):
         problems += endpoint_problems(snap["haproxy"])
+        problems += endpoint_file_problems(cluster, snap)
     login = desired.Login.of(cluster, snap)
     if desired.sudoers(cluster, login) and not (snap.get("submit") or {}).get("sudo"):
         problems.append(
@@ -314,6 +322,48 @@ def endpoint_problems(haproxy: dict[str, Any]) -> list[str]:
             f"send with a body, retry-on, Lua 5.3): upgrade the haproxy package, {off}"
         ]
     return []
+
+
+def endpoint_file_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
+    """An /etc/haproxy/haproxy.cfg the deploy did not write (nor the package: its untouched default),
+    which the deploy would overwrite; TLS files the inventory names that are not on the login node."""
+    problems: list[str] = []
+    paths = snap.get("paths") or {}
+    path = f"{endpoint.CONFIG_DIR}/{endpoint.CONFIG_FILE}"
+    config = snap["haproxy"].get("config")
+    if config is not None and not is_own_config(config):
+        problems.append(
+            f"{path} here was not written by nemotron-deploy (its first line is not the generated "
+            f"banner '# {render.BANNER_PREFIX} ...') and is not the haproxy package's default, so the "
+            f"deploy would overwrite someone's HAProxy configuration. To hand HAProxy over to the deploy, "
+            f"move the file aside (mv {path} {path}.before-nemotron) and re-run; to keep it, set "
+            "endpoint = false in group_data (the deploy then leaves HAProxy alone)"
+        )
+    s = cluster.settings
+    have_pair = desired.tls_cert_path() in paths and desired.tls_key_path() in paths
+    if s.endpoint_tls == "self-signed" and not have_pair and not snap["haproxy"].get("openssl"):
+        problems.append(
+            "endpoint_tls = self-signed, and openssl is not here to make the key pair: install "
+            "openssl (Debian package openssl), or use endpoint_tls = files with your certificate"
+        )
+    if s.endpoint_tls == "files":
+        for setting, file in (
+            ("endpoint_tls_cert", s.endpoint_tls_cert),
+            ("endpoint_tls_key", s.endpoint_tls_key),
+        ):
+            if file not in paths:
+                problems.append(
+                    f"{setting} = {file}, which is not on this login node: put the file there (HAProxy "
+                    "reads it when it starts), or use endpoint_tls = self-signed"
+                )
+    return problems
+
+
+def is_own_config(config: dict[str, Any]) -> bool:
+    """The deploy's own haproxy.cfg (its banner first), or the package's untouched default."""
+    if config["first_line"].startswith(f"# {render.BANNER_PREFIX} "):
+        return True
+    return config["package_md5"] is not None and config["md5"] == config["package_md5"]
 
 
 def compute_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:

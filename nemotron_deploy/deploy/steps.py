@@ -210,9 +210,20 @@ def run_endpoint(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     """Start HAProxy, or reload it when its files changed; then point its slots at the replicas."""
     if desired.role(cluster, host.name) != "login" or not desired.endpoint_on(cluster, snap):
         return
-    changed = any(
-        files.content_differs(f, snap["paths"].get(f.path)) for f in desired.endpoint_files(cluster)
+    paths = snap["paths"]
+    changed = any(files.content_differs(f, paths.get(f.path)) for f in desired.endpoint_files(cluster))
+    changed = changed or any(
+        paths.get(link.path) is None or paths[link.path].sha256 != link.target
+        for link in desired.endpoint_links(cluster)
     )
+    if cluster.settings.endpoint_tls == "self-signed":
+        present = desired.tls_cert_path() in paths and desired.tls_key_path() in paths
+        endpoint.self_signed_certificate(
+            name="Endpoint: its self-signed TLS certificate (made once, here)",
+            script=self_signed_script(host, cluster),
+            present=present,
+        )
+        changed = changed or not present
     endpoint.ensure_running(
         name=f"Endpoint: HAProxy on port {cluster.settings.endpoint_port}",
         service=snap["haproxy"]["service"],
@@ -223,6 +234,30 @@ def run_endpoint(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         sync_command=desired.sync_command(cluster, desired.Login.of(cluster, snap))
         if host_checks.trusted_records(cluster, snap)
         else None,
+    )
+
+
+def self_signed_script(host: Any, cluster: Cluster) -> str:
+    """The key pair's script, naming the certificate also for the inventory's name and address of
+    the login node (what clients are likely to call it)."""
+    import ipaddress
+
+    from . import endpoint as endpoint_files
+
+    names, addresses = [], []
+    for value in dict.fromkeys([host.name, host.data.get("ssh_hostname") or host.name]):
+        try:
+            addresses.append(str(ipaddress.ip_address(value)))
+        except ValueError:
+            names.append(value)
+    return endpoint_files.self_signed_script(
+        desired.tls_cert_path(),
+        desired.tls_key_path(),
+        names=names,
+        addresses=addresses,
+        user="root",
+        group=endpoint_files.RUN_AS,
+        days=endpoint_files.SELF_SIGNED_DAYS,
     )
 
 

@@ -26,6 +26,7 @@ from .probe import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_PROMPT,
     DEFAULT_TIMEOUT,
+    Access,
     ProbeResult,
     classify_endpoint,
     host_for_url,
@@ -65,10 +66,12 @@ class Target:
         endpoint: bool = False,
         trust: RecordTrust | None = None,
         job_user: str | None = None,
+        access: Access | None = None,
     ) -> None:
         self.host = host
         self.trust = trust  # whose records to believe (default: this user's), and on which nodes
         self.job_user = job_user  # --job-user: a job name is looked up among this account's jobs only
+        self.access = access  # --endpoint: TLS and the API key (replicas: plain HTTP, no key)
         self.endpoint = endpoint  # --endpoint: HAProxy in front of the replicas, read its own answers
         self.record = record  # --job-record: the batch script's own record, for jobs squeue hides
         self.port = port
@@ -154,6 +157,7 @@ def check_once(opts: argparse.Namespace, target: Target, state: dict[str, Any] |
         connect_timeout=opts.connect_timeout,
         timeout=opts.timeout,
         payload=probe_payload(opts.prompt),
+        access=target.access,
     )
     if target.endpoint:
         result = classify_endpoint(result)
@@ -340,6 +344,7 @@ def wait_ready(opts: argparse.Namespace, target: Target) -> Outcome:
                     connect_timeout=min(opts.connect_timeout, remaining),
                     timeout=min(opts.timeout, remaining),
                     payload=probe_payload(opts.prompt),
+                    access=target.access,
                 )
                 attempts += 1
                 if last.ok:

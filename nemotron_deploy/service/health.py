@@ -40,7 +40,15 @@ from .metrics import write_textfile
 from .nagios import UNKNOWN
 from .options import UsageError, parse_duration, positive
 from .outcome import REASONS, Outcome
-from .probe import DEFAULT_CONNECT_TIMEOUT, DEFAULT_PORT, DEFAULT_PROMPT, DEFAULT_TIMEOUT
+from .probe import (
+    API_KEY_ENV,
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_PORT,
+    DEFAULT_PROMPT,
+    DEFAULT_TIMEOUT,
+    Access,
+    api_key_from,
+)
 from .state import default_state_file, load_state
 
 PROG = "nemotron-deploy health"
@@ -72,7 +80,8 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
             f"  {prog} --slurm-job 4242 --wait             # start-up: wait, fail fast if the job dies\n"
             f"  {prog} --wait --host 127.0.0.1 --port 1424 --server-pid $SERVER_PID   # in the job\n"
             f"  {prog} --url http://node001:1424 --prometheus-textfile /var/lib/node_exporter/nemotron.prom\n"
-            f"  {prog} --endpoint http://login01:1424     # one generation through the endpoint (HAProxy)\n"
+            f"  NEMOTRON_API_KEY=... {prog} --endpoint https://login01:1424 --ca-file /etc/haproxy/nemotron-endpoint.crt\n"
+            "      # one generation through the endpoint (HAProxy), with an API key, over its TLS\n"
             f"  {prog} --slurm-job nemotron-340b --replicas 2 --endpoint-socket /run/haproxy/admin.sock\n"
             "      # every replica job nemotron-340b-r1..r2, and point the endpoint's slots at them"
         ),
@@ -84,8 +93,9 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     one.add_argument(
         "--endpoint",
         metavar="URL",
-        help="the endpoint (HAProxy in front of the replicas), e.g. http://login01:1424: one generation "
-        "through it; its 503s read as busy / no_replica, its envelope's 400 as envelope_refused",
+        help="the endpoint (HAProxy in front of the replicas), e.g. https://login01:1424: one generation "
+        "through it, with the API key in $NEMOTRON_API_KEY; its 503s read as busy / no_replica, its "
+        "envelope's 400 as envelope_refused, its 401 as unauthorized",
     )
     one.add_argument(
         "--slurm-job",
@@ -117,6 +127,20 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     where.add_argument(
         "--job-id",
         help="with --url/--host: also watch this Slurm job and fail as soon as it is no longer alive",
+    )
+
+    ac = p.add_argument_group("the endpoint's access (--endpoint)")
+    ac.add_argument(
+        "--ca-file",
+        metavar="PATH",
+        help="with --endpoint https://...: verify its certificate against this one (endpoint_tls = "
+        "self-signed: /etc/haproxy/nemotron-endpoint.crt on the login node); default: the system's CAs",
+    )
+    ac.add_argument(
+        "--api-key-file",
+        metavar="PATH",
+        help=f"with --endpoint: read the API key from this file (first line; - for standard input) "
+        f"instead of ${API_KEY_ENV}; never give the key itself as an argument",
     )
 
     fleet.add_arguments(p)
@@ -201,7 +225,9 @@ def _parse_url(url: str, option: str) -> tuple[str, int]:
     from urllib.parse import urlsplit
 
     parts = urlsplit(url if "://" in url else "http://" + url)
-    if parts.scheme != "http":
+    if option == "--endpoint" and parts.scheme not in ("http", "https"):
+        raise UsageError(f"{url}: the endpoint speaks https:// (or http:// with endpoint_tls = none)")
+    if option != "--endpoint" and parts.scheme != "http":
         raise UsageError(f"{url}: NeMo's server speaks plain http://, not {parts.scheme}://")
     if parts.path not in ("", "/", "/generate"):
         raise UsageError(f"{url}: give the server's base URL (the probe always uses /generate)")
@@ -225,7 +251,21 @@ def _target_from_args(opts: argparse.Namespace) -> Target:
         if opts.port is not None:
             raise UsageError(f"--port goes with --host or --slurm-job; put the port in {option} instead")
         host, port = _parse_url(url, option)
-        return Target(host, port, None, opts.job_id, endpoint=bool(opts.endpoint))
+        if not opts.endpoint:
+            if opts.ca_file or opts.api_key_file:
+                raise UsageError("--ca-file and --api-key-file go with --endpoint (replicas take no key)")
+            return Target(host, port, None, opts.job_id)
+        tls = url.startswith("https://")
+        if opts.ca_file and not tls:
+            raise UsageError(f"--ca-file is for an https:// endpoint; {url} is plain http")
+        try:
+            key = api_key_from(key_file=opts.api_key_file)
+        except OSError as exc:
+            raise UsageError(f"--api-key-file {opts.api_key_file}: {exc.strerror or exc}") from None
+        access = Access(tls=tls, ca_file=opts.ca_file, api_key=key)
+        return Target(host, port, None, opts.job_id, endpoint=True, access=access)
+    if opts.ca_file or opts.api_key_file:
+        raise UsageError("--ca-file and --api-key-file go with --endpoint URL (replicas take no key)")
     port = opts.port if opts.port is not None else DEFAULT_PORT
     if not 0 < port < 65536:
         raise UsageError(f"--port {port} is not a TCP port")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import socket
 import time
@@ -26,6 +27,37 @@ DEFAULT_CONNECT_TIMEOUT = 3.0
 DEFAULT_TIMEOUT = 15.0  # SkyPilot's readiness timeout; a 1 s timeout flaps behind the generation lock
 DEFAULT_PROMPT = "The capital of France is"
 MAX_BODY = 1 << 20
+# The endpoint's API key comes from this environment variable (never from an argument: argv is
+# world-readable in /proc), or from a file named with --api-key-file.
+API_KEY_ENV = "NEMOTRON_API_KEY"
+
+
+class Access:
+    """How to reach the endpoint: TLS (verified against ``ca_file``, or the system's CAs) and the API
+    key sent as ``Authorization: Bearer``. Replicas are plain HTTP without a key: ``Access()``."""
+
+    __slots__ = ("tls", "ca_file", "api_key")
+
+    def __init__(self, tls: bool = False, ca_file: str | None = None, api_key: str | None = None) -> None:
+        self.tls = tls
+        self.ca_file = ca_file
+        self.api_key = api_key
+
+    def __repr__(self) -> str:  # never the key
+        return f"Access(tls={self.tls}, ca_file={self.ca_file!r}, api_key={'set' if self.api_key else None})"
+
+
+def api_key_from(env: dict[str, str] | None = None, key_file: str | None = None) -> str | None:
+    """The API key: from ``key_file`` (its first line; "-": standard input) if given, else
+    $NEMOTRON_API_KEY; None if neither."""
+    if key_file == "-":
+        import sys
+
+        return sys.stdin.readline().strip() or None
+    if key_file:
+        with open(key_file, encoding="utf-8") as f:
+            return f.readline().strip() or None
+    return (os.environ if env is None else env).get(API_KEY_ENV, "").strip() or None
 
 
 class ProbeResult:
@@ -152,6 +184,17 @@ def classify_endpoint(result: ProbeResult) -> ProbeResult:
             "no replica is in rotation: the endpoint answered 503 (every slot is in maintenance or failed "
             "its health check; see nemotron-deploy health --replicas N): " + detail
         )
+    elif result.http_status == 401:
+        result.reason = "unauthorized"
+        result.message = (
+            f"the endpoint refused the probe's API key (HTTP 401): set {API_KEY_ENV} (or --api-key-file) "
+            f"to a key whose hash is in endpoint_api_keys_file: {detail}"
+        )
+    elif result.http_status == 429:
+        result.reason = "busy"
+        result.message = (
+            f"the endpoint answered 429: this API key has its limit of requests in flight: {detail}"
+        )
     elif result.http_status in (400, 413):
         result.reason = "envelope_refused"
         result.message = f"the endpoint refused the probe with HTTP {result.http_status}: {detail}"
@@ -167,20 +210,36 @@ def probe(
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
     timeout: float = DEFAULT_TIMEOUT,
     payload: dict[str, Any] | None = None,
+    access: Access | None = None,
 ) -> ProbeResult:
     """PUT one tiny generation to ``http://host:port/generate`` and classify what happens.
 
     The connect timeout is short (a host that does not answer SYNs is down); the read timeout is
     long, because the generation lock makes a healthy server answer late behind real traffic.
     """
-    url = f"http://{host_for_url(host)}:{port}/generate"
+    access = access or Access()
+    url = f"{'https' if access.tls else 'http'}://{host_for_url(host)}:{port}/generate"
     body = json.dumps(payload if payload is not None else probe_payload()).encode()
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    if access.api_key:
+        headers["Authorization"] = f"Bearer {access.api_key}"
     start = time.monotonic()
 
     def done(reason: str, message: str) -> ProbeResult:
         return ProbeResult(reason, message, time.monotonic() - start, url)
 
-    conn = http.client.HTTPConnection(host, port, timeout=connect_timeout)
+    if access.tls:
+        import ssl
+
+        try:
+            context = ssl.create_default_context(cafile=access.ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            return done("tls_error", f"cannot read the CA file {access.ca_file}: {exc}")
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            host, port, timeout=connect_timeout, context=context
+        )
+    else:
+        conn = http.client.HTTPConnection(host, port, timeout=connect_timeout)
     try:
         try:
             conn.connect()
@@ -191,6 +250,12 @@ def probe(
         except TimeoutError:
             return done("connect_timeout", f"no TCP answer from {host}:{port} within {connect_timeout:g}s")
         except OSError as exc:
+            if access.tls and type(exc).__module__ == "ssl":  # ssl.SSLError and its kinds
+                return done(
+                    "tls_error",
+                    f"TLS with {host}:{port} failed: {exc}; pass the endpoint's certificate with --ca-file "
+                    "(/etc/haproxy/nemotron-endpoint.crt on the login node) or check the host name",
+                )
             return done("unreachable", f"cannot connect to {host}:{port}: {exc.strerror or exc}")
         assert conn.sock is not None
         conn.sock.settimeout(timeout)
@@ -199,7 +264,7 @@ def probe(
                 "PUT",
                 "/generate",
                 body=body,
-                headers={"Content-Type": "application/json", "Accept": "application/json"},
+                headers=headers,
             )
             resp = conn.getresponse()
             raw = resp.read(MAX_BODY)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from helpers import A100_40GB_HOSTS, INVENTORIES, REPO, SHIPPED, haproxy, write_inventory
+from live_endpoint import make_self_signed
 
 from nemotron_deploy import inventory
 from nemotron_deploy.deploy import endpoint, render
@@ -30,7 +31,7 @@ from nemotron_deploy.service.endpoint_sync import ServerState
 
 GOLDEN_ENDPOINT = Path(__file__).resolve().parents[1] / "golden-endpoint"
 WITH_SANDBOX = (*SHIPPED, "sandbox")
-ENDPOINT_FILES = (endpoint.CONFIG_FILE, endpoint.LUA_FILE)
+ENDPOINT_FILES = (endpoint.CONFIG_FILE, endpoint.LUA_FILE, endpoint.KEYS_MAP_FILE)
 GOLDEN_REPLICAS = 2  # scripts/regen-goldens renders the endpoint goldens with --replicas 2
 
 
@@ -44,6 +45,8 @@ def write_endpoint(cluster: inventory.Cluster, replicas: int, out: Path, **kwarg
     out.mkdir(parents=True, exist_ok=True)
     for f in render.render_endpoint(cluster, replicas, config_dir=str(out), **kwargs):
         (out / f.name).write_text(f.content)
+    if cluster.settings.endpoint_tls != "none":
+        make_self_signed(out)
     return out / endpoint.CONFIG_FILE
 
 
@@ -98,6 +101,7 @@ def test_render_leaves_the_job_files_alone(monkeypatch):
     assert [(f.name, f.mode, f.role, f.directory(cluster)) for f in files] == [
         (endpoint.CONFIG_FILE, "644", "endpoint", "/etc/haproxy"),
         (endpoint.LUA_FILE, "644", "endpoint", "/etc/haproxy"),
+        (endpoint.KEYS_MAP_FILE, "640", "endpoint", "/etc/haproxy"),
     ]
 
 
@@ -141,9 +145,17 @@ def test_config_one_request_per_replica_bounded_queue_and_retries(h100_cfg):
 
 
 def test_config_metrics_socket_and_port(h100_cfg):
-    assert "http-request use-service prometheus-exporter if { path /metrics }" in h100_cfg
+    assert (
+        "http-request use-service prometheus-exporter if { path /metrics } { method GET } metrics_network "
+        "|| { path /metrics } { method GET } key_ok"
+    ) in h100_cfg
+    assert "acl metrics_network src 127.0.0.1/32 ::1/128" in h100_cfg
     assert "stats socket /run/haproxy/admin.sock mode 660 user haproxy group haproxy level admin" in h100_cfg
-    assert re.search(r"^\s+bind :1424$", h100_cfg, re.M)
+    assert re.search(
+        r"^\s+bind 0\.0\.0\.0:1424 ssl crt /etc/haproxy/nemotron-endpoint\.crt alpn http/1\.1$",
+        h100_cfg,
+        re.M,
+    )
     assert "option http-buffer-request" in h100_cfg
     assert "lua-load /etc/haproxy/nemotron_envelope.lua" in h100_cfg
 

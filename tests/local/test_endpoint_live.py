@@ -12,7 +12,6 @@ What each test proves is in its docstring. Every wait is bounded in time and cou
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import socket
@@ -30,7 +29,6 @@ from live_endpoint import (
     Replica,
     ask,
     cluster_with,
-    put,
     replica,
     running_endpoint,
     wait_for,
@@ -41,10 +39,13 @@ from nemotron_rehearsal.emulator import continuation, serve_in_thread
 
 @pytest.fixture
 def two(tmp_path) -> Iterator[tuple[Endpoint, Replica, Replica]]:
-    """An endpoint with two slots, both pointed at a running stand-in and UP."""
+    """An endpoint with two slots, both pointed at a running stand-in and UP. One key sends all the
+    traffic of these tests (queueing, failover): its limit of requests in flight is above it."""
     a, b = replica(slow_seconds=0.05), replica(slow_seconds=0.05)
     try:
-        with running_endpoint(cluster_with(tmp_path), 2, tmp_path / "ep") as ep:
+        with running_endpoint(
+            cluster_with(tmp_path, endpoint_max_inflight_per_key=16), 2, tmp_path / "ep"
+        ) as ep:
             ep.sync(r1=(HOST, a.port), r2=(HOST, b.port))
             ep.wait_status("r1", "up")
             ep.wait_status("r2", "up")
@@ -61,7 +62,7 @@ def test_both_replicas_serve_through_the_endpoint(two):
     results: list[tuple[int, str]] = []
 
     def client(i: int) -> None:
-        results.append(put(ep.port, ask(f"prompt {i}")))
+        results.append(ep.put(ask(f"prompt {i}")))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
     for t in threads:
@@ -73,11 +74,8 @@ def test_both_replicas_serve_through_the_endpoint(two):
         assert json.loads(text)["sentences"][0].startswith("prompt ")
     assert a.requests and b.requests, (a.requests, b.requests)
     assert sorted(a.requests + b.requests) == sorted(f"prompt {i}" for i in range(8))
-    conn = http.client.HTTPConnection(HOST, ep.port, timeout=10)
-    conn.request("GET", "/metrics")
-    resp = conn.getresponse()
-    metrics = resp.read().decode()
-    assert resp.status == 200
+    status, _, metrics = ep.request("GET", "/metrics", key=None)  # from 127.0.0.1: allowed without a key
+    assert status == 200
     assert 'haproxy_server_status{proxy="replicas",server="r1",state="UP"} 1' in metrics
     # and healthy replicas stay in rotation check after check (inter 1 s, fall 2)
     time.sleep(3.5)
@@ -100,7 +98,7 @@ def test_a_replica_still_loading_gets_no_traffic(tmp_path):
             assert status == "down"
             ep.wait_status("r1", "up")
             for i in range(6):
-                status, text = put(ep.port, ask(f"early {i}"))
+                status, text = ep.put(ask(f"early {i}"))
                 assert status == 200, text
             assert not loading.ready.is_set(), "the stand-in finished loading too early for this test"
             assert ep.state()["r2"].status == "down"
@@ -125,7 +123,7 @@ def test_a_replica_answering_200_with_an_error_string_is_taken_out(two):
     assert ep.state()["r1"].status == "up"
     before = len(a.requests)
     for i in range(4):
-        status, text = put(ep.port, ask(f"after {i}"))
+        status, text = ep.put(ask(f"after {i}"))
         assert status == 200, text
     assert len(a.requests) == before + 4
 
@@ -152,7 +150,7 @@ def test_killing_a_replica_costs_at_most_one_client_request(two):
             if n == kill_at:
                 b.handle.crash()
             try:
-                status, text = put(ep.port, ask(f"stream {n}"), timeout=20)
+                status, text = ep.put(ask(f"stream {n}"), timeout=20)
             except OSError as exc:
                 failures.append(f"{n}: {exc!r}")
                 continue
@@ -173,7 +171,7 @@ def test_killing_a_replica_costs_at_most_one_client_request(two):
     assert len(failures) <= 1, (failures[:2], ep.log.read_text()[-3000:])
     assert late_ok[0] >= total - kill_at - 10 - len(failures)
     ep.wait_status("r2", "down", timeout=10)
-    assert put(ep.port, ask("after the kill"))[0] == 200
+    assert ep.put(ask("after the kill"))[0] == 200
 
 
 def test_envelope_refuses_too_many_prompts_before_any_replica(two):
@@ -181,19 +179,19 @@ def test_envelope_refuses_too_many_prompts_before_any_replica(two):
     naming the limit and the setting, and no replica sees the request. Log-probs pass on H100 (the
     plan holds their peak)."""
     ep, a, b = two
-    status, text = put(ep.port, {"sentences": [f"too many {i}" for i in range(9)], "tokens_to_generate": 1})
+    status, text = ep.put({"sentences": [f"too many {i}" for i in range(9)], "tokens_to_generate": 1})
     assert status == 400
     message = json.loads(text)
     assert "at most 8 prompts" in message and "inference_batch" in message and "has 9" in message
     for bad in ({"sentences": "a string"}, {"sentences": []}, {"sentences": ["ok", 3]}):
-        status, text = put(ep.port, bad)
+        status, text = ep.put(bad)
         assert status == 400 and "non-empty list of strings" in json.loads(text), (bad, text)
     assert not [p for p in a.requests + b.requests if p.startswith("too many") or p == "ok"]
     assert not a.handle.state.wedged and not b.handle.state.wedged
     # exactly the limit passes, and so do log-probs where the plan allows them
-    status, text = put(ep.port, {"sentences": [f"eight {i}" for i in range(8)], "tokens_to_generate": 1})
+    status, text = ep.put({"sentences": [f"eight {i}" for i in range(8)], "tokens_to_generate": 1})
     assert status == 200, text
-    assert put(ep.port, ask("logprobs ok", all_probs=True, compute_logprob=True))[0] == 200
+    assert ep.put(ask("logprobs ok", all_probs=True, compute_logprob=True))[0] == 200
 
 
 def test_envelope_refuses_logprobs_where_the_plan_cannot_hold_them(tmp_path):
@@ -206,13 +204,13 @@ def test_envelope_refuses_logprobs_where_the_plan_cannot_hold_them(tmp_path):
             ep.sync(r1=(HOST, a.port))
             ep.wait_status("r1", "up")
             for key in ("all_probs", "compute_logprob"):
-                status, text = put(ep.port, ask(f"lp {key}", **{key: True}))
+                status, text = ep.put(ask(f"lp {key}", **{key: True}))
                 assert status == 400, text
                 message = json.loads(text)
                 assert key in message and "runtime_reserve_gib" in message and "GiB" in message
             escaped = b'{"sentences": ["lp escaped"], "\\u0061ll_probs": true}'
-            assert put(ep.port, escaped)[0] == 400
-            assert put(ep.port, ask("lp off", all_probs=False))[0] == 200
+            assert ep.put(escaped)[0] == 400
+            assert ep.put(ask("lp off", all_probs=False))[0] == 200
             assert a.requests == ["lp off"]
     finally:
         a.handle.stop()
@@ -229,7 +227,7 @@ def test_queue_timeout_answers_503_saying_the_replicas_are_busy(tmp_path):
             results: dict[str, tuple[int, str]] = {}
 
             def client(name: str) -> None:
-                results[name] = put(ep.port, ask(name), timeout=30)
+                results[name] = ep.put(ask(name), timeout=30)
 
             first = threading.Thread(target=client, args=("first",))
             first.start()
@@ -250,7 +248,7 @@ def test_queue_timeout_answers_503_saying_the_replicas_are_busy(tmp_path):
 
 def test_no_replica_up_answers_503_at_once(tmp_path):
     with running_endpoint(cluster_with(tmp_path), 2, tmp_path / "ep") as ep:
-        status, text = put(ep.port, ask("nobody"))
+        status, text = ep.put(ask("nobody"))
         assert status == 503 and "No replica is up" in json.loads(text)
 
 
@@ -274,13 +272,13 @@ def test_updater_changes_slots_at_run_time_without_reload(tmp_path):
             ]
             assert ep.sync(r1=(HOST, a.port), r2=(None, 0)) == []
             ep.wait_status("r1", "up")
-            assert put(ep.port, ask("to a"))[0] == 200 and a.requests == ["to a"]
+            assert ep.put(ask("to a"))[0] == 200 and a.requests == ["to a"]
             # the replica moved: same slot, new address (by name, resolved by the updater)
             sent = ep.sync(r1=("localhost", b.port), r2=(None, 0))
             assert sent == [f"set server replicas/r1 addr 127.0.0.1 port {b.port}"]
             wait_for(lambda: ep.state()["r1"].port == b.port, 5, "r1's new port")
             ep.wait_status("r1", "up")
-            assert put(ep.port, ask("to b"))[0] == 200 and b.requests == ["to b"]
+            assert ep.put(ask("to b"))[0] == 200 and b.requests == ["to b"]
             # both, then none
             assert ep.sync(r1=(HOST, b.port), r2=(HOST, a.port)) == [
                 f"set server replicas/r2 addr {HOST} port {a.port}",
@@ -293,7 +291,7 @@ def test_updater_changes_slots_at_run_time_without_reload(tmp_path):
                 "set server replicas/r2 state maint",
             ]
             assert ep.sync(r1=(None, 0), r2=(None, 0)) == []
-            assert put(ep.port, ask("nobody"))[0] == 503
+            assert ep.put(ask("nobody"))[0] == 503
             # a name that does not resolve leaves its slot in maintenance
             assert ep.sync(r1=("nemotron-endpoint-test.invalid", 1424)) == []
             assert ep.proc.poll() is None and ep.proc.pid == pid
@@ -316,14 +314,16 @@ def test_updater_changes_slots_at_run_time_without_reload(tmp_path):
         b.handle.stop()
 
 
-def test_model_card_client_is_answered_through_the_endpoint(tmp_path):
-    """The model card's unchanged call_server.py (it calls localhost:1424) gets its answer through the
-    endpoint listening on 1424, from a replica behind it."""
+def test_model_card_client_is_answered_through_an_open_endpoint(tmp_path):
+    """The model card's unchanged call_server.py (it calls localhost:1424, no key, no TLS) gets its
+    answer through an endpoint opened on purpose (endpoint_auth = none, endpoint_tls = none) listening
+    on 1424, from a replica behind it. (The default endpoint refuses it: test_endpoint_access.py.)"""
     call_server = model_card_client()  # skips unless NEMOTRON_MODEL_CARD_CLIENT is set (.ci/run sets it)
     wait_for(lambda: _port_free(1424), 15, "port 1424 to be free (another test run holds it)", 0.2)
     a = replica()
     try:
-        with running_endpoint(cluster_with(tmp_path, endpoint_port=1424), 2, tmp_path / "ep") as ep:
+        inv = cluster_with(tmp_path, endpoint_port=1424, endpoint_auth="none")
+        with running_endpoint(inv, 2, tmp_path / "ep") as ep:
             ep.sync(r1=(HOST, a.port))
             ep.wait_status("r1", "up")
             result = subprocess.run(

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from fake_slurm import job
 from helpers import REPO
-from live_endpoint import HOST, Replica, ask, cluster_with, put, replica, running_endpoint
+from live_endpoint import HOST, Replica, ask, cluster_with, replica, running_endpoint
 from prometheus_client.parser import text_string_to_metric_families
 
 from nemotron_deploy.service import health, probe
@@ -187,7 +187,7 @@ def test_a_gone_replica_is_warning_and_its_slot_goes_to_maintenance(tmp_path, sl
     assert m["nemotron_check_status"][0].value == 1
 
 
-def test_no_replica_is_critical_and_the_endpoint_then_says_no_replica(tmp_path, slurm, capsys):
+def test_no_replica_is_critical_and_the_endpoint_then_says_no_replica(tmp_path, slurm, capsys, monkeypatch):
     """No replica job (one pending, one gone): CRITICAL no_replica, every slot in maintenance; then
     `health --endpoint` through HAProxy answers CRITICAL no_replica saying none is in rotation."""
     slurm.set({"jobs": {"102": rjob(2, "PENDING", reason="Resources", nodelist="(null)")}})
@@ -207,10 +207,11 @@ def test_no_replica_is_critical_and_the_endpoint_then_says_no_replica(tmp_path, 
         assert {n: s.status for n, s in ep.state().items()} == {"r1": "maint", "r2": "maint", "u1": "maint"}
         generations = reps[0].handle.generations
 
+        monkeypatch.setenv(probe.API_KEY_ENV, ep.keys["health"])
         code, out = run(
             capsys,
             "--endpoint",
-            f"http://{HOST}:{ep.port}",
+            ep.url,
             "--json",
             "--state-file",
             str(tmp_path / "ep.json"),
@@ -369,7 +370,8 @@ def test_endpoint_check_generates_through_haproxy(tmp_path, capsys, monkeypatch)
     with fleet_of(1) as (reps, _), running_endpoint(cluster_with(tmp_path), 1, tmp_path / "ep") as ep:
         ep.sync(r1=(HOST, reps[0].port))
         ep.wait_status("r1", "up")
-        code, out = run(capsys, "--endpoint", f"http://{HOST}:{ep.port}", "--prometheus-textfile", str(prom))
+        monkeypatch.setenv(probe.API_KEY_ENV, ep.keys["health"])
+        code, out = run(capsys, "--endpoint", ep.url, "--prometheus-textfile", str(prom))
     assert code == 0, out
     assert out.startswith("NEMOTRON OK - generated 1 token in ")
     assert probe.DEFAULT_PROMPT in reps[0].requests
@@ -377,7 +379,7 @@ def test_endpoint_check_generates_through_haproxy(tmp_path, capsys, monkeypatch)
     assert [p.name for p in (tmp_path / "state" / "nemotron-deploy").iterdir()] == ["health-endpoint.json"]
 
 
-def test_endpoint_busy_on_queue_timeout(tmp_path, capsys):
+def test_endpoint_busy_on_queue_timeout(tmp_path, capsys, monkeypatch):
     """The only replica is busy with a 3 s request and the endpoint queues for 1 s: the probe gets
     HAProxy's 503 'replicas are busy' and says busy (WARNING), well before its own timeout."""
     with fleet_of(1, {1: {"slow_seconds": 3.0}}) as (reps, _):
@@ -385,14 +387,15 @@ def test_endpoint_busy_on_queue_timeout(tmp_path, capsys):
         with running_endpoint(inv, 1, tmp_path / "ep") as ep:
             ep.sync(r1=(HOST, reps[0].port))
             ep.wait_status("r1", "up", timeout=20)
-            first = threading.Thread(target=put, args=(ep.port, ask("long one")), kwargs={"timeout": 30})
+            monkeypatch.setenv(probe.API_KEY_ENV, ep.keys["health"])  # the client holds its own key's limit
+            first = threading.Thread(target=ep.put, args=(ask("long one"),), kwargs={"timeout": 30})
             first.start()
             time.sleep(0.3)
             started = time.monotonic()
             code, out = run(
                 capsys,
                 "--endpoint",
-                f"http://{HOST}:{ep.port}",
+                ep.url,
                 "--timeout",
                 "10",
                 "--json",
@@ -409,13 +412,14 @@ def test_endpoint_busy_on_queue_timeout(tmp_path, capsys):
     assert data["consecutive_busy"] == 1
 
 
-def test_endpoint_envelope_refusal_is_critical_with_its_message(tmp_path, capsys):
+def test_endpoint_envelope_refusal_is_critical_with_its_message(tmp_path, capsys, monkeypatch):
     """A probe the envelope refuses (here: a prompt over the plan's request buffer) is CRITICAL
     envelope_refused with the envelope's own message, and no replica sees it."""
     with fleet_of(1) as (reps, _), running_endpoint(cluster_with(tmp_path), 1, tmp_path / "ep") as ep:
         ep.sync(r1=(HOST, reps[0].port))
         ep.wait_status("r1", "up")
-        url = f"http://{HOST}:{ep.port}"
+        url = ep.url
+        monkeypatch.setenv(probe.API_KEY_ENV, ep.keys["health"])
         code, out = run(capsys, "--endpoint", url, "--prompt", "x" * 600_000, "--no-state-file")
     assert code == 2, out
     assert out.startswith(

@@ -14,8 +14,6 @@ import io
 import json
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +31,7 @@ from sshutil import (
     cancel_jobs,
     converged_attempts,
     deploy_ok,
+    endpoint_put,
     job_ids,
     pyinfra,
     results_table,
@@ -41,21 +40,13 @@ from sshutil import (
 )
 
 R1, R2 = f"{JOB_BASE}-r1", f"{JOB_BASE}-r2"
-LOGIN_ADDRESS = "10.213.0.2"  # the sandbox's login node (its own network namespace)
-ENDPOINT = f"http://{LOGIN_ADDRESS}:1424/generate"
 SOCKET = "/run/haproxy/admin.sock"
 
 
 def _put(prompt: str, timeout: float = 30) -> tuple[int, str]:
-    body = json.dumps({"sentences": [prompt], "tokens_to_generate": 4, "temperature": 1.0, "top_k": 1})
-    request = urllib.request.Request(
-        ENDPOINT, data=body.encode(), method="PUT", headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+    """Through the endpoint (TLS, the rehearsal's API key), as a client on the cluster network."""
+    body = {"sentences": [prompt], "tokens_to_generate": 4, "temperature": 1.0, "top_k": 1}
+    return endpoint_put(body, timeout)
 
 
 def _generated(status: int, text: str) -> bool:
@@ -200,12 +191,17 @@ def test_both_replicas_serve_through_the_endpoint(sandbox, submitted):
     assert sum(served.values()) >= 12 and all(n > 0 for n in served.values()), served
 
 
-def test_the_model_card_client_on_the_login_node_is_answered(sandbox, submitted):
+def test_the_model_card_client_on_the_login_node_meets_the_closed_endpoint(sandbox, submitted):
+    """The card's unchanged client calls http://localhost:1424 without a key: on the login node that
+    is now the endpoint, with TLS and API keys, so it gets no generation there (it is answered where it
+    runs as the card means it to, on a replica's own node: test_e2e)."""
     client = model_card_client()
     _serve_both(sandbox)
+    before = {k: int(v["stot"]) for k, v in _servers(sandbox).items()}
     run = ssh(sandbox, sandbox.login_host, f"cd /tmp && python3 {client}", check=False)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.strip(), "the card's client printed no answer"
+    assert run.returncode != 0, run.stdout + run.stderr
+    after = {k: int(v["stot"]) for k, v in _servers(sandbox).items()}
+    assert after == before, "the card's keyless request reached a replica"
 
 
 def test_a_replica_answering_200_with_an_error_string_is_taken_out(sandbox, submitted):

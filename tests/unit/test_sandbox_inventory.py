@@ -54,3 +54,18 @@ def test_bench_variable_selects_the_first_n_nodes(monkeypatch, tmp_path):
     monkeypatch.setenv("NEMOTRON_BENCH_NODES", "6")
     with pytest.raises(RuntimeError, match="has 5 compute nodes"):
         runpy.run_path(str(INVENTORY))
+
+
+def test_the_deploy_reads_the_keys_file_sandbox_up_makes(monkeypatch, tmp_path):
+    """Loaded for pyinfra (not offline), the sandbox inventory names the keys file `sandbox up` makes;
+    for validation only, the committed one without keys."""
+    from nemotron_rehearsal.sandbox import layout
+
+    monkeypatch.delenv("NEMOTRON_DEPLOY_OFFLINE", raising=False)
+    data = runpy.run_path(str(REPO / "inventories" / "group_data" / "sandbox.py"))
+    assert data["endpoint_api_keys_file"] == str(layout.STATE_DIR / "endpoint" / "api-keys")
+    if hasattr(layout, "API_KEYS_FILE"):  # this checkout's rehearsal package
+        assert data["endpoint_api_keys_file"] == str(layout.API_KEYS_FILE)
+    monkeypatch.setenv("NEMOTRON_DEPLOY_OFFLINE", "1")
+    data = runpy.run_path(str(REPO / "inventories" / "group_data" / "sandbox.py"))
+    assert data["endpoint_api_keys_file"] == "sandbox.api-keys"

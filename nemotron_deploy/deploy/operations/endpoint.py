@@ -60,3 +60,17 @@ def sync_now(command: str):
         sync_now(name="Endpoint slots", command="runuser -u nemotron-health -- /opt/.../python -m ...")
     """
     yield StringCommand(f"{command} || true")
+
+
+@operation()
+def self_signed_certificate(script: str, present: bool):
+    """
+    Make the endpoint's self-signed key pair on this host, once: nothing when both files are there
+    (a re-deploy never replaces a certificate clients already trust).
+
+    + script: the shell that makes them (``deploy.endpoint.self_signed_script``)
+    + present: the certificate and its key are both on the host (from the host snapshot)
+    """
+    if present:
+        return
+    yield StringCommand(script)

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import docker, etc, gpus, locks, munge, nemo, netns, packages, pyxis, registry, slurm, sshd
+from . import docker, etc, gpus, layout, locks, munge, nemo, netns, packages, pyxis, registry, slurm, sshd
 from . import nodes as node_ops
 from .layout import SHARED_DIR, STATE_DIR, STATE_FILE, Node, Sandbox, plan, read_state
 from .proc import SandboxError, tail
@@ -119,6 +119,23 @@ def _prepare_files(sandbox: Sandbox) -> None:
         nemo.install_emulator(node)
         pyxis.install_programs(node, enroot)
     nemo.install_model(sandbox)
+    ensure_api_key()
+
+
+def ensure_api_key() -> None:
+    """The sandbox endpoint's keys file with one key, made once with the product's own `api-key new`
+    code; the key itself only in REHEARSAL_KEY_FILE (root, 0600)."""
+    from nemotron_deploy import api_keys
+
+    layout.ENDPOINT_DIR.mkdir(mode=0o700, exist_ok=True)
+    layout.ENDPOINT_DIR.chmod(0o700)
+    if layout.REHEARSAL_KEY_FILE.exists() and layout.API_KEYS_FILE.exists():
+        return
+    layout.API_KEYS_FILE.unlink(missing_ok=True)
+    key = api_keys.add(layout.API_KEYS_FILE, layout.REHEARSAL_KEY_NAME)
+    fd = os.open(layout.REHEARSAL_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(key + "\n")
 
 
 def _refresh_programs(sandbox: Sandbox) -> None:
@@ -181,6 +198,7 @@ def _up(nodes: int, gpus_per_node: int, log: Log) -> Sandbox:
     if existing == wanted and _healthy(existing) and _current(existing):
         packages.ensure_packages(log=log)  # one dpkg-query; installs what a newer sandbox needs
         _refresh_programs(existing)
+        ensure_api_key()
         log(f"sandbox already up: {len(existing.compute)} compute nodes, {existing.gpus_per_node} GPUs each")
         return existing
     with locks.exclusive_use("bring the sandbox up", on_wait=log):

@@ -14,6 +14,12 @@ from pathlib import Path
 STATE_DIR = Path("/var/lib/nemotron-sandbox")
 SHARED_DIR = STATE_DIR / "shared"  # the cluster's "shared filesystem": same path on every node
 STATE_FILE = STATE_DIR / "state.json"
+# The endpoint's API keys for the sandbox inventory (group_data/sandbox.py): `up` makes the file with
+# one key, "rehearsal", whose key it keeps beside it (root, 0600) for scripts/rehearse and the tests.
+ENDPOINT_DIR = STATE_DIR / "endpoint"
+API_KEYS_FILE = ENDPOINT_DIR / "api-keys"
+REHEARSAL_KEY_NAME = "rehearsal"
+REHEARSAL_KEY_FILE = ENDPOINT_DIR / "rehearsal.key"
 
 BRIDGE = "nsbr0"
 SUBNET_PREFIX = "10.213.0"

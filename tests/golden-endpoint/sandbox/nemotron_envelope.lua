@@ -13,6 +13,8 @@ local MSG_LOGPROBS = "Log-prob requests (%s = true) are refused here: they peak 
     .. "runtime_reserve_gib to 13.4 in the inventory (see nemotron-deploy plan for the nodes that needs)."
 local MSG_NOT_LIST = "sentences must be a non-empty list of strings (NeMo's server would fail inside "
     .. "generation and stop answering)."
+local MSG_NOT_JSON = "The request body must be one JSON object in UTF-8 (no byte-order mark, nothing "
+    .. "after it), e.g. {\"sentences\": [\"...\"], \"tokens_to_generate\": 64}."
 local MSG_TOO_BIG = "This request is over %d bytes, the most the endpoint holds for inspection "
     .. "(inference_batch prompts of 4096 tokens)."
 
@@ -92,11 +94,15 @@ core.register_action("nemotron_envelope", { "http-req" }, function(txn)
     if declared > #body then
         return refuse(txn, 413, string.format(MSG_TOO_BIG, 524288))
     end
-    local ok, data = pcall(decode, body, 1)
-    -- Not a JSON object: let the replica answer as NeMo does (400, or 500 without "sentences").
-    if not ok or type(data) ~= "table" or data[ARRAY] ~= nil then return end
+    -- Nothing reaches a replica that this did not read: a body that is not exactly one JSON object in
+    -- UTF-8 (a BOM, UTF-16, which Python's json.loads would still decode, trailing bytes, an array,
+    -- nothing at all) is refused here, not left for NeMo to read differently.
+    if not utf8.len(body) then return refuse(txn, 400, MSG_NOT_JSON) end
+    local ok, data, stop = pcall(decode, body, 1)
+    if not ok or type(data) ~= "table" or data[ARRAY] ~= nil or skip(body, stop) <= #body then
+        return refuse(txn, 400, MSG_NOT_JSON)
+    end
     local sentences = data.sentences
-    if sentences == nil then return end
     local count = type(sentences) == "table" and sentences[ARRAY] or 0
     if count == 0 then return refuse(txn, 400, MSG_NOT_LIST) end
     for k = 1, count do
@@ -109,5 +115,23 @@ core.register_action("nemotron_envelope", { "http-req" }, function(txn)
         for _, key in ipairs({ "all_probs", "compute_logprob" }) do
             if data[key] == true then return refuse(txn, 400, string.format(MSG_LOGPROBS, key, key)) end
         end
+    end
+end)
+
+-- Requests in flight per API key (haproxy.cfg tracks them; called only when the count is over the
+-- limit): a request answered a moment ago still counts until HAProxy frees its stream, just after its
+-- answer left, so a client that sends its next request at once would be refused by a race. Look again
+-- for up to INFLIGHT_GRACE_MS; still over the limit, the request is refused (429).
+local MAX_INFLIGHT = 2  -- endpoint_max_inflight_per_key
+local INFLIGHT_GRACE_MS, INFLIGHT_STEP_MS = 50, 5
+core.register_action("nemotron_inflight", { "http-req" }, function(txn)
+    local waited = 0
+    while (tonumber(txn.f:sc0_conn_cur()) or 0) > MAX_INFLIGHT do
+        if waited >= INFLIGHT_GRACE_MS then
+            txn:set_var("txn.nemotron_over_limit", true)
+            return
+        end
+        core.msleep(INFLIGHT_STEP_MS)
+        waited = waited + INFLIGHT_STEP_MS
     end
 end)

@@ -7,10 +7,17 @@ file of prompts, one per line) and the sampling flags from the command line, wit
 defaults; prints each completion without its prompt; and exits non-zero with a message that says what
 went wrong: 2 connection refused/failed, 3 HTTP error, 4 NeMo rejected the request (HTTP 200 with a
 string body), 5 an answer that is not NeMo's shape. Stdlib only: it runs inside the NeMo container.
+
+Through the endpoint (HAProxy on the login node): `--host LOGIN --port 1424 --tls --ca-file
+/etc/haproxy/nemotron-endpoint.crt`, with the API key in the environment variable NEMOTRON_API_KEY (or
+a file: --api-key-file; never on the command line, where other users could read it). A replica's own
+node needs neither.
 """
 
 import argparse
 import json
+import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -44,6 +51,12 @@ def parse_args(argv=None):
     p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--add-bos", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for an answer")
+    p.add_argument("--tls", action="store_true", help="https: the endpoint with TLS (endpoint_tls)")
+    p.add_argument("--ca-file", help="with --tls: verify the endpoint's certificate against this file")
+    p.add_argument(
+        "--api-key-file",
+        help="read the endpoint's API key from this file (default: the environment variable NEMOTRON_API_KEY)",
+    )
     p.add_argument("--json", action="store_true", help="print the completions as one JSON list")
     return p.parse_args(argv)
 
@@ -62,15 +75,19 @@ def generate(args, prompts):
         "min_tokens_to_generate": args.min_tokens,
         "end_strings": END_STRINGS,
     }
-    url = f"http://{args.host}:{args.port}/generate"
-    req = urllib.request.Request(
-        url, data=json.dumps(data).encode(), method="PUT", headers={"Content-Type": "application/json"}
-    )
+    url = f"{'https' if args.tls else 'http'}://{args.host}:{args.port}/generate"
+    headers = {"Content-Type": "application/json"}
+    if args.api_key:
+        headers["Authorization"] = f"Bearer {args.api_key}"
+    req = urllib.request.Request(url, data=json.dumps(data).encode(), method="PUT", headers=headers)
+    context = ssl.create_default_context(cafile=args.ca_file) if args.tls else None
     try:
-        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+        with urllib.request.urlopen(req, timeout=args.timeout, context=context) as resp:
             body = resp.read()
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")[:500]
+        if exc.code == 401:
+            detail += " (set NEMOTRON_API_KEY to your API key, or pass --api-key-file)"
         raise ServerError(3, f"{url} answered HTTP {exc.code}: {detail}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -101,6 +118,18 @@ def read_prompts(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.ca_file and not args.tls:
+        print("call_server: --ca-file goes with --tls", file=sys.stderr)
+        return 2
+    try:
+        if args.api_key_file:
+            with open(args.api_key_file, encoding="utf-8") as f:
+                args.api_key = f.readline().strip()
+        else:
+            args.api_key = os.environ.get("NEMOTRON_API_KEY", "").strip()
+    except OSError as exc:
+        print(f"call_server: --api-key-file {args.api_key_file}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     prompts = read_prompts(args)
     if not prompts:
         print("call_server: no prompts to send", file=sys.stderr)
