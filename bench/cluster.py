@@ -107,36 +107,19 @@ def _parallel(fn, items) -> list:
 
 
 def reset(sandbox, nodes: int, settings) -> None:
-    """Remove what the deploy placed, so the next deploy is a first deploy (image excepted).
-
-    Compute nodes 1..N: node-local /opt/nemotron-deploy. Login: /opt/nemotron-deploy (the health
-    venv and its wheels), /etc/cron.d/nemotron-health, the health check's state and textfile dirs
-    and its user, its sudoers rule, and the endpoint (HAProxy stopped, its config removed: without
-    this, a first deploy after one of the same size found HAProxy running with the same config
-    and skipped starting it, 0.6 s at 64 nodes, so the first deploy's time hung on the order of
-    sizes). Shared: <shared>/nemotron-deploy (sbatch, logs), after cancelling the deploy's
-    Slurm jobs, whose logs live there. The images stay (podman's, and pyxis's file in the shared
-    dir's images/): first deploys are measured with the image already there (the registry part
-    measures the fetch on its own).
+    """Compute nodes 1..N and the login node as never deployed (nemotron_rehearsal.sandbox.reset, the
+    tests' definition too), after cancelling the deploy's Slurm jobs, whose logs live in the shared
+    dir. It stops HAProxy and removes its config: otherwise a first deploy after one of the same size
+    found HAProxy running with the same config and skipped starting it (0.6 s at 64 nodes), so the
+    first deploy's time hung on the order of sizes. The images stay: first deploys are measured with
+    the image there (the registry part measures the fetch on its own).
     """
-    from nemotron_deploy.deploy.operations.health_timer import METRICS_DIR, STATE_DIR
+    from nemotron_rehearsal.sandbox import reset as never_deployed
 
     sb = sandbox_api()
-    user = settings.health_user
-    shared = f"{sandbox.shared_dir}/nemotron-deploy"
-    login_script = (
-        f"scancel --name {settings.job_name} 2>/dev/null; "
-        # The images stay (pyxis's imported file is under the shared dir): first deploys exclude the fetch.
-        f"find {shared} -mindepth 1 -maxdepth 1 ! -name images -exec rm -rf {{}} + 2>/dev/null; "
-        f"rm -rf {NODE_DIR} {CRON_FILE} {STATE_DIR} {METRICS_DIR} {settings.prometheus_textfile_dir}; "
-        # The endpoint as a never-deployed login node has it: HAProxy installed, stopped, no config.
-        "/etc/init.d/haproxy stop >/dev/null 2>&1; rm -f /etc/haproxy/haproxy.cfg "
-        "/etc/haproxy/nemotron_envelope.lua /etc/sudoers.d/nemotron-health; "
-        f"if id {user} >/dev/null 2>&1; then userdel {user}; fi; "
-        f"if getent group {user} >/dev/null; then groupdel {user}; fi; true"
-    )
+    login_script = f"scancel --name {settings.job_name} 2>/dev/null; " + never_deployed.login_script(settings)
     jobs = [(sandbox.login.name, ["sh", "-c", login_script])]
-    jobs += [(n.name, ["rm", "-rf", NODE_DIR]) for n in sandbox.compute[:nodes]]
+    jobs += [(n.name, never_deployed.compute_command(settings)) for n in sandbox.compute[:nodes]]
     _parallel(lambda job: sb.node_run(job[0], job[1], timeout=60), jobs)
 
 

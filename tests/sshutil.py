@@ -8,6 +8,7 @@ same path on the host and every node; /opt is private to each node, so it is rea
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -241,26 +242,27 @@ def remove_image(sandbox, node: str) -> None:
 
 
 def reset_deploy(sandbox, *, wait_for_processes: bool = True) -> None:
-    """Remove what a previous deploy placed, on every node: the next deploy starts from nothing.
+    """Remove what a previous deploy placed, on every node: the next deploy starts from nothing
+    (nemotron_rehearsal.sandbox.reset, the bench's definition too).
 
     Jobs are cancelled first (their logs live in the shared dir being removed). The images stay
     (podman's, and pyxis's imported file): pulling and importing are tested on their own.
     """
+    from nemotron_rehearsal.sandbox import reset
+
     cancel_jobs(sandbox, wait_for_processes=wait_for_processes)
+    settings = sandbox_settings()
     for node in sandbox.compute_names:
-        ssh(sandbox, node, f"rm -rf {NODE_DIR}")
-    ssh(
-        sandbox,
-        sandbox.login_host,
-        f"find {DEPLOY_SHARED} -mindepth 1 -maxdepth 1 ! -name images -exec rm -rf {{}} + 2>/dev/null; "
-        f"rm -rf {NODE_DIR} {CRON_FILE} {HEALTH_STATE_DIR} {HEALTH_METRICS_DIR} {DEPLOY_STATE_DIR} {TEXTFILE_DIR}; "
-        # The endpoint as a fresh login node has it: HAProxy stopped, the package's config only.
-        "/etc/init.d/haproxy stop >/dev/null 2>&1; rm -f /etc/haproxy/haproxy.cfg "
-        "/etc/haproxy/nemotron_envelope.lua /etc/haproxy/nemotron_api_keys.map "
-        "/etc/haproxy/nemotron-endpoint.crt /etc/haproxy/nemotron-endpoint.crt.key /etc/sudoers.d/nemotron-health; "
-        f"if id {HEALTH_USER} >/dev/null 2>&1; then userdel {HEALTH_USER}; fi; "
-        f"getent group {HEALTH_USER} >/dev/null && groupdel {HEALTH_USER}; true",
-    )
+        ssh(sandbox, node, shlex.join(reset.compute_command(settings)))
+    ssh(sandbox, sandbox.login_host, reset.login_script(settings))
+
+
+@functools.cache
+def sandbox_settings():
+    """The sandbox inventory's settings (what the deploys under test place things by)."""
+    from nemotron_deploy import inventory
+
+    return inventory.load(str(REPO / "inventories" / "sandbox.py")).settings
 
 
 # --- the endpoint -----------------------------------------------------------------------------------
