@@ -93,11 +93,16 @@ def _dir_steps(dirs: list[WantedDir], current: dict[str, PathState]) -> list[str
         if have is None:
             # Created, never adopted: mkdir fails if anything took the name since the read (another
             # account in a sticky scratch dir), where install -d would adopt it or follow its link.
-            # Missing parents (rare: a shared_dir not made yet) are made root's first.
+            # Missing parents (rare: a shared_dir not made yet) are made root's first. A directory
+            # root made since the read is ours (this deploy's image import on shared storage makes
+            # <deploy>/images, so <deploy> too, before the login node's files): a real directory,
+            # not a link, owned by root; anything else fails the step.
             parent = shlex.quote(d.path.rsplit("/", 1)[0] or "/")
+            made_by_root = f'{{ [ -d {q} ] && [ ! -L {q} ] && [ "$(stat -c %u -- {q})" = 0 ]; }}'
             steps.append(
-                f"{{ [ -d {parent} ] || install -d -m 755 {parent}; }} && mkdir -m {d.mode} -- {q} "
-                f"&& chown -h {owner} -- {q}"
+                f"{{ [ -d {parent} ] || install -d -m 755 {parent}; }} "
+                f"&& {{ mkdir -m {d.mode} -- {q} || {made_by_root}; }} "
+                f"&& chown -h {owner} -- {q} && chmod {d.mode.zfill(5)} -- {q}"
             )
         elif d.adopt and (have.kind, have.mode, have.user, have.group) != (
             "directory",
@@ -245,7 +250,9 @@ def _upload_then_run(state: Any, host: Any, data: bytes, command: str) -> bool:
     if not upload.execute(state, host, {}):
         host.run_shell_command(StringCommand(f"rm -rf {shlex.quote(private)}"))
         return False
-    ok, _ = host.run_shell_command(StringCommand(f"unpacked={shlex.quote(private)} && {command}"))
+    ok, out = host.run_shell_command(StringCommand(f"unpacked={shlex.quote(private)} && {command}"))
     if not ok:
+        # Say what failed: pyinfra reports a FunctionCommand's failure as "executed 0 commands" only.
+        host.log_styled(f"placing the files failed: {(out.stderr or out.stdout)[-2000:]}", fg="red")
         host.run_shell_command(StringCommand(f"rm -rf {shlex.quote(private)}"))
     return ok
