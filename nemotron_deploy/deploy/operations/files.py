@@ -10,8 +10,10 @@ from functools import lru_cache
 from io import BytesIO, StringIO
 from typing import Any
 
+from paramiko import SSHException
 from pyinfra import host, logger, state
 from pyinfra.api import FunctionCommand, StringCommand, operation
+from pyinfra.api.exceptions import ConnectError
 from pyinfra.facts.files import FileContents
 from pyinfra.operations.util.files import generate_color_diff
 
@@ -236,6 +238,17 @@ PRIVATE_DIR = re.compile(r"^/tmp/nemotron-deploy\.[A-Za-z0-9]+$")
 
 
 def _upload_then_run(state: Any, host: Any, data: bytes, command: str) -> bool:
+    """`_upload_then_run_in_private_dir`; a connection lost on the way fails this host alone, as any
+    command's would (pyinfra reports an exception from a Python callback as an unexpected error,
+    with a traceback, where reachability.report_unreachable_hosts names the host and its address)."""
+    try:
+        return _upload_then_run_in_private_dir(state, host, data, command)
+    except (SSHException, ConnectError, EOFError) as exc:
+        host.log_styled(f"placing the files failed: the connection was lost ({exc})", fg="red")
+        return False
+
+
+def _upload_then_run_in_private_dir(state: Any, host: Any, data: bytes, command: str) -> bool:
     """Upload `data` into a directory made for this run (mktemp -d: 0700, a name no one can guess
     or take first) and run `command` with it as $unpacked. Never a fixed /tmp path: another account
     could create it first, as a link to a file root would then overwrite, or a bundle root unpacks."""
