@@ -26,6 +26,7 @@ from nemotron_rehearsal import sandbox as sb_api
 from nemotron_rehearsal.sandbox import docker as sb_docker
 from nemotron_rehearsal.sandbox import netns as sb_netns
 from sshutil import (
+    ENDPOINT_CERT,
     HEALTH_VENV,
     IMAGE,
     JOB_NAME,
@@ -40,6 +41,7 @@ from sshutil import (
     leftover_processes,
     op_statuses,
     pyinfra,
+    rehearsal_key,
     ssh,
     wait_for,
 )
@@ -99,10 +101,14 @@ def _submit() -> str:
 
 
 def _endpoint_generates(sandbox) -> bool:
+    """The deployed check's one generation through the endpoint, as a client: TLS against the
+    deployed certificate, the rehearsal's API key on standard input."""
     probe = ssh(
         sandbox,
         sandbox.login_host,
-        f"{HEALTH_VENV}/bin/python -m nemotron_deploy.service.health --endpoint http://localhost:{PORT}",
+        f"{HEALTH_VENV}/bin/python -m nemotron_deploy.service.health --endpoint https://127.0.0.1:{PORT} "
+        f"--ca-file {ENDPOINT_CERT} --api-key-file - --no-state-file",
+        input=rehearsal_key() + "\n",
         check=False,
     )
     return probe.returncode == 0 and probe.stdout.startswith("NEMOTRON OK")

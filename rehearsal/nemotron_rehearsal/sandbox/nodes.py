@@ -21,6 +21,7 @@ import json
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -107,14 +108,20 @@ def ensure_host_mountpoints() -> None:
         HOST_DIRS_FILE.write_text(json.dumps(sorted(set(previous) | set(created))))
 
 
+_HOST_DIRS_LOCK = threading.Lock()
+
+
 def ensure_host_mountpoint(path: str) -> None:
     """A directory the nodes bind over later (e.g. docker's data root), created if the host lacks it
-    and recorded for `down` like the PRIVATE_DIRS."""
-    if Path(path).exists():
-        return
-    Path(path).mkdir(parents=True)
-    previous = json.loads(HOST_DIRS_FILE.read_text()) if HOST_DIRS_FILE.exists() else []
-    HOST_DIRS_FILE.write_text(json.dumps(sorted({*previous, path})))
+    and recorded for `down` like the PRIVATE_DIRS. Nodes start their engines in parallel threads:
+    one creates and records it, the others find it."""
+    with _HOST_DIRS_LOCK:
+        try:
+            Path(path).mkdir(parents=True)
+        except FileExistsError:
+            return
+        previous = json.loads(HOST_DIRS_FILE.read_text()) if HOST_DIRS_FILE.exists() else []
+        HOST_DIRS_FILE.write_text(json.dumps(sorted({*previous, path})))
 
 
 def remove_host_mountpoints() -> None:
