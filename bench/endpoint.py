@@ -224,12 +224,14 @@ class Stack:
             "render_seconds": round(time.monotonic() - t0, 2),
         }
 
-    def emulator(self, name: str, slow: float) -> int:
-        """Start one replica process; returns its port once it can generate."""
+    def emulator(self, name: str, slow: float, load_delay: float = 0.0) -> int:
+        """Start one replica process (its port refuses connections for `load_delay` s, as a loading
+        replica's does); returns its port."""
         port = common.free_port()
         ready = self.workdir / f"{name}.ready"
+        ready.unlink(missing_ok=True)
         env = common.child_env(
-            NEMO_EMULATOR_LOAD_DELAY="0",
+            NEMO_EMULATOR_LOAD_DELAY=f"{load_delay:g}",
             NEMO_EMULATOR_READY_FILE=str(ready),
             NEMO_EMULATOR_TOKEN_SECONDS="0",
             NEMO_EMULATOR_SLOW_SECONDS=f"{slow:g}",
@@ -468,6 +470,125 @@ def failover(stack: Stack, seconds: float, log) -> dict:
     return out
 
 
+SUSTAINED_CLIENTS = int(
+    __import__("os").environ.get("SUS_CLIENTS", "2")
+)  # back to back, no pause: a few hundred requests/s against replicas with no generation time
+ROLL_LOAD_DELAY = 2.0  # seconds a rolled replica's new process refuses connections while "loading"
+
+
+def _down_reasons(log_text: str) -> dict[str, int]:
+    """HAProxy's own words for each time a slot went DOWN (its log), counted: the evidence of why."""
+    reasons: dict[str, int] = {}
+    for line in log_text.splitlines():
+        if " is DOWN" in line and line.startswith("Server "):
+            why = line.split(" is DOWN", 1)[1].split(". ", 1)[0].strip(", ")
+            why = why.split(" info:")[0].split(" check duration")[0].rstrip(",")
+            reasons[why] = reasons.get(why, 0) + 1
+    return reasons
+
+
+def sustained(stack: Stack, seconds: float, log) -> dict:
+    """2 replicas with no generation time, SUSTAINED_CLIENTS clients back to back for `seconds`, while
+    the replicas are rolled one at a time again and again as nemotron_deploy.service.rollout does it
+    where there is no room for one more (drain, wait for the request in flight, maintenance, the old
+    process stopped as scancel would, a new one that refuses connections for ROLL_LOAD_DELAY s while
+    it loads, the slot pointed at it once it generates, wait until HAProxy has it UP).
+    Counts failed requests, and the time no slot was UP (sampled every 10 ms)."""
+    stack.emulator("s1", 0.0)
+    stack.emulator("s2", 0.0)
+    stack.wait_emulators()
+    stack.sync(r1="s1", r2="s2")
+    serving = {"r1": "s1", "r2": "s2"}
+    log_start = stack.haproxy_log.stat().st_size
+    stop = threading.Event()
+    rolls: list[float] = []
+    no_replica: list[tuple[float, float]] = []  # (from, to) monotonic, while no slot was up
+
+    def sample() -> None:
+        since = None
+        while not stop.is_set():
+            up = any(v.status == "up" for k, v in stack.states().items() if k in SLOTS)
+            now = time.monotonic()
+            if not up and since is None:
+                since = now
+            elif up and since is not None:
+                no_replica.append((since, now))
+                since = None
+            time.sleep(0.01)
+        if since is not None:
+            no_replica.append((since, time.monotonic()))
+
+    def wait(what: str, predicate, timeout: float = STATUS_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sustained load: {what} not within {timeout:g}s")
+            time.sleep(0.01)
+
+    def in_flight(slot: str) -> int:
+        lines = endpoint_sync.command(stack.socket, "show stat")
+        return int(endpoint_sync.parse_stat(lines)[slot].get("scur") or 0)
+
+    def roll(slot: str, n: int) -> None:
+        t0 = time.monotonic()
+        old = serving[slot]
+        endpoint_sync.command(stack.socket, f"set server {endpoint_sync.BACKEND}/{slot} state drain")
+        wait(f"{slot}'s request in flight", lambda: in_flight(slot) == 0)
+        endpoint_sync.apply(stack.socket, {slot: (None, 0)})
+        common.stop(stack.emulators[old][0])
+        new = f"{slot}-{n}"
+        stack.emulator(new, 0.0, load_delay=ROLL_LOAD_DELAY)
+        common.wait_ready(stack.workdir / f"{new}.ready", stack.emulators[new][0])
+        endpoint_sync.apply(stack.socket, {slot: (common.LOOPBACK, stack.emulators[new][1])})
+        wait(f"{slot} UP on its new process", lambda: stack.states()[slot].status == "up")
+        serving[slot] = new
+        rolls.append(time.monotonic() - t0)
+
+    def roller() -> None:
+        n = 0
+        while not stop.wait(0.5):
+            n += 1
+            for slot in SLOTS:
+                if stop.is_set():
+                    return
+                roll(slot, n)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rolling = threading.Thread(target=roller, daemon=True)
+    records, t0 = load(stack, SUSTAINED_CLIENTS, seconds, "sustained", at=(0.0, rolling.start))
+    stop.set()
+    rolling.join(STATUS_TIMEOUT * 2)
+    sampler.join(5)
+    failed = [r for r in records if r["error"] is not None]
+    kinds: dict[str, int] = {}
+    for r in failed:
+        kinds[r["error"][:60]] = kinds.get(r["error"][:60], 0) + 1
+    gaps = [b - a for a, b in no_replica]
+    out = {
+        "clients": SUSTAINED_CLIENTS,
+        "seconds": seconds,
+        "requests": len(records),
+        "rps": len(records) / seconds,
+        "failures": len(failed),
+        "failed_503": sum(1 for r in failed if r["error"].startswith("HTTP 503")),
+        "failure_kinds": kinds,
+        "failed_span": (failed[-1]["end"] - failed[0]["start"]) if failed else 0.0,
+        "rolls": len(rolls),
+        "roll_seconds": common.Summary.of(rolls).as_dict(),
+        "no_replica_up_seconds": sum(gaps),
+        "no_replica_up_longest": max(gaps, default=0.0),
+        "down_reasons": _down_reasons(stack.haproxy_log.read_text()[log_start:]),
+    }
+    log(
+        f"endpoint sustained load: {out['failures']} failed of {out['requests']} ({out['rps']:.0f} req/s, "
+        f"{out['failed_503']} HTTP 503) while {out['rolls']} replica(s) were rolled; no slot UP for "
+        f"{out['no_replica_up_seconds'] * 1e3:.0f} ms in all (longest {out['no_replica_up_longest'] * 1e3:.0f} ms); "
+        f"slots went DOWN: {out['down_reasons'] or 'never'}"
+    )
+    return out
+
+
 def run(seconds: float = 5.0, requests: int = 1000, clients: int = 8, *, log=print) -> dict:
     """All three measurements on one endpoint; `seconds` per throughput round (and the failover's
     length after the kill), `requests` latency samples per path."""
@@ -486,6 +607,7 @@ def run(seconds: float = 5.0, requests: int = 1000, clients: int = 8, *, log=pri
             out["latency"] = latency(stack, requests, log)
             out["throughput"] = throughput(stack, clients, seconds, log)
             out["failover"] = failover(stack, seconds, log)
+            out["sustained"] = sustained(stack, max(10.0, 4 * seconds), log)
         except Exception:
             tail = stack.haproxy_log.read_text()[-1500:] if stack.haproxy_log.exists() else ""
             if tail:
