@@ -589,6 +589,68 @@ def sustained(stack: Stack, seconds: float, log) -> dict:
     return out
 
 
+def refused_once(stack: Stack, log) -> dict:
+    """One refused connection on the replica that serves while the other slot is drained (a
+    rollout's window): how long its slot was not UP, and how many of the requests sent meanwhile
+    (one client, back to back, for a second after the refusal) failed. The refusal is made by
+    pointing the slot at a closed port for the one try, then back."""
+    import socket
+
+    for fresh in ("o1", "o2"):  # the earlier parts killed or stopped theirs
+        stack.emulator(fresh, GENERATION_SECONDS)
+        common.wait_ready(stack.workdir / f"{fresh}.ready", stack.emulators[fresh][0])
+    stack.sync(r1="o1", r2="o2")
+    name = "o1"
+    endpoint_sync.command(stack.socket, f"set server {endpoint_sync.BACKEND}/r2 state drain")
+    closed = socket.socket()
+    closed.bind((common.LOOPBACK, 0))  # bound, not listening: connections to it are refused
+    records: list[tuple[int, bytes] | str] = []
+    states: list[tuple[float, str]] = []
+    try:
+        target = f"{endpoint_sync.BACKEND}/r1"
+        endpoint_sync.command(
+            stack.socket, f"set server {target} addr {common.LOOPBACK} port {closed.getsockname()[1]}"
+        )
+        first = threading.Thread(
+            target=lambda: records.append(put(stack.port, body("refused once"), **stack.client(0)))
+        )
+        first.start()
+        deadline = time.monotonic() + STATUS_TIMEOUT
+        while int(endpoint_sync.backend_stat(stack.socket)["r1"].get("hanafail") or 0) < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError("refused once: r1's connection was never refused")
+            time.sleep(0.001)
+        endpoint_sync.command(
+            stack.socket, f"set server {target} addr {common.LOOPBACK} port {stack.emulators[name][1]}"
+        )
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.5:
+            try:
+                status, data = put(stack.port, body("after the refusal"), **stack.client(1))
+                records.append((status, data))
+            except OSError as exc:
+                records.append(f"{type(exc).__name__}: {exc}")
+            states.append((time.monotonic() - t0, stack.states()["r1"].status))
+        first.join(STATUS_TIMEOUT)
+    finally:
+        closed.close()
+        endpoint_sync.command(stack.socket, f"set server {endpoint_sync.BACKEND}/r2 state ready")
+    failed = [r for r in records if isinstance(r, str) or problem(*r) is not None]
+    not_up = [t for t, st in states if st != "up"]
+    out = {
+        "requests": len(records),
+        "failures": len(failed),
+        "failed_503": sum(1 for r in failed if not isinstance(r, str) and r[0] == 503),
+        "slot_not_up_seconds": (max(not_up) - min(not_up)) if not_up else 0.0,
+        "slot_states": sorted({st for _, st in states}),
+    }
+    log(
+        f"endpoint refused once: {out['failures']} failed of {out['requests']} requests "
+        f"({out['failed_503']} HTTP 503); the serving slot was not UP for {out['slot_not_up_seconds'] * 1e3:.0f} ms"
+    )
+    return out
+
+
 def run(seconds: float = 5.0, requests: int = 1000, clients: int = 8, *, log=print) -> dict:
     """All three measurements on one endpoint; `seconds` per throughput round (and the failover's
     length after the kill), `requests` latency samples per path."""
@@ -608,6 +670,7 @@ def run(seconds: float = 5.0, requests: int = 1000, clients: int = 8, *, log=pri
             out["throughput"] = throughput(stack, clients, seconds, log)
             out["failover"] = failover(stack, seconds, log)
             out["sustained"] = sustained(stack, max(10.0, 4 * seconds), log)
+            out["refused_once"] = refused_once(stack, log)
         except Exception:
             tail = stack.haproxy_log.read_text()[-1500:] if stack.haproxy_log.exists() else ""
             if tail:
