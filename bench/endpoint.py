@@ -19,7 +19,7 @@ Everything runs on loopback, no root, nothing shared with the sandbox:
   key-pair script, here), and an API key each (made with ``api-key new``'s code: one key per client,
   as separate users, so the per-key limit of requests in flight does not throttle the load).
 
-Three measurements:
+Five measurements:
 
 1. throughput: replicas with a fixed generation time (``NEMO_EMULATOR_SLOW_SECONDS``), ``clients``
    closed-loop clients through the endpoint, rounds of 1, 2, 2, 1 replicas (drift cancels); for 1,
@@ -29,6 +29,11 @@ Three measurements:
 3. failover: 2 replicas, ``FAILOVER_CLIENTS`` clients, one replica's process SIGKILLed mid-run; failed
    requests, the longest time between two answers around the kill, the request that was on the killed
    replica, and the time until HAProxy shows the slot DOWN (polled on the stats socket).
+4. sustained load: 2 clients back to back against replicas with no generation time (a few hundred
+   requests/s) for max(10, 4 x seconds) s while both replicas are rolled again and again; failed
+   requests, and the time no slot was UP.
+5. refused once: the only serving replica (the other drained) refuses one connection; failed requests
+   in the 1.5 s after it, and how long its slot was not UP (issue 20's 503 bursts).
 """
 
 from __future__ import annotations
@@ -482,7 +487,7 @@ def _down_reasons(log_text: str) -> dict[str, int]:
     for line in log_text.splitlines():
         if " is DOWN" in line and line.startswith("Server "):
             why = line.split(" is DOWN", 1)[1].split(". ", 1)[0].strip(", ")
-            why = why.split(" info:")[0].split(" check duration")[0].rstrip(",")
+            why = why.split(" info:")[0].split(" check duration")[0].strip(" ,.()")
             reasons[why] = reasons.get(why, 0) + 1
     return reasons
 
