@@ -248,6 +248,16 @@ def test_plan_commands_touch_only_slots_that_differ():
         "set server replicas/r3 state ready",
         "set server replicas/r5 state ready",
     ]
+    # A slot that serves (r4 UP) or drains (r5) and moves: DOWN before its new address, so that no
+    # request goes there before a check passed.
+    moved = {"r4": ("10.0.0.10", 1424), "r5": ("10.0.0.11", 1424)}
+    assert endpoint_sync.plan_commands(current, moved) == [
+        "set server replicas/r4 health down",
+        "set server replicas/r4 addr 10.0.0.10 port 1424",
+        "set server replicas/r5 health down",
+        "set server replicas/r5 addr 10.0.0.11 port 1424",
+        "set server replicas/r5 state ready",
+    ]
     with pytest.raises(endpoint_sync.SyncError, match="no slot"):
         endpoint_sync.plan_commands(current, {"r9": ("10.0.0.9", 1424)})
 
