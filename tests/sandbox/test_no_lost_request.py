@@ -32,6 +32,7 @@ from sshutil import (
     endpoint_cert,
     pyinfra,
     rehearsal_key,
+    reset_deploy,
 )
 from test_replicas import R1, R2, SOCKET, _jobs, _serve_both
 
@@ -160,7 +161,7 @@ def _quoted(text: str) -> str:
 @pytest.fixture(scope="module", autouse=True)
 def _alone(sandbox):
     with sb_api.exclusive_use("no-lost-request test (heavy load, rollouts)"):
-        cancel_jobs(sandbox)
+        reset_deploy(sandbox)  # from "never deployed": whatever an earlier session's deploy left
         yield
         cancel_jobs(sandbox)
 
