@@ -183,6 +183,8 @@ def render_endpoint(
         "retry_after": endpoint.RETRY_AFTER_SECONDS,
         "inflight_grace_ms": endpoint.INFLIGHT_GRACE_MS,
         "inflight_step_ms": endpoint.INFLIGHT_STEP_MS,
+        "replica_wait_ms": endpoint.REPLICA_WAIT_MS,
+        "replica_step_ms": endpoint.REPLICA_STEP_MS,
     }
     env = _environment()
     files = [

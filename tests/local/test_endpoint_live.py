@@ -211,6 +211,33 @@ def test_one_refused_connection_does_not_take_the_serving_replica_out(two):
     assert seen == {"up"}, (seen, ep.log.read_text()[-2000:])
 
 
+def test_a_request_meeting_no_replica_up_waits_for_one_that_is_down(two):
+    """r2 drained, r1 refuses two connections in a row (a dead replica's sign): r1 is DOWN, and the
+    endpoint has no replica UP. A request then waits (the envelope's nemotron_wait_for_replica) while
+    a slot is DOWN rather than in maintenance, and is answered once r1's next check (within a
+    second) brings it back, instead of 503 "No replica is up" at once."""
+    ep, a, b = two
+    endpoint_sync.command(ep.socket, "set server replicas/r2 state drain")
+    ep.wait_status("r2", "drain")
+    closed = socket.socket()
+    closed.bind((HOST, 0))
+    try:
+        endpoint_sync.command(ep.socket, f"set server replicas/r1 addr {HOST} port {closed.getsockname()[1]}")
+        refused = threading.Thread(target=lambda: ep.put(ask("refused twice"), timeout=20))
+        refused.start()
+        ep.wait_status("r1", "down", timeout=10)
+        endpoint_sync.command(ep.socket, f"set server replicas/r1 addr {HOST} port {a.port}")
+        started = time.monotonic()
+        status, text = ep.put(ask("while none is up"))
+        waited = time.monotonic() - started
+        refused.join(30)
+    finally:
+        closed.close()
+    assert status == 200, text
+    assert ep.state()["r1"].status == "up"
+    assert 0.05 < waited < 3, f"answered after {waited:.2f} s"
+
+
 def test_envelope_refuses_too_many_prompts_before_any_replica(two):
     """More prompts than inference_batch (8), or sentences that would wedge NeMo: 400 with a message
     naming the limit and the setting, and no replica sees the request. Log-probs pass on H100 (the
