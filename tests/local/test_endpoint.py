@@ -137,7 +137,7 @@ def test_config_one_request_per_replica_bounded_queue_and_retries(h100_cfg):
         h100_cfg,
         re.M,
     )
-    # A DOWN slot is checked every second: a new or recovered replica serves a second after it generates.
+    # A slot whose check failed is checked every second: it is back a second after it generates again.
     assert re.search(r"^\s+server-template r 1-3 .* downinter 1s ", h100_cfg, re.M)
     assert "timeout queue 120s" in h100_cfg
     assert re.search(r"http-error status 503 .*The replicas are busy", h100_cfg)
