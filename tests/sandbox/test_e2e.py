@@ -245,6 +245,24 @@ def test_every_rank_runs_inside_the_imported_image(sandbox, serving):
         assert probe == ["inside"] * sandbox.gpus_per_node, f"{node}: {probe}"
 
 
+def test_the_server_and_its_job_run_as_the_service_user_not_root(sandbox, serving):
+    """service_user (the sandbox's `nemotron`, the same UID on every node): Slurm runs the job as it
+    and every rank's server process, in its enroot container, is that account's; the job files are
+    mounted read-only into the container."""
+    job_id, _ = serving
+    user = ssh(sandbox, sandbox.login_host, f"squeue -h -j {job_id} -o %u").stdout.strip()
+    assert user == "nemotron", f"job {job_id} runs as {user!r}, not the service user"
+    for node in sandbox.compute_names[:2]:
+        owners = ssh(
+            sandbox, node, "for p in $(pgrep -f '[m]egatron_gpt_eval.py'); do stat -c %U /proc/$p; done"
+        ).stdout.split()
+        assert owners == ["nemotron"] * sandbox.gpus_per_node, f"{node}: server processes of {owners}"
+        pid = ssh(sandbox, node, "pgrep -f '[m]egatron_gpt_eval.py' | head -n 1").stdout.strip()
+        mounts = ssh(sandbox, node, f"cat /proc/{pid}/mounts").stdout
+        scripts = [line for line in mounts.splitlines() if f" {SCRIPTS_DIR} " in line]
+        assert scripts and all(" ro," in line or " ro " in line for line in scripts), scripts or mounts
+
+
 def test_a_new_image_tag_is_imported_beside_the_running_jobs_file(sandbox, serving):
     """pyxis: a new tag is a new file (never the old name reused), imported while the job serves from
     the old one, which stays in place; the sbatch then points at the new file."""
