@@ -90,7 +90,7 @@ def render(cluster: Cluster) -> list[RenderedFile]:
         "passed_env": [*SLURM_TASK_ENV, *s.job_env],
         "mounts": [
             f"{s.model_dir}:{s.model_dir}:ro",
-            f"{s.scripts_dir}:{s.scripts_dir}",
+            f"{s.scripts_dir}:{s.scripts_dir}:ro",
             f"{s.logs_dir}:{s.logs_dir}",
         ],
         "container_stop_seconds": CONTAINER_STOP_SECONDS,
