@@ -134,7 +134,9 @@ def cmd_render(args: argparse.Namespace) -> int:
             text = openai_gateway.config_text(
                 cluster,
                 listen=args.gateway_listen,
-                upstream=f"unix:{args.internal_socket}" if args.internal_socket else f"unix:{openai_gateway.INTERNAL_SOCKET}",
+                upstream=f"unix:{args.internal_socket}"
+                if args.internal_socket
+                else f"unix:{openai_gateway.INTERNAL_SOCKET}",
                 tokenizer=args.tokenizer,
                 timeout_seconds=endpoint.limits(cluster.settings, cluster.plan, 1).client_timeout_s,
             )
