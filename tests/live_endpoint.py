@@ -240,20 +240,13 @@ def running_endpoint(
     inv: Inventory, replicas: int, directory: Path, *, gateway: bool = False
 ) -> Iterator[Endpoint]:
     sock = directory / "admin.sock"
-    extra: list[str] = []
+    sockets = short_socket_dir()
+    extra = ["--internal-socket", str(sockets / "int.sock")]
     if gateway:
-        sockets = short_socket_dir()
         directory.mkdir(parents=True, exist_ok=True)
         tok = train_tokenizer(directory / "tokenizer.model")
         listen = f"unix:{sockets / 'gw.sock'}"
-        extra = [
-            "--gateway-listen",
-            listen,
-            "--internal-socket",
-            str(sockets / "int.sock"),
-            "--tokenizer",
-            str(tok),
-        ]
+        extra += ["--gateway-listen", listen, "--tokenizer", str(tok)]
     rendered = subprocess.run(
         [sys.executable, "-m", "nemotron_deploy.cli", "render", "--endpoint", str(inv.path), "--out", str(directory),
          "--replicas", str(replicas), "--config-dir", str(directory), "--stats-socket", str(sock),
@@ -265,10 +258,10 @@ def running_endpoint(
         with running_gateway(directory / "gateway.json", listen), _haproxy(inv, directory, sock) as ep:
             ep.tokenizer = str(tok)
             yield ep
-        shutil.rmtree(sockets, ignore_errors=True)
-        return
-    with _haproxy(inv, directory, sock) as ep:
-        yield ep
+    else:
+        with _haproxy(inv, directory, sock) as ep:
+            yield ep
+    shutil.rmtree(sockets, ignore_errors=True)
 
 
 @contextmanager

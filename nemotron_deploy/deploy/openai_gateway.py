@@ -7,8 +7,9 @@ the checkpoint's SentencePiece tokenizer, which only Python has at hand. So: a s
 (``service/openai/``) run by systemd as an unprivileged user, restarted on failure, health-checked by
 HAProxy, reachable only by HAProxy through Unix sockets in both directions:
 
-* HAProxy -> gateway: ``SOCKET`` in ``SOCKET_DIR`` (the gateway user's, group haproxy, 0750);
-* gateway -> HAProxy: ``INTERNAL_SOCKET``, an internal frontend (mode 0660, group of the gateway user)
+* HAProxy -> gateway: ``SOCKET`` in ``SOCKET_DIR`` (the gateway user's, group haproxy, 2750: the
+  socket inherits group haproxy);
+* gateway -> HAProxy: ``INTERNAL_SOCKET`` (same directory), an internal frontend (0660, the gateway's group)
   into the replicas' backend (one request per replica, the queue, the envelope), never retried by
   the gateway.
 
@@ -19,13 +20,16 @@ from __future__ import annotations
 
 import json
 import posixpath
+import shlex
 
 USER = "nemotron-gateway"  # its own account and group; HAProxy's group reads its socket directory
 UNIT = "nemotron-gateway"
 STATE_DIR = "/var/lib/nemotron-gateway"
 SOCKET_DIR = f"{STATE_DIR}/run"
 SOCKET = f"{SOCKET_DIR}/gateway.sock"
-INTERNAL_SOCKET = "/run/haproxy/nemotron-internal.sock"
+# HAProxy binds it as root, before dropping privileges, in the gateway's directory (setgid haproxy),
+# owned haproxy, group nemotron-gateway, 0660: only the gateway connects.
+INTERNAL_SOCKET = f"{SOCKET_DIR}/internal.sock"
 CONFIG_DIR = "/etc/nemotron-gateway"
 CONFIG_FILE = "gateway.json"
 BACKEND = "nemotron_gateway"
@@ -74,3 +78,85 @@ def config(
 
 def config_text(cluster, **kwargs) -> str:
     return json.dumps(config(cluster, **kwargs), indent=2, sort_keys=True) + "\n"
+
+
+# The GECOS field of the account the deploy creates (a later deploy tells it from someone else's).
+USER_MARK = "nemotron-deploy openai gateway"
+SYSTEMD_UNIT = f"/etc/systemd/system/{UNIT}.service"
+INIT_SCRIPT = f"/etc/init.d/{UNIT}"
+PIDFILE = f"/run/{UNIT}.pid"
+
+
+def command(venv: str) -> list[str]:
+    return [
+        f"{venv}/bin/python",
+        "-m",
+        "nemotron_deploy.service.openai.gateway",
+        "--config",
+        f"{CONFIG_DIR}/{CONFIG_FILE}",
+    ]
+
+
+def systemd_unit(venv: str) -> str:
+    exec_start = " ".join(shlex.quote(a) for a in command(venv))
+    return f"""# Installed by nemotron-deploy: the endpoint's OpenAI-compatible gateway (HAProxy routes /v1/* here).
+[Unit]
+Description=Nemotron OpenAI-compatible gateway (nemotron-deploy)
+After=network.target
+
+[Service]
+User={USER}
+Group={USER}
+ExecStart={exec_start}
+Restart=always
+RestartSec=1
+UMask=0117
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+ReadWritePaths={SOCKET_DIR}
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def init_script(venv: str) -> str:
+    """Where systemd does not run: start-stop-daemon runs a loop, as the gateway's user, that restarts
+    the gateway 1 s after it exits (systemd's Restart=always); stop ends the loop's process group."""
+    loop = "while :; do " + " ".join(shlex.quote(a) for a in command(venv)) + "; sleep 1; done"
+    return f"""#!/bin/sh
+### BEGIN INIT INFO
+# Provides:          {UNIT}
+# Required-Start:    $network $remote_fs
+# Required-Stop:     $network $remote_fs
+# Default-Start:     2 3 4 5
+# Default-Stop:      0 1 6
+# Short-Description: Nemotron OpenAI-compatible gateway (nemotron-deploy)
+### END INIT INFO
+# Installed by nemotron-deploy.
+PIDFILE={PIDFILE}
+running() {{ [ -s "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }}
+case "$1" in
+  start)
+    running && exit 0
+    umask 0117
+    start-stop-daemon --start --quiet --background --make-pidfile --pidfile "$PIDFILE" \
+      --chuid {USER}:{USER} --startas /bin/sh -- -c {shlex.quote(loop)}
+    ;;
+  stop)
+    if running; then kill -TERM -- "-$(cat "$PIDFILE")" 2>/dev/null || true; fi
+    rm -f "$PIDFILE"
+    ;;
+  restart|force-reload)
+    "$0" stop; sleep 0.2; "$0" start
+    ;;
+  status)
+    if running; then echo "{UNIT} is running"; else echo "{UNIT} is not running"; exit 3; fi
+    ;;
+  *)
+    echo "Usage: $0 {{start|stop|restart|status}}" >&2; exit 2
+    ;;
+esac
+"""
