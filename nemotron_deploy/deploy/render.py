@@ -94,6 +94,9 @@ def render(cluster: Cluster) -> list[RenderedFile]:
             f"{s.logs_dir}:{s.logs_dir}",
         ],
         "container_stop_seconds": CONTAINER_STOP_SECONDS,
+        # call_server.py --chat: the model's prompt template (catalog), as Python literals.
+        "chat_template": repr(dict(s.model_spec.chat_template)) if s.model_spec.chat_template else "None",
+        "chat_model": s.model_spec.openai_id,
     }
     env = _environment()
     files = [

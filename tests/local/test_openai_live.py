@@ -301,3 +301,31 @@ def test_no_replica_is_a_503(tmp_path):
             client(ep).completions.create(model=BASE_ID, prompt="x", max_tokens=2)
     assert err.value.status_code == 503
     assert "No replica is up" in err.value.body["message"]
+
+
+def test_the_deployed_call_server_chats_with_an_instruct_model(instruct, tmp_path):
+    """call_server.py rendered for an instruct inventory: --chat wraps the prompt in the catalog's
+    template and prints the reply up to the first end string; for a base model --chat is refused."""
+    ep, rep = instruct
+    import sys
+
+    from helpers import write_inventory
+
+    for model, name in ((INSTRUCT, "instruct"), ("nemotron-4-340b", "base")):
+        inv = write_inventory(tmp_path / name, "h100", settings={"model": model})
+        rendered = subprocess.run(
+            [sys.executable, "-m", "nemotron_deploy.cli", "render", str(inv), "--out", str(tmp_path / f"{name}-files")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert rendered.returncode == 0, rendered.stderr
+    argv = [sys.executable, str(tmp_path / "instruct-files" / "call_server.py"), "--host", HOST, "--port",
+            str(rep.port), "--tokens", "6", "--chat", "--prompt", "Which GPU?", "--json"]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    prompt = "<extra_id_0>System\n\n<extra_id_1>User\nWhich GPU?\n<extra_id_1>Assistant\n"
+    assert rep.requests[-1] == prompt
+    expected, _ = continuation(prompt, 6, end_strings=[EOD, *catalog.model(INSTRUCT).chat_stop])
+    assert json.loads(done.stdout) == [expected.split(EOD)[0]]
+    argv[1] = str(tmp_path / "base-files" / "call_server.py")
+    refused = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--chat needs a chat model" in refused.stderr
