@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import socket
+import threading
+import time
 from typing import Any
 
 from .errors import ApiError
@@ -50,29 +53,65 @@ def _message(text: str) -> str:
     return text.strip()[:500]
 
 
-def generate(address: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """NeMo's answer (a JSON object with sentences), or ApiError in OpenAI's terms."""
-    data = json.dumps(body).encode()
-    conn = connection(address, timeout)
-    try:
-        try:
-            conn.request(
-                "PUT", "/generate", data, {"Content-Type": "application/json", "Host": "nemotron-gateway"}
-            )
-            resp = conn.getresponse()
-            text = resp.read().decode("utf-8", errors="replace")
-        except TimeoutError:
-            raise ApiError(
-                504, f"No answer from the replicas within {timeout:g} s", code="upstream_timeout"
-            ) from None
-        except OSError as exc:
-            raise ApiError(
-                503,
-                f"The endpoint's internal listener is not reachable ({exc.strerror or exc})",
-                code="upstream_unavailable",
-            ) from None
-    finally:
+# One kept-alive connection to HAProxy's internal listener per gateway thread (a thread serves one
+# HAProxy connection, which HAProxy reuses): no connect and accept per request. Reused only while
+# recently used and not closed by HAProxy (readable when idle = its end closed it, e.g. a reload),
+# checked before sending: a request is never sent on a connection that might drop it, so there is
+# never a reason to send it twice.
+IDLE_REUSE_SECONDS = 5.0  # well under HAProxy's timeout http-keep-alive (60 s)
+_local = threading.local()
+
+
+def _dropped(sock: socket.socket) -> bool:
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
+def _connection(address: str, timeout: float) -> http.client.HTTPConnection:
+    conn = getattr(_local, "conn", None)
+    if conn is not None:
+        fresh = time.monotonic() - _local.used < IDLE_REUSE_SECONDS and _local.address == address
+        if fresh and conn.sock is not None and not _dropped(conn.sock):
+            conn.sock.settimeout(timeout)
+            return conn
         conn.close()
+    conn = connection(address, timeout)
+    _local.conn, _local.address, _local.used = conn, address, time.monotonic()
+    return conn
+
+
+def _forget(conn: http.client.HTTPConnection) -> None:
+    conn.close()
+    if getattr(_local, "conn", None) is conn:
+        _local.conn = None
+
+
+def generate(address: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """NeMo's answer (a JSON object with sentences), or ApiError in OpenAI's terms. Sent once."""
+    data = json.dumps(body).encode()
+    conn = _connection(address, timeout)
+    try:
+        conn.request(
+            "PUT", "/generate", data, {"Content-Type": "application/json", "Host": "nemotron-gateway"}
+        )
+        resp = conn.getresponse()
+        text = resp.read().decode("utf-8", errors="replace")
+    except TimeoutError:
+        _forget(conn)
+        raise ApiError(
+            504, f"No answer from the replicas within {timeout:g} s", code="upstream_timeout"
+        ) from None
+    except (OSError, http.client.HTTPException) as exc:
+        _forget(conn)
+        raise ApiError(
+            503,
+            f"The endpoint's internal listener is not reachable ({getattr(exc, 'strerror', None) or exc})",
+            code="upstream_unavailable",
+        ) from None
+    if resp.will_close:
+        _forget(conn)
+    else:
+        _local.used = time.monotonic()
     if resp.status == 200:
         try:
             answer = json.loads(text)
