@@ -99,11 +99,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"the plan leaves {shapes['logprob_capacity_gib']})",
         ),
         ("endpoint access", endpoint.access_summary(cluster)),
+        ("openai api", _openai_summary(cluster)),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
     return EXIT_OK
+
+
+def _openai_summary(cluster) -> str:
+    from .deploy import openai_gateway
+
+    s, spec = cluster.settings, cluster.settings.model_spec
+    if s.endpoint is False or not openai_gateway.enabled(cluster):
+        return "off (endpoint_openai = false)" if s.endpoint is not False else "no endpoint"
+    routes = "/v1/models, /v1/completions" + (", /v1/chat/completions" if spec.chat_template else "")
+    chat = "" if spec.chat_template else " (a base model: no chat)"
+    return f"{routes} as model {spec.openai_id!r}{chat}; usage by {openai_gateway.tokenizer_path(cluster)}"
 
 
 def cmd_render(args: argparse.Namespace) -> int:
