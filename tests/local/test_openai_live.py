@@ -329,3 +329,14 @@ def test_the_deployed_call_server_chats_with_an_instruct_model(instruct, tmp_pat
     argv[1] = str(tmp_path / "base-files" / "call_server.py")
     refused = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "--chat needs a chat model" in refused.stderr
+
+
+def test_the_gateway_init_script_is_shellcheck_clean(tmp_path):
+    """Where systemd does not run (the sandbox's login node), this script starts and restarts it."""
+    from helpers import shellcheck
+
+    from nemotron_deploy.deploy import openai_gateway
+
+    script = tmp_path / "nemotron-gateway"
+    script.write_text(openai_gateway.init_script("/opt/nemotron-deploy/health-venv"))
+    shellcheck(script)
