@@ -340,3 +340,22 @@ def test_the_gateway_init_script_is_shellcheck_clean(tmp_path):
     script = tmp_path / "nemotron-gateway"
     script.write_text(openai_gateway.init_script("/opt/nemotron-deploy/health-venv"))
     shellcheck(script)
+
+
+def test_routes_methods_and_a_spoofed_key_name(base):
+    """Exact routes (405 with Allow, 404 in OpenAI's shape, both before the gateway), and the key name
+    the gateway counts is HAProxy's, never one a client sends."""
+    ep, _ = base
+    status, headers, text = ep.request("GET", "/v1/completions")
+    assert (status, headers.get("allow")) == (405, "POST"), text
+    status, headers, _ = ep.request("POST", "/v1/models", {})
+    assert (status, headers.get("allow")) == (405, "GET")
+    status, _, text = ep.request("POST", "/v1/embeddings", {"model": BASE_ID, "input": "x"})
+    assert status == 404 and json.loads(text)["error"]["code"] == "not_found"
+    status, _, _ = ep.request("GET", "/v1/models", key=None)
+    assert status == 401
+    body = {"model": BASE_ID, "prompt": "spoof", "max_tokens": 1, "temperature": 0}
+    status, _, text = ep.request("POST", "/v1/completions", body, headers={"X-Nemotron-Key": "someone-else"})
+    assert status == 200, text
+    _, _, metrics = ep.request("GET", "/metrics/openai", key=None)
+    assert 'key="someone-else"' not in metrics
