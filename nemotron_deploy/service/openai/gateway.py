@@ -128,11 +128,27 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, value: Any) -> None:
         self._send(status, json.dumps(value).encode() + b"\n")
 
+    def _chunked(self) -> bytes:
+        out = bytearray()
+        while True:
+            size = int(self.rfile.readline(1024).split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return bytes(out)
+            out += self.rfile.read(size)
+            self.rfile.readline(1024)
+            if len(out) > MAX_BODY:
+                raise ApiError(413, "The request body is too large", code="invalid_body")
+
     def _body(self) -> Any:
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit() or int(length) > MAX_BODY:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raw = self._chunked()
+        elif length is None or not length.isdigit() or int(length) > MAX_BODY:
             raise ApiError(400, "The request needs a JSON body with a Content-Length", code="invalid_body")
-        raw = self.rfile.read(int(length))
+        else:
+            raw = self.rfile.read(int(length))
         try:
             return json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):

@@ -144,7 +144,7 @@ def _count(data: dict, key: str, default: int, low: int) -> int:
     return v
 
 
-def _common(data: Any, limits: Limits) -> tuple[dict, dict[str, Any], int, int, bool]:
+def _common(data: Any, limits: Limits) -> tuple[dict, dict[str, Any], int, bool]:
     if not isinstance(data, dict):
         raise invalid(None, "The request body must be a JSON object")
     _check_model(data, limits)
@@ -158,7 +158,7 @@ def _common(data: Any, limits: Limits) -> tuple[dict, dict[str, Any], int, int, 
     user = data.get("user")
     if user is not None and not isinstance(user, str):
         raise invalid("user", "user must be a string")
-    return data, body, n, 0, stream
+    return data, body, n, stream
 
 
 def _finish(job: Job, limits: Limits, tokenizer) -> Job:
@@ -192,7 +192,7 @@ def _finish(job: Job, limits: Limits, tokenizer) -> Job:
 
 def completion(data: Any, limits: Limits, tokenizer) -> Job:
     """``POST /v1/completions``."""
-    data, body, n, _, stream = _common(data, limits)
+    data, body, n, stream = _common(data, limits)
     prompt = data.get("prompt")
     if isinstance(prompt, str):
         prompts = [prompt]
@@ -231,7 +231,7 @@ def completion(data: Any, limits: Limits, tokenizer) -> Job:
 
 def chat(data: Any, limits: Limits, tokenizer) -> Job:
     """``POST /v1/chat/completions``: only for a model whose catalog entry has a chat template."""
-    data, body, n, _, stream = _common(data, limits)
+    data, body, n, stream = _common(data, limits)
     if limits.chat_template is None:
         raise invalid(
             "model",
