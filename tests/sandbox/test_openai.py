@@ -129,7 +129,8 @@ def test_a_redeploy_changes_nothing_and_a_killed_gateway_comes_back(sandbox, ser
     run = deploy_ok()
     table = results_table(run.output)
     assert table["Grand total"]["Success"] == "-", f"a second run changed things:\n{run.output[-3000:]}"
-    ssh(sandbox, sandbox.login_host, f"pkill -KILL -u {openai_gateway.USER} -f service.openai.gateway")
+    # the gateway's python only (its process name), not the init script's restart loop around it
+    ssh(sandbox, sandbox.login_host, f"pkill -KILL -u {openai_gateway.USER} -x python")
     wait_for(lambda: _models_ok(), 30, "the gateway to be restarted", interval=0.5)
 
 
