@@ -87,14 +87,8 @@ INIT_SCRIPT = f"/etc/init.d/{UNIT}"
 PIDFILE = f"/run/{UNIT}.pid"
 
 
-def command(venv: str) -> list[str]:
-    return [
-        f"{venv}/bin/python",
-        "-m",
-        "nemotron_deploy.service.openai.gateway",
-        "--config",
-        f"{CONFIG_DIR}/{CONFIG_FILE}",
-    ]
+def command(venv: str, config: str = f"{CONFIG_DIR}/{CONFIG_FILE}") -> list[str]:
+    return [f"{venv}/bin/python", "-m", "nemotron_deploy.service.openai.gateway", "--config", config]
 
 
 def systemd_unit(venv: str) -> str:
@@ -122,10 +116,14 @@ WantedBy=multi-user.target
 """
 
 
-def init_script(venv: str) -> str:
+def init_script(
+    venv: str, *, user: str | None = USER, pidfile: str = PIDFILE, config: str = f"{CONFIG_DIR}/{CONFIG_FILE}"
+) -> str:
     """Where systemd does not run: start-stop-daemon runs a loop, as the gateway's user, that restarts
-    the gateway 1 s after it exits (systemd's Restart=always); stop ends the loop's process group."""
-    loop = "while :; do " + " ".join(shlex.quote(a) for a in command(venv)) + "; sleep 1; done"
+    the gateway 1 s after it exits (systemd's Restart=always); stop ends the loop's process group
+    (the loop and the gateway: tests/local/test_openai_live.py runs it)."""
+    chuid = f"--chuid {user}:{user} " if user else ""  # None: as whoever runs it (tests as a user)
+    loop = "while :; do " + " ".join(shlex.quote(a) for a in command(venv, config)) + "; sleep 1; done"
     return f"""#!/bin/sh
 ### BEGIN INIT INFO
 # Provides:          {UNIT}
@@ -136,17 +134,22 @@ def init_script(venv: str) -> str:
 # Short-Description: Nemotron OpenAI-compatible gateway (nemotron-deploy)
 ### END INIT INFO
 # Installed by nemotron-deploy.
-PIDFILE={PIDFILE}
+PIDFILE={shlex.quote(pidfile)}
 running() {{ [ -s "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }}
 case "$1" in
   start)
     running && exit 0
     umask 0117
     start-stop-daemon --start --quiet --background --make-pidfile --pidfile "$PIDFILE" \
-      --chuid {USER}:{USER} --startas /bin/sh -- -c {shlex.quote(loop)}
+      {chuid}--startas /bin/sh -- -c {shlex.quote(loop)}
     ;;
   stop)
-    if running; then kill -TERM -- "-$(cat "$PIDFILE")" 2>/dev/null || true; fi
+    # start-stop-daemon's --background made a new session before its last fork: the loop's process
+    # group is its session's, read from /proc (fields after the command name: state ppid pgrp).
+    if running; then
+      pgrp=$(sed 's/.*) //' "/proc/$(cat "$PIDFILE")/stat" | cut -d' ' -f3)
+      kill -TERM "-$pgrp" 2>/dev/null || true
+    fi
     rm -f "$PIDFILE"
     ;;
   restart|force-reload)

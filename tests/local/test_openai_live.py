@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -331,15 +332,74 @@ def test_the_deployed_call_server_chats_with_an_instruct_model(instruct, tmp_pat
     assert refused.returncode == 2 and "--chat needs a chat model" in refused.stderr
 
 
-def test_the_gateway_init_script_is_shellcheck_clean(tmp_path):
-    """Where systemd does not run (the sandbox's login node), this script starts and restarts it."""
+def test_the_gateway_init_script_starts_restarts_and_stops_it(tmp_path):
+    """Where systemd does not run (the sandbox's login node), the init script runs the gateway in a
+    restart loop: started, its python killed and back within seconds, stopped with its loop. As root
+    it switches to root (--chuid, as to nemotron-gateway on a login node); as a user it stays that user."""
+    import os
+    import signal
+    import sys
+    import time
+
     from helpers import shellcheck
+    from live_endpoint import short_socket_dir, train_tokenizer, wait_for
 
     from nemotron_deploy.deploy import openai_gateway
 
+    sockets = short_socket_dir()
+    config = tmp_path / "gateway.json"
+    config.write_text(json.dumps({
+        "model": BASE_ID, "context_length": 4096, "tokenizer": str(train_tokenizer(tmp_path / "t.model")),
+        "max_prompts": 8, "logprobs_allowed": True, "listen": f"unix:{sockets}/gw.sock",
+        "upstream": f"unix:{sockets}/int.sock", "timeout_seconds": 5,
+    }))  # fmt: skip
+    venv = str(Path(sys.executable).parent.parent)
+    user = "root" if os.geteuid() == 0 else None
     script = tmp_path / "nemotron-gateway"
-    script.write_text(openai_gateway.init_script("/opt/nemotron-deploy/health-venv"))
+    script.write_text(
+        openai_gateway.init_script(venv, user=user, pidfile=str(tmp_path / "gw.pid"), config=str(config))
+    )
+    script.chmod(0o755)
     shellcheck(script)
+
+    def run(action: str) -> int:
+        return subprocess.run([str(script), action], capture_output=True, text=True, timeout=30).returncode
+
+    def gateways(group: int) -> list[int]:
+        out = subprocess.run(["ps", "-e", "-o", "pid=,pgid=,comm="], capture_output=True, text=True).stdout
+        return [
+            int(p)
+            for p, g, c in (line.split() for line in out.splitlines())
+            if int(g) == group and c == "python"
+        ]
+
+    def health() -> bool:
+        from nemotron_deploy.service.openai import upstream
+
+        try:
+            conn = upstream.connection(f"unix:{sockets}/gw.sock", 2)
+            conn.request("GET", "/health")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+
+    assert run("start") == 0
+    try:
+        wait_for(health, 20, "the gateway to answer /health")
+        assert run("status") == 0
+        loop = int((tmp_path / "gw.pid").read_text())
+        group = os.getpgid(loop)
+        (first,) = wait_for(lambda: gateways(group), 10, "the gateway's python")
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: [p for p in gateways(group) if p != first], 10, "the loop to start it again")
+        wait_for(health, 20, "the restarted gateway to answer /health")
+    finally:
+        assert run("stop") == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (gateways(group) or os.path.exists(f"/proc/{loop}")):
+        time.sleep(0.05)
+    assert not gateways(group) and not os.path.exists(f"/proc/{loop}"), "stop left the loop or the gateway"
+    assert run("status") == 3
 
 
 def test_routes_methods_and_a_spoofed_key_name(base):
