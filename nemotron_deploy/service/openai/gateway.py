@@ -180,6 +180,10 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as err:
             gw.counters.add(metrics.OPENAI_ERRORS, (key, route, str(err.status)))
             return self._error(err, route)
+        except Exception as exc:  # a bug here: the client still gets OpenAI's shape, the log the cause
+            print(f"nemotron-gateway: {route}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            gw.counters.add(metrics.OPENAI_ERRORS, (key, route, "500"))
+            return self._error(ApiError(500, "The gateway failed on this request (see its log)"), route)
         if stream:
             return self._send(200, shaping.sse(body), "text/event-stream")
         self._json(200, body)
