@@ -63,8 +63,23 @@ def served(sandbox):
         run = pyinfra("--data", "submit=true", timeout=400)
         assert run.rc == 0, run.describe()
         wait_for(lambda: _models_ok(), 60, "the gateway to answer /v1/models", interval=1)
+        wait_for(_generates, 90, "the replicas to serve through the endpoint", interval=1)
         yield run
         cancel_jobs(sandbox)
+
+
+def _generates() -> bool:
+    """A completion through the gateway (the slots come UP with their first passing check)."""
+    try:
+        return bool(client().completions.create(model=_served_model(), prompt="ready?", max_tokens=1).choices)
+    except openai.APIStatusError as exc:
+        if exc.status_code == 503:
+            return False
+        raise
+
+
+def _served_model() -> str:
+    return client().models.list().data[0].id
 
 
 def _models_ok() -> bool:
@@ -155,6 +170,7 @@ def test_instruct_chat(sandbox, served):
                 return False
 
         wait_for(ready, 60, "the gateway to serve the instruct model", interval=1)
+        wait_for(_generates, 90, "the instruct replicas to serve through the endpoint", interval=1)
         messages = [{"role": "user", "content": "Which GPU?"}]
         out = client().chat.completions.create(model=INSTRUCT, messages=messages, max_tokens=6, temperature=0)
         prompt = "<extra_id_0>System\n\n<extra_id_1>User\nWhich GPU?\n<extra_id_1>Assistant\n"
