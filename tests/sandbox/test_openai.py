@@ -26,6 +26,7 @@ from sshutil import (
     endpoint_cert,
     pyinfra,
     rehearsal_key,
+    reset_deploy,
     results_table,
     ssh,
     wait_for,
@@ -56,10 +57,11 @@ def tokens(sandbox, text: str, model_dir) -> int:
 
 @pytest.fixture(scope="module")
 def served(sandbox):
-    """The sandbox inventory deployed with submit=true (the checkpoints get their stand-in tokenizer)."""
+    """The sandbox inventory deployed from nothing with submit=true (the checkpoints get their stand-in
+    tokenizer): the first deploy makes the gateway's account, files and service."""
     nemo.install_model(sandbox)
     with sb_api.exclusive_use("OpenAI front door tests (submit and cancel jobs)"):
-        cancel_jobs(sandbox)
+        reset_deploy(sandbox)
         run = pyinfra("--data", "submit=true", timeout=400)
         assert run.rc == 0, run.describe()
         wait_for(lambda: _models_ok(), 60, "the gateway to answer /v1/models", interval=1)
