@@ -43,6 +43,7 @@ import http.client
 import json
 import os
 import pwd
+import shutil
 import signal
 import ssl
 import subprocess
@@ -51,6 +52,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from nemotron_rehearsal import tokenizer
 
 from nemotron_deploy import api_keys
 from nemotron_deploy.deploy import endpoint as endpoint_files
@@ -68,6 +71,7 @@ ROUND_PATTERN = (1, 2, 2, 1)
 ROUND_WARMUP = 0.3  # seconds of each round not counted (the clients' first requests start together)
 STATUS_TIMEOUT = 30.0
 END_STRINGS = ["<|endoftext|>", "<extra_id_1>", "\x11", "<extra_id_1>User"]
+MODEL_ID = "nemotron-4-340b-base"  # inventories/h100.py's model, as GET /v1/models names it
 
 # Renders the endpoint for the shipped inventory; run with `python -c` (see the module docstring).
 RENDER = """\
@@ -75,14 +79,22 @@ import grp, os, pwd, sys
 from pathlib import Path
 from nemotron_deploy import inventory
 from nemotron_deploy.deploy import render
-inv, out, sock, port, replicas, keys = sys.argv[1:7]
+from nemotron_deploy.deploy import endpoint, openai_gateway
+inv, out, sock, port, replicas, keys, sockets, tokenizer = sys.argv[1:9]
 cluster = inventory.load(inv, override_data={"endpoint_port": int(port), "endpoint_api_keys_file": keys})
 who = {}
 if os.geteuid() != 0:  # HAProxy can only switch to the user it runs as
     who = {"run_as": pwd.getpwuid(os.geteuid()).pw_name, "socket_group": grp.getgrgid(os.getegid()).gr_name}
+# The OpenAI gateway's sockets in a short temporary directory, its internal listener for our group.
+gw = {"gateway_socket": f"{sockets}/gw.sock", "internal_socket": f"{sockets}/int.sock",
+      "gateway_group": who.get("socket_group", endpoint.RUN_AS)}
 for f in render.render_endpoint(cluster, int(replicas), config_dir=out, stats_socket=sock,
-                                bind_address="127.0.0.1", **who):
+                                bind_address="127.0.0.1", **who, **gw):
     Path(out, f.name).write_text(str(f.content))
+timeout = endpoint.limits(cluster.settings, cluster.plan, int(replicas)).client_timeout_s
+Path(out, openai_gateway.CONFIG_FILE).write_text(openai_gateway.config_text(
+    cluster, listen=f"unix:{sockets}/gw.sock", upstream=f"unix:{sockets}/int.sock", tokenizer=tokenizer,
+    timeout_seconds=timeout))
 print(cluster.settings.endpoint_check_seconds, cluster.settings.endpoint_queue_seconds)
 """
 
@@ -138,6 +150,55 @@ def put(
         conn.close()
 
 
+def _same_path() -> dict[str, str]:
+    """The gateway imports what this process does (sentencepiece from a PYTHONPATH, if that is where it is)."""
+    return {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+
+
+def completion_body(prompt: str, tokens: int = 16) -> bytes:
+    """The same generation as `body` through the OpenAI API (greedy, the card's end strings)."""
+    return json.dumps(
+        {"model": MODEL_ID, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stop": END_STRINGS[1:]}
+    ).encode()
+
+
+def post(
+    port: int,
+    path: str,
+    data: bytes,
+    timeout: float = 60.0,
+    *,
+    key: str | None = None,
+    ca_file: str | None = None,
+) -> tuple[int, bytes]:
+    """One OpenAI request on a new connection, to the endpoint over TLS with a key."""
+    context = ssl.create_default_context(cafile=ca_file)
+    conn = http.client.HTTPSConnection(common.LOOPBACK, port, timeout=timeout, context=context)
+    try:
+        conn.request(
+            "POST", path, data, {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+        )
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def openai_problem(status: int, data: bytes) -> str | None:
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        reply = None
+    if (
+        status == 200
+        and isinstance(reply, dict)
+        and isinstance(reply.get("choices"), list)
+        and reply.get("usage")
+    ):
+        return None
+    return f"HTTP {status}: {data[:160].decode(errors='replace')}"
+
+
 def problem(status: int, data: bytes) -> str | None:
     """None for a real answer (200, a JSON object with sentences), else what was wrong."""
     try:
@@ -163,6 +224,12 @@ class Stack:
         self.proc: subprocess.Popen | None = None
         self.keys: list[str] = []
         self.ca_file: str | None = None
+        self.gateway: subprocess.Popen | None = None
+        # Unix socket paths must be short; HAProxy's group reaches the gateway's (setgid), as deployed.
+        self.sockets = Path(tempfile.mkdtemp(prefix="bench-gw-"))
+        if os.geteuid() == 0:
+            os.chown(self.sockets, -1, grp.getgrnam(endpoint_files.RUN_AS).gr_gid)
+            self.sockets.chmod(0o2750)
 
     def client(self, i: int) -> dict:
         """How client `i` calls the endpoint (put's keywords)."""
@@ -183,6 +250,8 @@ class Stack:
                 str(self.port),
                 str(REPLICAS),
                 str(keys_file),
+                str(self.sockets),
+                str(tokenizer.train(self.workdir / "tokenizer.model")),
             ],
             cwd=common.REPO,
             capture_output=True,
@@ -205,6 +274,18 @@ class Stack:
         if made.returncode != 0:
             raise RuntimeError(f"making the self-signed certificate failed: {made.stderr.strip()[-2000:]}")
         self.ca_file = str(cert)
+        gateway_log = self.workdir / "gateway.log"
+        with gateway_log.open("w") as out:
+            self.gateway = subprocess.Popen(
+                [sys.executable, "-m", "nemotron_deploy.service.openai.gateway", "--config",
+                 str(self.workdir / "gateway.json")],
+                cwd=common.REPO, env=common.child_env(**_same_path()), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 15
+        while not (self.sockets / "gw.sock").exists():
+            if self.gateway.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the OpenAI gateway did not start: {gateway_log.read_text()[-2000:]}")
+            time.sleep(0.02)
         with self.haproxy_log.open("w") as out:
             self.proc = subprocess.Popen(
                 [haproxy(), "-f", str(cfg), "-db"],
@@ -292,6 +373,9 @@ class Stack:
             common.stop(proc)
         if self.proc is not None:
             common.stop(self.proc)
+        if self.gateway is not None:
+            common.stop(self.gateway)
+        shutil.rmtree(self.sockets, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,7 +383,9 @@ class Stack:
 # --------------------------------------------------------------------------------------------------
 
 
-def load(stack: Stack, clients: int, seconds: float, tag: str, at=None) -> tuple[list[dict], float]:
+def load(
+    stack: Stack, clients: int, seconds: float, tag: str, at=None, *, openai: bool = False
+) -> tuple[list[dict], float]:
     """`clients` closed-loop clients for `seconds`; returns every request (start/end relative to t0)
     and t0. `at`: (delay, callable) run by the calling thread `delay` seconds after t0."""
     records: list[dict] = []
@@ -312,8 +398,15 @@ def load(stack: Stack, clients: int, seconds: float, tag: str, at=None) -> tuple
             n += 1
             start = time.monotonic()
             try:
-                status, data = put(stack.port, body(f"{tag} client {i} request {n}"), **stack.client(i))
-                error = problem(status, data)
+                prompt = f"{tag} client {i} request {n}"
+                if openai:
+                    status, data = post(
+                        stack.port, "/v1/completions", completion_body(prompt), **stack.client(i)
+                    )
+                    error = openai_problem(status, data)
+                else:
+                    status, data = put(stack.port, body(prompt), **stack.client(i))
+                    error = problem(status, data)
             except OSError as exc:
                 error = f"{type(exc).__name__}: {exc}"
             records.append({"client": i, "start": start - t0, "end": time.monotonic() - t0, "error": error})
@@ -330,12 +423,14 @@ def load(stack: Stack, clients: int, seconds: float, tag: str, at=None) -> tuple
     return sorted(records, key=lambda r: r["end"]), t0
 
 
-def throughput(stack: Stack, clients: int, seconds: float, log) -> dict:
+def throughput(stack: Stack, clients: int, seconds: float, log, *, openai: bool = False) -> dict:
+    """Rounds of 1, 2, 2, 1 replicas; `openai`: every request POST /v1/completions (through the gateway)."""
+    what = "openai throughput" if openai else "endpoint throughput"
     rounds = []
     for i, n in enumerate(ROUND_PATTERN):
         stack.sync(r1="b1", r2="b2" if n == 2 else None)
         before = stack.served()
-        records, _ = load(stack, clients, seconds, f"throughput round {i}")
+        records, _ = load(stack, clients, seconds, f"throughput round {i}", openai=openai)
         after = stack.served()
         ends = [r["end"] for r in records if r["error"] is None and ROUND_WARMUP <= r["end"] <= seconds]
         errors = [r for r in records if r["error"] is not None]
@@ -355,9 +450,7 @@ def throughput(stack: Stack, clients: int, seconds: float, log) -> dict:
         )
         if errors:
             rounds[-1]["first_error"] = errors[0]["error"]
-        log(
-            f"endpoint throughput round {i}: {n} replica(s) {rps:.2f} req/s, {len(errors)} errors, by slot {per_slot}"
-        )
+        log(f"{what} round {i}: {n} replica(s) {rps:.2f} req/s, {len(errors)} errors, by slot {per_slot}")
     rps = {n: sum(r["rps"] for r in rounds if r["replicas"] == n) / ROUND_PATTERN.count(n) for n in (1, 2)}
     return {
         "clients": clients,
@@ -376,18 +469,24 @@ def latency(stack: Stack, requests: int, log) -> dict:
     """One client, alternating direct / through the endpoint; replica "a" (no extra time) behind r1."""
     stack.sync(r1="a", r2=None)
     direct_port = stack.emulators["a"][1]
-    paths = {"direct": direct_port, "through": stack.port}
+    paths = {"direct": direct_port, "through": stack.port, "openai": stack.port}
     samples: dict[str, list[float]] = {k: [] for k in paths}
     errors: dict[str, int] = {k: 0 for k in paths}
     first_error: dict[str, str] = {}
     data = body("latency probe")
+    openai_data = completion_body("latency probe")
     for i in range(WARMUP_REQUESTS + requests):
         for name, port in paths.items() if i % 2 == 0 else reversed(paths.items()):
             start = time.perf_counter()
             try:
-                status, reply = put(port, data, **(stack.client(0) if name == "through" else {}))
-                elapsed = time.perf_counter() - start
-                error = problem(status, reply)
+                if name == "openai":
+                    status, reply = post(port, "/v1/completions", openai_data, **stack.client(0))
+                    elapsed = time.perf_counter() - start
+                    error = openai_problem(status, reply)
+                else:
+                    status, reply = put(port, data, **(stack.client(0) if name == "through" else {}))
+                    elapsed = time.perf_counter() - start
+                    error = problem(status, reply)
             except OSError as exc:
                 elapsed, error = float("nan"), f"{type(exc).__name__}: {exc}"
             if i < WARMUP_REQUESTS:
@@ -412,10 +511,14 @@ def latency(stack: Stack, requests: int, log) -> dict:
             "samples": xs,
         }
     out["added"] = {q: out["through"][q] - out["direct"][q] for q in ("p50", "p99")}
+    # What /v1/completions adds over PUT /generate, both through the endpoint to the same replica.
+    out["openai_added"] = {q: out["openai"][q] - out["through"][q] for q in ("p50", "p99")}
     log(
         f"endpoint latency: direct p50 {out['direct']['p50'] * 1e3:.2f} ms p99 {out['direct']['p99'] * 1e3:.2f} ms, "
         f"through p50 {out['through']['p50'] * 1e3:.2f} ms p99 {out['through']['p99'] * 1e3:.2f} ms, "
-        f"added p50 {out['added']['p50'] * 1e3:.2f} ms p99 {out['added']['p99'] * 1e3:.2f} ms"
+        f"added p50 {out['added']['p50'] * 1e3:.2f} ms p99 {out['added']['p99'] * 1e3:.2f} ms; "
+        f"/v1/completions p50 {out['openai']['p50'] * 1e3:.2f} ms p99 {out['openai']['p99'] * 1e3:.2f} ms, "
+        f"over PUT /generate p50 {out['openai_added']['p50'] * 1e3:.2f} ms p99 {out['openai_added']['p99'] * 1e3:.2f} ms"
     )
     return out
 
@@ -673,6 +776,7 @@ def run(seconds: float = 5.0, requests: int = 1000, clients: int = 8, *, log=pri
             )
             out["latency"] = latency(stack, requests, log)
             out["throughput"] = throughput(stack, clients, seconds, log)
+            out["openai_throughput"] = throughput(stack, clients, seconds, log, openai=True)
             out["failover"] = failover(stack, seconds, log)
             out["sustained"] = sustained(stack, max(10.0, 4 * seconds), log)
             out["refused_once"] = refused_once(stack, log)

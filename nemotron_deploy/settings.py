@@ -636,6 +636,21 @@ class ClusterSettings(BaseModel):
         "but never queue ahead of another key). Set replicas - 1 to always keep one replica for others.",
         json_schema_extra=ENDPOINT,
     )
+    endpoint_openai: bool = Field(
+        True,
+        description="Serve the OpenAI-compatible API on the endpoint's port too (GET /v1/models, POST "
+        "/v1/completions, POST /v1/chat/completions for a model with a chat template), behind the same "
+        "keys, TLS and limits: a small gateway on the login node (systemd unit nemotron-gateway, user "
+        "nemotron-gateway) translates to PUT /generate. false: PUT /generate only.",
+        json_schema_extra=ENDPOINT,
+    )
+    tokenizer_file: AbsPath | None = Field(
+        None,
+        description="The checkpoint's SentencePiece tokenizer as the login node sees it (the OpenAI "
+        "gateway counts usage with it and decodes token-id prompts). Default: <model_dir>/<the catalog's "
+        "tokenizer_file for the model>; set it when the login node does not see model_dir there.",
+        json_schema_extra=ENDPOINT,
+    )
 
     # --- scheduled health check (login node)
     health_user: Annotated[
