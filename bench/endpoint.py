@@ -76,7 +76,7 @@ who = {}
 if os.geteuid() != 0:  # HAProxy can only switch to the user it runs as
     who = {"run_as": pwd.getpwuid(os.geteuid()).pw_name, "socket_group": grp.getgrgid(os.getegid()).gr_name}
 for f in render.render_endpoint(cluster, int(replicas), config_dir=out, stats_socket=sock,
-                                bind_address="127.0.0.1", **who):
+                                bind_address="127.0.0.1", replica_key="0" * 64, **who):
     Path(out, f.name).write_text(str(f.content))
 print(cluster.settings.endpoint_check_seconds, cluster.settings.endpoint_queue_seconds)
 """

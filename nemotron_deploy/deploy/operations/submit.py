@@ -21,10 +21,14 @@ class SubmitError(Exception):
 ENDING_WAIT_SECONDS = 300
 
 
-def wait_command(*, venv: str, job_name: str, port: int, budget: int) -> str:
+def wait_command(
+    *, venv: str, job_name: str, port: int, budget: int, replica_key_file: str | None = None
+) -> str:
     """The health check that waits until the submitted job generates (progress as plain lines)."""
     argv = [f"{venv}/bin/python", "-m", "nemotron_deploy.service.health", "--wait", "--progress-lines"]
     argv += ["--slurm-job", job_name, "--port", str(port), "--budget", str(budget)]
+    if replica_key_file:
+        argv += ["--replica-key-file", replica_key_file]
     return " ".join(shlex.quote(a) for a in argv)
 
 
