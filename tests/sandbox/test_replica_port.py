@@ -31,6 +31,7 @@ from sshutil import (
     cancel_jobs,
     endpoint_put,
     pyinfra,
+    reset_deploy,
     ssh,
     wait_for,
 )
@@ -41,7 +42,7 @@ SHARED_KEY = f"{DEPLOY_SHARED}/replica.key"
 PROBE_KEY = f"{DEPLOY_STATE_DIR}/replica.key"
 HAPROXY_MAP = "/etc/haproxy/nemotron_replica_key.map"
 HEADER = "X-Nemotron-Replica-Key"
-DEPLOY_OUTPUT: list[str] = []  # what the fixture's deploy printed
+DEPLOY_OUTPUT: list[str] = []  # what the fixture's deploy (the one that made the key) printed
 
 # A client of a replica's port: PUT /generate, the key (if any) from standard input, never argv.
 CALL = f"""
@@ -102,9 +103,10 @@ def _servers(sandbox) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def serving(sandbox):
-    """Both replicas submitted by the deploy (--data submit=true) and UP in the endpoint."""
-    with sb_api.exclusive_use("replica-port tests (submit and cancel jobs)"):
-        cancel_jobs(sandbox)
+    """From a never-deployed sandbox (so this deploy makes the replica key), both replicas submitted by
+    the deploy (--data submit=true) and UP in the endpoint."""
+    with sb_api.exclusive_use("replica-port tests (reset the deploy, submit and cancel jobs)"):
+        reset_deploy(sandbox)
         run = pyinfra("--data", "submit=true", timeout=300)
         assert run.rc == 0, run.describe()
         DEPLOY_OUTPUT.append(run.output)
