@@ -58,7 +58,7 @@ REPLICA_JOBS = ",".join(f"{JOB_BASE}-r{i}" for i in range(1, 5))
 PORT = 1424
 PULL_OP = f"Pull {IMAGE} (podman)"
 # Processes a job leaves behind if it is not stopped properly.
-JOB_PROCESSES = ("megatron_gpt_eval.py", "nemo_inference.sh", "nemotron_health.pyz")
+JOB_PROCESSES = ("megatron_gpt_eval.py", "nemo_inference.sh", "nemotron_health.pyz", "replica_front")
 
 T = TypeVar("T")
 
