@@ -21,13 +21,13 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 from nemotron_rehearsal import EMULATOR
 from nemotron_rehearsal.emulator import serve_in_thread
 from nemotron_rehearsal.sandbox import image
 
 from nemotron_deploy.service import probe, replica_front
 
-REPO = Path(__file__).resolve().parents[2]
 FRONT = "127.0.0.2"  # another loopback address: the front's, as the node's own address is in a job
 KEY = "5e" * 32
 SERVICE = REPO / "nemotron_deploy" / "service"
