@@ -308,7 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         keys = KeyFile(opts.key_file)
     except (OSError, ValueError) as exc:
-        print(f"replica front: cannot read the replica key {opts.key_file}: {exc}", file=sys.stderr)
+        print(
+            f"replica front: cannot read the replica key {opts.key_file}: {exc}; the deploy makes it on the "
+            "login node (pyinfra ... deploys/nemotron.py), readable by the account that submits the jobs",
+            file=sys.stderr,
+        )
         return 1
     addresses = opts.listen or node_addresses()
     return serve(addresses, opts.port, keys, opts.upstream_port or opts.port, opts.timeout)
