@@ -186,8 +186,9 @@ def sync_command(cluster: Cluster, login: Login) -> str:
 # What root writes for the check on the login node lives in a directory only root writes: root never
 # creates, opens or renames a file in a directory the health user (or anyone else) can write.
 DEPLOY_STATE_DIR = "/var/lib/nemotron-deploy"
-# The replica key for the login node's probes (the check, the deploy's wait, the rollout): root's
-# directory, root:<health_user> 0640 (deploy.replica_key makes it).
+# The replica key for the scheduled check's probes (the health user): root's directory,
+# root:<health_user> 0640 (deploy.replica_key makes it). The deploy's wait and the rollout, which run
+# as the submitting account (or root), read the shared copy (settings.replica_key_file).
 REPLICA_PROBE_KEY_FILE = f"{DEPLOY_STATE_DIR}/replica.key"
 
 
@@ -315,7 +316,8 @@ def rollout_command(cluster: Cluster, login: Login) -> str:
         "--budget", str(s.health_startup_budget_seconds),
         "--drain-timeout", str(s.max_generation_seconds + 30),
         "--lock", lock_file(),
-        "--replica-key-file", REPLICA_PROBE_KEY_FILE,
+        # The shared copy: the submitting account's (or root's), like the rollout's own submits.
+        "--replica-key-file", s.replica_key_file,
     ]  # fmt: skip
     if login.endpoint:
         argv += ["--endpoint-socket", endpoint_mod.STATS_SOCKET]

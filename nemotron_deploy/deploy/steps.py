@@ -355,7 +355,7 @@ def submit_job(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
                 job_name=name,
                 port=s.port,
                 budget=s.health_startup_budget_seconds,
-                replica_key_file=desired.REPLICA_PROBE_KEY_FILE,
+                replica_key_file=s.replica_key_file,  # the submitting account's (or root's) copy
             )
             for name in names
         },
