@@ -89,7 +89,7 @@ if os.geteuid() != 0:  # HAProxy can only switch to the user it runs as
 gw = {"gateway_socket": f"{sockets}/gw.sock", "internal_socket": f"{sockets}/int.sock",
       "gateway_group": who.get("socket_group", endpoint.RUN_AS)}
 for f in render.render_endpoint(cluster, int(replicas), config_dir=out, stats_socket=sock,
-                                bind_address="127.0.0.1", **who, **gw):
+                                bind_address="127.0.0.1", replica_key="0" * 64, **who, **gw):
     Path(out, f.name).write_text(str(f.content))
 timeout = endpoint.limits(cluster.settings, cluster.plan, int(replicas)).client_timeout_s
 Path(out, openai_gateway.CONFIG_FILE).write_text(openai_gateway.config_text(

@@ -39,6 +39,10 @@ deploy.install_endpoint(host, cluster, snapshot)
 #    timer or cron entry on the login node. A host whose files are in place gets no operation.
 deploy.ensure_files(host, cluster, snapshot)
 
+# 6b. The replica key (made once on the login node): each replica's front forwards only requests
+#     that carry it (the endpoint's, the scheduled check's); NeMo itself listens on 127.0.0.1.
+deploy.ensure_replica_key(host, cluster, snapshot)
+
 # 7. The scheduled health check on the login node: its systemd timer enabled (cron needs nothing).
 deploy.install_health_check(host, cluster, snapshot)
 

@@ -860,6 +860,12 @@ class ClusterSettings(BaseModel):
         return f"{self.deploy_dir}/records"
 
     @property
+    def replica_key_file(self) -> str:
+        """The replica key where the jobs read it (shared storage): each replica's front forwards only
+        requests that carry it. Made once by the deploy, readable by the submitting account alone."""
+        return f"{self.deploy_dir}/replica.key"
+
+    @property
     def replaces_replicas(self) -> bool:
         """The scheduled check replaces dead replicas: restart_policy, by default on in serve mode."""
         policy = self.restart_policy or ("always" if self.mode == "serve" else "never")

@@ -32,6 +32,7 @@ from nemotron_deploy.service import endpoint_sync
 
 HOST = "127.0.0.1"
 PING = "ping"  # the health check's prompt (haproxy.cfg.j2)
+REPLICA_KEY = "ab" * 32  # the replica key HAProxy sends to every replica (its map, written beside the config)
 
 
 def make_self_signed(directory: Path) -> Path:
@@ -254,6 +255,8 @@ def running_endpoint(
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert rendered.returncode == 0, rendered.stderr
+    # The replica key's map, which the deploy makes on the login node (never rendered).
+    (directory / endpoint.REPLICA_KEY_MAP_FILE).write_text(endpoint.replica_key_map(REPLICA_KEY))
     if gateway:
         with running_gateway(directory / "gateway.json", listen), _haproxy(inv, directory, sock) as ep:
             ep.tokenizer = str(tok)

@@ -36,7 +36,7 @@ RECORDS_DIR = f"{DEPLOY_SHARED}/records"  # the job records: the submitting acco
 SBATCH = f"{JOBS_DIR}/nemotron.sbatch"
 NODE_DIR = "/opt/nemotron-deploy"
 SCRIPTS_DIR = f"{NODE_DIR}/scripts"
-COMPUTE_SCRIPTS = ("call_server.py", "nemo_inference.sh", "nemotron_health.pyz")
+COMPUTE_SCRIPTS = ("call_server.py", "nemo_inference.sh", "nemo_launch.py", "nemotron_health.pyz")
 HEALTH_VENV = f"{NODE_DIR}/health-venv"
 # The account the replicas' jobs run as (service_user's default; the sandbox has it on every node):
 # a test that submits a replica by hand submits as it, as the deploy does.
@@ -62,7 +62,7 @@ REPLICA_JOBS = ",".join(f"{JOB_BASE}-r{i}" for i in range(1, 5))
 PORT = 1424
 PULL_OP = f"Pull {IMAGE} (podman)"
 # Processes a job leaves behind if it is not stopped properly.
-JOB_PROCESSES = ("megatron_gpt_eval.py", "nemo_inference.sh", "nemotron_health.pyz")
+JOB_PROCESSES = ("megatron_gpt_eval.py", "nemo_inference.sh", "nemotron_health.pyz", "replica_front")
 
 T = TypeVar("T")
 

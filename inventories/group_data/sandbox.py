@@ -31,6 +31,13 @@ container_runtime = _runtime
 container_image = f"{_registry}{'#' if _runtime == 'pyxis' else '/'}nvidia/nemo:24.01.framework"
 if _runtime == "host":
     pull_runtime = "podman"
+    # NeMo from a source tree: the stand-in's `nemo` package is under /opt/NeMo on every node.
+    job_env = {
+        "NCCL_DEBUG": "WARN",
+        "NCCL_ASYNC_ERROR_HANDLING": "1",
+        "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+        "PYTHONPATH": "/opt/NeMo",
+    }
 registry_tls_verify = False
 min_free_gib = 1
 health_startup_budget_seconds = 300

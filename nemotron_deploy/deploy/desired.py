@@ -194,6 +194,10 @@ def sync_command(cluster: Cluster, login: Login) -> str:
 # What root writes for the check on the login node lives in a directory only root writes: root never
 # creates, opens or renames a file in a directory the health user (or anyone else) can write.
 DEPLOY_STATE_DIR = "/var/lib/nemotron-deploy"
+# The replica key for the scheduled check's probes (the health user): root's directory,
+# root:<health_user> 0640 (deploy.replica_key makes it). The deploy's wait and the rollout, which run
+# as the submitting account (or root), read the shared copy (settings.replica_key_file).
+REPLICA_PROBE_KEY_FILE = f"{DEPLOY_STATE_DIR}/replica.key"
 
 
 def started_file() -> str:
@@ -242,6 +246,7 @@ def health_check_command(cluster: Cluster, login: Login) -> list[str]:
         job_user=records_owner(login)[0],
         nodes_file=nodes_file(cluster),
         lock_file=lock_file(),
+        replica_key_file=REPLICA_PROBE_KEY_FILE,
         endpoint_socket=endpoint_mod.STATS_SOCKET if login.endpoint else None,
         replacement=health_timer.Replacement(
             sbatch=f"{s.jobs_dir}/nemotron.sbatch",
@@ -320,6 +325,8 @@ def rollout_command(cluster: Cluster, login: Login) -> str:
         "--drain-timeout", str(s.max_generation_seconds + 30),
         "--lock", lock_file(),
         "--submit-as", login.submit_as,
+        # The shared copy: the submitting account's (or root's), like the rollout's own submits.
+        "--replica-key-file", s.replica_key_file,
     ]  # fmt: skip
     if login.endpoint:
         argv += ["--endpoint-socket", endpoint_mod.STATS_SOCKET]

@@ -37,6 +37,15 @@ CONFIG_FILE = "haproxy.cfg"
 LUA_FILE = "nemotron_envelope.lua"
 # The API keys' hashes (HAProxy map: sha256 hex -> name), root:haproxy 0640.
 KEYS_MAP_FILE = "nemotron_api_keys.map"
+# The replica key (HAProxy map: "replica <key>"), sent to every replica's front in a header: made by
+# the deploy on the login node (deploy.replica_key), root:haproxy 0640; never rendered.
+REPLICA_KEY_MAP_FILE = "nemotron_replica_key.map"
+
+
+def replica_key_map(key: str) -> str:
+    return f"replica {key}\n"
+
+
 # TLS: the certificate (world-readable: clients verify against it) and, beside it, its key (HAProxy
 # loads <certificate file>.key when the certificate file has no key: ssl-load-extra-files): root:haproxy 0640.
 # endpoint_tls = self-signed makes both once; files links them to the operator's.

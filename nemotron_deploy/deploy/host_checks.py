@@ -11,7 +11,7 @@ from typing import Any
 from ..catalog import ModelSpec
 from ..inventory import Cluster
 from ..service.preflight import check_gpus
-from . import desired, endpoint, openai_gateway, render
+from . import desired, endpoint, openai_gateway, render, replica_key
 from .errors import DeployError
 from .facts.disk import FreeSpace
 from .facts.files import ManagedPaths, NodeState, PathChains, ancestors
@@ -223,6 +223,8 @@ def paths_to_read(cluster: Cluster, host_name: str) -> tuple[tuple[str, ...], tu
             "files": [s.endpoint_tls_cert, s.endpoint_tls_key],
         }.get(s.endpoint_tls, [])
         unhashed = (*unhashed, *(p for p in tls if p))
+        # The replica key's copies: stat only, never their bytes (not even hashed).
+        unhashed = (*unhashed, *replica_key.paths(cluster))
     elif s.container_runtime == "host":
         paths.append(s.eval_script)
     return tuple(dict.fromkeys(paths)), unhashed

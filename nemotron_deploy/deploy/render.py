@@ -17,12 +17,14 @@ import jinja2
 
 from .. import api_keys
 from ..inventory import Cluster
+from ..service.probe import REPLICA_KEY_HEADER
 from . import endpoint, openai_gateway
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # What rank 0 runs inside the container: the service side, whole (it imports only the stdlib and itself).
 SERVICE_DIR = Path(__file__).resolve().parents[1] / "service"
 HEALTH_APP = "nemotron_health.pyz"
+LAUNCHER = "nemo_launch.py"
 
 # Variables every task must see inside a container (docker/podman start with a clean environment).
 SLURM_TASK_ENV = (
@@ -92,6 +94,8 @@ def render(cluster: Cluster) -> list[RenderedFile]:
             f"{s.model_dir}:{s.model_dir}:ro",
             f"{s.scripts_dir}:{s.scripts_dir}:ro",
             f"{s.logs_dir}:{s.logs_dir}",
+            # The replica key, for rank 0's front (replica_front): the file alone, read-only.
+            f"{s.replica_key_file}:{s.replica_key_file}:ro",
         ],
         "container_stop_seconds": CONTAINER_STOP_SECONDS,
         # call_server.py --chat: the model's prompt template (catalog), as Python literals.
@@ -103,6 +107,8 @@ def render(cluster: Cluster) -> list[RenderedFile]:
         RenderedFile(
             "call_server.py", env.get_template("call_server.py.j2").render(context), "755", "compute"
         ),
+        # Runs NeMo's unchanged script with its server bound to 127.0.0.1 (a copy of the module).
+        RenderedFile(LAUNCHER, (SERVICE_DIR / "nemo_launch.py").read_text(), "755", "compute"),
         RenderedFile(
             "nemo_inference.sh", env.get_template("nemo_inference.sh.j2").render(context), "755", "compute"
         ),
@@ -156,6 +162,7 @@ def render_endpoint(
     gateway_socket: str = openai_gateway.SOCKET,
     internal_socket: str = openai_gateway.INTERNAL_SOCKET,
     gateway_group: str = openai_gateway.USER,
+    replica_key: str | None = None,
 ) -> list[RenderedFile]:
     """The endpoint's files (haproxy.cfg, the Lua envelope it loads and, with API keys, the keys'
     map), for `replicas` slots.
@@ -163,6 +170,9 @@ def render_endpoint(
     Not part of `render()`: the deploy installs these on the login node (role "endpoint", in
     `config_dir`, where haproxy.cfg finds the others). `bind_address` "" listens on endpoint_bind;
     the tests pass 127.0.0.1, a temporary `config_dir` and `stats_socket`.
+
+    haproxy.cfg reads the replica key from `<config_dir>/nemotron_replica_key.map`, which the deploy
+    makes on the login node (a secret: never rendered); `replica_key` renders that map too (tests).
     """
     s, plan = cluster.settings, cluster.plan
     auth = s.endpoint_auth == "api-key"
@@ -184,6 +194,8 @@ def render_endpoint(
         "placeholder": f"{endpoint.PLACEHOLDER_ADDR}:{endpoint.PLACEHOLDER_PORT}",
         "auth": auth,
         "keys_map": f"{config_dir}/{endpoint.KEYS_MAP_FILE}",
+        "replica_key_map": f"{config_dir}/{endpoint.REPLICA_KEY_MAP_FILE}",
+        "replica_key_header": REPLICA_KEY_HEADER,
         "tls": s.endpoint_tls != "none",
         "tls_cert": f"{config_dir}/{endpoint.TLS_CERT_FILE}",
         "retry_after": endpoint.RETRY_AFTER_SECONDS,
@@ -211,6 +223,12 @@ def render_endpoint(
     if auth:
         files.append(
             RenderedFile(endpoint.KEYS_MAP_FILE, api_keys.haproxy_map(cluster.api_keys), "640", "endpoint")
+        )
+    if replica_key is not None:
+        files.append(
+            RenderedFile(
+                endpoint.REPLICA_KEY_MAP_FILE, endpoint.replica_key_map(replica_key), "640", "endpoint"
+            )
         )
     return files
 

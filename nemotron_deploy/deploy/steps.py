@@ -20,7 +20,7 @@ from pyinfra.operations import files as pyinfra_files
 
 from ..inventory import Cluster, InventoryError, load
 from ..service.slurm import ENDING_STATES
-from . import desired, host_checks, openai_gateway
+from . import desired, host_checks, openai_gateway, replica_key
 from .errors import DeployError
 from .facts.snapshot import snapshot
 from .facts.system import UserExists
@@ -246,6 +246,17 @@ def run_gateway(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     )
 
 
+def ensure_replica_key(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
+    """The replica key on the login node (made once; its copies re-owned if the read shows otherwise):
+    after the files (its directories, the health user) and HAProxy's install (its group)."""
+    if desired.role(cluster, host.name) != "login" or replica_key.in_place(cluster, snap):
+        return
+    endpoint.replica_key(
+        name="Replica key: the secret each replica's front asks of the endpoint and the check",
+        script=replica_key.script(cluster, desired.Login.of(cluster, snap)),
+    )
+
+
 def install_endpoint(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     """HAProxy on the login node (Debian's package), before its configuration is written."""
     if desired.role(cluster, host.name) != "login" or not desired.endpoint_on(cluster, snap):
@@ -264,6 +275,8 @@ def run_endpoint(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         paths.get(link.path) is None or paths[link.path].sha256 != link.target
         for link in desired.endpoint_links(cluster)
     )
+    # A key made (or re-owned) just now by ensure_replica_key: HAProxy reads its map only at a (re)load.
+    changed = changed or not replica_key.in_place(cluster, snap)
     if cluster.settings.endpoint_tls == "self-signed":
         present = desired.tls_cert_path() in paths and desired.tls_key_path() in paths
         endpoint.self_signed_certificate(
@@ -394,6 +407,7 @@ def submit_job(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
                 budget=s.health_startup_budget_seconds,
                 job_user=login.submit_as,
                 nodes_file=desired.nodes_file(cluster),
+                replica_key_file=s.replica_key_file,  # the submitting account's (or root's) copy
             )
             for name in names
         },

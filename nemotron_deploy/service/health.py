@@ -48,6 +48,7 @@ from .probe import (
     DEFAULT_TIMEOUT,
     Access,
     api_key_from,
+    use_replica_key_file,
 )
 from .state import default_state_file, load_state
 
@@ -127,6 +128,14 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     where.add_argument(
         "--job-id",
         help="with --url/--host: also watch this Slurm job and fail as soon as it is no longer alive",
+    )
+
+    where.add_argument(
+        "--replica-key-file",
+        metavar="PATH",
+        help="send the replica key in this file to replicas (each replica's front refuses requests "
+        "without it; the deploy keeps it in /var/lib/nemotron-deploy/replica.key on the login node); "
+        "not needed for NeMo's own port on 127.0.0.1",
     )
 
     ac = p.add_argument_group("the endpoint's access (--endpoint)")
@@ -304,6 +313,15 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         opts = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (3): return, don't exit the caller
         return exc.code if isinstance(exc.code, int) else UNKNOWN
+    try:
+        use_replica_key_file(opts.replica_key_file)
+    except (OSError, ValueError) as exc:
+        parser.print_usage(sys.stderr)
+        print(
+            f"{prog}: error: --replica-key-file {opts.replica_key_file}: {getattr(exc, 'strerror', None) or exc}",
+            file=sys.stderr,
+        )
+        return UNKNOWN
     if opts.replicas is not None:
         return fleet.main(opts, parser, prog)
     try:

@@ -43,7 +43,8 @@ REASONS: dict[str, str] = {
     "slurm_error": "Slurm could not be asked about the job",
     "no_replica": "no replica in rotation: the endpoint's 503 'No replica is up' (--replicas: none generates)",
     "tls_error": "the TLS handshake failed: the certificate is not trusted (--ca-file) or not for that host",
-    "unauthorized": "HTTP 401 from the endpoint: no API key, or one it does not know (NEMOTRON_API_KEY)",
+    "unauthorized": "HTTP 401 from the endpoint: no API key, or one it does not know (NEMOTRON_API_KEY); "
+    "or 401/403 from a replica's front: no replica key, or a wrong one (--replica-key-file)",
     "envelope_refused": "HTTP 400/413 from the endpoint's request envelope (its message names the limit)",
     "degraded": "--replicas: some replicas generate, not all (each replica's line says why)",
     "restart_capped": "--replicas: a replica was replaced max-restarts-per-day times in 24 h; not again",

@@ -30,21 +30,57 @@ MAX_BODY = 1 << 20
 # The endpoint's API key comes from this environment variable (never from an argument: argv is
 # world-readable in /proc), or from a file named with --api-key-file.
 API_KEY_ENV = "NEMOTRON_API_KEY"
+# A replica's port is its front (replica_front.py): it forwards to NeMo only requests with this header.
+REPLICA_KEY_HEADER = "X-Nemotron-Replica-Key"
 
 
 class Access:
     """How to reach the endpoint: TLS (verified against ``ca_file``, or the system's CAs) and the API
-    key sent as ``Authorization: Bearer``. Replicas are plain HTTP without a key: ``Access()``."""
+    key sent as ``Authorization: Bearer``. Replicas are plain HTTP with the replica key (their front
+    refuses a request without it): ``Access(replica_key=...)``, by default :func:`replica_access`."""
 
-    __slots__ = ("tls", "ca_file", "api_key")
+    __slots__ = ("tls", "ca_file", "api_key", "replica_key")
 
-    def __init__(self, tls: bool = False, ca_file: str | None = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        tls: bool = False,
+        ca_file: str | None = None,
+        api_key: str | None = None,
+        replica_key: str | None = None,
+    ) -> None:
         self.tls = tls
         self.ca_file = ca_file
         self.api_key = api_key
+        self.replica_key = replica_key
 
-    def __repr__(self) -> str:  # never the key
-        return f"Access(tls={self.tls}, ca_file={self.ca_file!r}, api_key={'set' if self.api_key else None})"
+    def __repr__(self) -> str:  # never a key
+        return (
+            f"Access(tls={self.tls}, ca_file={self.ca_file!r}, api_key={'set' if self.api_key else None}, "
+            f"replica_key={'set' if self.replica_key else None})"
+        )
+
+
+# Every replica probe of one process sends the same key: the commands (health, rollout) load it once
+# from --replica-key-file, and every probe that names no access of its own sends it.
+_replica_key: str | None = None
+
+
+def use_replica_key_file(path: str | None) -> None:
+    """Send the replica key in ``path`` (its first line) with every replica probe; None: send none.
+    Raises OSError (unreadable) or ValueError (empty)."""
+    global _replica_key
+    if path is None:
+        _replica_key = None
+        return
+    with open(path, encoding="utf-8") as f:
+        key = f.readline().strip()
+    if not key:
+        raise ValueError(f"{path} holds no key")
+    _replica_key = key
+
+
+def replica_access() -> Access:
+    return Access(replica_key=_replica_key)
 
 
 def api_key_from(env: dict[str, str] | None = None, key_file: str | None = None) -> str | None:
@@ -217,12 +253,14 @@ def probe(
     The connect timeout is short (a host that does not answer SYNs is down); the read timeout is
     long, because the generation lock makes a healthy server answer late behind real traffic.
     """
-    access = access or Access()
+    access = access or replica_access()
     url = f"{'https' if access.tls else 'http'}://{host_for_url(host)}:{port}/generate"
     body = json.dumps(payload if payload is not None else probe_payload()).encode()
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     if access.api_key:
         headers["Authorization"] = f"Bearer {access.api_key}"
+    if access.replica_key:
+        headers[REPLICA_KEY_HEADER] = access.replica_key
     start = time.monotonic()
 
     def done(reason: str, message: str) -> ProbeResult:
@@ -280,7 +318,15 @@ def probe(
             return done("not_nemo", f"{host}:{port} does not speak HTTP ({type(exc).__name__})")
         except (http.client.HTTPException, OSError) as exc:
             return done("disconnected", f"connection to {host}:{port} broke: {type(exc).__name__}: {exc}")
-        return classify_response(resp.status, raw, time.monotonic() - start, url)
+        result = classify_response(resp.status, raw, time.monotonic() - start, url)
+        if resp.status in (401, 403) and resp.getheader("Server", "").startswith("nemotron-replica-front"):
+            result.reason = "unauthorized"
+            result.message = (
+                f"the replica's front on {host}:{port} refused the probe (HTTP {resp.status}: "
+                f"{result.detail}): give the check the replica key with --replica-key-file (the deploy "
+                "keeps it in /var/lib/nemotron-deploy/replica.key on the login node)"
+            )
+        return result
     finally:
         conn.close()
 

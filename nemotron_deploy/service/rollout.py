@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from . import endpoint_sync, replacement
+from . import endpoint_sync, probe, replacement
 from .check import wait_for_job
 from .endpoint_sync import SPARE_SLOT
 from .nagios import OK
@@ -239,11 +239,19 @@ def main(argv: list[str] | None = None) -> int:
         help="the service account the replicas run as: submit and cancel as it (runuser as root, else "
         "sudo -n), trust only its job records (default: this user)",
     )
+    p.add_argument(
+        "--replica-key-file", help="the replica key, sent to the new jobs' fronts while waiting for them"
+    )
     p.add_argument("--dry-run", action="store_true", help="only list the stale replicas")
     p.add_argument(
         "--surge", action="store_true", help="there is room for one more replica: start each new job first"
     )
     opts = p.parse_args(argv)
+    try:
+        probe.use_replica_key_file(opts.replica_key_file)
+    except (OSError, ValueError) as exc:
+        print(f"rollout: error: --replica-key-file {opts.replica_key_file}: {exc}", file=sys.stderr)
+        return 2
     digest = files_digest(opts.sbatch)
     if digest is None:
         print(f"rollout: error: {opts.sbatch} names no FILES_DIGEST: deploy first", file=sys.stderr)

@@ -53,8 +53,14 @@ that the real command line works unchanged):
   NEMO_EMULATOR_FAIL_LOAD=1      every rank dies with an error half-way through loading
   NEMO_EMULATOR_READY_FILE=PATH  rank 0 writes time.time() at which it became able to generate
   NEMO_EMULATOR_NCCL_TIMEOUT=S   ranks != 0 give up waiting after S seconds (default 18000, as NeMo)
-  NEMO_EMULATOR_BIND=ADDR        the address rank 0 listens on (default 0.0.0.0, as NeMo); benchmarks
-                                 on a shared machine pass 127.0.0.1 so that nothing leaves loopback
+  NEMO_EMULATOR_BIND=ADDR        the address rank 0 asks ``MegatronServer.run`` for (default 0.0.0.0, as
+                                 NeMo); benchmarks on a shared machine pass 127.0.0.1 so that nothing
+                                 leaves loopback
+
+Rank 0 serves through ``MegatronServer(model).run(url, port)`` imported from
+``nemo.collections.nlp.modules.common.text_generation_server`` as the real script does: the sandbox
+installs this same file as that module (with a ``.pth`` entry, as NeMo's editable install), so a
+launcher that patches ``MegatronServer.run`` there patches what this script calls.
 
 Tests use :func:`serve_in_thread` to run the HTTP part in-process on loopback.
 """
@@ -1011,6 +1017,65 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(cfg, faults)
 
 
+class MegatronServer:
+    """Stand-in for ``nemo.collections.nlp.modules.common.text_generation_server.MegatronServer``: built
+    from the model (here: the emulator's state), served by ``run(url, port=5000)`` as NeMo's is, so that
+    whatever wraps or replaces ``run`` in NeMo (the deploy's ``nemo_launch.py`` binds it to loopback)
+    does the same here. The sandbox installs this file a second time as that module (see
+    ``sandbox/nemo.py``); ``_serve`` uses the class from there when ``nemo`` is importable."""
+
+    def __init__(self, model: EmulatorState, inference_strategy: Any = None) -> None:
+        self.model = model
+
+    def run(self, url: str, port: int = 5000) -> int:
+        try:
+            server = _EmulatorServer((url, port), self.model, verbose=True)
+        except OSError as exc:
+            print(f"{exc.strerror or exc}", file=sys.stderr)
+            print(
+                f"Port {port} is in use by another program. Either identify and stop that program, "
+                "or start the server with a different port.",
+                file=sys.stderr,
+            )
+            return 1
+        print(
+            " * Serving Flask app 'nemo.collections.nlp.modules.common.text_generation_server'",
+            file=sys.stderr,
+        )
+        print(" * Debug mode: off", file=sys.stderr)
+        print(
+            "WARNING: This is a development server. Do not use it in a production deployment. "
+            "Use a production WSGI server instead.",
+            file=sys.stderr,
+        )
+        if url == "0.0.0.0":
+            print(" * Running on all addresses (0.0.0.0)", file=sys.stderr)
+            print(f" * Running on http://127.0.0.1:{port}", file=sys.stderr)
+        else:
+            print(f" * Running on http://{url}:{port}", file=sys.stderr)
+        print("Press CTRL+C to quit", file=sys.stderr, flush=True)
+        _write_ready_file(self.model.faults.ready_file)
+        try:
+            server.serve_forever(poll_interval=0.5)
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            server.server_close()
+        return 0
+
+
+def _server_class() -> type:
+    """NeMo's module path when ``nemo`` is importable (the sandbox's nodes and image: this same file,
+    installed as that module), else this file's own class (run straight from a checkout)."""
+    try:
+        from nemo.collections.nlp.modules.common.text_generation_server import (  # type: ignore[import-not-found]
+            MegatronServer as server_class,
+        )
+    except ImportError:
+        return MegatronServer
+    return server_class
+
+
 def _serve(cfg: dict[str, Any], faults: Faults) -> int:
     port = int(cfg["port"])
     bind = os.environ.get(ENV_PREFIX + "BIND", "").strip() or "0.0.0.0"
@@ -1019,40 +1084,9 @@ def _serve(cfg: dict[str, Any], faults: Faults) -> int:
         sys.stderr.flush()
         os._exit(1)
 
-    state = EmulatorState(faults, crash)
-    try:
-        server = _EmulatorServer((bind, port), state, verbose=True)
-    except OSError as exc:
-        print(f"{exc.strerror or exc}", file=sys.stderr)
-        print(
-            f"Port {port} is in use by another program. Either identify and stop that program, "
-            "or start the server with a different port.",
-            file=sys.stderr,
-        )
-        return 1
-    print(
-        " * Serving Flask app 'nemo.collections.nlp.modules.common.text_generation_server'", file=sys.stderr
-    )
-    print(" * Debug mode: off", file=sys.stderr)
-    print(
-        "WARNING: This is a development server. Do not use it in a production deployment. "
-        "Use a production WSGI server instead.",
-        file=sys.stderr,
-    )
-    if bind == "0.0.0.0":
-        print(" * Running on all addresses (0.0.0.0)", file=sys.stderr)
-        print(f" * Running on http://127.0.0.1:{port}", file=sys.stderr)
-    else:
-        print(f" * Running on http://{bind}:{port}", file=sys.stderr)
-    print("Press CTRL+C to quit", file=sys.stderr, flush=True)
-    _write_ready_file(faults.ready_file)
-    try:
-        server.serve_forever(poll_interval=0.5)
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        server.server_close()
-    return 0
+    # As megatron_gpt_eval.py: server = MegatronServer(model.cuda()); server.run("0.0.0.0", port=cfg.port)
+    server = _server_class()(EmulatorState(faults, crash))
+    return int(server.run(bind, port=port) or 0)
 
 
 if __name__ == "__main__":

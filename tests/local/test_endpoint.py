@@ -49,6 +49,7 @@ def write_endpoint(cluster: inventory.Cluster, replicas: int, out: Path, **kwarg
     # short), for a group this machine has (the deploy's nemotron-gateway is made by the deploy).
     kwargs.setdefault("internal_socket", str(short_socket_dir() / "int.sock"))
     kwargs.setdefault("gateway_group", grp.getgrgid(os.getgid()).gr_name)
+    kwargs.setdefault("replica_key", "0" * 64)  # made by the deploy on the login node, never rendered
     for f in render.render_endpoint(cluster, replicas, config_dir=str(out), **kwargs):
         (out / f.name).write_text(f.content)
     if cluster.settings.endpoint_tls != "none":

@@ -23,7 +23,7 @@ from helpers import GOLDEN, INVENTORIES, REPO, SHIPPED, run_main, shellcheck, wr
 from nemotron_deploy import inventory
 from nemotron_deploy.deploy import render
 
-ALWAYS = ("call_server.py", "nemo_inference.sh", "nemotron.sbatch")
+ALWAYS = ("call_server.py", "nemo_inference.sh", "nemo_launch.py", "nemotron.sbatch")
 SHELL = ("nemo_inference.sh", "nemotron.sbatch")
 PER_TASK_VARS = ("SLURM_PROCID", "SLURM_NODEID", "SLURM_LOCALID")
 RUNTIMES = ("pyxis", "docker", "podman", "apptainer", "host")
@@ -252,6 +252,8 @@ def test_pyxis_image_mounts_and_home(name, shipped):
         f"{s.model_dir}:{s.model_dir}:ro",
         f"{s.scripts_dir}:{s.scripts_dir}:ro",  # the job can't rewrite its own files
         f"{s.logs_dir}:{s.logs_dir}",
+        # The replica key alone, read-only: rank 0's front reads it (test_replica_front).
+        f"{s.replica_key_file}:{s.replica_key_file}:ro",
     ]
 
 

@@ -46,6 +46,7 @@ from sshutil import (
     leftover_processes,
     op_statuses,
     pyinfra,
+    read_bytes,
     results_table,
     ssh,
     wait_for,
@@ -135,7 +136,8 @@ def test_the_whole_path_both_clients_get_an_answer(sandbox, serving, tmp_path):
     assert OK_LINE.search(run.output), f"the deploy's output has no health OK line:\n{run.output[-3000:]}"
     assert job_state(sandbox, job_id) == "RUNNING"
 
-    # The deployed client, from the rendered files, run here against the job's first node.
+    # The deployed client, from the rendered files, run here (not a node of the cluster) against the
+    # job's first node: the replica's front refuses it (no replica key); NeMo is on 127.0.0.1 there.
     rendered = tmp_path / "rendered"
     subprocess.run(
         [console_script("nemotron-deploy"), "render", "inventories/sandbox.py", "--out", str(rendered)],
@@ -145,11 +147,18 @@ def test_the_whole_path_both_clients_get_an_answer(sandbox, serving, tmp_path):
         timeout=120,
     )
     first = sandbox.node(FIRST).address
-    ours = subprocess.run(
+    stranger = subprocess.run(
         [sys.executable, str(rendered / "call_server.py"), "--host", first, "--port", str(PORT)],
         capture_output=True,
         text=True,
         timeout=60,
+    )
+    assert stranger.returncode != 0 and "401" in stranger.stdout + stranger.stderr, stranger
+    # The deployed client on the replica's node, against NeMo on its loopback: an answer.
+    deployed = (rendered / "call_server.py").read_bytes()
+    assert read_bytes(sandbox, FIRST, f"{SCRIPTS_DIR}/call_server.py") == deployed
+    ours = ssh(
+        sandbox, FIRST, f"python3 {SCRIPTS_DIR}/call_server.py --host 127.0.0.1 --port {PORT}", check=False
     )
     assert ours.returncode == 0, ours.stdout + ours.stderr
     prompt, answer = ours.stdout.split("\n", 1)

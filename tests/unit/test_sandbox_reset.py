@@ -24,6 +24,7 @@ def test_the_login_script_removes_every_place_a_deploy_writes_outside_the_images
         desired.DEPLOY_STATE_DIR,  # root's started file and the check's lock (the bench's copy missed it)
         desired.SUDOERS_FILE,
         f"{endpoint.CONFIG_DIR}/{endpoint.KEYS_MAP_FILE}",
+        f"{endpoint.CONFIG_DIR}/{endpoint.REPLICA_KEY_MAP_FILE}",  # the replica key (its shared copy: deploy_dir)
         f"{endpoint.CONFIG_DIR}/{endpoint.TLS_KEY_FILE}",
         f"/etc/cron.d/{health_timer.UNIT}",
     ):

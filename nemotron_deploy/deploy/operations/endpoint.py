@@ -74,3 +74,15 @@ def self_signed_certificate(script: str, present: bool):
     if present:
         return
     yield StringCommand(script)
+
+
+@operation()
+def replica_key(script: str):
+    """
+    Make the replica key on the login node, or give its copies their owners and modes again
+    (``deploy.replica_key.script``: it reuses the key on shared storage when there is one). The
+    deploy calls it only when the host read shows a copy missing or owned otherwise.
+
+    + script: the shell that writes the copies (no key in it: the key never leaves the host's shell)
+    """
+    yield StringCommand(script)

@@ -61,6 +61,7 @@ def check_command(
     job_user: str | None = None,
     nodes_file: str | None = None,
     lock_file: str | None = None,
+    replica_key_file: str | None = None,
     replacement: Replacement | None = None,
     stopped: bool = False,
 ) -> list[str]:
@@ -86,6 +87,8 @@ def check_command(
         command += ["--nodes-file", nodes_file]
     if lock_file:  # in root's directory: root (the rollout) opens it too
         command += ["--lock-file", lock_file]
+    if replica_key_file:  # each replica's front forwards only requests with the replica key
+        command += ["--replica-key-file", replica_key_file]
     if endpoint_socket:
         command += ["--endpoint-socket", endpoint_socket]
     if stopped:

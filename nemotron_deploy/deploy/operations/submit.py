@@ -23,7 +23,14 @@ ENDING_WAIT_SECONDS = 300
 
 
 def wait_command(
-    *, venv: str, job_name: str, port: int, budget: int, job_user: str, nodes_file: str | None = None
+    *,
+    venv: str,
+    job_name: str,
+    port: int,
+    budget: int,
+    job_user: str,
+    nodes_file: str | None = None,
+    replica_key_file: str | None = None,
 ) -> str:
     """The health check that waits until the submitted job generates (progress as plain lines): the
     job of that name among `job_user`'s, its record trusted only as that account's."""
@@ -31,6 +38,8 @@ def wait_command(
     argv += ["--slurm-job", job_name, "--port", str(port), "--budget", str(budget), "--job-user", job_user]
     if nodes_file:
         argv += ["--nodes-file", nodes_file]
+    if replica_key_file:
+        argv += ["--replica-key-file", replica_key_file]
     return " ".join(shlex.quote(a) for a in argv)
 
 

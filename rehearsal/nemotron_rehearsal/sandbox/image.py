@@ -6,8 +6,10 @@ inside the container and nothing from the host leaks in:
     library (no tests), the shared libraries they load (found with ldd), /etc/passwd and /etc/group,
     and Debian 12's merged-/usr links;
  2. NeMo: the stand-in server (emulator.py) at
-    /opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py, a README saying what this is, and a
-    fixed 1 MiB payload so that pulls move a known number of bytes;
+    /opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py and, again, as the module NeMo's
+    script imports its server from (nemo.collections.nlp.modules.common.text_generation_server, under
+    /opt/NeMo/nemo, importable through a .pth file as NeMo's editable install makes it), a README
+    saying what this is, and a fixed 1 MiB payload so that pulls move a known number of bytes;
 and the environment NeMo's image sets (NVIDIA_VISIBLE_DEVICES=all among it).
 
 It is written as an OCI layout (skopeo pushes it as Docker v2 schema 2: enroot sends no OCI Accept
@@ -168,9 +170,38 @@ def userland() -> _Tree:
     return tree
 
 
+# NeMo's package, as far as megatron_gpt_eval.py's server needs it: the emulator (which holds the
+# MegatronServer stand-in) at the module path NeMo's script imports it from.
+NEMO_SERVER_MODULE = "nemo/collections/nlp/modules/common/text_generation_server.py"
+NEMO_PACKAGE_INIT = (
+    b'"""nemotron-deploy sandbox: stand-in package, not NeMo (see /opt/nemotron-sandbox-image/README)."""\n'
+)
+
+
+def nemo_package(emulator: bytes) -> dict[str, bytes]:
+    """{path under /, without the leading slash: bytes} of the stand-in `nemo` package in NeMo's tree."""
+    root = NODE_EMULATOR_PATH.lstrip("/").split("/examples/", 1)[0]  # opt/NeMo
+    files = {}
+    parts = NEMO_SERVER_MODULE.split("/")
+    for depth in range(1, len(parts)):
+        files[f"{root}/{'/'.join(parts[:depth])}/__init__.py"] = NEMO_PACKAGE_INIT
+    files[f"{root}/{NEMO_SERVER_MODULE}"] = emulator
+    return files
+
+
+def nemo_path_entry() -> tuple[str, bytes]:
+    """The .pth file that puts NeMo's tree on the image's sys.path (pip install -e does the same)."""
+    version = PYTHON.name  # python3.11
+    root = NODE_EMULATOR_PATH.split("/examples/", 1)[0]
+    return f"usr/local/lib/{version}/dist-packages/nemo_toolkit.pth", f"{root}\n".encode()
+
+
 def nemo(emulator: bytes) -> _Tree:
     tree = _Tree()
     tree.add_file(NODE_EMULATOR_PATH.lstrip("/"), emulator, 0o755)
+    for rel, data in nemo_package(emulator).items():
+        tree.add_file(rel, data, 0o644)
+    tree.add_file(*nemo_path_entry(), 0o644)
     tree.add_file("opt/nemotron-sandbox-image/README", README, 0o644)
     tree.add_file("opt/nemotron-sandbox-image/payload.bin", _payload(PAYLOAD_BYTES), 0o644)
     return tree

@@ -2,8 +2,12 @@
 
 - On every compute node, /opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py (node-local
   /opt, where the NeMo container has it) is a verbatim copy of `rehearsal/nemotron_rehearsal/emulator.py`, the
-  stdlib-only emulator of NeMo's text-generation server. Until that file exists, a placeholder that
-  exits with an explanation is installed instead (`up` says so).
+  stdlib-only emulator of NeMo's text-generation server, and so is
+  /opt/NeMo/nemo/collections/nlp/modules/common/text_generation_server.py, the module the script
+  imports `MegatronServer` from. /usr is the host's (read-only) on the nodes, so no .pth file puts
+  /opt/NeMo on Python's path there: the sandbox inventory's host runtime sets PYTHONPATH=/opt/NeMo in
+  `job_env`, as a site running NeMo from a source tree does. Until emulator.py exists, a placeholder
+  that exits with an explanation is installed instead (`up` says so).
 - On the shared dir, `models/Nemotron-4-340B-Base/` (and `-Instruct/`) hold the real checkpoint's
   model_config.yaml values (package data `model_config.yaml`), an empty `model_weights/` and a tiny
   real SentencePiece model in place of the checkpoint's tokenizer (`nemotron_rehearsal.tokenizer`).
@@ -14,7 +18,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from . import nodes
+from . import image, nodes
 from .layout import NODE_EMULATOR_PATH, Node, Sandbox
 
 HERE = Path(__file__).resolve().parent
@@ -41,7 +45,10 @@ def emulator_bytes() -> bytes:
 
 
 def install_emulator(node: Node, *, only_if_changed: bool = False) -> None:
-    nodes.install_file(node, NODE_EMULATOR_PATH, emulator_bytes(), 0o755, only_if_changed=only_if_changed)
+    emulator = emulator_bytes()
+    nodes.install_file(node, NODE_EMULATOR_PATH, emulator, 0o755, only_if_changed=only_if_changed)
+    for rel, data in image.nemo_package(emulator).items():
+        nodes.install_file(node, "/" + rel, data, 0o644, only_if_changed=only_if_changed)
 
 
 INSTRUCT_NAME = "Nemotron-4-340B-Instruct"

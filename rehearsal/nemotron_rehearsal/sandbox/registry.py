@@ -190,3 +190,19 @@ def refresh_image(sandbox: Sandbox) -> None:
         return
     _write_layout()
     push_image(sandbox)
+    forget_copies(sandbox)
+
+
+def forget_copies(sandbox: Sandbox) -> None:
+    """Remove the copies deploys made of an earlier build of the image (pyxis's and apptainer's
+    imported files on the shared dir, podman's pulls on the compute nodes): a deploy takes a tag once,
+    so a stale copy would run an older stand-in than the one pushed (e.g. without NeMo's module path).
+    The next deploy imports or pulls the new one. (Docker's engines keep theirs: stopped, usually.)"""
+    images = sandbox.shared_dir / "nemotron-deploy" / "images"
+    prefix = f"{sandbox.registry.replace(':', '+')}+{IMAGE_PATH.split(':', 1)[0].replace('/', '+')}+"
+    if images.is_dir():
+        for copy in images.iterdir():
+            if copy.name.startswith(prefix) and copy.is_file():
+                copy.unlink()
+    for node in sandbox.compute:
+        nodes.run_in(node, ["podman", "rmi", "-f", f"{sandbox.registry}/{IMAGE_PATH}"], check=False)

@@ -33,6 +33,7 @@ def login_script(settings: Any) -> str:
                 endpoint.CONFIG_FILE,
                 endpoint.LUA_FILE,
                 endpoint.KEYS_MAP_FILE,
+                endpoint.REPLICA_KEY_MAP_FILE,
                 endpoint.TLS_CERT_FILE,
                 endpoint.TLS_KEY_FILE,
             )
