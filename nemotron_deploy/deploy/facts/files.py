@@ -97,8 +97,9 @@ class ManagedPaths(ProbeFact):
     (mode, user, group "-"); a regular file is "file" with its digest (None if it could not be
     read); a directory is "directory"; anything else is "other" (mode, user, group "-"). An unhashed
     path is "file" only if it is a regular file (not a link), else "other" if it resolves (`-e`),
-    else absent. Three processes per host, whatever the number of paths: `sha256sum`, `find`, and
-    the shell that runs them (see the module's docstring)."""
+    else absent. An owner or group with no name reads as its number (find's %u), where the loop this
+    replaced read "UNKNOWN" (stat's %U): either differs from every name the deploy wants. Two
+    processes per host, whatever the number of paths: `sha256sum` and `find` (module docstring)."""
 
     def snippet(self, paths: tuple[str, ...], unhashed: tuple[str, ...] = ()) -> str:
         lines = []
