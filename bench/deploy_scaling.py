@@ -1,10 +1,14 @@
 """Deploy scaling: first and no-change deploy wall time per compute-node count, against the floor.
 
-The floor is what any deploy that checks its files must at least do: one OpenSSH round trip per
-host (login + N compute), all hosts in parallel, with the key exchange pyinfra's paramiko uses, running the deploy's own stat + sha256sum snippet
-(``ManagedPaths``) over the paths the deploy reads on that host (``host_checks.paths_to_read``, the
-same lists ``host_checks.read_host`` batches into its one fact command). On this machine every node's sshd shares the same cores, so the floor grows with N;
-the deploy is judged against the floor measured in the same round.
+The floor is the least work any deploy that checks its files must do: one OpenSSH round trip per
+host (login + N compute), all hosts in parallel, with the key exchange pyinfra's paramiko uses, whose
+command reads what the deploy's read of its paths yields, the leanest way: one ``stat`` of every path
+(kind, mode, owner, group, link target; links not followed) and one ``sha256sum`` of the regular files
+among those the deploy checksums, picked by the shell's own tests, on the paths the deploy reads on that
+host (``host_checks.paths_to_read``, the same lists ``host_checks.read_host`` batches into its one fact
+command). It is written here, independently of the deploy's snippet (facts/files.py): a floor that ran
+the deploy's own read would hide whatever that read costs. On this machine every node's sshd shares the
+same cores, so the floor grows with N; the deploy is judged against the floor measured in the same round.
 
 One round = for every size (rotated each round, so no size always follows the same one): reset
 (remove what the deploy placed; the image stays pulled), first deploy, no-change re-deploy, floor.
@@ -44,10 +48,23 @@ def managed_paths(clu) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
 
 
 def floor_command(paths: tuple[tuple[str, ...], tuple[str, ...]]) -> str:
-    """``sh -c '<ManagedPaths snippet>'``: the deploy's own stat + sha256sum loop over ``paths``."""
-    from nemotron_deploy.deploy.facts.files import ManagedPaths
+    """Two processes, whatever the number of paths: ``sha256sum`` of the regular files (not links)
+    among the paths to checksum, ``stat`` of every path; run by the login shell sshd starts."""
+    hashed, unhashed = paths
+    return (
+        f"set --; for p in {_quoted(hashed)}; do "
+        'if [ -f "$p" ] && [ ! -L "$p" ]; then set -- "$@" "$p"; fi; done; '
+        '[ $# -eq 0 ] || sha256sum -- "$@"; '
+        f"stat -c '%F %a %U %G %N' -- {_quoted((*hashed, *unhashed))} 2>/dev/null; true"
+    )
 
-    return "sh -c " + shlex.quote(ManagedPaths().snippet(*paths))
+
+def _quoted(paths) -> str:
+    return " ".join(shlex.quote(p) for p in paths)
+
+
+def files_checksummed(output: str) -> int:
+    return len(re.findall(r"^\\?[0-9a-f]{64}  ", output, re.MULTILINE))
 
 
 def _with_options(ssh_argv: list[str], options: tuple[str, ...]) -> list[str]:
@@ -82,7 +99,7 @@ def floor(
             err.strip() for (_, err), proc in zip(outputs, procs, strict=True) if proc.returncode
         )
         raise BenchError(f"floor: ssh failed on {failed}: {errors}")
-    checksummed = sum(out.count("\nF ") + out.startswith("F ") for out, _ in outputs)
+    checksummed = sum(files_checksummed(out) for out, _ in outputs)
     return {"wall": wall, "hosts": len(hosts), "files_checksummed": checksummed}
 
 

@@ -245,8 +245,8 @@ def markdown(results: dict) -> str:
             f"{dep['runs']} run(s) per size, interleaved. First deploy: after removing what the deploy "
             "placed, with the image already pulled (pull excluded). Floor: one OpenSSH round trip per "
             "host, all hosts in parallel, with the key exchange pyinfra's paramiko negotiates "
-            "(curve25519), running the deploy's stat + sha256sum loop over every path it reads (the "
-            "image only stat-ed). Every sshd shares this machine's cores, so the floor grows with N. "
+            "(curve25519), whose command reads what the deploy reads of its paths, the leanest way: one "
+            "`stat` of every path, one `sha256sum` of the files among them (the image only stat-ed). Every sshd shares this machine's cores, so the floor grows with N. "
             "Beside it, reported only: the same round trips with OpenSSH's default key exchange "
             "(sntrup761x25519, ~70 ms of client CPU per host here), the floor as issue 13 measured it.",
             "",

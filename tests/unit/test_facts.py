@@ -13,7 +13,7 @@ import pytest
 from nemotron_rehearsal import NVIDIA_SMI_CAPTURES
 
 from nemotron_deploy.deploy.facts.disk import FreeSpace
-from nemotron_deploy.deploy.facts.files import ManagedPaths
+from nemotron_deploy.deploy.facts.files import ManagedPaths, PathChains, ReadError, parse_sha256sum
 from nemotron_deploy.deploy.facts.gpus import NvidiaGpus
 from nemotron_deploy.deploy.facts.haproxy import Haproxy
 from nemotron_deploy.deploy.facts.images import ImagePresent
@@ -293,3 +293,75 @@ def test_model_config_is_parsed_once_per_text_and_each_caller_gets_its_own_dict(
     assert fact.process(["num_layers: 96", "hidden_size: 18432"])["num_layers"] == 96
     assert "not valid YAML" in fact.process(["a: [1,"])["error"]
     assert fact.process(["- a list"]) == {"error": "model_config.yaml is not a mapping"}
+
+
+# The lean read's parser (facts/files.py), on output shaped as find, stat and sha256sum print it.
+# (tests/local/test_lean_read.py runs the snippets themselves against every kind of path.)
+
+DIGEST = "a" * 64
+
+
+def _found(*records: tuple[str, ...], sums: tuple[str, ...] = (), status: str = "0") -> list[str]:
+    """pyinfra's lines for `sha256sum` lines, the status line, then NUL-separated records."""
+    blob = "".join(f"{field}\0" for record in records for field in record)
+    head = [*sums, f"@@hashed {status}"] if sums else []
+    return [*head, "@@found", *blob.split("\n")]
+
+
+def test_lean_read_parser_reads_every_kind_and_drops_the_sentinel():
+    sentinel = ("s", "d", "755", "root", "root", "", "/")
+    lines = _found(
+        ("s", "f", "644", "root", "root", "", "/a b"),
+        ("s", "d", "1777", "root", "root", "", "/d"),
+        ("s", "l", "777", "root", "root", "t\nx", "/l\nm"),
+        ("s", "p", "644", "root", "root", "", "/fifo"),
+        ("u", "/img"),
+        ("s", "f", "640", "root", "disk", "", "/img"),
+        ("u", "/imglink"),
+        ("s", "l", "777", "root", "root", "/img", "/imglink"),
+        sentinel,
+        sums=(f"{DIGEST}  /a b",),
+    )
+    states = ManagedPaths().process(lines)
+    assert states["/a b"].sha256 == DIGEST and states["/a b"].kind == "file"
+    assert states["/d"].mode == "1777" and states["/d"].sha256 is None
+    assert (states["/l\nm"].kind, states["/l\nm"].sha256, states["/l\nm"].mode) == ("link", "t\nx", "-")
+    assert states["/fifo"].kind == "other"
+    assert (states["/img"].kind, states["/img"].group, states["/img"].sha256) == ("file", "disk", None)
+    assert states["/imglink"].kind == "other"
+    assert "/" not in states
+
+
+def test_lean_read_parser_unescapes_sha256sums_names():
+    assert parse_sha256sum([f"\\{DIGEST}  /a\\nb\\\\c", f"{DIGEST} */bin", "sha256sum: /x: no", ""]) == {
+        "/a\nb\\c": DIGEST,
+        "/bin": DIGEST,
+    }
+
+
+def test_lean_read_stops_the_deploy_when_a_tool_is_missing_or_not_gnus():
+    """A find without -printf (busybox's) prints no record: every path would read as absent and the
+    deploy would act on that; the sentinel record for / tells a broken read from an empty one."""
+    with pytest.raises(ReadError, match="GNU find"):
+        ManagedPaths().process(["@@found", ""])
+    with pytest.raises(ReadError, match="sha256sum"):
+        ManagedPaths().process(["@@hashed 127", "@@found", ""])
+    with pytest.raises(ReadError, match="GNU stat"):
+        PathChains().process(["@user root", "@@found", ""])
+    from types import SimpleNamespace
+
+    from nemotron_deploy.deploy.errors import DeployError
+    from nemotron_deploy.deploy.facts.snapshot import snapshot
+
+    host = SimpleNamespace(
+        name="gpu-9", data={}, get_fact=lambda *a, **k: ["@@@nemotron-section paths", "@@found", ""]
+    )
+    with pytest.raises(
+        DeployError, match=r"gpu-9 \(gpu-9\): find printed nothing for /.*nothing was changed"
+    ):
+        snapshot(host, (("paths", ManagedPaths, (("/x",),)),))
+
+
+def test_lean_read_refuses_a_relative_path():
+    with pytest.raises(ValueError, match="absolute paths only"):
+        ManagedPaths().snippet(("-delete",))

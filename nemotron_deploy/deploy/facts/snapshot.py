@@ -39,13 +39,20 @@ class HostSnapshot(ProbeFact):
 
 def snapshot(host, probes: tuple[tuple[str, type[ProbeFact], tuple[Any, ...]], ...]) -> dict[str, Any]:
     """Read all `probes` on `host` in one command; {name: what that fact's process() returns}."""
-    lines = host.get_fact(HostSnapshot, probes=probes)
-    if lines is None:  # the read itself failed: pyinfra logged why (e.g. the connection dropped)
-        from ..errors import DeployError
+    from ..errors import DeployError
+    from .files import ReadError
 
-        address = host.data.get("ssh_hostname") or host.name
+    lines = host.get_fact(HostSnapshot, probes=probes)
+    address = host.data.get("ssh_hostname") or host.name
+    if lines is None:  # the read itself failed: pyinfra logged why (e.g. the connection dropped)
         raise DeployError(
             f"{host.name} ({address}): could not read the host over SSH (see the error above); "
             "nothing was changed on any host: fix the host or leave it out (--limit), then re-run"
         )
-    return HostSnapshot().process_sections(probes, lines)
+    try:
+        return HostSnapshot().process_sections(probes, lines)
+    except ReadError as exc:  # a tool the read needs is missing: its answer would be wrong, not empty
+        raise DeployError(
+            f"{host.name} ({address}): {exc}; nothing was changed on any host: fix the host or leave "
+            "it out (--limit), then re-run"
+        ) from None
