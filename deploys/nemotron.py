@@ -42,6 +42,9 @@ deploy.ensure_files(host, cluster, snapshot)
 # 7. The scheduled health check on the login node: its systemd timer enabled (cron needs nothing).
 deploy.install_health_check(host, cluster, snapshot)
 
+# 7b. Replicas above `replicas` (it was lowered): drained out of the endpoint, then cancelled.
+deploy.scale_down(host, cluster, snapshot)
+
 # 8. The endpoint: started, or reloaded if its files changed, its slots pointed at the replicas.
 deploy.run_endpoint(host, cluster, snapshot)
 

@@ -5,8 +5,10 @@ submits as), or by hand:
     python -m nemotron_deploy.service.rollout --slurm-job nemotron-340b --replicas 2 --sbatch .../nemotron.sbatch \\
         --records-dir .../logs --port 1424 --endpoint-socket /run/haproxy/admin.sock --budget 2700
 
-For each replica whose running job's record names other files than the sbatch now in place, with
-``--surge`` (the deploy passes it when the compute nodes hold more replicas than run):
+For each replica whose running job's record names other files than the sbatch now in place, the
+rollout first asks Slurm whether one more replica fits now (room.py: idle nodes in ``--partition``
+with ``--gpus-per-node`` GPUs, at least ``--nodes-per-replica`` of them) and prints which path it
+takes and why. When it fits (surge):
 
 1. submit its new job (same name, ``<job>-r<i>``) beside the old one;
 2. wait until the new job generates (the health check's start-up wait);
@@ -17,7 +19,8 @@ For each replica whose running job's record names other files than the sbatch no
 A new job that does not generate within the start-up budget is cancelled and the rollout stops
 there, saying so: the old replicas, this one included, keep serving.
 
-Without room for one more replica (every node serves), one replica at a time is taken out instead:
+Without room for one more replica (every node serves, or other work holds the partition's idle
+nodes, or sinfo fails), one replica at a time is taken out instead (drain-and-replace):
 drain its slot and wait for its request in flight, cancel its job, submit the new one, wait until it
 generates, point the slot at it. The others serve meanwhile (capacity drops by one replica, no
 request fails); if the new job does not generate, the rollout stops with that replica down and says
@@ -37,7 +40,7 @@ import subprocess
 import sys
 import time
 
-from . import endpoint_sync, replacement
+from . import endpoint_sync, replacement, room
 from .check import wait_for_job
 from .endpoint_sync import SPARE_SLOT
 from .nagios import OK
@@ -116,6 +119,17 @@ def _gone(job_id: str) -> bool:
         return not query_job(job_id).active
     except SlurmError:
         return False
+
+
+def choose_path(opts: argparse.Namespace) -> tuple[bool, str]:
+    """(surge?, why): one more replica beside the old one only if Slurm has the idle nodes for it now."""
+    if opts.surge:
+        return True, "surge: --surge given (Slurm not asked for room)"
+    try:
+        found = room.ask_slurm(opts.slurm_bin, opts.partition, opts.nodes_per_replica, opts.gpus_per_node)
+    except SlurmError as exc:
+        return False, f"drain-and-replace: cannot ask Slurm for idle nodes ({exc})"
+    return found.fits, found.why()
 
 
 def roll_in_place(opts: argparse.Namespace, index: int, old_id: str) -> None:
@@ -204,7 +218,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--dry-run", action="store_true", help="only list the stale replicas")
     p.add_argument(
-        "--surge", action="store_true", help="there is room for one more replica: start each new job first"
+        "--partition", help="the partition the jobs run in, asked for idle nodes (default: Slurm's default)"
+    )
+    p.add_argument(
+        "--nodes-per-replica",
+        type=int,
+        default=1,
+        metavar="N",
+        help="nodes one replica's job takes (the plan's)",
+    )
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=0,
+        metavar="G",
+        help="GPUs a replica needs on each node (the plan's)",
+    )
+    p.add_argument(
+        "--surge",
+        action="store_true",
+        help="start each new job beside the old one without asking Slurm for room (by hand only)",
     )
     opts = p.parse_args(argv)
     digest = files_digest(opts.sbatch)
@@ -227,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for index, old_id in stale:
             try:
-                (roll_one if opts.surge else roll_in_place)(opts, index, old_id)
+                surge, why = choose_path(opts)
+                say(f"r{index}: {why}")
+                (roll_one if surge else roll_in_place)(opts, index, old_id)
             except (RolloutError, endpoint_sync.SyncError, SlurmError) as exc:
                 print(f"rollout: error: {exc}", file=sys.stderr)
                 return 1
