@@ -17,7 +17,9 @@ takes and why. When it fits (surge):
 5. cancel the old job; point the replica's slot at the new job, wait until UP; drain and free ``u1``.
 
 A new job that does not generate within the start-up budget is cancelled and the rollout stops
-there, saying so: the old replicas, this one included, keep serving.
+there, saying so: the old replicas, this one included, keep serving. One that Slurm leaves PENDING
+for ``--surge-pending-seconds`` (other work took the idle nodes since ``sinfo``) is cancelled, and
+that replica is drained and replaced instead.
 
 Without room for one more replica (every node serves, or other work holds the partition's idle
 nodes, or sinfo fails), one replica at a time is taken out instead (drain-and-replace):
@@ -44,7 +46,15 @@ from . import endpoint_sync, replacement, room
 from .check import wait_for_job
 from .endpoint_sync import SPARE_SLOT
 from .nagios import OK
-from .slurm import RecordTrust, SlurmError, files_digest, query_job, record_path, replica_job_name
+from .slurm import (
+    PENDING_STATES,
+    RecordTrust,
+    SlurmError,
+    files_digest,
+    query_job,
+    record_path,
+    replica_job_name,
+)
 
 POLL = 0.5
 
@@ -161,12 +171,32 @@ def roll_in_place(opts: argparse.Namespace, index: int, old_id: str) -> None:
     say(f"{slot}: job {new_id} on {node} serves")
 
 
+def left_pending(job_id: str, seconds: float) -> bool:
+    """True when the job still waits for nodes after `seconds`: other work took the idle nodes Slurm
+    showed (between sinfo and sbatch, or they were never the ones this job may use)."""
+    deadline = time.monotonic() + seconds
+    while query_job(job_id).state in PENDING_STATES:
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(POLL)
+    return False
+
+
 def roll_one(opts: argparse.Namespace, index: int, old_id: str) -> None:
-    """Room for one more replica: the new job first, then swap."""
+    """Room for one more replica: the new job first, then swap. A new job Slurm does not start
+    within --surge-pending-seconds is cancelled, and this replica is drained and replaced instead."""
     name = replica_job_name(opts.slurm_job, index)
     slot = f"{endpoint_sync.SLOT_PREFIX}{index}"
     new_id = _submit(opts, name)
     say(f"{slot}: submitted job {new_id} beside job {old_id}; waiting until it generates")
+    if left_pending(new_id, opts.surge_pending_seconds):
+        _slurm([f"{opts.slurm_bin}/scancel", new_id])
+        say(
+            f"{slot}: job {new_id} still PENDING after {opts.surge_pending_seconds:.0f}s (no nodes for it "
+            "now): cancelled; drain-and-replace instead"
+        )
+        roll_in_place(opts, index, old_id)
+        return
     if not _generates(opts, new_id):
         subprocess.run([f"{opts.slurm_bin}/scancel", new_id], capture_output=True, timeout=60)
         raise RolloutError(
@@ -233,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         metavar="G",
         help="GPUs a replica needs on each node (the plan's)",
+    )
+    p.add_argument(
+        "--surge-pending-seconds",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="a surge job Slurm has not started after S seconds is cancelled: drain-and-replace instead",
     )
     p.add_argument(
         "--surge",

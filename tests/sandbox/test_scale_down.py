@@ -22,6 +22,7 @@ from sshutil import (
     deploy_ok,
     dry_plan,
     pyinfra,
+    reset_deploy,
     results_table,
     ssh,
     wait_for,
@@ -48,7 +49,7 @@ def _active(sandbox, name: str) -> list[str]:
 @pytest.fixture(scope="module", autouse=True)
 def _alone(sandbox):
     with sb_api.exclusive_use("scale-down and rollout-room tests (submit, cancel, take nodes)"):
-        cancel_jobs(sandbox)
+        reset_deploy(sandbox)  # from nothing: what another branch's deploy left is not this one's
         yield
         cancel_jobs(sandbox)
         deploy_ok()  # the inventory's own settings again, for the next modules

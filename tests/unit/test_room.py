@@ -132,3 +132,16 @@ def test_the_deploy_hands_the_rollout_the_plans_shape_not_a_surge_verdict(tmp_pa
     assert argv[argv.index("--nodes-per-replica") + 1] == "2"
     assert argv[argv.index("--gpus-per-node") + 1] == "8"
     assert argv[argv.index("--partition") + 1] == "batch"
+
+
+def test_a_surge_job_left_pending_is_seen_as_such(slurm, monkeypatch):
+    """The rollout's guard for a race with other work: a job still PENDING after the bound (True),
+    one that Slurm starts meanwhile (False)."""
+    from fake_slurm import job
+
+    monkeypatch.setattr(rollout, "POLL", 0.01)
+    slurm.set({"jobs": {"7": job("PENDING", reason="Resources")}})
+    assert rollout.left_pending("7", 0.1)
+    started = job("PENDING", then={"after_calls": 2, "job": {"state": "RUNNING"}})
+    slurm.set({"jobs": {"8": started}})
+    assert not rollout.left_pending("8", 5)
