@@ -46,15 +46,7 @@ from . import endpoint_sync, replacement, room
 from .check import wait_for_job
 from .endpoint_sync import SPARE_SLOT
 from .nagios import OK
-from .slurm import (
-    PENDING_STATES,
-    RecordTrust,
-    SlurmError,
-    files_digest,
-    query_job,
-    record_path,
-    replica_job_name,
-)
+from .slurm import RecordTrust, SlurmError, files_digest, query_job, record_path, replica_job_name
 
 POLL = 0.5
 
@@ -175,7 +167,8 @@ def left_pending(job_id: str, seconds: float) -> bool:
     """True when the job still waits for nodes after `seconds`: other work took the idle nodes Slurm
     showed (between sinfo and sbatch, or they were never the ones this job may use)."""
     deadline = time.monotonic() + seconds
-    while query_job(job_id).state in PENDING_STATES:
+    # PENDING only: CONFIGURING has its nodes (booting them, running the prolog).
+    while query_job(job_id).state == "PENDING":
         if time.monotonic() > deadline:
             return True
         time.sleep(POLL)
