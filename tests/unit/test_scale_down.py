@@ -84,3 +84,10 @@ def test_plan_says_what_a_deploy_cancels_and_how_a_rollout_chooses(tmp_path, cap
     assert data["scale_down"]["keeps"] == ["nemotron-340b-r1"]
     assert data["scale_down"]["cancels_from"] == "nemotron-340b-r2"
     assert (data["rollout"]["nodes_per_replica"], data["rollout"]["gpus_per_node"]) == (2, 8)
+
+
+def test_lowering_replicas_leaves_the_running_ones_current(tmp_path):
+    """The job files' digest (what marks a running replica stale) does not depend on `replicas`: a
+    scale-down must not ask for a rollout of the replicas it keeps."""
+    one, two = cluster(tmp_path / "one", 1), cluster(tmp_path / "two", 2)
+    assert desired.files_digest(one) == desired.files_digest(two)
