@@ -64,6 +64,7 @@ def test_a_deploy_with_fewer_replicas_cancels_the_ones_above_and_keeps_serving(s
     assert cancel_op in planned and planned[cancel_op] == ["sb-login"], sorted(planned)
 
     run = deploy_ok(*ONE)
+    print(f"scale-down deploy (replicas 2 -> 1, r2 drained, cancelled, gone): {run.seconds:.1f}s")
     assert f"scale-down: {R2} (job {r2_job} RUNNING) is above replicas=1" in run.output, run.output
     wait_for(lambda: not _active(sandbox, R2), 60, "r2's job to leave the queue")
     assert R1 in _jobs(sandbox)
@@ -97,6 +98,7 @@ def test_a_deploy_with_fewer_replicas_cancels_the_ones_above_and_keeps_serving(s
 def _rollout(*data: str) -> str:
     run = pyinfra(*ONE, *data, "--data", "rollout=true", timeout=600)
     assert run.rc == 0, run.describe()
+    print(f"deploy with rollout of r1: {run.seconds:.1f}s")
     assert "rollout: done: every replica runs the current files" in run.output, run.output
     return run.output
 
