@@ -328,6 +328,7 @@ def test_a_check_with_fewer_replicas_keeps_the_slots_above_in_maintenance(tmp_pa
     slurm.set({"jobs": {"101": rjob(1), "102": rjob(2)}})
     with fleet_of(2) as (_, port), running_endpoint(cluster_with(tmp_path), 2, tmp_path / "ep") as ep:
         assert run_fleet(capsys, tmp_path, 2, port, "--endpoint-socket", ep.socket)[0] == 0
+        ep.wait_status("r1", "up")
         ep.wait_status("r2", "up")
         extra = ("--endpoint-socket", ep.socket, "--prometheus-textfile", str(prom))
         code, data = run_fleet(capsys, tmp_path, 1, port, *extra)
