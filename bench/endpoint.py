@@ -19,7 +19,7 @@ Everything runs on loopback, no root, nothing shared with the sandbox:
   key-pair script, here), and an API key each (made with ``api-key new``'s code: one key per client,
   as separate users, so the per-key limit of requests in flight does not throttle the load).
 
-Three measurements:
+Five measurements:
 
 1. throughput: replicas with a fixed generation time (``NEMO_EMULATOR_SLOW_SECONDS``), ``clients``
    closed-loop clients through the endpoint, rounds of 1, 2, 2, 1 replicas (drift cancels); for 1,
@@ -29,6 +29,11 @@ Three measurements:
 3. failover: 2 replicas, ``FAILOVER_CLIENTS`` clients, one replica's process SIGKILLed mid-run; failed
    requests, the longest time between two answers around the kill, the request that was on the killed
    replica, and the time until HAProxy shows the slot DOWN (polled on the stats socket).
+4. sustained load: 2 clients back to back against replicas with no generation time (a few hundred
+   requests/s) for max(10, 4 x seconds) s while both replicas are rolled again and again; failed
+   requests, and the time no slot was UP.
+5. refused once: the only serving replica (the other drained) refuses one connection; failed requests
+   in the 1.5 s after it, and how long its slot was not UP (issue 20's 503 bursts).
 """
 
 from __future__ import annotations
@@ -224,12 +229,14 @@ class Stack:
             "render_seconds": round(time.monotonic() - t0, 2),
         }
 
-    def emulator(self, name: str, slow: float) -> int:
-        """Start one replica process; returns its port once it can generate."""
+    def emulator(self, name: str, slow: float, load_delay: float = 0.0) -> int:
+        """Start one replica process (its port refuses connections for `load_delay` s, as a loading
+        replica's does); returns its port."""
         port = common.free_port()
         ready = self.workdir / f"{name}.ready"
+        ready.unlink(missing_ok=True)
         env = common.child_env(
-            NEMO_EMULATOR_LOAD_DELAY="0",
+            NEMO_EMULATOR_LOAD_DELAY=f"{load_delay:g}",
             NEMO_EMULATOR_READY_FILE=str(ready),
             NEMO_EMULATOR_TOKEN_SECONDS="0",
             NEMO_EMULATOR_SLOW_SECONDS=f"{slow:g}",
@@ -468,6 +475,187 @@ def failover(stack: Stack, seconds: float, log) -> dict:
     return out
 
 
+SUSTAINED_CLIENTS = int(
+    __import__("os").environ.get("SUS_CLIENTS", "2")
+)  # back to back, no pause: a few hundred requests/s against replicas with no generation time
+ROLL_LOAD_DELAY = 2.0  # seconds a rolled replica's new process refuses connections while "loading"
+
+
+def _down_reasons(log_text: str) -> dict[str, int]:
+    """HAProxy's own words for each time a slot went DOWN (its log), counted: the evidence of why."""
+    reasons: dict[str, int] = {}
+    for line in log_text.splitlines():
+        if " is DOWN" in line and line.startswith("Server "):
+            why = line.split(" is DOWN", 1)[1].split(". ", 1)[0].strip(", ")
+            why = why.split(" info:")[0].split(" check duration")[0].strip(" ,.()")
+            reasons[why] = reasons.get(why, 0) + 1
+    return reasons
+
+
+def sustained(stack: Stack, seconds: float, log) -> dict:
+    """2 replicas with no generation time, SUSTAINED_CLIENTS clients back to back for `seconds`, while
+    the replicas are rolled one at a time again and again as nemotron_deploy.service.rollout does it
+    where there is no room for one more (drain, wait for the request in flight, maintenance, the old
+    process stopped as scancel would, a new one that refuses connections for ROLL_LOAD_DELAY s while
+    it loads, the slot pointed at it once it generates, wait until HAProxy has it UP).
+    Counts failed requests, and the time no slot was UP (sampled every 10 ms)."""
+    stack.emulator("s1", 0.0)
+    stack.emulator("s2", 0.0)
+    stack.wait_emulators()
+    stack.sync(r1="s1", r2="s2")
+    serving = {"r1": "s1", "r2": "s2"}
+    log_start = stack.haproxy_log.stat().st_size
+    stop = threading.Event()
+    rolls: list[float] = []
+    no_replica: list[tuple[float, float]] = []  # (from, to) monotonic, while no slot was up
+
+    def sample() -> None:
+        since = None
+        while not stop.is_set():
+            up = any(v.status == "up" for k, v in stack.states().items() if k in SLOTS)
+            now = time.monotonic()
+            if not up and since is None:
+                since = now
+            elif up and since is not None:
+                no_replica.append((since, now))
+                since = None
+            time.sleep(0.01)
+        if since is not None:
+            no_replica.append((since, time.monotonic()))
+
+    def wait(what: str, predicate, timeout: float = STATUS_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sustained load: {what} not within {timeout:g}s")
+            time.sleep(0.01)
+
+    def in_flight(slot: str) -> int:
+        lines = endpoint_sync.command(stack.socket, "show stat")
+        return int(endpoint_sync.parse_stat(lines)[slot].get("scur") or 0)
+
+    def roll(slot: str, n: int) -> None:
+        t0 = time.monotonic()
+        old = serving[slot]
+        endpoint_sync.command(stack.socket, f"set server {endpoint_sync.BACKEND}/{slot} state drain")
+        wait(f"{slot}'s request in flight", lambda: in_flight(slot) == 0)
+        endpoint_sync.apply(stack.socket, {slot: (None, 0)})
+        common.stop(stack.emulators[old][0])
+        new = f"{slot}-{n}"
+        stack.emulator(new, 0.0, load_delay=ROLL_LOAD_DELAY)
+        common.wait_ready(stack.workdir / f"{new}.ready", stack.emulators[new][0])
+        endpoint_sync.apply(stack.socket, {slot: (common.LOOPBACK, stack.emulators[new][1])})
+        wait(f"{slot} UP on its new process", lambda: stack.states()[slot].status == "up")
+        serving[slot] = new
+        rolls.append(time.monotonic() - t0)
+
+    def roller() -> None:
+        n = 0
+        while not stop.wait(0.5):
+            n += 1
+            for slot in SLOTS:
+                if stop.is_set():
+                    return
+                roll(slot, n)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rolling = threading.Thread(target=roller, daemon=True)
+    records, t0 = load(stack, SUSTAINED_CLIENTS, seconds, "sustained", at=(0.0, rolling.start))
+    stop.set()
+    rolling.join(STATUS_TIMEOUT * 2)
+    sampler.join(5)
+    failed = [r for r in records if r["error"] is not None]
+    kinds: dict[str, int] = {}
+    for r in failed:
+        kinds[r["error"][:60]] = kinds.get(r["error"][:60], 0) + 1
+    gaps = [b - a for a, b in no_replica]
+    out = {
+        "clients": SUSTAINED_CLIENTS,
+        "seconds": seconds,
+        "requests": len(records),
+        "rps": len(records) / seconds,
+        "failures": len(failed),
+        "failed_503": sum(1 for r in failed if r["error"].startswith("HTTP 503")),
+        "failure_kinds": kinds,
+        "failed_span": (failed[-1]["end"] - failed[0]["start"]) if failed else 0.0,
+        "rolls": len(rolls),
+        "roll_seconds": common.Summary.of(rolls).as_dict(),
+        "no_replica_up_seconds": sum(gaps),
+        "no_replica_up_longest": max(gaps, default=0.0),
+        "down_reasons": _down_reasons(stack.haproxy_log.read_text()[log_start:]),
+    }
+    log(
+        f"endpoint sustained load: {out['failures']} failed of {out['requests']} ({out['rps']:.0f} req/s, "
+        f"{out['failed_503']} HTTP 503) while {out['rolls']} replica(s) were rolled; no slot UP for "
+        f"{out['no_replica_up_seconds'] * 1e3:.0f} ms in all (longest {out['no_replica_up_longest'] * 1e3:.0f} ms); "
+        f"slots went DOWN: {out['down_reasons'] or 'never'}"
+    )
+    return out
+
+
+def refused_once(stack: Stack, log) -> dict:
+    """One refused connection on the replica that serves while the other slot is drained (a
+    rollout's window): how long its slot was not UP, and how many of the requests sent meanwhile
+    (one client, back to back, for a second after the refusal) failed. The refusal is made by
+    pointing the slot at a closed port for the one try, then back."""
+    import socket
+
+    for fresh in ("o1", "o2"):  # the earlier parts killed or stopped theirs
+        stack.emulator(fresh, GENERATION_SECONDS)
+        common.wait_ready(stack.workdir / f"{fresh}.ready", stack.emulators[fresh][0])
+    stack.sync(r1="o1", r2="o2")
+    name = "o1"
+    endpoint_sync.command(stack.socket, f"set server {endpoint_sync.BACKEND}/r2 state drain")
+    closed = socket.socket()
+    closed.bind((common.LOOPBACK, 0))  # bound, not listening: connections to it are refused
+    records: list[tuple[int, bytes] | str] = []
+    states: list[tuple[float, str]] = []
+    try:
+        target = f"{endpoint_sync.BACKEND}/r1"
+        endpoint_sync.command(
+            stack.socket, f"set server {target} addr {common.LOOPBACK} port {closed.getsockname()[1]}"
+        )
+        first = threading.Thread(
+            target=lambda: records.append(put(stack.port, body("refused once"), **stack.client(0)))
+        )
+        first.start()
+        deadline = time.monotonic() + STATUS_TIMEOUT
+        while int(endpoint_sync.backend_stat(stack.socket)["r1"].get("hanafail") or 0) < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError("refused once: r1's connection was never refused")
+            time.sleep(0.001)
+        endpoint_sync.command(
+            stack.socket, f"set server {target} addr {common.LOOPBACK} port {stack.emulators[name][1]}"
+        )
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.5:
+            try:
+                status, data = put(stack.port, body("after the refusal"), **stack.client(1))
+                records.append((status, data))
+            except OSError as exc:
+                records.append(f"{type(exc).__name__}: {exc}")
+            states.append((time.monotonic() - t0, stack.states()["r1"].status))
+        first.join(STATUS_TIMEOUT)
+    finally:
+        closed.close()
+        endpoint_sync.command(stack.socket, f"set server {endpoint_sync.BACKEND}/r2 state ready")
+    failed = [r for r in records if isinstance(r, str) or problem(*r) is not None]
+    not_up = [t for t, st in states if st != "up"]
+    out = {
+        "requests": len(records),
+        "failures": len(failed),
+        "failed_503": sum(1 for r in failed if not isinstance(r, str) and r[0] == 503),
+        "slot_not_up_seconds": (max(not_up) - min(not_up)) if not_up else 0.0,
+        "slot_states": sorted({st for _, st in states}),
+    }
+    log(
+        f"endpoint refused once: {out['failures']} failed of {out['requests']} requests "
+        f"({out['failed_503']} HTTP 503); the serving slot was not UP for {out['slot_not_up_seconds'] * 1e3:.0f} ms"
+    )
+    return out
+
+
 def run(seconds: float = 5.0, requests: int = 1000, clients: int = 8, *, log=print) -> dict:
     """All three measurements on one endpoint; `seconds` per throughput round (and the failover's
     length after the kill), `requests` latency samples per path."""
@@ -486,6 +674,8 @@ def run(seconds: float = 5.0, requests: int = 1000, clients: int = 8, *, log=pri
             out["latency"] = latency(stack, requests, log)
             out["throughput"] = throughput(stack, clients, seconds, log)
             out["failover"] = failover(stack, seconds, log)
+            out["sustained"] = sustained(stack, max(10.0, 4 * seconds), log)
+            out["refused_once"] = refused_once(stack, log)
         except Exception:
             tail = stack.haproxy_log.read_text()[-1500:] if stack.haproxy_log.exists() else ""
             if tail:

@@ -170,6 +170,25 @@ def targets(results: dict) -> list[dict]:
                 "met": fo["failures"] <= FAILOVER_FAILURES_LIMIT,
             }
         )
+        su, ro = ep.get("sustained"), ep.get("refused_once")
+        if su:
+            out.append(
+                {
+                    "target": "sustained load while replicas are rolled: no failed client request",
+                    "measured": f"{su['failures']} of {su['requests']} failed ({su['rps']:.0f} req/s, "
+                    f"{su['rolls']} rolls)",
+                    "met": su["failures"] == 0,
+                }
+            )
+        if ro:
+            out.append(
+                {
+                    "target": "one refused connection on the only serving replica: no failed request",
+                    "measured": f"{ro['failures']} of {ro['requests']} failed; slot not UP for "
+                    f"{_s(ro['slot_not_up_seconds'])}",
+                    "met": ro["failures"] == 0,
+                }
+            )
     rg = results.get("registry")
     pyxis = [row for row in (rg or {}).get("rows", []) if row["runtime"] == "pyxis"]
     if pyxis and rg.get("image_bytes"):
@@ -386,8 +405,8 @@ def _endpoint_markdown(ep: dict) -> list[str]:
         "How to read the failover: the request the killed replica was generating loses its connection "
         "(empty response); HAProxy retries it (`retry-on conn-failure empty-response`). The retry may go "
         "to the dead replica once more (it holds no connection now, and `leastconn` prefers it): that "
-        "connection is refused, which marks the slot DOWN at once (`observe layer4`, `error-limit 1`, "
-        f"`on-error mark-down`; {_s(fo['down_after'])} here), long before the health checks (every "
+        "connection is refused; a second refused one marks the slot DOWN (`observe layer4`, `error-limit 1`, "
+        f"`on-error sudden-death`; {_s(fo['down_after'])} here), long before the health checks (every "
         f"{cfg['check_seconds']} s, `fall 2`) would. After a refused connection HAProxy waits "
         "min(`timeout connect`, 1 s) before the next try, which queues for the surviving replica: "
         "that client gets its answer, about 1 s late (the slowest request above); every other client "
@@ -397,6 +416,29 @@ def _endpoint_markdown(ep: dict) -> list[str]:
     ]
     if fo["failed"]:
         lines += [f"Failed failover requests: {'; '.join(fo['failed'])}", ""]
+    su, ro = ep.get("sustained"), ep.get("refused_once")
+    if su:
+        lines += [
+            f"Sustained load: {su['clients']} clients back to back (no pause) for {_s(su['seconds'])}, 2 "
+            "replicas with no generation time, each rolled again and again as the rollout does where "
+            "there is no room for one more (drain, maintenance, the process stopped, a new one that "
+            "loads, the slot pointed at it once it generates).",
+            "",
+            "| requests | req/s | failed (HTTP 503) | rolls | time with no slot UP |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+            f"| {su['requests']} | {su['rps']:.0f} | {su['failures']} ({su['failed_503']}) | {su['rolls']} "
+            f"| {_s(su['no_replica_up_seconds'])} |",
+            "",
+        ]
+    if ro:
+        lines += [
+            "One refused connection on the only replica serving (the other drained, as in a rollout): "
+            f"{ro['failures']} of {ro['requests']} requests in the 1.5 s after it failed "
+            f"({ro['failed_503']} with 503), the slot was not UP for {_s(ro['slot_not_up_seconds'])}. With "
+            "`on-error mark-down` (before issue 20) that one error put the slot DOWN until its next check, "
+            "a second later, and the endpoint answered 503 to everything meanwhile.",
+            "",
+        ]
     return lines
 
 
@@ -451,6 +493,13 @@ def summary_rows(results: dict) -> list[dict]:
         add("endpoint", "failover", "", "longest_gap", "s", _point(fo["gap"]))
         add("endpoint", "failover", "", "slowest_in_flight", "s", _point(fo["in_flight_longest"]))
         add("endpoint", "failover", "", "kill_to_down", "s", _point(fo["down_after"]))
+        if su := ep.get("sustained"):
+            add("endpoint", "sustained", "", "failed_requests", "count", _point(su["failures"]))
+            add("endpoint", "sustained", "", "requests", "count", _point(su["requests"]))
+            add("endpoint", "sustained", "", "no_replica_up", "s", _point(su["no_replica_up_seconds"]))
+        if ro := ep.get("refused_once"):
+            add("endpoint", "refused_once", "", "failed_requests", "count", _point(ro["failures"]))
+            add("endpoint", "refused_once", "", "slot_not_up", "s", _point(ro["slot_not_up_seconds"]))
     rg = results.get("registry")
     if rg:
         for row in rg["rows"]:

@@ -104,6 +104,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"the plan leaves {shapes['logprob_capacity_gib']})",
         ),
         ("endpoint access", endpoint.access_summary(cluster)),
+        (
+            "runs as",
+            f"{cluster.settings.service_user} (service_user, never root): every replica's job, NeMo and "
+            f"its containers; the scheduled check as {cluster.settings.health_user}",
+        ),
         ("scale-down", changes["scale_down"]["summary"]),
         ("rollout", changes["rollout"]["summary"]),
     ]

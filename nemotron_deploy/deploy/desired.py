@@ -18,7 +18,7 @@ from ..inventory import Cluster
 from ..service import alerts, slurm
 from . import endpoint as endpoint_mod
 from . import render, wheelhouse
-from .operations import health_timer
+from .operations import accounts, health_timer
 
 
 @dataclass(frozen=True)
@@ -125,20 +125,28 @@ class Login:
 
     init: str = "systemd"  # systemd units, or a cron entry
     endpoint: bool = True
-    submit_as: str = "root"  # who the deploy submits as (replacements are submitted as the same user)
-    submit_group: str = "root"  # that account's primary group
+    submit_as: str = "nemotron"  # service_user: every replica's job is submitted (and replaced) as it
+    submit_group: str = "nemotron"  # that account's primary group (its own, where the deploy makes it)
     slurm_bin: str = "/usr/bin"  # where sbatch and scancel are
+    deploy_user: str = "root"  # who the deploy's commands run as (it becomes submit_as to submit)
 
     @classmethod
     def of(cls, cluster: Cluster, snap: dict) -> Login:
         ctx = snap.get("submit") or {}
+        account = snap.get("service_user") or {}
+        s = cluster.settings
         return cls(
             init=snap.get("init") or "cron",
             endpoint=endpoint_on(cluster, snap),
-            submit_as=ctx.get("user") or "root",
-            submit_group=ctx.get("group") or "root",
+            submit_as=s.service_user,
+            submit_group=account.get("group") or s.service_user,
             slurm_bin=ctx.get("slurm_bin") or "/usr/bin",
+            deploy_user=ctx.get("user") or "root",
         )
+
+    def as_submitter(self, command: str) -> str:
+        """`command` (a shell command line) run as the service account."""
+        return accounts.run_as(self.submit_as, self.deploy_user, command)
 
 
 def endpoint_files(cluster: Cluster) -> list[WantedFile]:
@@ -221,8 +229,8 @@ def nodes_text(cluster: Cluster) -> str:
 
 
 def records_owner(login: Login) -> tuple[str, str]:
-    """(user, group) of the job records directory: the account that submits the jobs, the one place
-    that decides it (today the deploy's SSH user; a `service_user` later)."""
+    """(user, group) of the job records directory: the account that submits the jobs (service_user),
+    the one place that decides it."""
     return login.submit_as, login.submit_group
 
 
@@ -269,7 +277,7 @@ def sudoers(cluster: Cluster, login: Login) -> str | None:
     sbatch of each replica's job name (no wildcard). None when not needed (no replacement, or the check
     already runs as that user)."""
     s = cluster.settings
-    if not s.replaces_replicas or login.submit_as == s.health_user:
+    if not s.replaces_replicas:
         return None
     sbatch = f"{s.jobs_dir}/nemotron.sbatch"
     lines = []
@@ -280,7 +288,7 @@ def sudoers(cluster: Cluster, login: Login) -> str | None:
     commands = ", \\\n    ".join(lines)
     return (
         "# Installed by nemotron-deploy: the scheduled health check may replace the service's replica\n"
-        f"# jobs ({s.job_name}-r1..r{cluster.plan.replicas}) as {login.submit_as}, the user the deploy submits as; nothing else.\n"
+        f"# jobs ({s.job_name}-r1..r{cluster.plan.replicas}) as {login.submit_as} (service_user), the account they run as; nothing else.\n"
         f"Cmnd_Alias NEMOTRON_REPLICAS = \\\n    {commands}\n"
         f"{s.health_user} ALL=({login.submit_as}) NOPASSWD: NEMOTRON_REPLICAS\n"
     )
@@ -314,6 +322,7 @@ def rollout_command(cluster: Cluster, login: Login) -> str:
         "--budget", str(s.health_startup_budget_seconds),
         "--drain-timeout", str(s.max_generation_seconds + 30),
         "--lock", lock_file(),
+        "--submit-as", login.submit_as,
     ]  # fmt: skip
     if login.endpoint:
         argv += ["--endpoint-socket", endpoint_mod.STATS_SOCKET]
@@ -364,7 +373,7 @@ def for_host(cluster: Cluster, host_name: str, login: Login | None = None) -> Ho
             want.files += compute_files
         return want
 
-    login = login or Login()
+    login = login or Login(submit_as=s.service_user, submit_group=s.service_user)
     submitter, submitter_group = records_owner(login)
     want.dirs += [
         WantedDir(s.deploy_dir, "755", adopt=True, guarded=True),

@@ -44,7 +44,10 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
     """Everything the deploy needs from this host, in one SSH command."""
     s = cluster.settings
     role = desired.role(cluster, host.name)
-    probes: list[tuple[str, type, tuple]] = [("runtimes", ContainerRuntimes, ())]
+    probes: list[tuple[str, type, tuple]] = [
+        ("runtimes", ContainerRuntimes, ()),
+        ("service_user", UserExists, (s.service_user,)),
+    ]
     if role == "compute":
         probes += [("gpus", NvidiaGpus, ()), ("model", ModelConfig, (s.model_dir,))]
         if s.container_runtime in ("docker", "podman") or s.pull_runtime in ("docker", "podman"):
@@ -65,10 +68,10 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
         records = tuple(s.job_record(i) for i in range(1, cluster.plan.replicas + 1))
         probes.append(("records", JobRecords, (records,)))
         # Replicas above `replicas` (a scale-down) are this account's jobs of higher index: read them all.
-        probes.append(("account_jobs", AccountJobs, ()))
+        probes.append(("account_jobs", AccountJobs, (s.service_user,)))
         if s.state == "stopped":
             names = ",".join(s.replica_job(i) for i in range(1, cluster.plan.replicas + 1))
-            probes.append(("replica_jobs", ReplicaJobs, (names,)))
+            probes.append(("replica_jobs", ReplicaJobs, (names, s.service_user)))
         if s.image_file:
             probes.append(("free", FreeSpace, (s.images_dir,)))
     probes.append(("paths", ManagedPaths, paths_to_read(cluster, host.name)))
@@ -253,12 +256,41 @@ def health_user_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
     ]
 
 
+# service_user's UID on each host read so far in this run ({id(cluster): {host: uid or None}}): Slurm
+# runs a job with the UID it was submitted with, so the account must be the same one everywhere.
+_service_uids: dict[int, dict[str, str | None]] = {}
+
+
+def service_user_problems(cluster: Cluster, host_name: str, snap: dict[str, Any]) -> list[str]:
+    """service_user's UID here against the hosts read before this one (the later host of a pair names
+    the difference). Missing on the login node is fine: the deploy creates it there."""
+    name = cluster.settings.service_user
+    account = snap.get("service_user")
+    uid = account.get("uid") if account else None
+    seen = _service_uids.setdefault(id(cluster), {})
+    earlier = {h: u for h, u in seen.items() if h != host_name and u is not None}
+    seen[host_name] = uid
+    if uid is None:
+        return []  # the login node: created there; a compute node: compute_problems says so
+    differ = sorted(f"{u} on {h}" for h, u in earlier.items() if u != uid)
+    if not differ:
+        return []
+    return [
+        f"service_user {name} has UID {uid} here but {', '.join(differ[:5])}"
+        + (f" (and {len(differ) - 5} more)" if len(differ) > 5 else "")
+        + ": Slurm runs each replica with the UID it was submitted with, which would be another account "
+        f"here; make {name} one account on every node (your directory service, or the same useradd "
+        "--uid everywhere), or set service_user to an account the nodes share"
+    ]
+
+
 def check_host(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     """Stop the deploy, before any change, if this host can't run the job as planned."""
     s = cluster.settings
     role = desired.role(cluster, host.name)
     # Not skipped by skip_preflight: these keep other accounts from owning what root writes and runs.
     unsafe = directory_problems(cluster, snap, guarded_dirs(cluster, host.name))
+    unsafe += service_user_problems(cluster, host.name, snap)
     if role == "login":
         unsafe += health_user_problems(cluster, snap)
     if unsafe:
@@ -386,6 +418,19 @@ def compute_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
             min_driver=s.min_driver_version,
         )
     problems += model_problems(cluster, snap["model"])
+    account = snap.get("service_user")
+    if account is None:
+        problems.append(
+            f"service_user {s.service_user} does not exist here: every replica's job runs as it on the "
+            "compute nodes; create it with the UID it has on the login node (your directory service, or "
+            "useradd --uid), or set service_user to an account the nodes share"
+        )
+    elif s.container_runtime == "docker" and "docker" not in account.get("groups", []):
+        problems.append(
+            f"service_user {s.service_user} is not in the docker group here, and the job's `docker run` "
+            f"runs as it: add it (usermod -aG docker {s.service_user}; note that the docker group can "
+            "act as root on this node), or use container_runtime = pyxis, podman or apptainer"
+        )
     runtime = s.pull_runtime or s.container_runtime
     if s.container_runtime == "pyxis" and (not runtimes.get("enroot") or runtimes.get("pyxis") != "yes"):
         problems.append(

@@ -90,7 +90,7 @@ def render(cluster: Cluster) -> list[RenderedFile]:
         "passed_env": [*SLURM_TASK_ENV, *s.job_env],
         "mounts": [
             f"{s.model_dir}:{s.model_dir}:ro",
-            f"{s.scripts_dir}:{s.scripts_dir}",
+            f"{s.scripts_dir}:{s.scripts_dir}:ro",
             f"{s.logs_dir}:{s.logs_dir}",
         ],
         "container_stop_seconds": CONTAINER_STOP_SECONDS,
@@ -188,6 +188,8 @@ def render_endpoint(
         "retry_after": endpoint.RETRY_AFTER_SECONDS,
         "inflight_grace_ms": endpoint.INFLIGHT_GRACE_MS,
         "inflight_step_ms": endpoint.INFLIGHT_STEP_MS,
+        "replica_wait_ms": endpoint.REPLICA_WAIT_MS,
+        "replica_step_ms": endpoint.REPLICA_STEP_MS,
     }
     env = _environment()
     files = [

@@ -23,7 +23,9 @@ from ..service import scale_down as scale
 from ..service.slurm import ENDING_STATES
 from . import desired, host_checks
 from .errors import DeployError
-from .operations import containers, endpoint, files, health_timer, submit
+from .facts.snapshot import snapshot
+from .facts.system import UserExists
+from .operations import accounts, containers, endpoint, files, health_timer, submit
 
 # One validation per pyinfra Inventory object, dropped with it (an id() could be reused).
 _clusters: weakref.WeakKeyDictionary[Any, Cluster] = weakref.WeakKeyDictionary()
@@ -93,6 +95,12 @@ def ensure_files(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     the login node, then the health check's venv from those wheels, when they changed."""
     s = cluster.settings
     login = desired.role(cluster, host.name) == "login"
+    if login and snap.get("service_user") is None:
+        accounts.service_user(
+            name=f"Service account {s.service_user}",
+            username=s.service_user,
+            uid=_compute_uid(cluster, s.service_user),
+        )
     if login:  # owns the health check's directories
         account = snap["health_user"]
         marked = account is None or account.get("gecos") == health_timer.USER_MARK or s.health_user_existing
@@ -118,6 +126,18 @@ def ensure_files(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         current=snap["paths"],
         then=venv,
     )
+
+
+def _compute_uid(cluster: Cluster, name: str) -> str | None:
+    """The account's UID on the first compute node, to make it the same on the login node (an extra
+    read, only on the run that creates the account)."""
+    from pyinfra import state
+
+    node = state.inventory.get_host(cluster.compute[0], None) if cluster.compute else None
+    if node is None:
+        return None
+    account = snapshot(node, (("account", UserExists, (name,)),))["account"]
+    return account.get("uid") if account else None
 
 
 def _health_venv(cluster: Cluster, snap: dict[str, Any]) -> tuple[Any, ...]:
@@ -362,9 +382,16 @@ def submit_job(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         + ("it completes its smoke test" if smoke else "every replica generates"),
         sbatch_path=f"{s.jobs_dir}/nemotron.sbatch",
         job_names=names,
+        submit_as=login.submit_as,
+        deploy_user=login.deploy_user,
         health_commands={
             name: submit.wait_command(
-                venv=s.health_venv, job_name=name, port=s.port, budget=s.health_startup_budget_seconds
+                venv=s.health_venv,
+                job_name=name,
+                port=s.port,
+                budget=s.health_startup_budget_seconds,
+                job_user=login.submit_as,
+                nodes_file=desired.nodes_file(cluster),
             )
             for name in names
         },

@@ -91,3 +91,12 @@ def test_lowering_replicas_leaves_the_running_ones_current(tmp_path):
     scale-down must not ask for a rollout of the replicas it keeps."""
     one, two = cluster(tmp_path / "one", 1), cluster(tmp_path / "two", 2)
     assert desired.files_digest(one) == desired.files_digest(two)
+
+
+def test_the_deploys_read_lists_the_service_users_jobs():
+    """The replicas run as service_user, not as the deploy's SSH user: their jobs are that account's."""
+    from nemotron_deploy.deploy.facts.slurm import AccountJobs
+
+    assert AccountJobs().snippet("nemotron") == (
+        "squeue -h -t all --user=nemotron -o '%i %T %j' 2>/dev/null || true"
+    )

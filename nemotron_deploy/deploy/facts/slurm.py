@@ -47,24 +47,26 @@ class SubmitContext(ProbeFact):
 
 
 class ReplicaJobs(ProbeFact):
-    """[(job id, state)] of this user's jobs named `names` (comma-separated; another account may name a
+    """[(job id, state)] of `user`'s jobs named `names` (comma-separated; another account may name a
     job the same: never counted); [] when squeue is missing or fails."""
 
-    def snippet(self, names: str) -> str:
-        return f"squeue -h -t all -u \"$(id -un)\" -n {shlex.quote(names)} -o '%i %T' 2>/dev/null || true"
+    def snippet(self, names: str, user: str) -> str:
+        return (
+            f"squeue -h -t all -u {shlex.quote(user)} -n {shlex.quote(names)} -o '%i %T' 2>/dev/null || true"
+        )
 
     def process(self, output: list[str]) -> list[tuple[str, str]]:
         return active_rows("\n".join(output))
 
 
 class AccountJobs(ProbeFact):
-    """This account's jobs, `squeue -o '%i %T %j'` lines (scale_down.extra_replicas reads them): the
-    deploy cancels those named <job>-r<k> above the `replicas` setting. [] when squeue is missing or
-    fails (nothing is cancelled then)."""
+    """The jobs of `user` (service_user: the account the replicas run as), `squeue -o '%i %T %j'`
+    lines (scale_down.extra_replicas reads them): the deploy cancels those named <job>-r<k> above the
+    `replicas` setting. [] when squeue is missing or fails (nothing is cancelled then)."""
 
-    def snippet(self) -> str:
-        argv = " ".join(shlex.quote(a) for a in squeue_argv("", None)[1:])
-        return f'squeue {argv} -u "$(id -un)" 2>/dev/null || true'
+    def snippet(self, user: str) -> str:
+        argv = " ".join(shlex.quote(a) for a in squeue_argv("", user)[1:])
+        return f"squeue {argv} 2>/dev/null || true"
 
     def process(self, output: list[str]) -> list[str]:
         return output

@@ -18,18 +18,24 @@ class InitSystem(ProbeFact):
 
 
 class UserExists(ProbeFact):
-    """{"uid": ..., "gecos": ...} when `name` is a user here (local or from the directory service), else
-    None. The GECOS field tells an account the deploy made (desired.HEALTH_USER_MARK) from another."""
+    """{"uid": ..., "gecos": ..., "group": primary group's name, "groups": [every group]} when `name`
+    is a user here (local or from the directory service), else None. The GECOS field tells an account
+    the deploy made (desired.HEALTH_USER_MARK) from another."""
 
     def snippet(self, name: str) -> str:
-        return f"getent passwd {shlex.quote(name)} || echo @@none"
+        q = shlex.quote(name)
+        return f'getent passwd {q} && echo "@@groups $(id -gn {q}) $(id -Gn {q})" || echo @@none'
 
     def process(self, output: list[str]) -> dict | None:
+        found = None
         for line in output:
             fields = line.split(":")
-            if len(fields) >= 7:
-                return {"uid": fields[2], "gecos": fields[4]}
-        return None
+            if found is None and len(fields) >= 7:
+                found = {"uid": fields[2], "gecos": fields[4], "group": fields[0], "groups": []}
+            elif found is not None and line.startswith("@@groups "):
+                names = line.split()[1:]
+                found["group"], found["groups"] = (names[0], names[1:]) if names else (found["group"], [])
+        return found
 
 
 class UnitEnabled(ProbeFact):
