@@ -210,7 +210,7 @@ def roll_one(opts: argparse.Namespace, index: int, old_id: str) -> None:
     new_id = _submit(opts, name)
     say(f"{slot}: submitted job {new_id} beside job {old_id}; waiting until it generates")
     if left_pending(new_id, opts.surge_pending_seconds):
-        _slurm([f"{opts.slurm_bin}/scancel", new_id])
+        _slurm(_as_submitter(opts, [f"{opts.slurm_bin}/scancel", *_owner(opts), new_id]))
         say(
             f"{slot}: job {new_id} still PENDING after {opts.surge_pending_seconds:.0f}s (no nodes for it "
             "now): cancelled; drain-and-replace instead"
