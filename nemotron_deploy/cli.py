@@ -66,8 +66,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return _fail(f"cannot plan {args.inventory}:\n{exc}", EXIT_INVALID)
     p = cluster.plan
     shapes = endpoint.request_shapes(p)
+    changes = _replica_changes(cluster)
     if args.json:
-        print(json.dumps({**p.as_dict(), "requests": shapes, "access": endpoint.access(cluster)}, indent=2))
+        print(
+            json.dumps(
+                {**p.as_dict(), "requests": shapes, "access": endpoint.access(cluster), **changes}, indent=2
+            )
+        )
         return EXIT_OK
     rows = [
         ("model", f"{p.model} ({p.parameters_billion} B parameters)"),
@@ -105,6 +110,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"its containers; the scheduled check as {cluster.settings.health_user}",
         ),
         ("openai api", _openai_summary(cluster)),
+        ("scale-down", changes["scale_down"]["summary"]),
+        ("rollout", changes["rollout"]["summary"]),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
@@ -123,6 +130,30 @@ def _openai_summary(cluster) -> str:
     return f"{routes} as model {spec.openai_id!r}{chat}; usage by {openai_gateway.tokenizer_path(cluster)}"
 
 
+def _replica_changes(cluster) -> dict:
+    """What a deploy does to replicas above `replicas`, and how a rollout chooses its path: `plan`
+    reads no cluster, so it says the rule; the deploy's read names the jobs (`pyinfra ... --dry`)."""
+    s, p = cluster.settings, cluster.plan
+    first = s.replica_job(p.replicas + 1)
+    partition = s.slurm_partition or "Slurm's default"
+    return {
+        "scale_down": {
+            "keeps": [s.replica_job(i) for i in range(1, p.replicas + 1)],
+            "cancels_from": first,
+            "summary": f"a deploy cancels the submitting account's jobs {first} and above, if any run "
+            f"(replicas = {p.replicas}), after draining their endpoint slots into maintenance; "
+            "`pyinfra ... --dry` names them",
+        },
+        "rollout": {
+            "partition": s.slurm_partition,
+            "nodes_per_replica": p.nodes,
+            "gpus_per_node": p.gpus_per_node,
+            "summary": f"surge (new job beside the old) when Slurm has {p.nodes} idle node(s) with "
+            f"{p.gpus_per_node} GPUs in partition {partition}, else drain-and-replace; asked at each replica",
+        },
+    }
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     from .deploy import endpoint, render
     from .inventory import InventoryError
@@ -137,6 +168,8 @@ def cmd_render(args: argparse.Namespace) -> int:
         files = render.render_endpoint(
             cluster,
             args.replicas or cluster.plan.replicas,
+            # As the deploy installs it: a slot per replica the nodes hold (unless --replicas says).
+            slots=None if args.replicas else cluster.plan.replica_capacity,
             config_dir=args.config_dir or endpoint.CONFIG_DIR,
             stats_socket=args.stats_socket or endpoint.STATS_SOCKET,
             bind_address=args.bind,

@@ -1,5 +1,6 @@
-"""A fake Slurm for the tests: `squeue`, `scontrol` and `sacct` executables on PATH that answer from a
-JSON file like Slurm 22.05 would. The `slurm` fixture (conftest.py) puts them first on PATH."""
+"""A fake Slurm for the tests: `squeue`, `scontrol`, `sacct`, `scancel` and `sinfo` executables on PATH
+that answer from a JSON file like Slurm 22.05 would (`sinfo` prints the file's "sinfo" text, e.g. a
+capture of the sandbox's real one; `scancel --user --name` removes those jobs). The `slurm` fixture (conftest.py) puts them first on PATH."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ SCONTROL_LINE = (
 
 FAKE_SLURM = """\
 #!{python}
-# Fake squeue/scontrol/sacct: answers from {config} like Slurm 22.05 would.
+# Fake squeue/scontrol/sacct/scancel/sinfo: answers from {config} like Slurm 22.05 would.
 import json, os, sys
 config_path = {config!r}
 cfg = json.load(open(config_path))
@@ -46,12 +47,29 @@ def job_state(job_id, job):
         return dict(job, **later["job"])
     return job
 
+def option(flag, long):
+    if flag in args:
+        return args[args.index(flag) + 1]
+    return next((a.split("=", 1)[1] for a in args if a.startswith(long + "=")), None)
+
 if tool == "squeue":
-    name = args[args.index("-n") + 1]
-    user = args[args.index("-u") + 1] if "-u" in args else None
+    name, user = option("-n", "--name"), option("-u", "--user")
+    with_name = option("-o", "--format") == "%i %T %j"
     for job_id, job in jobs.items():
-        if job["name"] == name and (user is None or job.get("user", user) == user):
-            print(job_id, job_state(job_id, job)["state"])
+        if (name is None or job["name"] == name) and (user is None or job.get("user", user) == user):
+            print(job_id, job_state(job_id, job)["state"], *([job["name"]] if with_name else []))
+elif tool == "scancel":
+    name, user = option("-n", "--name"), option("-u", "--user")
+    cfg["jobs"] = {{
+        job_id: job for job_id, job in jobs.items()
+        if not (job["name"] == name and job.get("user", user) == user)
+    }}
+    json.dump(cfg, open(config_path, "w"))
+elif tool == "sinfo":
+    if "sinfo" not in cfg:
+        print("sinfo: error: Unable to contact slurm controller (connect failure)", file=sys.stderr)
+        sys.exit(1)
+    print(cfg["sinfo"], end="")
 elif tool == "scontrol" and args[:2] == ["show", "hostnames"]:
     if args[2] not in cfg.get("hostnames", {{}}):
         print("scontrol: fatal: Could not establish a configuration source", file=sys.stderr)
@@ -82,7 +100,7 @@ class FakeSlurm:
         self.config = root / "slurm.json"
         self.set({})
         script = FAKE_SLURM.format(python=sys.executable, config=str(self.config), line=SCONTROL_LINE)
-        for tool in ("squeue", "scontrol", "sacct"):
+        for tool in ("squeue", "scontrol", "sacct", "scancel", "sinfo"):
             (self.bin / tool).write_text(script)
             (self.bin / tool).chmod(0o755)
 

@@ -154,7 +154,10 @@ def endpoint_files(cluster: Cluster) -> list[WantedFile]:
     is the health user's, so the scheduled check can point the slots at the replicas. The map is
     readable by HAProxy's group only (root:haproxy 0640)."""
     rendered = render.render_endpoint(
-        cluster, cluster.plan.replicas, socket_group=cluster.settings.health_user
+        cluster,
+        cluster.plan.replicas,
+        slots=cluster.plan.replica_capacity,
+        socket_group=cluster.settings.health_user,
     )
     return [
         WantedFile(
@@ -330,8 +333,33 @@ def rollout_command(cluster: Cluster, login: Login) -> str:
     ]  # fmt: skip
     if login.endpoint:
         argv += ["--endpoint-socket", endpoint_mod.STATS_SOCKET]
-    if cluster.plan.replica_capacity > cluster.plan.replicas:  # room for one more replica
-        argv.append("--surge")
+    # Surge or drain-and-replace is Slurm's to say at each replica (idle nodes in the partition), not
+    # the plan's: the partition may be shared with other work.
+    argv += [
+        "--nodes-per-replica",
+        str(cluster.plan.nodes),
+        "--gpus-per-node",
+        str(cluster.plan.gpus_per_node),
+    ]
+    if s.slurm_partition:
+        argv += ["--partition", s.slurm_partition]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def scale_down_command(cluster: Cluster, login: Login) -> str:
+    """Cancel the submitting account's replicas above `replicas`, their slots first in maintenance."""
+    s = cluster.settings
+    argv = [
+        f"{s.health_venv}/bin/python", "-m", "nemotron_deploy.service.scale_down",
+        "--slurm-job", s.job_name,
+        "--replicas", str(cluster.plan.replicas),
+        "--user", login.submit_as,
+        "--slurm-bin", login.slurm_bin,
+        "--drain-timeout", str(s.max_generation_seconds + 30),
+        "--lock", lock_file(),
+    ]  # fmt: skip
+    if login.endpoint:
+        argv += ["--endpoint-socket", endpoint_mod.STATS_SOCKET]
     return " ".join(shlex.quote(a) for a in argv)
 
 

@@ -146,13 +146,14 @@ class Limits:
     max_inflight_per_key: int
 
 
-def limits(settings: ClusterSettings, plan: Plan, replicas: int) -> Limits:
+def limits(settings: ClusterSettings, plan: Plan, replicas: int, slots: int | None = None) -> Limits:
+    """`slots`: replica slots r1..rM (default: `replicas`); those above `replicas` stay in maintenance."""
     if replicas < 1:
         raise ValueError(f"the endpoint needs at least one replica slot, got {replicas}")
     check = settings.max_generation_seconds + CHECK_MARGIN_SECONDS
     return Limits(
         replicas=replicas,
-        slots=slot_names(replicas),
+        slots=slot_names(max(replicas, slots or 0)),
         backend=BACKEND,
         max_sentences=settings.inference_batch,
         logprobs_allowed=logprobs_allowed(plan),

@@ -20,7 +20,7 @@ from .facts.haproxy import Haproxy
 from .facts.images import ImagePresent
 from .facts.model import ModelConfig
 from .facts.runtimes import ContainerRuntimes
-from .facts.slurm import JobRecords, ReplicaJobs, SlurmVersion, SubmitContext
+from .facts.slurm import AccountJobs, JobRecords, ReplicaJobs, SlurmVersion, SubmitContext
 from .facts.snapshot import snapshot
 from .facts.system import InitSystem, ServiceRunning, UnitEnabled, UserExists
 from .operations.health_timer import STATE_DIR, UNIT, USER_MARK
@@ -74,6 +74,8 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
             ]
         records = tuple(s.job_record(i) for i in range(1, cluster.plan.replicas + 1))
         probes.append(("records", JobRecords, (records,)))
+        # Replicas above `replicas` (a scale-down) are this account's jobs of higher index: read them all.
+        probes.append(("account_jobs", AccountJobs, (s.service_user,)))
         if s.state == "stopped":
             names = ",".join(s.replica_job(i) for i in range(1, cluster.plan.replicas + 1))
             probes.append(("replica_jobs", ReplicaJobs, (names, s.service_user)))

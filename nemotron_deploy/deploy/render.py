@@ -153,6 +153,7 @@ def render_endpoint(
     cluster: Cluster,
     replicas: int,
     *,
+    slots: int | None = None,
     config_dir: str = endpoint.CONFIG_DIR,
     stats_socket: str = endpoint.STATS_SOCKET,
     bind_address: str = "",
@@ -165,7 +166,8 @@ def render_endpoint(
     replica_key: str | None = None,
 ) -> list[RenderedFile]:
     """The endpoint's files (haproxy.cfg, the Lua envelope it loads and, with API keys, the keys'
-    map), for `replicas` slots.
+    map), for `replicas` replicas in `slots` slots (default: as many; the deploy passes the replicas the
+    compute nodes hold, so that lowering `replicas` keeps the slots above it, in maintenance).
 
     Not part of `render()`: the deploy installs these on the login node (role "endpoint", in
     `config_dir`, where haproxy.cfg finds the others). `bind_address` "" listens on endpoint_bind;
@@ -177,11 +179,14 @@ def render_endpoint(
     s, plan = cluster.settings, cluster.plan
     auth = s.endpoint_auth == "api-key"
     addresses = [bind_address] if bind_address else list(s.endpoint_bind)
+    lim = endpoint.limits(s, plan, replicas, slots)
     context = {
         "s": s,
         "plan": plan,
-        "lim": endpoint.limits(s, plan, replicas),
-        "banner": f"{BANNER_PREFIX} for inventory '{cluster.name}' ({replicas} replica slot(s)). "
+        "lim": lim,
+        "banner": f"{BANNER_PREFIX} for inventory '{cluster.name}' ({replicas} replica slot(s)"
+        + (f" of {len(lim.slots)}" if len(lim.slots) > replicas else "")
+        + "). "
         "Do not edit: change the inventory and re-run the deploy.",
         "lua_path": f"{config_dir}/{endpoint.LUA_FILE}",
         "stats_socket": stats_socket,

@@ -19,6 +19,7 @@ from pyinfra.operations import apt
 from pyinfra.operations import files as pyinfra_files
 
 from ..inventory import Cluster, InventoryError, load
+from ..service import scale_down as scale
 from ..service.slurm import ENDING_STATES
 from . import desired, host_checks, openai_gateway, replica_key
 from .errors import DeployError
@@ -254,6 +255,31 @@ def ensure_replica_key(host: Any, cluster: Cluster, snap: dict[str, Any]) -> Non
     endpoint.replica_key(
         name="Replica key: the secret each replica's front asks of the endpoint and the check",
         script=replica_key.script(cluster, desired.Login.of(cluster, snap)),
+    )
+
+
+def extra_replicas(cluster: Cluster, snap: dict[str, Any]) -> dict[int, list[tuple[str, str]]]:
+    """{index: [(job id, state)]} of this account's replica jobs above `replicas` still to cancel."""
+    listing = "\n".join(snap.get("account_jobs") or [])
+    return scale.to_cancel(scale.extra_replicas(listing, cluster.settings.job_name, cluster.plan.replicas))
+
+
+def scale_down(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
+    """Replicas above `replicas` (the setting was lowered): out of the endpoint (drained, then in
+    maintenance) and cancelled, before HAProxy reloads with the new settings. No operation when the
+    read found none: a second deploy changes nothing."""
+    if desired.role(cluster, host.name) != "login":
+        return
+    extra = extra_replicas(cluster, snap)
+    if not extra:
+        return
+    s = cluster.settings
+    jobs = ", ".join(
+        f"{s.replica_job(i)} (job {', '.join(job_id for job_id, _ in rows)})" for i, rows in extra.items()
+    )
+    submit.scale_down(
+        name=f"Scale down to {cluster.plan.replicas} replica(s): cancel {jobs}, slots in maintenance",
+        command=desired.scale_down_command(cluster, desired.Login.of(cluster, snap)),
     )
 
 

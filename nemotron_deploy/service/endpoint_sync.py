@@ -236,14 +236,32 @@ def plan_commands(current: dict[str, ServerState], desired: Desired, backend: st
     return commands
 
 
-def apply(socket_path: str, desired: dict[str, tuple[str | None, int]], backend: str = BACKEND) -> list[str]:
+def slots_above(current: dict[str, ServerState], replicas: int) -> list[str]:
+    """The replica slots r<k>, k > `replicas`, that the backend has (its slots per replica the nodes
+    hold, beyond the replicas that run: a scale-down's, kept in maintenance)."""
+    pattern = re.escape(SLOT_PREFIX) + r"([1-9][0-9]*)"
+    return [name for name in current if (m := re.fullmatch(pattern, name)) and int(m.group(1)) > replicas]
+
+
+def apply(
+    socket_path: str,
+    desired: dict[str, tuple[str | None, int]],
+    backend: str = BACKEND,
+    *,
+    retire_above: int | None = None,
+) -> list[str]:
     """Bring the slots to `desired` ({slot: (node name or IP or None, port)}); return the commands sent.
+    With `retire_above` N, every replica slot above rN the backend has is put in maintenance too.
 
     Node names are resolved first; one that does not resolve counts as None (slot in maintenance).
     Raises SyncError when the socket fails or HAProxy answers a command with an error.
     """
     resolved = {slot: ((resolve(addr) if addr else None), port) for slot, (addr, port) in desired.items()}
-    commands = plan_commands(servers_state(socket_path, backend), resolved, backend)
+    current = servers_state(socket_path, backend)
+    if retire_above is not None:
+        for slot in slots_above(current, retire_above):
+            resolved.setdefault(slot, (None, 0))
+    commands = plan_commands(current, resolved, backend)
     # One command line per slot (`a; b`): HAProxy runs them back to back.
     per_slot: dict[str, list[str]] = {}
     for line in commands:

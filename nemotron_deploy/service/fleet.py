@@ -324,10 +324,13 @@ def sync_endpoint(socket_path: str, job_name: str, replicas: list[ReplicaResult]
         if r.reason == "slurm_error":
             desired.pop(r.slot, None)
     try:
-        view.commands = endpoint_sync.apply(socket_path, desired)
+        # Slots above rN (the nodes hold more replicas than `replicas`, or a scale-down left them) stay
+        # in maintenance: nothing of this deployment serves there.
+        view.commands = endpoint_sync.apply(socket_path, desired, retire_above=len(replicas))
         servers = endpoint_sync.servers_state(socket_path)
         view.servers = {name: s.status for name, s in servers.items()}
-        view.replicas_up = sum(s.status == "up" for s in servers.values())
+        counted = set(endpoint_sync.slots_above(servers, len(replicas)))
+        view.replicas_up = sum(s.status == "up" for name, s in servers.items() if name not in counted)
         view.queue_length = endpoint_sync.queue_length(endpoint_sync.backend_stat(socket_path))
     except endpoint_sync.SyncError as exc:
         view.error = (
@@ -397,7 +400,7 @@ def report_stopped(opts: argparse.Namespace, job_name: str) -> int:
     if opts.endpoint_socket:  # no replica should get traffic: every slot in maintenance
         desired = endpoint_sync.desired_from_nodes(job_name, opts.replicas, {}, 0)
         try:
-            endpoint_sync.apply(opts.endpoint_socket, desired)
+            endpoint_sync.apply(opts.endpoint_socket, desired, retire_above=opts.replicas)
         except endpoint_sync.SyncError as exc:
             out.long_lines.append(f"warning: endpoint ({opts.endpoint_socket}): {exc}")
     if opts.prometheus_textfile:

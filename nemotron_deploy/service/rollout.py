@@ -5,8 +5,10 @@ submits as), or by hand:
     python -m nemotron_deploy.service.rollout --slurm-job nemotron-340b --replicas 2 --sbatch .../nemotron.sbatch \\
         --records-dir .../logs --port 1424 --endpoint-socket /run/haproxy/admin.sock --budget 2700
 
-For each replica whose running job's record names other files than the sbatch now in place, with
-``--surge`` (the deploy passes it when the compute nodes hold more replicas than run):
+For each replica whose running job's record names other files than the sbatch now in place, the
+rollout first asks Slurm whether one more replica fits now (room.py: idle nodes in ``--partition``
+with ``--gpus-per-node`` GPUs, at least ``--nodes-per-replica`` of them) and prints which path it
+takes and why. When it fits (surge):
 
 1. submit its new job (same name, ``<job>-r<i>``) beside the old one;
 2. wait until the new job generates (the health check's start-up wait);
@@ -15,9 +17,12 @@ For each replica whose running job's record names other files than the sbatch no
 5. cancel the old job; point the replica's slot at the new job, wait until UP; drain and free ``u1``.
 
 A new job that does not generate within the start-up budget is cancelled and the rollout stops
-there, saying so: the old replicas, this one included, keep serving.
+there, saying so: the old replicas, this one included, keep serving. One that Slurm leaves PENDING
+for ``--surge-pending-seconds`` (other work took the idle nodes since ``sinfo``) is cancelled, and
+that replica is drained and replaced instead.
 
-Without room for one more replica (every node serves), one replica at a time is taken out instead:
+Without room for one more replica (every node serves, or other work holds the partition's idle
+nodes, or sinfo fails), one replica at a time is taken out instead (drain-and-replace):
 drain its slot and wait for its request in flight, cancel its job, submit the new one, wait until it
 generates, point the slot at it. The others serve meanwhile (capacity drops by one replica, no
 request fails); if the new job does not generate, the rollout stops with that replica down and says
@@ -37,7 +42,7 @@ import subprocess
 import sys
 import time
 
-from . import endpoint_sync, probe, replacement
+from . import endpoint_sync, probe, replacement, room
 from .check import wait_for_job
 from .endpoint_sync import SPARE_SLOT
 from .nagios import OK
@@ -143,6 +148,17 @@ def _gone(job_id: str) -> bool:
         return False
 
 
+def choose_path(opts: argparse.Namespace) -> tuple[bool, str]:
+    """(surge?, why): one more replica beside the old one only if Slurm has the idle nodes for it now."""
+    if opts.surge:
+        return True, "surge: --surge given (Slurm not asked for room)"
+    try:
+        found = room.ask_slurm(opts.slurm_bin, opts.partition, opts.nodes_per_replica, opts.gpus_per_node)
+    except SlurmError as exc:
+        return False, f"drain-and-replace: cannot ask Slurm for idle nodes ({exc})"
+    return found.fits, found.why()
+
+
 def roll_in_place(opts: argparse.Namespace, index: int, old_id: str) -> None:
     """No room for one more replica: take this one out, then bring it back on the new files."""
     name = replica_job_name(opts.slurm_job, index)
@@ -174,12 +190,33 @@ def roll_in_place(opts: argparse.Namespace, index: int, old_id: str) -> None:
     say(f"{slot}: job {new_id} on {node} serves")
 
 
+def left_pending(job_id: str, seconds: float) -> bool:
+    """True when the job still waits for nodes after `seconds`: other work took the idle nodes Slurm
+    showed (between sinfo and sbatch, or they were never the ones this job may use)."""
+    deadline = time.monotonic() + seconds
+    # PENDING only: CONFIGURING has its nodes (booting them, running the prolog).
+    while query_job(job_id).state == "PENDING":
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(POLL)
+    return False
+
+
 def roll_one(opts: argparse.Namespace, index: int, old_id: str) -> None:
-    """Room for one more replica: the new job first, then swap."""
+    """Room for one more replica: the new job first, then swap. A new job Slurm does not start
+    within --surge-pending-seconds is cancelled, and this replica is drained and replaced instead."""
     name = replica_job_name(opts.slurm_job, index)
     slot = f"{endpoint_sync.SLOT_PREFIX}{index}"
     new_id = _submit(opts, name)
     say(f"{slot}: submitted job {new_id} beside job {old_id}; waiting until it generates")
+    if left_pending(new_id, opts.surge_pending_seconds):
+        _slurm(_as_submitter(opts, [f"{opts.slurm_bin}/scancel", *_owner(opts), new_id]))
+        say(
+            f"{slot}: job {new_id} still PENDING after {opts.surge_pending_seconds:.0f}s (no nodes for it "
+            "now): cancelled; drain-and-replace instead"
+        )
+        roll_in_place(opts, index, old_id)
+        return
     if not _generates(opts, new_id):
         subprocess.run(
             _as_submitter(opts, [f"{opts.slurm_bin}/scancel", *_owner(opts), new_id]),
@@ -244,7 +281,33 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--dry-run", action="store_true", help="only list the stale replicas")
     p.add_argument(
-        "--surge", action="store_true", help="there is room for one more replica: start each new job first"
+        "--partition", help="the partition the jobs run in, asked for idle nodes (default: Slurm's default)"
+    )
+    p.add_argument(
+        "--nodes-per-replica",
+        type=int,
+        default=1,
+        metavar="N",
+        help="nodes one replica's job takes (the plan's)",
+    )
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=0,
+        metavar="G",
+        help="GPUs a replica needs on each node (the plan's)",
+    )
+    p.add_argument(
+        "--surge-pending-seconds",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="a surge job Slurm has not started after S seconds is cancelled: drain-and-replace instead",
+    )
+    p.add_argument(
+        "--surge",
+        action="store_true",
+        help="start each new job beside the old one without asking Slurm for room (by hand only)",
     )
     opts = p.parse_args(argv)
     try:
@@ -272,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         for index, old_id in stale:
             try:
-                (roll_one if opts.surge else roll_in_place)(opts, index, old_id)
+                surge, why = choose_path(opts)
+                say(f"r{index}: {why}")
+                (roll_one if surge else roll_in_place)(opts, index, old_id)
             except (RolloutError, endpoint_sync.SyncError, SlurmError) as exc:
                 print(f"rollout: error: {exc}", file=sys.stderr)
                 return 1

@@ -322,6 +322,75 @@ def test_slurm_errors_are_unknown_and_leave_the_slots_alone(tmp_path, slurm, cap
         assert ep.state()["r1"].status != "maint"
 
 
+def test_a_check_with_fewer_replicas_keeps_the_slots_above_in_maintenance(tmp_path, slurm, capsys):
+    """`replicas` lowered to 1 while r2 still serves in its slot (the endpoint keeps a slot per replica
+    the nodes hold): the check, now --replicas 1, neither counts nor replaces r2, and takes its slot out."""
+    prom = tmp_path / "nemotron.prom"
+    slurm.set({"jobs": {"101": rjob(1), "102": rjob(2)}})
+    with fleet_of(2) as (_, port), running_endpoint(cluster_with(tmp_path), 2, tmp_path / "ep") as ep:
+        assert run_fleet(capsys, tmp_path, 2, port, "--endpoint-socket", ep.socket)[0] == 0
+        ep.wait_status("r1", "up")
+        ep.wait_status("r2", "up")
+        extra = ("--endpoint-socket", ep.socket, "--prometheus-textfile", str(prom))
+        code, data = run_fleet(capsys, tmp_path, 1, port, *extra)
+        assert (code, data["reason"], data["replicas_configured"]) == (0, "ok", 1), data
+        assert [r["name"] for r in data["replicas"]] == ["r1"]
+        assert data["endpoint"]["commands"] == ["set server replicas/r2 state maint"]
+        assert data["endpoint"]["replicas_up"] == 1
+        assert ep.state()["r2"].status == "maint" and ep.state()["r1"].status == "up"
+        assert not [c for c in slurm.calls() if c.startswith("scancel")]
+        code, data = run_fleet(capsys, tmp_path, 1, port, *extra)
+        assert (code, data["endpoint"]["commands"]) == (0, [])  # stays out: nothing sent again
+    m = metrics(prom)
+    assert by_replica(m["nemotron_replica_up"]) == {"r1": 1.0}
+    assert m["nemotron_endpoint_replicas_up"][0].value == 1
+    assert m["nemotron_endpoint_replicas"][0].value == 1
+
+
+def test_scale_down_drains_the_replica_above_then_cancels_it(tmp_path, slurm, capsys):
+    """service.scale_down against a real HAProxy and the fake Slurm: r2 (slow: 1.5 s a generation) has
+    a client request in flight; it is drained, that request is answered, the slot goes to maintenance,
+    and only then is r2's job cancelled (the account's jobs of that name only). r1 serves throughout;
+    a second run finds nothing to do."""
+    from nemotron_deploy.service import endpoint_sync, scale_down
+
+    slurm.set({"jobs": {"101": rjob(1), "102": rjob(2), "103": rjob(2, user="someone-else")}})
+    with (
+        fleet_of(2, {2: {"slow_seconds": 1.5}}) as (_, port),
+        running_endpoint(cluster_with(tmp_path), 2, tmp_path / "ep") as ep,
+    ):
+        assert run_fleet(capsys, tmp_path, 2, port, "--endpoint-socket", ep.socket)[0] == 0
+        ep.wait_status("r1", "up")
+        ep.wait_status("r2", "up")
+        answers: list[tuple[int, str]] = []
+        clients = [
+            threading.Thread(target=lambda: answers.append(ep.put(ask("in flight")))) for _ in range(2)
+        ]
+        for t in clients:
+            t.start()
+        wait_for_in_flight = time.monotonic() + 10
+        while int(endpoint_sync.backend_stat(ep.socket)["r2"].get("scur") or 0) == 0:
+            assert time.monotonic() < wait_for_in_flight, "no request reached r2"
+            time.sleep(0.02)
+        argv = ["--slurm-job", JOB, "--replicas", "1", "--user", "alice", "--endpoint-socket", ep.socket]
+        argv += ["--slurm-bin", str(slurm.bin), "--drain-timeout", "20"]
+        assert scale_down.main(argv) == 0
+        out = capsys.readouterr().out
+        for t in clients:
+            t.join(10)
+        assert [status for status, _ in answers] == [200, 200], answers
+        assert all("sentences" in json.loads(text) for _, text in answers), answers
+        assert f"{JOB}-r2 (job 102 RUNNING) is above replicas=1" in out, out
+        assert out.index("r2: in maintenance") < out.index(f"{JOB}-r2: cancelled"), out
+        assert ep.state()["r2"].status == "maint" and ep.state()["r1"].status == "up"
+        assert f"scancel --user=alice --name={JOB}-r2" in slurm.calls()
+        assert sorted(json.loads(slurm.config.read_text())["jobs"]) == ["101", "103"]  # another user's stays
+        status, text = ep.put(ask("after"))
+        assert status == 200 and "sentences" in json.loads(text)
+        assert scale_down.main(argv) == 0
+        assert "no job of alice's above" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("argv", "says"),
     [

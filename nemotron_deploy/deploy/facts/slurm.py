@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 
+from ...service.scale_down import squeue_argv
 from ...service.slurm import active_rows
 from .base import ProbeFact
 
@@ -56,6 +57,19 @@ class ReplicaJobs(ProbeFact):
 
     def process(self, output: list[str]) -> list[tuple[str, str]]:
         return active_rows("\n".join(output))
+
+
+class AccountJobs(ProbeFact):
+    """The jobs of `user` (service_user: the account the replicas run as), `squeue -o '%i %T %j'`
+    lines (scale_down.extra_replicas reads them): the deploy cancels those named <job>-r<k> above the
+    `replicas` setting. [] when squeue is missing or fails (nothing is cancelled then)."""
+
+    def snippet(self, user: str) -> str:
+        argv = " ".join(shlex.quote(a) for a in squeue_argv("", user)[1:])
+        return f"squeue {argv} 2>/dev/null || true"
+
+    def process(self, output: list[str]) -> list[str]:
+        return output
 
 
 class JobRecords(ProbeFact):

@@ -270,3 +270,24 @@ def roll_out(command: str):
         return ok
 
     yield FunctionCommand(run, (), {})
+
+
+@operation(is_idempotent=False)
+def scale_down(command: str):
+    """
+    Take the replicas above the `replicas` setting out of the endpoint and cancel their jobs
+    (nemotron_deploy.service.scale_down on the login node, as the account that submits them), printing
+    what it does. Added only when the host's read found such a job.
+
+    **Example:**
+
+    .. code:: python
+
+        scale_down(name="Scale down", command="/opt/.../python -m nemotron_deploy.service.scale_down ...")
+    """
+
+    def run(state, host):
+        ok, _ = host.run_shell_command(command, print_output=True)
+        return ok
+
+    yield FunctionCommand(run, (), {})
