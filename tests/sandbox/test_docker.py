@@ -33,6 +33,9 @@ from sshutil import (
     LOGS_DIR,
     PORT,
     SHARED,
+    TLS,
+    TLS_IMAGE,
+    TLS_REGISTRY,
     cancel_jobs,
     clean_env,
     deploy_ok,
@@ -227,16 +230,21 @@ def test_a_stalled_registry_fails_the_docker_pull_in_time_and_leaves_nothing(san
 
 
 def test_the_ngc_key_is_used_for_docker_login_and_leaves_the_node(sandbox):
-    """registry_login: `docker login --password-stdin` from a 0600 file, the pull, `docker logout`:
-    afterwards the key is in no file of any node, nor in docker's config.json."""
+    """registry_login, against the TLS registry the engines verify (the sandbox CA in the node's
+    /etc/docker/certs.d only): `docker login --password-stdin` from a 0600 file, the pull, `docker
+    logout`: afterwards the key is in no file of any node, nor in docker's config.json."""
     key = f"nvapi-TEST{uuid.uuid4().hex}"
+    tls_pull_op = f"Pull {TLS_IMAGE} (docker)"
     for node in sandbox.compute_names:
         _remove_image(sandbox, node)
+        ssh(sandbox, node, f"docker rmi -f {TLS_IMAGE} >/dev/null 2>&1; true")
     try:
-        run = pyinfra("-vvv", "--data", "registry_login=true", env=clean_env(NGC_API_KEY=key, **DOCKER))
+        run = pyinfra(
+            "-vvv", "--data", "registry_login=true", env=clean_env(NGC_API_KEY=key, **DOCKER, **TLS)
+        )
         assert run.rc == 0, run.describe().replace(key, "<KEY>")
         assert key not in run.output, "the NGC key is in pyinfra's -vvv output"
-        assert op_statuses(run.output, PULL_OP) == {
+        assert op_statuses(run.output, tls_pull_op) == {
             **dict.fromkeys(sandbox.compute_names, "Success"),
             sandbox.login_host: "Skipped",
         }
@@ -256,13 +264,24 @@ def test_the_ngc_key_is_used_for_docker_login_and_leaves_the_node(sandbox):
             )
             assert grep.returncode == 1, f"the key is in files on {node}: {grep.stdout}"
         for node in sandbox.compute_names:
-            assert _has_image(sandbox, node)
+            assert (
+                ssh(
+                    sandbox, node, f"docker image inspect {TLS_IMAGE} >/dev/null 2>&1", check=False
+                ).returncode
+                == 0
+            )
             config = ssh(sandbox, node, "cat /root/.docker/config.json 2>/dev/null; true").stdout
             # Logged in while it pulled (the engine's registry in config.json), out when it ended.
-            assert "10.213.0.2:5000" not in config, f"{node}: docker is still logged in:\n{config}"
+            assert TLS_REGISTRY not in config, f"{node}: docker is still logged in:\n{config}"
     finally:
         for node in sandbox.compute_names:
-            ssh(sandbox, node, "docker logout 10.213.0.2:5000 >/dev/null 2>&1; true")
+            # The image under the inventory's own name again, as the tests after this one expect it.
+            ssh(
+                sandbox,
+                node,
+                f"docker logout {TLS_REGISTRY} >/dev/null 2>&1; docker tag {TLS_IMAGE} {IMAGE} >/dev/null 2>&1; "
+                f"docker rmi {TLS_IMAGE} >/dev/null 2>&1; true",
+            )
 
 
 def test_the_engines_are_the_nodes_own(sandbox):
