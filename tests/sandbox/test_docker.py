@@ -284,6 +284,28 @@ def test_the_ngc_key_is_used_for_docker_login_and_leaves_the_node(sandbox):
             )
 
 
+def test_a_login_the_engine_would_not_verify_is_refused_before_the_key_leaves(sandbox):
+    """docker has no --tls-verify: an inventory that says the registry is verified, for a registry
+    the engine lists in insecure-registries (the sandbox's plain-HTTP one), gets no login: the deploy
+    asks each engine first, stops, and the key never reaches a node."""
+    key = f"nvapi-TEST{uuid.uuid4().hex}"
+    for node in sandbox.compute_names:
+        _remove_image(sandbox, node)
+    run = pyinfra(
+        "--data", "registry_tls_verify=true", "--data", "registry_login=true",
+        env=clean_env(NGC_API_KEY=key, **DOCKER),
+    )  # fmt: skip
+    assert run.rc != 0, f"the deploy logged in through an engine that does not verify:\n{run.describe()}"
+    assert "insecure-registries" in run.output and "registry_login = false" in run.output, run.describe()
+    assert key not in run.output
+    for node in sandbox.compute_names:
+        grep = ssh(sandbox, node, "grep -rlsF -D skip --exclude-dir=netns -f - /tmp /var/tmp /root /run /etc",
+                   input=key + "\n", check=False)  # fmt: skip
+        assert grep.returncode == 1, f"the key reached {node}: {grep.stdout}"
+        assert not _has_image(sandbox, node), f"{node} pulled after the refused login"
+    deploy_ok(env=clean_env(**DOCKER))  # without a key: pulled as before
+
+
 def test_the_engines_are_the_nodes_own(sandbox):
     """Each engine runs in its node: its own data root (the node's dir), socket and containerd, the
     sandbox registry as insecure in the node's daemon.json only, and the driver the docs name."""

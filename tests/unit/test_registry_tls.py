@@ -146,3 +146,42 @@ def test_enroot_is_held_to_https_when_it_has_the_key(tmp_path, monkeypatch):
         runtime="pyxis", image=f"{MIRROR}#n:1", target="/x.sqsh", present=False, tmp_dir="/t"
     )
     assert "ENROOT_ALLOW_HTTP" not in anonymous.args[0].command  # the node's enroot.conf decides
+
+
+@pytest.mark.parametrize(("secure", "refused"), [("false", True), ("true", False), ("", False)])
+def test_docker_logs_in_only_where_its_engine_verifies_the_registry(tmp_path, monkeypatch, secure, refused):
+    """docker has no --tls-verify: before the key reaches the node, the engine is asked whether it
+    treats the registry as insecure (daemon.json's insecure-registries); then the deploy stops."""
+    import subprocess
+
+    from pyinfra.api import FunctionCommand
+
+    monkeypatch.setattr(
+        containers, "host", SimpleNamespace(get_temp_filename=lambda hint: str(tmp_path / "k"))
+    )
+    check, *rest = containers.pull_image._inner(
+        runtime="docker", image=f"{MIRROR}/n:1", present=False, ngc_key="k", login=True
+    )
+    assert isinstance(check, FunctionCommand) and rest[0].get_raw_value().startswith("rm -rf "), rest
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    # A stand-in engine client that answers the template's question as docker info would.
+    (bindir / "docker").write_text(f'#!/bin/sh\ncase "$*" in *\'"{MIRROR}"\'*) echo "{secure}";; esac\n')
+    (bindir / "docker").chmod(0o755)
+
+    def run_shell_command(command):
+        done = subprocess.run(
+            ["sh", "-c", command], capture_output=True, text=True, env={"PATH": f"{bindir}:/usr/bin:/bin"}
+        )
+        return done.returncode == 0, SimpleNamespace(stdout=done.stdout, stderr=done.stderr)
+
+    state = SimpleNamespace(config=SimpleNamespace(FAIL_PERCENT=None))
+    fake_host = SimpleNamespace(name="gpu01", run_shell_command=run_shell_command)
+    if refused:
+        with pytest.raises(RuntimeError, match="insecure-registries") as info:
+            check.function(state, fake_host, *check.args)
+        assert "registry_login = false" in str(info.value) and f"certs.d/{MIRROR}/ca.crt" in str(info.value)
+        assert state.config.FAIL_PERCENT == 0, "the refused login did not stop the deploy"
+    else:
+        check.function(state, fake_host, *check.args)
+        assert state.config.FAIL_PERCENT is None

@@ -88,6 +88,8 @@ def pull_image(
     pull = f"{tool} pull{tls} {shlex.quote(image)}"
     logout = ""
     if key_sent:
+        if runtime == "docker":  # before the key is on the node
+            yield FunctionCommand(_refuse_an_insecure_engine_registry, (registry,), {})
         private_dir = host.get_temp_filename("nemotron-ngc")
         yield from _secret_upload(ngc_key, private_dir)
         q_dir = shlex.quote(private_dir)
@@ -110,6 +112,29 @@ def pull_image(
         **_docker_watch(runtime),
     )
     yield FunctionCommand(_watch, (watch,), {})
+
+
+def docker_secure_check(registry: str) -> str:
+    """What the engine says of `registry`: "false" when its daemon.json lists it in
+    `insecure-registries` (it would then log in over unverified TLS or plain HTTP), else "true" or
+    nothing. (A registry that is insecure only through `insecure-registries` CIDRs is not seen.)"""
+    template = '{{with index .RegistryConfig.IndexConfigs "' + registry + '"}}{{.Secure}}{{end}}'
+    return f"docker info --format {shlex.quote(template)}"
+
+
+def _refuse_an_insecure_engine_registry(state, host, registry: str) -> None:
+    """docker has no --tls-verify: the engine decides. Refuse the login, and stop the deploy as a
+    failed pull does, when this node's engine does not verify the registry."""
+    ok, out = host.run_shell_command(docker_secure_check(registry))
+    if ok and out.stdout.strip() != "false":
+        return
+    _stop_the_deploy(state)
+    why = "lists it in insecure-registries" if ok else f"could not be asked ({out.stderr.strip()})"
+    raise RuntimeError(
+        f"no docker login to {registry} on {host.name}: the engine there {why}, so the NGC key would go "
+        f"unverified. Remove {registry} from insecure-registries in /etc/docker/daemon.json and put its "
+        f"CA in /etc/docker/certs.d/{registry}/ca.crt, or send it no key (registry_login = false)"
+    )
 
 
 def _docker_watch(runtime: str) -> dict[str, str]:
