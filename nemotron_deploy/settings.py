@@ -934,8 +934,8 @@ NGC_REGISTRY = "nvcr.io"
 _UNVERIFIED_LOGIN = (
     "{why} with registry_tls_verify = false: the deploy would send the NGC key to {registry} without "
     "verifying its TLS certificate, to whoever answers there. Either verify TLS (give the compute "
-    "nodes the registry's CA: /etc/docker/certs.d/<host:port>/ca.crt, /etc/containers/certs.d/"
-    "<host:port>/ca.crt, the system CA bundle for enroot; then remove registry_tls_verify = false), "
+    "nodes the registry's CA: /etc/docker/certs.d/{registry}/ca.crt, /etc/containers/certs.d/"
+    "{registry}/ca.crt, the system CA bundle for enroot; then remove registry_tls_verify = false), "
     "or send no key to this registry (registry_login = false, and unset ngc_api_key_file and the "
     "key's environment variable)"
 )
