@@ -803,7 +803,7 @@ def test_a_key_from_the_environment_is_never_sent_unverified(deployed, tmp_path)
     nvcr = "nvcr.io#nvidia/nemo:24.01.framework"
     inventory = write_inventory(tmp_path / "inv", base="sandbox", settings={"container_image": nvcr})
     image_file = load(str(inventory)).settings.image_file
-    ssh(sandbox, FIRST, f"install -d -m 755 {IMAGES_DIR} && echo stand-in > {image_file}")
+    ssh(sandbox, FIRST, f"echo stand-in > {image_file}")  # in the images dir the first deploy made
     try:
         removed = _remove_on_every_host(sandbox)
         before, requests = _watched(sandbox), _registry_requests()
