@@ -517,13 +517,16 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def _registry_pid(sandbox) -> int:
     """The host PID of the sandbox's docker-registry (it runs in the login node's namespaces)."""
     from nemotron_rehearsal.sandbox import netns
+    from nemotron_rehearsal.sandbox import registry as sb_registry
 
     pids = [
         pid
         for pid in netns.pids_in(sandbox.login.netns)
         if Path(f"/proc/{pid}/comm").read_text().strip() == "docker-registry"
+        # the plain-HTTP one (the TLS one, sandbox/registry_tls.py, serves its storage on 5443)
+        and str(sb_registry.CONFIG).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
-    assert len(pids) == 1, f"expected one docker-registry in {sandbox.login.name}, found {pids}"
+    assert len(pids) == 1, f"expected one plain docker-registry in {sandbox.login.name}, found {pids}"
     return pids[0]
 
 

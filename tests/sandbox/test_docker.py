@@ -25,6 +25,7 @@ import pytest
 from nemotron_rehearsal import sandbox as sb_api
 from nemotron_rehearsal.sandbox import docker as sb_docker
 from nemotron_rehearsal.sandbox import netns as sb_netns
+from nemotron_rehearsal.sandbox import registry as sb_registry
 from sshutil import (
     ENDPOINT_CERT,
     HEALTH_VENV,
@@ -194,8 +195,10 @@ def _registry_stopped(sandbox):
         pid
         for pid in sb_netns.pids_in(sandbox.login.netns)
         if Path(f"/proc/{pid}/comm").read_text().strip() == "docker-registry"
+        # the plain-HTTP one (the TLS one, sandbox/registry_tls.py, serves its storage on 5443)
+        and str(sb_registry.CONFIG).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
-    assert len(pids) == 1, f"expected one docker-registry in {sandbox.login.name}, found {pids}"
+    assert len(pids) == 1, f"expected one plain docker-registry in {sandbox.login.name}, found {pids}"
     os.kill(pids[0], signal.SIGSTOP)
     try:
         yield
