@@ -478,7 +478,8 @@ class ClusterSettings(BaseModel):
     registry_tls_verify: bool = Field(
         True,
         description="Check the registry's TLS certificate when pulling. Turn it off only for a "
-        "registry on a trusted private network (the sandbox's plain-HTTP registry).",
+        "registry on a trusted private network (the sandbox's plain-HTTP registry), and never with a "
+        "login: validate and the deploy refuse to send the NGC key to a registry they don't verify.",
         json_schema_extra=CONTAINER,
     )
     registry_login: bool | None = Field(
@@ -800,6 +801,14 @@ class ClusterSettings(BaseModel):
                 "holds the endpoint's runtime socket) would then write the job records it trusts; use "
                 "two accounts (defaults: service_user = nemotron, health_user = nemotron-health)"
             )
+        if not self.registry_tls_verify and self.registry_login is True:
+            raise ValueError(_UNVERIFIED_LOGIN.format(why="registry_login = true", registry=self.registry))
+        if not self.registry_tls_verify and self.ngc_api_key_file and self.logs_in_to_registry:
+            raise ValueError(
+                _UNVERIFIED_LOGIN.format(
+                    why=f"ngc_api_key_file is set (the key goes to {self.registry})", registry=self.registry
+                )
+            )
         if self.submit and self.state == "stopped":
             raise ValueError(
                 "submit=true with state=stopped: a stopped service submits nothing; start it with "
@@ -826,6 +835,17 @@ class ClusterSettings(BaseModel):
         if self.container_image:
             return self.container_image
         return DEFAULT_IMAGE.replace("/", "#", 1) if self.container_runtime == "pyxis" else DEFAULT_IMAGE
+
+    @property
+    def registry(self) -> str:
+        """The registry the image comes from (`nvcr.io` for `nvcr.io#nvidia/nemo:tag`)."""
+        return image_registry(self.image)
+
+    @property
+    def logs_in_to_registry(self) -> bool:
+        """The deploy sends the NGC key to the image's registry (when it has one): registry_login, by
+        default only for nvcr.io."""
+        return self.registry_login if self.registry_login is not None else self.registry == NGC_REGISTRY
 
     @property
     def eval_script(self) -> str:
@@ -954,6 +974,26 @@ def reference() -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+NGC_REGISTRY = "nvcr.io"
+
+# The key is a password: over a connection whose certificate nobody checks, whoever answers for the
+# registry's address (a spoofed name, an ARP neighbour, a plain-HTTP listener) receives it.
+_UNVERIFIED_LOGIN = (
+    "{why} with registry_tls_verify = false: the deploy would send the NGC key to {registry} without "
+    "verifying its TLS certificate, to whoever answers there. Either verify TLS (give the compute "
+    "nodes the registry's CA: /etc/docker/certs.d/{registry}/ca.crt, /etc/containers/certs.d/"
+    "{registry}/ca.crt, the system CA bundle for enroot; then remove registry_tls_verify = false), "
+    "or send no key to this registry (registry_login = false, and unset ngc_api_key_file and the "
+    "key's environment variable)"
+)
+
+
+def image_registry(image: str) -> str:
+    """`nvcr.io` from `nvcr.io#nvidia/nemo:tag` or `nvcr.io/nvidia/nemo:tag` (Docker Hub without one)."""
+    first = image.replace("#", "/", 1).split("/", 1)[0]
+    return first if ("." in first or ":" in first or first == "localhost") else "docker.io"
 
 
 def check_image(image: str, runtime: str) -> None:

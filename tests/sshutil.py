@@ -53,6 +53,13 @@ PYXIS_IMAGE = "10.213.0.2:5000#nvidia/nemo:24.01.framework"
 IMAGES_DIR = f"{DEPLOY_SHARED}/images"
 IMAGE_FILE = f"{IMAGES_DIR}/10.213.0.2+5000+nvidia+nemo+24.01.framework.sqsh"  # pyxis imports it once
 IMPORT_OP = f"Import {PYXIS_IMAGE} (pyxis)"
+# The same images from the sandbox's TLS registry, verified with the sandbox CA the nodes trust: where a
+# deploy may log in with the NGC key (inventories/group_data/sandbox.py, sandbox/registry_tls.py).
+TLS = {"NEMOTRON_SANDBOX_REGISTRY": "tls"}
+TLS_REGISTRY = "10.213.0.2:5443"
+TLS_IMAGE = f"{TLS_REGISTRY}/nvidia/nemo:24.01.framework"
+TLS_PYXIS_IMAGE = f"{TLS_REGISTRY}#nvidia/nemo:24.01.framework"
+TLS_IMAGE_FILE = f"{IMAGES_DIR}/10.213.0.2+5443+nvidia+nemo+24.01.framework.sqsh"
 # The sandbox's inventory runs pyxis unless told otherwise (inventories/group_data/sandbox.py).
 PODMAN = {"NEMOTRON_SANDBOX_RUNTIME": "podman"}
 JOB_BASE = "nemotron-340b"  # the job_name setting; replica i runs as <JOB_BASE>-r<i>

@@ -10,12 +10,17 @@ runs every rank in it. NEMOTRON_SANDBOX_RUNTIME selects another path to rehearse
   docker  the same with each compute node's own Docker engine, which the sandbox starts only for it
           (`nemotron-deploy sandbox up` with this variable set, or `--docker`);
   host    NeMo "installed on the nodes" (the stand-in at /opt/NeMo), and podman still pulls the image.
+
+The image comes from the sandbox registry's plain-HTTP port (5000), unverified. NEMOTRON_SANDBOX_REGISTRY=tls
+takes it from the same registry over HTTPS (5443) instead, verified with the sandbox CA the nodes trust:
+what a login with the NGC key needs (the deploy refuses to send a key to a registry it does not verify).
 """
 
 import os
 
 _runtime = os.environ.get("NEMOTRON_SANDBOX_RUNTIME", "pyxis")
-_registry = "10.213.0.2:5000"
+_tls = os.environ.get("NEMOTRON_SANDBOX_REGISTRY") == "tls"
+_registry = "10.213.0.2:5443" if _tls else "10.213.0.2:5000"
 
 gpu_type = "H200-141GB"
 gpus_per_node = 8
@@ -38,7 +43,8 @@ if _runtime == "host":
         "CUDA_DEVICE_MAX_CONNECTIONS": "1",
         "PYTHONPATH": "/opt/NeMo",
     }
-registry_tls_verify = False
+if not _tls:
+    registry_tls_verify = False  # plain HTTP: pulls without a key only
 min_free_gib = 1
 health_startup_budget_seconds = 300
 

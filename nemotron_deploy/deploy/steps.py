@@ -35,11 +35,14 @@ def validated_cluster(inventory: Any) -> Cluster:
     """The inventory, validated once per run (every host, every setting) and sized."""
     if inventory not in _clusters:
         try:
-            _clusters[inventory] = load(inventory_file(inventory), inventory=inventory)
+            cluster = load(inventory_file(inventory), inventory=inventory)
         except InventoryError as exc:
             raise DeployError(
                 "the inventory is invalid; nothing was changed:\n  " + "\n  ".join(map(str, exc.problems))
             ) from None
+        # Before any host is read or changed (and for every host: not cached when refused).
+        refuse_key_to_unverified_registry(cluster)
+        _clusters[inventory] = cluster
         # pyinfra's process is short-lived, and what it holds by now (modules, the inventory, this
         # validation) lives until it exits: take it out of the garbage collector's sight, so that
         # each collection, and the one at exit, walks only what the run adds (~0.1 s of a deploy).
@@ -73,7 +76,10 @@ def inventory_file(inventory: Any) -> str:
 
 
 def ngc_key(cluster: Cluster) -> str | None:
-    """The NGC key from the environment variable or file the inventory names; never from data."""
+    """The NGC key from the environment variable or file the inventory names; never from data.
+
+    Refused (DeployError) when the deploy would send it to a registry whose TLS it does not verify."""
+    refuse_key_to_unverified_registry(cluster)
     s = cluster.settings
     if s.ngc_api_key_file:
         key_file = Path(s.ngc_api_key_file)
@@ -88,6 +94,26 @@ def ngc_key(cluster: Cluster) -> str | None:
                 f"ngc_api_key_file {s.ngc_api_key_file}: {exc.strerror}; fix the path or unset it"
             ) from None
     return os.environ.get(s.ngc_api_key_env or "", "").strip() or None
+
+
+def refuse_key_to_unverified_registry(cluster: Cluster) -> None:
+    """Stop the deploy, before any change, when it would log in to the image's registry with the NGC
+    key without verifying that registry's TLS. validate refuses what the inventory alone shows
+    (registry_login = true, ngc_api_key_file); a key in the environment is only known here."""
+    s = cluster.settings
+    if s.registry_tls_verify or not s.logs_in_to_registry:
+        return
+    env = s.ngc_api_key_env or ""
+    if s.ngc_api_key_file or os.environ.get(env, "").strip():
+        source = f"ngc_api_key_file {s.ngc_api_key_file}" if s.ngc_api_key_file else f"${env}"
+        raise DeployError(
+            f"refusing to send the NGC key (from {source}) to {s.registry}: registry_tls_verify = false, "
+            f"so nothing verifies who answers there; nothing was changed. Either verify TLS (give the "
+            f"compute nodes {s.registry}'s CA: /etc/docker/certs.d/{s.registry}/ca.crt, "
+            f"/etc/containers/certs.d/{s.registry}/ca.crt, the system CA bundle for enroot; then remove "
+            f"registry_tls_verify = false), or send it no key (registry_login = false, or unset ${env} "
+            f"and ngc_api_key_file for this deploy)"
+        )
 
 
 def ensure_files(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
@@ -186,8 +212,7 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         )
     elif s.image_file and host.name == cluster.compute[0]:
         # One host imports for the whole cluster, onto shared storage.
-        registry = containers.registry_of(s.image)
-        login = s.registry_login if s.registry_login is not None else registry == containers.NGC_REGISTRY
+        login = s.logs_in_to_registry
         present = s.image_file in snap["paths"]
         leftover = desired.enroot_credentials(cluster)
         if leftover in snap["paths"]:  # an earlier release kept the key here between deploys

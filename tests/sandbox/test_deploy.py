@@ -53,6 +53,11 @@ from sshutil import (
     SCRIPTS_DIR,
     SHARED,
     TEXTFILE_DIR,
+    TLS,
+    TLS_IMAGE,
+    TLS_IMAGE_FILE,
+    TLS_PYXIS_IMAGE,
+    TLS_REGISTRY,
     clean_env,
     commands_per_host,
     compute_script,
@@ -512,13 +517,16 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def _registry_pid(sandbox) -> int:
     """The host PID of the sandbox's docker-registry (it runs in the login node's namespaces)."""
     from nemotron_rehearsal.sandbox import netns
+    from nemotron_rehearsal.sandbox import registry as sb_registry
 
     pids = [
         pid
         for pid in netns.pids_in(sandbox.login.netns)
         if Path(f"/proc/{pid}/comm").read_text().strip() == "docker-registry"
+        # the plain-HTTP one (the TLS one, sandbox/registry_tls.py, serves its storage on 5443)
+        and str(sb_registry.CONFIG).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
-    assert len(pids) == 1, f"expected one docker-registry in {sandbox.login.name}, found {pids}"
+    assert len(pids) == 1, f"expected one plain docker-registry in {sandbox.login.name}, found {pids}"
     return pids[0]
 
 
@@ -632,27 +640,41 @@ def test_a_slow_pull_prints_progress_per_host_at_least_every_interval(deployed):
 # --- 7. the NGC key ---------------------------------------------------------------------------------------
 
 
+def _registry_requests() -> tuple[int, int]:
+    """Lines in the access logs of the sandbox registry's plain-HTTP and TLS instances."""
+    from nemotron_rehearsal.sandbox import layout, registry_tls
+
+    logs = (layout.STATE_DIR / "registry" / "access.log", registry_tls.ACCESS_LOG)
+    return tuple(len(p.read_bytes().splitlines()) if p.exists() else 0 for p in logs)  # type: ignore[return-value]
+
+
 def test_credentials_for_the_pyxis_import_never_show(deployed):
-    """The pyxis path: enroot reads the key from a 0600 netrc file in a 0700 dir made for the import,
-    never from a command line; after the import the key is in no file of any node, nor in the output
+    """The pyxis path, from the TLS registry the nodes verify (the only kind a key may go to): enroot
+    reads the key from a 0600 netrc file in a 0700 dir made for the import, never from a command line,
+    and fetches over https only; after the import the key is in no file of any node, nor in the output
     or the shared dir. A credentials file an earlier release kept between deploys is removed."""
     sandbox = deployed
     key = f"nvapi-TEST{uuid.uuid4().hex}"
     old_creds = f"{NODE_DIR}/enroot/.credentials"
-    ssh(sandbox, FIRST, f"rm -f {IMAGE_FILE}")
+    import_op = f"Import {TLS_PYXIS_IMAGE} (pyxis)"
+    ssh(sandbox, FIRST, f"rm -f {TLS_IMAGE_FILE}")
     ssh(
         sandbox,
         FIRST,
         f"install -d -m 700 {NODE_DIR}/enroot && echo 'machine x login y password {key}' > {old_creds}",
     )
     try:
-        run = pyinfra("-vvv", "--data", "registry_login=true", env=clean_env(NGC_API_KEY=key))
+        plain_before, tls_before = _registry_requests()
+        run = pyinfra("-vvv", "--data", "registry_login=true", env=clean_env(NGC_API_KEY=key, **TLS))
         assert run.rc == 0, run.describe().replace(key, "<KEY>")
         assert key not in run.output, "the NGC key is in pyinfra's -vvv output"
-        assert op_statuses(run.output, IMPORT_OP)[FIRST] == "Success", run.output.replace(key, "<KEY>")
-        assert ssh(sandbox, FIRST, f"test -s {IMAGE_FILE}", check=False).returncode == 0, (
+        assert op_statuses(run.output, import_op)[FIRST] == "Success", run.output.replace(key, "<KEY>")
+        assert ssh(sandbox, FIRST, f"test -s {TLS_IMAGE_FILE}", check=False).returncode == 0, (
             "the import did not land"
         )
+        plain_after, tls_after = _registry_requests()
+        assert tls_after > tls_before, "the import did not come from the TLS registry"
+        assert plain_after == plain_before, "the import with the key reached the plain-HTTP registry"
         found = subprocess.run(["grep", "-rlF", key, SHARED], capture_output=True, text=True)
         assert found.returncode == 1, f"the key is in shared files: {found.stdout}{found.stderr}"
         for node in [*sandbox.compute_names, sandbox.login_host]:
@@ -662,33 +684,43 @@ def test_credentials_for_the_pyxis_import_never_show(deployed):
             )  # fmt: skip
             assert grep.stdout.split() == [], f"the key is in files on {node}: {grep.stdout}"
         # The image is there: the next deploy uploads no key at all, and changes nothing.
-        again = pyinfra("-vvv", "--data", "registry_login=true", env=clean_env(NGC_API_KEY=key))
+        again = pyinfra("-vvv", "--data", "registry_login=true", env=clean_env(NGC_API_KEY=key, **TLS))
         assert again.rc == 0, again.describe().replace(key, "<KEY>")
         assert results_table(again.output)["Grand total"]["Success"] == "-", again.output[-3000:].replace(
             key, "<KEY>"
         )
         assert "nemotron-enroot" not in again.output, "a key was uploaded though the image was there"
     finally:
-        ssh(sandbox, FIRST, f"rm -rf {NODE_DIR}/enroot")
+        ssh(sandbox, FIRST, f"rm -rf {NODE_DIR}/enroot {TLS_IMAGE_FILE}")
+        deploy_ok()  # the job files back on the inventory's own registry
 
 
 def test_credentials_never_show(deployed):
-    """The podman path: `podman login --password-stdin` from a 0600 file in a 0700 dir, and `podman
-    logout` when the pull ends: the key is in no file of any node afterwards."""
+    """The podman path, from the TLS registry the nodes verify: `podman login --tls-verify=true
+    --password-stdin` from a 0600 file in a 0700 dir, and `podman logout` when the pull ends: the key
+    is in no file of any node afterwards."""
     sandbox = deployed
     deploy_ok(env=clean_env(**PODMAN))
     key = f"nvapi-TEST{uuid.uuid4().hex}"
     for node in sandbox.compute_names:
         remove_image(sandbox, node)
+        ssh(sandbox, node, f"podman rmi -f {TLS_IMAGE} >/dev/null 2>&1; true")
     try:
-        run = pyinfra("-vvv", "--data", "registry_login=true", env=clean_env(NGC_API_KEY=key, **PODMAN))
+        plain_before, tls_before = _registry_requests()
+        run = pyinfra(
+            "-vvv", "--data", "registry_login=true", env=clean_env(NGC_API_KEY=key, **PODMAN, **TLS)
+        )
         assert run.rc == 0, run.describe().replace(key, "<KEY>")
         assert key not in run.output, "the NGC key is in pyinfra's -vvv output"
-        assert op_statuses(run.output, PULL_OP) == {
+        assert op_statuses(run.output, f"Pull {TLS_IMAGE} (podman)") == {
             **dict.fromkeys(sandbox.compute_names, "Success"),
             sandbox.login_host: "Skipped",
         }
-        assert "podman login" in run.output, "the deploy did not log in (registry_login=true)"
+        assert "podman login --tls-verify=true" in run.output, "the deploy did not log in with TLS verified"
+        plain_after, tls_after = _registry_requests()
+        assert tls_after > tls_before and plain_after == plain_before, (
+            f"the login and pulls did not all go to {TLS_REGISTRY}"
+        )
         debug_log = REPO / "pyinfra-debug.log"
         assert not debug_log.exists() or key not in debug_log.read_text(errors="replace")
 
@@ -709,7 +741,7 @@ def test_credentials_never_show(deployed):
             leftovers = ssh(sandbox, node, "ls -d /tmp/pyinfra-* 2>/dev/null; true").stdout
             assert not leftovers.strip(), f"upload leftovers on {node}: {leftovers}"
         for node in sandbox.compute_names:
-            assert image_present(sandbox, node)
+            assert ssh(sandbox, node, f"podman image exists {TLS_IMAGE}", check=False).returncode == 0
             auth = ssh(
                 sandbox,
                 node,
@@ -721,7 +753,80 @@ def test_credentials_never_show(deployed):
             assert auth_line not in auth, f"{node}: podman's auth file still holds the login:\n{auth}"
     finally:
         for node in sandbox.compute_names:
-            ssh(sandbox, node, "podman logout --all >/dev/null 2>&1; true")
+            # The image under the inventory's own name again, as the tests after this one expect it.
+            ssh(
+                sandbox,
+                node,
+                f"podman logout --all >/dev/null 2>&1; podman tag {TLS_IMAGE} {IMAGE} >/dev/null 2>&1; "
+                f"podman rmi {TLS_IMAGE} >/dev/null 2>&1; true",
+            )
+
+
+def test_a_login_to_an_unverified_registry_is_refused_before_any_change(deployed, tmp_path):
+    """registry_login = true with the sandbox's plain-HTTP registry (registry_tls_verify = false):
+    validate refuses it, naming both settings and the fix, and so does the deploy, before any host
+    is touched and before the registry hears a single request."""
+    sandbox = deployed
+    key = f"nvapi-TEST{uuid.uuid4().hex}"
+    inventory = write_inventory(tmp_path / "inv", base="sandbox", settings={"registry_login": True})
+    check = subprocess.run(
+        [console_script("nemotron-deploy"), "validate", str(inventory)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    said = check.stdout + check.stderr
+    assert check.returncode != 0, f"validate accepted a login to an unverified registry:\n{said}"
+    for words in ("registry_login = true", "registry_tls_verify = false", "10.213.0.2:5000", "CA"):
+        assert words in said, f"{words!r} not in validate's refusal:\n{said}"
+
+    removed = _remove_on_every_host(sandbox)
+    before, requests = _watched(sandbox), _registry_requests()
+    for runtime in ("pyxis", "podman"):
+        run = pyinfra(inventory=inventory, env=clean_env(NGC_API_KEY=key, NEMOTRON_SANDBOX_RUNTIME=runtime))
+        assert run.rc != 0, f"{runtime}: the deploy logged in to an unverified registry:\n{run.describe()}"
+        assert "registry_login = true" in run.output and "registry_tls_verify = false" in run.output, (
+            run.describe()
+        )
+        assert "nothing was changed" in run.output and "Starting operation" not in run.output, run.describe()
+        assert key not in run.output
+    _assert_untouched(sandbox, removed, before)
+    assert _registry_requests() == requests, "the refused deploy reached the registry"
+
+
+def test_a_key_from_the_environment_is_never_sent_unverified(deployed, tmp_path):
+    """An image on nvcr.io (logged in to by default) with registry_tls_verify = false and the key in
+    $NGC_API_KEY: validate can't know of the key; the deploy refuses before reading any host, naming
+    the variable, the settings and the fix. (A stand-in file where the import would land: without the
+    refusal the deploy would go on without fetching anything, so nothing beyond the sandbox is called.)"""
+    from nemotron_deploy.inventory import load
+
+    sandbox = deployed
+    key = f"nvapi-TEST{uuid.uuid4().hex}"
+    nvcr = "nvcr.io#nvidia/nemo:24.01.framework"
+    inventory = write_inventory(tmp_path / "inv", base="sandbox", settings={"container_image": nvcr})
+    image_file = load(str(inventory)).settings.image_file
+    ssh(sandbox, FIRST, f"echo stand-in > {image_file}")  # in the images dir the first deploy made
+    try:
+        removed = _remove_on_every_host(sandbox)
+        before, requests = _watched(sandbox), _registry_requests()
+        run = pyinfra(inventory=inventory, env=clean_env(NGC_API_KEY=key))
+        assert run.rc != 0, f"the deploy went on with a key for an unverified registry:\n{run.describe()}"
+        for words in (
+            "$NGC_API_KEY",
+            "nvcr.io",
+            "registry_tls_verify = false",
+            "registry_login = false",
+            "CA",
+        ):
+            assert words in run.output, f"{words!r} not in the refusal:\n{run.describe()}"
+        assert "nothing was changed" in run.output and "Starting operation" not in run.output, run.describe()
+        assert key not in run.output
+        _assert_untouched(sandbox, removed, before)
+        assert _registry_requests() == requests
+    finally:
+        ssh(sandbox, FIRST, f"rm -f {image_file}")
+        deploy_ok()
 
 
 # --- 8. --dry ------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import pytest
 from nemotron_rehearsal import sandbox as sb_api
 from nemotron_rehearsal.sandbox import docker as sb_docker
 from nemotron_rehearsal.sandbox import netns as sb_netns
+from nemotron_rehearsal.sandbox import registry as sb_registry
 from sshutil import (
     ENDPOINT_CERT,
     HEALTH_VENV,
@@ -33,6 +34,9 @@ from sshutil import (
     LOGS_DIR,
     PORT,
     SHARED,
+    TLS,
+    TLS_IMAGE,
+    TLS_REGISTRY,
     cancel_jobs,
     clean_env,
     deploy_ok,
@@ -191,8 +195,10 @@ def _registry_stopped(sandbox):
         pid
         for pid in sb_netns.pids_in(sandbox.login.netns)
         if Path(f"/proc/{pid}/comm").read_text().strip() == "docker-registry"
+        # the plain-HTTP one (the TLS one, sandbox/registry_tls.py, serves its storage on 5443)
+        and str(sb_registry.CONFIG).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
-    assert len(pids) == 1, f"expected one docker-registry in {sandbox.login.name}, found {pids}"
+    assert len(pids) == 1, f"expected one plain docker-registry in {sandbox.login.name}, found {pids}"
     os.kill(pids[0], signal.SIGSTOP)
     try:
         yield
@@ -227,16 +233,21 @@ def test_a_stalled_registry_fails_the_docker_pull_in_time_and_leaves_nothing(san
 
 
 def test_the_ngc_key_is_used_for_docker_login_and_leaves_the_node(sandbox):
-    """registry_login: `docker login --password-stdin` from a 0600 file, the pull, `docker logout`:
-    afterwards the key is in no file of any node, nor in docker's config.json."""
+    """registry_login, against the TLS registry the engines verify (the sandbox CA in the node's
+    /etc/docker/certs.d only): `docker login --password-stdin` from a 0600 file, the pull, `docker
+    logout`: afterwards the key is in no file of any node, nor in docker's config.json."""
     key = f"nvapi-TEST{uuid.uuid4().hex}"
+    tls_pull_op = f"Pull {TLS_IMAGE} (docker)"
     for node in sandbox.compute_names:
         _remove_image(sandbox, node)
+        ssh(sandbox, node, f"docker rmi -f {TLS_IMAGE} >/dev/null 2>&1; true")
     try:
-        run = pyinfra("-vvv", "--data", "registry_login=true", env=clean_env(NGC_API_KEY=key, **DOCKER))
+        run = pyinfra(
+            "-vvv", "--data", "registry_login=true", env=clean_env(NGC_API_KEY=key, **DOCKER, **TLS)
+        )
         assert run.rc == 0, run.describe().replace(key, "<KEY>")
         assert key not in run.output, "the NGC key is in pyinfra's -vvv output"
-        assert op_statuses(run.output, PULL_OP) == {
+        assert op_statuses(run.output, tls_pull_op) == {
             **dict.fromkeys(sandbox.compute_names, "Success"),
             sandbox.login_host: "Skipped",
         }
@@ -256,13 +267,46 @@ def test_the_ngc_key_is_used_for_docker_login_and_leaves_the_node(sandbox):
             )
             assert grep.returncode == 1, f"the key is in files on {node}: {grep.stdout}"
         for node in sandbox.compute_names:
-            assert _has_image(sandbox, node)
+            assert (
+                ssh(
+                    sandbox, node, f"docker image inspect {TLS_IMAGE} >/dev/null 2>&1", check=False
+                ).returncode
+                == 0
+            )
             config = ssh(sandbox, node, "cat /root/.docker/config.json 2>/dev/null; true").stdout
             # Logged in while it pulled (the engine's registry in config.json), out when it ended.
-            assert "10.213.0.2:5000" not in config, f"{node}: docker is still logged in:\n{config}"
+            assert TLS_REGISTRY not in config, f"{node}: docker is still logged in:\n{config}"
     finally:
         for node in sandbox.compute_names:
-            ssh(sandbox, node, "docker logout 10.213.0.2:5000 >/dev/null 2>&1; true")
+            # The image under the inventory's own name again, as the tests after this one expect it.
+            ssh(
+                sandbox,
+                node,
+                f"docker logout {TLS_REGISTRY} >/dev/null 2>&1; docker tag {TLS_IMAGE} {IMAGE} >/dev/null 2>&1; "
+                f"docker rmi {TLS_IMAGE} >/dev/null 2>&1; true",
+            )
+
+
+def test_a_login_the_engine_would_not_verify_is_refused_before_the_key_leaves(sandbox):
+    """docker has no --tls-verify: an inventory that says the registry is verified, for a registry
+    the engine lists in insecure-registries (the sandbox's plain-HTTP one), gets no login: the deploy
+    asks each engine first, stops, and the key never reaches a node."""
+    key = f"nvapi-TEST{uuid.uuid4().hex}"
+    for node in sandbox.compute_names:
+        _remove_image(sandbox, node)
+    run = pyinfra(
+        "--data", "registry_tls_verify=true", "--data", "registry_login=true",
+        env=clean_env(NGC_API_KEY=key, **DOCKER),
+    )  # fmt: skip
+    assert run.rc != 0, f"the deploy logged in through an engine that does not verify:\n{run.describe()}"
+    assert "insecure-registries" in run.output and "registry_login = false" in run.output, run.describe()
+    assert key not in run.output
+    for node in sandbox.compute_names:
+        grep = ssh(sandbox, node, "grep -rlsF -D skip --exclude-dir=netns -f - /tmp /var/tmp /root /run /etc",
+                   input=key + "\n", check=False)  # fmt: skip
+        assert grep.returncode == 1, f"the key reached {node}: {grep.stdout}"
+        assert not _has_image(sandbox, node), f"{node} pulled after the refused login"
+    deploy_ok(env=clean_env(**DOCKER))  # without a key: pulled as before
 
 
 def test_the_engines_are_the_nodes_own(sandbox):

@@ -150,9 +150,12 @@ def test_a_pull_that_logged_in_logs_out_whatever_its_outcome(tmp_path, monkeypat
     fetch = steps[-1].args[0]
     bindir = tmp_path / "bin"
     calls = tmp_path / "calls"
-    stand_in(bindir, "podman", f'echo "$1 $2" >> {calls}; [ "$1" = logout ] || exit {pull_rc}')
+    stand_in(bindir, "podman", f'echo "$*" >> {calls}; [ "$1" = logout ] || exit {pull_rc}')
     assert run(fetch.command, bindir).returncode == pull_rc
-    assert calls.read_text().splitlines() == ["pull nvcr.io/nvidia/nemo:24.01.framework", "logout nvcr.io"]
+    assert calls.read_text().splitlines() == [
+        "pull --tls-verify=true nvcr.io/nvidia/nemo:24.01.framework",
+        "logout nvcr.io",
+    ]
     calls.unlink()
     run(fetch.cleanup, bindir)
     assert calls.read_text().splitlines() == ["logout nvcr.io"]

@@ -69,3 +69,18 @@ def test_the_deploy_reads_the_keys_file_sandbox_up_makes(monkeypatch, tmp_path):
     monkeypatch.setenv("NEMOTRON_DEPLOY_OFFLINE", "1")
     data = runpy.run_path(str(REPO / "inventories" / "group_data" / "sandbox.py"))
     assert data["endpoint_api_keys_file"] == "sandbox.api-keys"
+
+
+def test_the_tls_registry_is_verified_and_the_plain_one_is_not(monkeypatch):
+    """NEMOTRON_SANDBOX_REGISTRY=tls: the image over HTTPS with TLS verified (a login may send a key
+    there); by default the plain-HTTP port, unverified, which no key may reach."""
+    monkeypatch.setattr(netns, "BRIDGE", "nsb-no-such-bridge")
+    from nemotron_deploy.inventory import load
+
+    monkeypatch.delenv("NEMOTRON_SANDBOX_REGISTRY", raising=False)
+    plain = load(str(INVENTORY)).settings
+    assert (plain.registry, plain.registry_tls_verify) == ("10.213.0.2:5000", False)
+    monkeypatch.setenv("NEMOTRON_SANDBOX_REGISTRY", "tls")
+    tls = load(str(INVENTORY)).settings
+    assert (tls.registry, tls.registry_tls_verify) == ("10.213.0.2:5443", True)
+    assert tls.image == "10.213.0.2:5443#nvidia/nemo:24.01.framework"

@@ -22,17 +22,12 @@ from io import StringIO
 from pyinfra import host
 from pyinfra.api import FunctionCommand, StringCommand, operation
 
+from ...settings import NGC_REGISTRY
+from ...settings import image_registry as registry_of
 from ..reachability import UploadCommand
 from .watched import Fetch, run_watched
 
-NGC_REGISTRY = "nvcr.io"
 NGC_USER = "$oauthtoken"  # NGC's fixed user name for API-key logins
-
-
-def registry_of(image: str) -> str:
-    """`nvcr.io` from `nvcr.io#nvidia/nemo:tag` or `nvcr.io/nvidia/nemo:tag`."""
-    first = image.replace("#", "/", 1).split("/", 1)[0]
-    return first if ("." in first or ":" in first or first == "localhost") else "docker.io"
 
 
 def _secret_upload(secret: str, private_dir: str, name: str = "key"):
@@ -62,7 +57,8 @@ def pull_image(
     + image: reference in docker form (registry/path:tag)
     + present: the snapshot's answer to "is it already here?"
     + ngc_key: API key for nvcr.io (logs in with --password-stdin from a 0600 file first)
-    + tls_verify: podman only; False for a plain-HTTP registry such as the sandbox's
+    + tls_verify: False for a plain-HTTP registry such as the sandbox's (podman: --tls-verify=false);
+      refused together with a login (the key would go to a registry nobody verified)
     + login: log in with the key first; None: only when the image comes from nvcr.io
     + stall_seconds: fail when the pull made no progress for this long
     + timeout_seconds: fail when the pull takes longer than this; None: no limit
@@ -77,11 +73,23 @@ def pull_image(
     if present:
         return
     tool = shlex.quote(runtime)
-    tls = " --tls-verify=false" if runtime == "podman" and not tls_verify else ""
     registry = registry_of(image)
+    key_sent = bool(ngc_key) and (login if login is not None else registry == NGC_REGISTRY)
+    if key_sent and not tls_verify:
+        raise ValueError(
+            f"pull_image: no login to {registry} with tls_verify=False (the key would go unverified)"
+        )
+    tls = ""
+    if runtime == "podman" and not tls_verify:
+        tls = " --tls-verify=false"
+    elif runtime == "podman" and key_sent:
+        # Explicit: a registries.conf entry marking this registry `insecure` must not carry the key.
+        tls = " --tls-verify=true"
     pull = f"{tool} pull{tls} {shlex.quote(image)}"
     logout = ""
-    if ngc_key and (login if login is not None else registry == NGC_REGISTRY):
+    if key_sent:
+        if runtime == "docker":  # before the key is on the node
+            yield FunctionCommand(_refuse_an_insecure_engine_registry, (registry,), {})
         private_dir = host.get_temp_filename("nemotron-ngc")
         yield from _secret_upload(ngc_key, private_dir)
         q_dir = shlex.quote(private_dir)
@@ -104,6 +112,29 @@ def pull_image(
         **_docker_watch(runtime),
     )
     yield FunctionCommand(_watch, (watch,), {})
+
+
+def docker_secure_check(registry: str) -> str:
+    """What the engine says of `registry`: "false" when its daemon.json lists it in
+    `insecure-registries` (it would then log in over unverified TLS or plain HTTP), else "true" or
+    nothing. (A registry that is insecure only through `insecure-registries` CIDRs is not seen.)"""
+    template = '{{with index .RegistryConfig.IndexConfigs "' + registry + '"}}{{.Secure}}{{end}}'
+    return f"docker info --format {shlex.quote(template)}"
+
+
+def _refuse_an_insecure_engine_registry(state, host, registry: str) -> None:
+    """docker has no --tls-verify: the engine decides. Refuse the login, and stop the deploy as a
+    failed pull does, when this node's engine does not verify the registry."""
+    ok, out = host.run_shell_command(docker_secure_check(registry))
+    if ok and out.stdout.strip() != "false":
+        return
+    _stop_the_deploy(state)
+    why = "lists it in insecure-registries" if ok else f"could not be asked ({out.stderr.strip()})"
+    raise RuntimeError(
+        f"no docker login to {registry} on {host.name}: the engine there {why}, so the NGC key would go "
+        f"unverified. Remove {registry} from insecure-registries in /etc/docker/daemon.json and put its "
+        f"CA in /etc/docker/certs.d/{registry}/ca.crt, or send it no key (registry_login = false)"
+    )
 
 
 def _docker_watch(runtime: str) -> dict[str, str]:
@@ -157,7 +188,7 @@ def import_image_file(
     + present: the snapshot saw `target` already
     + tmp_dir: enroot/apptainer scratch on a disk with room (their defaults fill /tmp and /run)
     + ngc_key: the registry's key for pyxis (enroot reads it from a netrc file in a 0700 directory made
-      for this import and removed with it), or None for anonymous pulls
+      for this import and removed with it, and is held to https), or None for anonymous pulls
     + stall_seconds: fail when the import made no progress for this long
     + timeout_seconds: fail when the import takes longer than this; None: no limit
 
@@ -183,7 +214,9 @@ def import_image_file(
             yield from _secret_upload(
                 enroot_credentials(ngc_key, registry_of(image)), config_dir, ".credentials"
             )
-            env += f" ENROOT_CONFIG_PATH={shlex.quote(config_dir)}"
+            # https only, whatever the node's enroot.conf allows (ENROOT_ALLOW_HTTP): the key never
+            # goes over plain HTTP. The environment wins over enroot.conf, and "no" unsets it.
+            env += f" ENROOT_CONFIG_PATH={shlex.quote(config_dir)} ENROOT_ALLOW_HTTP=no"
             forget = f"rm -rf {shlex.quote(config_dir)}; "
         fetch = f"{env} enroot import --output {q_partial} {shlex.quote('docker://' + image)}"
     else:

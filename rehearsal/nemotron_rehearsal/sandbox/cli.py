@@ -20,7 +20,7 @@ def _print_status(report: dict) -> None:
         return
     print(f"sandbox: {'up' if report['up'] else 'DEGRADED'}  state dir {report['state_dir']}")
     print(f"  ssh: ssh -i {report['ssh_key']} -o UserKnownHostsFile={report['known_hosts']} root@<address>")
-    print(f"  registry: {report['registry']}  image: {report['image']}")
+    print(f"  registry: {report['registry']} (TLS: {report.get('registry_tls')})  image: {report['image']}")
     print(f"  shared dir: {report['shared_dir']}  GPUs per node: {report['gpus_per_node']}")
     for n in report["nodes"]:
         daemons = " ".join(f"{d}{'' if ok else '(DOWN)'}" for d, ok in n["daemons"].items())

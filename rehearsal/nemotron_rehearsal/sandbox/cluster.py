@@ -25,7 +25,22 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import docker, etc, gpus, layout, locks, munge, nemo, netns, packages, pyxis, registry, slurm, sshd
+from . import (
+    docker,
+    etc,
+    gpus,
+    layout,
+    locks,
+    munge,
+    nemo,
+    netns,
+    packages,
+    pyxis,
+    registry,
+    registry_tls,
+    slurm,
+    sshd,
+)
 from . import nodes as node_ops
 from .layout import SHARED_DIR, STATE_DIR, STATE_FILE, Node, Sandbox, plan, read_state
 from .proc import SandboxError, tail
@@ -114,6 +129,7 @@ def _prepare_files(sandbox: Sandbox) -> None:
     slurm.prepare(sandbox)
     pyxis.prepare(enroot)
     registry.prepare(sandbox)
+    registry_tls.prepare(sandbox)
     for node in sandbox.compute:
         gpus.install(node, sandbox.gpus_per_node)
         nemo.install_emulator(node)
@@ -146,6 +162,7 @@ def _refresh_programs(sandbox: Sandbox) -> None:
         gpus.install_stand_in(node, only_if_changed=True)
     registry.refresh_podman(sandbox)
     registry.refresh_image(sandbox)
+    registry_tls.refresh(sandbox)
     if docker.wanted():
         for node in sandbox.compute:
             docker.install_hook(node)
@@ -156,6 +173,7 @@ def _start_login(sandbox: Sandbox) -> None:
     munge.start(login)
     slurm.start_controller(login)
     registry.start(login)
+    registry_tls.start(login)
     sshd.start(login)
     node_ops.start_daemon(login, ["cron"], node_ops.host_path(login, "/var/log/cron.log"))
 
@@ -345,6 +363,7 @@ def status() -> dict:
         "known_hosts": str(sandbox.known_hosts),
         "shared_dir": str(sandbox.shared_dir),
         "registry": sandbox.registry,
+        "registry_tls": registry_tls.TLS_REGISTRY,
         "image": sandbox.image,
         "registry_access_log": str(sandbox.registry_access_log),
         "emulator_installed": nemo.emulator_available(),
