@@ -20,7 +20,7 @@ from pyinfra.operations import files as pyinfra_files
 
 from ..inventory import Cluster, InventoryError, load
 from ..service.slurm import ENDING_STATES
-from . import desired, host_checks
+from . import desired, host_checks, rootless
 from .errors import DeployError
 from .facts.system import UserExists
 from .operations import accounts, containers, endpoint, files, health_timer, submit
@@ -173,6 +173,7 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
             login=s.registry_login,
             stall_seconds=s.pull_stall_timeout_seconds,
             timeout_seconds=s.pull_timeout_seconds,
+            as_user=rootless.account(s),  # podman: where the job's rootless `podman run` looks
         )
     elif s.image_file and host.name == cluster.compute[0]:
         # One host imports for the whole cluster, onto shared storage.
