@@ -112,6 +112,13 @@ def _as_submitter(opts: argparse.Namespace, argv: list[str]) -> list[str]:
     return as_account(opts.submit_as, argv)
 
 
+def _cancel_old(opts: argparse.Namespace, old_id: str) -> None:
+    """The replica's old job, by the id its trusted record names: as the rollout's own user (root
+    when the deploy runs it), since a release before service_user submitted it as root; an old job
+    of the service account is cancelled all the same."""
+    _slurm([f"{opts.slurm_bin}/scancel", old_id])
+
+
 def _owner(opts: argparse.Namespace) -> list[str]:
     """scancel's filter: only the service account's jobs, whatever a name or id matches."""
     return [f"--user={opts.submit_as}"] if opts.submit_as else []
@@ -146,7 +153,7 @@ def roll_in_place(opts: argparse.Namespace, index: int, old_id: str) -> None:
         say(f"{slot}: no room for one more replica: draining job {old_id} (the others serve meanwhile)")
         _wait(f"job {old_id}'s request in flight", lambda: _in_flight(sock, slot) == 0, opts.drain_timeout)
         endpoint_sync.apply(sock, {slot: (None, opts.port)})
-    _slurm(_as_submitter(opts, [f"{opts.slurm_bin}/scancel", *_owner(opts), old_id]))
+    _cancel_old(opts, old_id)
     # A job of that name still waiting (an interrupted rollout's) would take the freed nodes first.
     _slurm(
         _as_submitter(opts, [f"{opts.slurm_bin}/scancel", *_owner(opts), "--state=PENDING", f"--name={name}"])
@@ -186,7 +193,7 @@ def roll_one(opts: argparse.Namespace, index: int, old_id: str) -> None:
         )
     node = query_job(new_id).node
     if not opts.endpoint_socket:
-        _slurm(_as_submitter(opts, [f"{opts.slurm_bin}/scancel", *_owner(opts), old_id]))
+        _cancel_old(opts, old_id)
         say(f"{slot}: job {new_id} on {node} generates; cancelled job {old_id}")
         return
     sock = opts.endpoint_socket
@@ -197,7 +204,7 @@ def roll_one(opts: argparse.Namespace, index: int, old_id: str) -> None:
     endpoint_sync.command(sock, f"set server {endpoint_sync.BACKEND}/{slot} state drain")
     say(f"{slot}: job {new_id} serves in {SPARE_SLOT}; draining job {old_id}")
     _wait(f"job {old_id}'s request in flight", lambda: _in_flight(sock, slot) == 0, opts.drain_timeout)
-    _slurm(_as_submitter(opts, [f"{opts.slurm_bin}/scancel", *_owner(opts), old_id]))
+    _cancel_old(opts, old_id)
     endpoint_sync.apply(sock, {slot: (node, opts.port)})
     _wait(f"{slot} (job {new_id}) to be UP", lambda: _status(sock, slot) == "up", 60)
     endpoint_sync.command(sock, f"set server {endpoint_sync.BACKEND}/{SPARE_SLOT} state drain")
