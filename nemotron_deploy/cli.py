@@ -99,6 +99,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"the plan leaves {shapes['logprob_capacity_gib']})",
         ),
         ("endpoint access", endpoint.access_summary(cluster)),
+        (
+            "runs as",
+            f"{cluster.settings.service_user} (service_user, never root): every replica's job, NeMo and "
+            f"its containers; the scheduled check as {cluster.settings.health_user}",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

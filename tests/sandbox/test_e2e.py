@@ -21,6 +21,7 @@ from helpers import model_card_client
 from nemotron_rehearsal import sandbox as sb_api
 from sshutil import (
     ACCOUNT_PODMAN,
+    AS_SERVICE_USER,
     CRON_FILE,
     HEALTH_USER,
     HEALTH_VENV,
@@ -327,7 +328,9 @@ def test_health_fails_fast_with_the_state_of_a_job_killed_during_startup(sandbox
     login = sandbox.login_host
     try:
         job_id = ssh(
-            sandbox, login, f"sbatch --parsable --export=ALL,NEMO_EMULATOR_LOAD_DELAY=60 {SBATCH}"
+            sandbox,
+            login,
+            f"{AS_SERVICE_USER} sbatch --parsable --export=ALL,NEMO_EMULATOR_LOAD_DELAY=60 {SBATCH}",
         ).stdout.strip()
         assert job_id.isdigit(), job_id
         wait_for(lambda: job_state(sandbox, job_id) == "RUNNING", 30, f"job {job_id} to start")
