@@ -22,6 +22,7 @@ from ..inventory import Cluster, InventoryError, load
 from ..service.slurm import ENDING_STATES
 from . import desired, host_checks, rootless
 from .errors import DeployError
+from .facts.snapshot import snapshot
 from .facts.system import UserExists
 from .operations import accounts, containers, endpoint, files, health_timer, submit
 
@@ -132,7 +133,9 @@ def _compute_uid(cluster: Cluster, name: str) -> str | None:
     from pyinfra import state
 
     node = state.inventory.get_host(cluster.compute[0], None) if cluster.compute else None
-    account = node.get_fact(UserExists, name) if node is not None else None
+    if node is None:
+        return None
+    account = snapshot(node, (("account", UserExists, (name,)),))["account"]
     return account.get("uid") if account else None
 
 
