@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import tempfile
 import threading
@@ -131,7 +132,10 @@ def remove_images(sandbox, nodes: int, settings) -> None:
         sb.node_run(sandbox.compute[0].name, ["rm", "-f", settings.image_file], timeout=60)
         return
 
+    from nemotron_deploy.deploy import rootless
+
     tool = settings.pull_runtime or settings.container_runtime
+    account = rootless.account(settings)
 
     def rmi(node) -> None:
         if tool == "docker":  # (no --ignore: an absent image is an error it says, and nothing else)
@@ -141,6 +145,9 @@ def remove_images(sandbox, nodes: int, settings) -> None:
                 == 0
             ):
                 raise RuntimeError(f"docker rmi left {settings.image} on {node.name}")
+        elif account:  # the podman runtime pulls into service_user's own (rootless) storage
+            rmi = rootless.as_account(account, f"podman rmi --force --ignore {shlex.quote(settings.image)}")
+            sb.node_run(node.name, ["sh", "-c", rmi], timeout=120)
         else:
             sb.node_run(node.name, ["podman", "rmi", "--force", "--ignore", settings.image], timeout=120)
 

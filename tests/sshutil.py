@@ -234,16 +234,29 @@ def compute_script(name: str) -> str:
     return f"{SCRIPTS_DIR}/{name}"
 
 
+# podman as the service account (the podman runtime's jobs run rootless as it; the deploy pulls into
+# its storage): from root, in /, with its runtime dir, as the product does (deploy/rootless.py).
+ACCOUNT_PODMAN = (
+    f'cd / && runuser -u {SERVICE_USER} -- env XDG_RUNTIME_DIR="/run/user/$(id -u {SERVICE_USER})" podman'
+)
+
+
 def image_present(sandbox, node: str) -> bool:
-    return ssh(sandbox, node, f"podman image exists {IMAGE}", check=False).returncode == 0
+    """The image in the service account's podman storage on the node (where its jobs look)."""
+    return ssh(sandbox, node, f"{ACCOUNT_PODMAN} image exists {IMAGE}", check=False).returncode == 0
 
 
 def remove_image(sandbox, node: str) -> None:
-    """The image gone from the node's podman storage; podman's own error after 30 s (a podman process
-    still holding the storage lock, e.g. a logout that just ended, makes one rmi fail)."""
+    """The image gone from the service account's podman storage; podman's own error after 30 s (a
+    podman process still holding the storage lock, e.g. a logout that just ended, makes one rmi fail)."""
 
     def removed() -> str:
-        run = ssh(sandbox, node, f"podman rmi -f {IMAGE} 2>&1; ! podman image exists {IMAGE}", check=False)
+        run = ssh(
+            sandbox,
+            node,
+            f"( {ACCOUNT_PODMAN} rmi -f {IMAGE} 2>&1; ! {ACCOUNT_PODMAN} image exists {IMAGE} )",
+            check=False,
+        )
         return "" if run.returncode == 0 else run.stdout
 
     deadline = time.monotonic() + 30

@@ -11,13 +11,13 @@ from typing import Any
 from ..catalog import ModelSpec
 from ..inventory import Cluster
 from ..service.preflight import check_gpus
-from . import desired, endpoint, openai_gateway, render, replica_key
+from . import desired, endpoint, openai_gateway, render, replica_key, rootless
 from .errors import DeployError
 from .facts.disk import FreeSpace
 from .facts.files import ManagedPaths, NodeState, PathChains, ancestors
 from .facts.gpus import NvidiaGpus
 from .facts.haproxy import Haproxy
-from .facts.images import ImagePresent
+from .facts.images import ImagePresent, RootlessPodman
 from .facts.model import ModelConfig
 from .facts.runtimes import ContainerRuntimes
 from .facts.slurm import AccountJobs, JobRecords, ReplicaJobs, SlurmVersion, SubmitContext
@@ -50,7 +50,9 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
     ]
     if role == "compute":
         probes += [("gpus", NvidiaGpus, ()), ("model", ModelConfig, (s.model_dir,))]
-        if s.container_runtime in ("docker", "podman") or s.pull_runtime in ("docker", "podman"):
+        if rootless.account(s):  # the image goes into the service account's own storage
+            probes.append(("rootless", RootlessPodman, (s.service_user, s.image)))
+        elif s.container_runtime in ("docker", "podman") or s.pull_runtime in ("docker", "podman"):
             runtime = s.pull_runtime or s.container_runtime
             probes += [
                 ("image", ImagePresent, (runtime, s.image)),
@@ -83,7 +85,11 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
             probes.append(("free", FreeSpace, (s.images_dir,)))
     probes.append(("paths", ManagedPaths, paths_to_read(cluster, host.name)))
     probes.append(("chains", PathChains, (tuple(d.path for d in guarded_dirs(cluster, host.name)),)))
-    return snapshot(host, tuple(probes))
+    snap = snapshot(host, tuple(probes))
+    if "rootless" in snap:  # the same answers as root's image and free-space probes give
+        store = snap["rootless"] or {}
+        snap["image"], snap["free"] = store.get("present", False), store.get("free")
+    return snap
 
 
 def guarded_dirs(cluster: Cluster, host_name: str) -> list[desired.WantedDir]:
@@ -346,8 +352,10 @@ def check_host(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     )
     free = snap.get("free")
     if free is not None and free < s.min_free_gib and not image_present(cluster, snap):
+        store = (snap.get("rootless") or {}).get("graph_root")
+        where = f" ({store}, {s.service_user}'s podman storage)" if store else ""
         problems.append(
-            f"only {free} GiB free where the image goes; need {s.min_free_gib} GiB (min_free_gib)"
+            f"only {free} GiB free where the image goes{where}; need {s.min_free_gib} GiB (min_free_gib)"
         )
     if problems:
         raise DeployError(
@@ -474,6 +482,8 @@ def compute_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
             f"runs as it: add it (usermod -aG docker {s.service_user}; note that the docker group can "
             "act as root on this node), or use container_runtime = pyxis, podman or apptainer"
         )
+    if account is not None and rootless.account(s):
+        problems += rootless_problems(cluster, snap.get("rootless"), account)
     runtime = s.pull_runtime or s.container_runtime
     if s.container_runtime == "pyxis" and (not runtimes.get("enroot") or runtimes.get("pyxis") != "yes"):
         problems.append(
@@ -485,6 +495,31 @@ def compute_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
         problems.append(f"{runtime} is not installed here; install it or change container_runtime")
     if s.container_runtime == "host" and s.eval_script not in snap["paths"]:
         problems.append(f"container_runtime is host but {s.eval_script} does not exist here")
+    return problems
+
+
+def rootless_problems(cluster: Cluster, store: dict | None, account: dict) -> list[str]:
+    """What the service account's rootless podman lacks here (the job's `podman run` runs as it)."""
+    s = cluster.settings
+    user, uid = s.service_user, account.get("uid")
+    store = store or {}
+    problems = []
+    missing = [f"/etc/sub{kind}id" for kind in ("u", "g") if not store.get(f"sub{kind}id")]
+    if missing:
+        problems.append(
+            f"service_user {user} has no subordinate ID range in {' nor '.join(missing)} here, and the "
+            "job's podman runs rootless as it (its container's users map into that range): add one, "
+            f"the same on every node (usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {user}, "
+            "or your directory service's subid ranges)"
+        )
+    found = store.get("runtime_dir")
+    if found != f"{user} 700":
+        what = f"is {found.replace(' ', ', mode ')} (owner, mode)" if found else "does not exist"
+        problems.append(
+            f"/run/user/{uid}, the runtime dir of {user}'s rootless podman (its run root and lock files, "
+            f"shared by the deploy's pull and the job's run), {what} here: `loginctl enable-linger {user}` "
+            "makes it, owned by the account and 0700, at every boot"
+        )
     return problems
 
 

@@ -21,7 +21,7 @@ from pyinfra.operations import files as pyinfra_files
 from ..inventory import Cluster, InventoryError, load
 from ..service import scale_down as scale
 from ..service.slurm import ENDING_STATES
-from . import desired, host_checks, openai_gateway, replica_key
+from . import desired, host_checks, openai_gateway, replica_key, rootless
 from .errors import DeployError
 from .facts.snapshot import snapshot
 from .facts.system import UserExists
@@ -209,6 +209,7 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
             login=s.registry_login,
             stall_seconds=s.pull_stall_timeout_seconds,
             timeout_seconds=s.pull_timeout_seconds,
+            as_user=rootless.account(s),  # podman: where the job's rootless `podman run` looks
         )
     elif s.image_file and host.name == cluster.compute[0]:
         # One host imports for the whole cluster, onto shared storage.

@@ -358,6 +358,12 @@ def test_docker_podman_containers_are_named_per_task_and_stopped_when_the_task_i
     stop = code[code.index("stop_container() {") :].split("\n}\n", 1)[0]
     assert re.search(r'"\$\{RUNTIME\}" stop --time \d+ "\$\{NAME\}"', stop)
     assert '"${RUNTIME}" rm -f "${NAME}"' in stop
+    # podman runs rootless as the job's user, with the runtime dir the deploy pulled with (rootless.py).
+    pinned = 'XDG_RUNTIME_DIR="/run/user/$(id -u)"\nexport XDG_RUNTIME_DIR\n'
+    if runtime == "podman":
+        assert pinned in code and code.index(pinned) < code.index('"${RUNTIME}" run ')
+    else:
+        assert "XDG_RUNTIME_DIR" not in code
 
 
 @pytest.mark.parametrize("runtime", ["pyxis", "apptainer", "host"])

@@ -29,6 +29,7 @@ import pytest
 from helpers import write_inventory
 from nemotron_rehearsal import sandbox as sb_api
 from sshutil import (
+    ACCOUNT_PODMAN,
     COMPUTE_SCRIPTS,
     CRON_FILE,
     DEPLOY_SHARED,
@@ -51,6 +52,7 @@ from sshutil import (
     REPO,
     SBATCH,
     SCRIPTS_DIR,
+    SERVICE_USER,
     SHARED,
     TEXTFILE_DIR,
     TLS,
@@ -576,7 +578,7 @@ def test_a_stalled_registry_fails_the_pull_in_time_and_no_host_changes_its_files
 
     assert not image_present(sandbox, SECOND)
     assert not _pull_leftovers(sandbox, SECOND), "the stopped pull left something on the node"
-    images = ssh(sandbox, SECOND, "podman images -a --noheading").stdout.strip()
+    images = ssh(sandbox, SECOND, f"{ACCOUNT_PODMAN} images -a --noheading").stdout.strip()
     assert not images, f"the stopped pull left an image record: {images}"
     # The job files changed on no host: not the one whose pull stalled, nor the others.
     _assert_untouched(sandbox, removed, before)
@@ -704,7 +706,7 @@ def test_credentials_never_show(deployed):
     key = f"nvapi-TEST{uuid.uuid4().hex}"
     for node in sandbox.compute_names:
         remove_image(sandbox, node)
-        ssh(sandbox, node, f"podman rmi -f {TLS_IMAGE} >/dev/null 2>&1; true")
+        ssh(sandbox, node, f"( {ACCOUNT_PODMAN} rmi -f {TLS_IMAGE} ) >/dev/null 2>&1; true")
     try:
         plain_before, tls_before = _registry_requests()
         run = pyinfra(
@@ -741,12 +743,16 @@ def test_credentials_never_show(deployed):
             leftovers = ssh(sandbox, node, "ls -d /tmp/pyinfra-* 2>/dev/null; true").stdout
             assert not leftovers.strip(), f"upload leftovers on {node}: {leftovers}"
         for node in sandbox.compute_names:
-            assert ssh(sandbox, node, f"podman image exists {TLS_IMAGE}", check=False).returncode == 0
+            assert (
+                ssh(sandbox, node, f"{ACCOUNT_PODMAN} image exists {TLS_IMAGE}", check=False).returncode == 0
+            )
             auth = ssh(
                 sandbox,
                 node,
-                'for f in "${XDG_RUNTIME_DIR:-/nonexistent}/containers/auth.json" /run/containers/0/auth.json; do '
-                '[ -e "$f" ] && stat -c "%a %U %n" "$f" && cat "$f" && break; done',
+                # The service account's (its login, /run/user/<uid>), and root's (none expected).
+                f'for f in "/run/user/$(id -u {SERVICE_USER})/containers/auth.json" '
+                '"${XDG_RUNTIME_DIR:-/nonexistent}/containers/auth.json" /run/containers/0/auth.json; do '
+                '[ -e "$f" ] && stat -c "%a %U %n" "$f" && cat "$f"; done; true',
                 check=False,
             ).stdout
             # Logged out when the pull ended: the login (and the key in it) left the node.
@@ -757,8 +763,8 @@ def test_credentials_never_show(deployed):
             ssh(
                 sandbox,
                 node,
-                f"podman logout --all >/dev/null 2>&1; podman tag {TLS_IMAGE} {IMAGE} >/dev/null 2>&1; "
-                f"podman rmi {TLS_IMAGE} >/dev/null 2>&1; true",
+                f"( {ACCOUNT_PODMAN} logout --all; {ACCOUNT_PODMAN} tag {TLS_IMAGE} {IMAGE}; "
+                f"{ACCOUNT_PODMAN} rmi {TLS_IMAGE} ) >/dev/null 2>&1; true",
             )
 
 

@@ -20,6 +20,7 @@ import pytest
 from helpers import model_card_client
 from nemotron_rehearsal import sandbox as sb_api
 from sshutil import (
+    ACCOUNT_PODMAN,
     AS_SERVICE_USER,
     CRON_FILE,
     HEALTH_USER,
@@ -375,10 +376,14 @@ def test_health_fails_fast_with_the_state_of_a_job_killed_during_startup(sandbox
 
 
 def _containers(sandbox, node: str, *, all_states: bool = False) -> set[str]:
-    """Names of the containers of the sandbox's image on a node (podman ps, run inside the node)."""
-    listing = "podman ps -a" if all_states else "podman ps"
-    out = ssh(sandbox, node, f"{listing} --filter ancestor={IMAGE} --format '{{{{.Names}}}}'").stdout
-    return set(out.split())
+    """Names of the containers of the sandbox's image on a node: the service account's (its jobs run
+    podman rootless), and root's (none, unless the job ran as root)."""
+    listing = "ps -a" if all_states else "ps"
+    names = set()
+    for podman in (ACCOUNT_PODMAN, "podman"):
+        query = f"{podman} {listing} --filter ancestor={IMAGE} --format '{{{{.Names}}}}'"
+        names |= set(ssh(sandbox, node, f"( {query} )").stdout.split())
+    return names
 
 
 def test_a_cancelled_podman_job_leaves_no_container(sandbox):
@@ -403,6 +408,15 @@ def test_a_cancelled_podman_job_leaves_no_container(sandbox):
         for node in job_nodes:
             flags = ssh(sandbox, node, environ).stdout.split()
             assert flags == ["yes"] * per_node, f"{node}: PYTHONNOUSERSITE=1 in the ranks: {flags}"
+        # Rootless, as the service user: every rank's server process (root in its container's user
+        # namespace) is nemotron's on the node, and root's podman runs no container of the job.
+        for node in job_nodes:
+            owners = ssh(
+                sandbox, node, "for p in $(pgrep -f '[m]egatron_gpt_eval.py'); do stat -c %U /proc/$p; done"
+            ).stdout.split()
+            assert owners == ["nemotron"] * per_node, f"{node}: server processes of {owners}, not nemotron's"
+            as_root = ssh(sandbox, node, f"podman ps -q --filter ancestor={IMAGE}").stdout.split()
+            assert not as_root, f"{node}: root's podman runs the job's containers {as_root}"
 
         ssh(sandbox, sandbox.login_host, f"scancel {job_id}")
         wait_for(lambda: job_state(sandbox, job_id) == "CANCELLED", 30, f"job {job_id} to be cancelled")
@@ -426,10 +440,11 @@ def test_a_cancelled_podman_job_leaves_no_container(sandbox):
     finally:
         cancel_jobs(sandbox)
         for node in sandbox.compute_names:  # whatever a failure left, for the tests after this one
-            ssh(
-                sandbox,
-                node,
-                f"podman rm -f $(podman ps -aq --filter ancestor={IMAGE}) >/dev/null 2>&1; true",
-            )
+            for podman in (ACCOUNT_PODMAN, "podman"):
+                ssh(
+                    sandbox,
+                    node,
+                    f"( {podman} rm -f $({podman} ps -aq --filter ancestor={IMAGE}) ) >/dev/null 2>&1; true",
+                )
             ssh(sandbox, node, f"rm -f {SCRIPTS_DIR}/nemo_container.sh")
         _deploy()  # back to the inventory's runtime (host) for the next tests

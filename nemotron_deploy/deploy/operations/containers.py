@@ -7,6 +7,9 @@ directory is removed when the login or the import has read it, and docker/podman
 registry when the pull ends, whether it succeeded or not (their login is a file of its own). Every pull goes to a temporary name first and is renamed when
 complete, so an interrupted pull never leaves a half image under the final name.
 
+podman runs the job's container rootless as service_user: its pull (login, logout) runs as that
+account, into the account's own storage (rootless.py), the key still redirected from root's file.
+
 Each pull or import runs detached on its host and is watched (watched.py): a progress line per host
 at least every 20 s, the step fails when nothing moved for `stall_seconds` or it ran past
 `timeout_seconds`, and a failed fetch is killed and its partial files removed. A failed fetch also
@@ -24,10 +27,12 @@ from pyinfra.api import FunctionCommand, StringCommand, operation
 
 from ...settings import NGC_REGISTRY
 from ...settings import image_registry as registry_of
+from .. import rootless
 from ..reachability import UploadCommand
 from .watched import Fetch, run_watched
 
 NGC_USER = "$oauthtoken"  # NGC's fixed user name for API-key logins
+ACCOUNT_TMP_ENV = 'TMPDIR="$W.account"'  # the account's temp dir for a rootless pull (see pull_image)
 
 
 def _secret_upload(secret: str, private_dir: str, name: str = "key"):
@@ -49,6 +54,7 @@ def pull_image(
     login: bool | None = None,
     stall_seconds: float = 600,
     timeout_seconds: float | None = None,
+    as_user: str | None = None,
 ):
     """
     docker/podman: pull `image` on this node unless it is already in local storage, printing progress.
@@ -62,6 +68,8 @@ def pull_image(
     + login: log in with the key first; None: only when the image comes from nvcr.io
     + stall_seconds: fail when the pull made no progress for this long
     + timeout_seconds: fail when the pull takes longer than this; None: no limit
+    + as_user: podman only: log in, pull and log out as this account (rootless.as_account), into its
+      own storage, with a temp dir of its own beside the watcher's root-only work dir
 
     **Example:**
 
@@ -73,6 +81,12 @@ def pull_image(
     if present:
         return
     tool = shlex.quote(runtime)
+    as_user = as_user if runtime == "podman" else None
+
+    def run(args: str, env: str = "") -> str:
+        command = f"{tool} {args}"
+        return rootless.as_account(as_user, command, env) if as_user else command
+
     registry = registry_of(image)
     key_sent = bool(ngc_key) and (login if login is not None else registry == NGC_REGISTRY)
     if key_sent and not tls_verify:
@@ -85,7 +99,7 @@ def pull_image(
     elif runtime == "podman" and key_sent:
         # Explicit: a registries.conf entry marking this registry `insecure` must not carry the key.
         tls = " --tls-verify=true"
-    pull = f"{tool} pull{tls} {shlex.quote(image)}"
+    pull = run(f"pull{tls} {shlex.quote(image)}", ACCOUNT_TMP_ENV if as_user else "")
     logout = ""
     if key_sent:
         if runtime == "docker":  # before the key is on the node
@@ -93,23 +107,36 @@ def pull_image(
         private_dir = host.get_temp_filename("nemotron-ngc")
         yield from _secret_upload(ngc_key, private_dir)
         q_dir = shlex.quote(private_dir)
+        # Root's shell opens the 0600 key file for the runtime's stdin: the account never reads it.
         yield StringCommand(
-            f"{tool} login{tls} --username {shlex.quote(NGC_USER)} --password-stdin "
-            f"{shlex.quote(registry)} < {q_dir}/key; rc=$?; rm -rf {q_dir}; exit $rc"
+            run(f"login{tls} --username {shlex.quote(NGC_USER)} --password-stdin {shlex.quote(registry)}")
+            + f" < {q_dir}/key; rc=$?; rm -rf {q_dir}; exit $rc"
         )
         # The login is a file of the runtime's (podman's auth.json, docker's config.json): the key
         # leaves the node with it, when the pull ends or fails.
-        logout = f"{tool} logout {shlex.quote(registry)} >/dev/null 2>&1"
+        logout = f"{run('logout ' + shlex.quote(registry))} >/dev/null 2>&1"
         pull = f"{pull}; rc=$?; {logout}; exit $rc"
+    extra: dict[str, str] = _docker_watch(runtime)
+    if as_user:
+        # The watcher's work dir $W is root's (0700): podman's blob copies go to a dir of the account's
+        # beside it (a name the work dir's, so a failed pull's cleanup finds it), measured there.
+        pull = (
+            f'mkdir -m 700 "$W.account" && chown {shlex.quote(as_user)} "$W.account" && '
+            f'( {pull} ); rc=$?; rm -rf "$W.account"; exit $rc'
+        )
+        extra = {"measure": 'du -sb "$W.account" 2>/dev/null | cut -f1'}
+        cleanup = f'{logout + "; " if logout else ""}rm -rf "$W.account"'
+    else:
+        cleanup = logout
     # Not --quiet: its "Copying blob" lines are part of the progress shown.
     watch = Fetch(
         what=f"pull of {image}",
         registry=registry,
         command=pull,
-        cleanup=logout,
+        cleanup=cleanup,
         stall_seconds=stall_seconds,
         timeout_seconds=timeout_seconds,
-        **_docker_watch(runtime),
+        **extra,
     )
     yield FunctionCommand(_watch, (watch,), {})
 

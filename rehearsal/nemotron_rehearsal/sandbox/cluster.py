@@ -163,6 +163,9 @@ def _refresh_programs(sandbox: Sandbox) -> None:
     registry.refresh_podman(sandbox)
     registry.refresh_image(sandbox)
     registry_tls.refresh(sandbox)
+    etc.refresh(sandbox)  # the account's subordinate IDs and runtime dir (rootless podman)
+    for node in sandbox.compute:
+        node_ops.ensure_private_dev(node)
     if docker.wanted():
         for node in sandbox.compute:
             docker.install_hook(node)
@@ -413,8 +416,10 @@ def node_up(name: str, timeout: float = 30) -> None:
         return
     netns.set_link(node, up=True)
     run_dir = node_ops.host_path(node, "/run")
-    for entry in run_dir.iterdir():  # /run is a tmpfs on real machines: empty after a reboot
-        if entry.name not in ("munge", "lock", "sshd"):
+    # /run is a tmpfs on real machines: empty after a reboot (but for /run/user/<uid> of the
+    # rootless podman's account, which a lingering user's logind makes again at boot)
+    for entry in run_dir.iterdir():
+        if entry.name not in ("munge", "lock", "sshd", "user"):
             shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     node_ops.start_init(node)
     if node.role == "login":

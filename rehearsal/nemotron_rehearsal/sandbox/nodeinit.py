@@ -39,8 +39,41 @@ def apply(entry):
     elif kind == "bind":
         opts = ["-o", "ro"] if entry.get("readonly") else []
         mount(["--bind", *opts, entry["source"], target], f"binding {entry['source']} on {target}")
+    elif kind == "dev":
+        private_dev(entry)
     else:
         sys.exit(f"nodeinit: unknown mount kind {kind!r}")
+
+
+DEV_MARK = ".nemotron-sandbox-node"  # in a node's own /dev: made by private_dev
+
+
+def private_dev(entry):
+    """A /dev of the node's own, so the node has what a real GPU node has at its usual paths without
+    touching the host's /dev (which every node and the host share): the host's entries, each bound
+    from the host's (directories with what is mounted in them: pts, shm); an mqueue filesystem at
+    /dev/mqueue (rootless podman's --ipc=host binds it in, and this host has none); and the node's
+    fake GPU device files (entry["devices"], e.g. nvidia0) at /dev/<name>, where rootless runc binds
+    each CDI device from. Built in a staging dir, then moved over /dev at once."""
+    stage, devices = entry["stage"], entry["devices"]
+    os.makedirs(stage, exist_ok=True)
+    mount(["-t", "tmpfs", "-o", "mode=755,nosuid", "tmpfs", stage], f"mounting a tmpfs on {stage}")
+    sources = [(name, f"/dev/{name}") for name in sorted(os.listdir("/dev")) if name != "mqueue"]
+    sources += [(name, f"{devices}/{name}") for name in sorted(os.listdir(devices))]
+    for name, source in sources:
+        target = f"{stage}/{name}"
+        if os.path.islink(source):
+            os.symlink(os.readlink(source), target)
+            continue
+        if os.path.isdir(source):
+            os.mkdir(target)
+        else:
+            open(target, "w").close()
+        mount(["--rbind", source, target], f"binding {source} into the node's /dev")
+    os.mkdir(f"{stage}/mqueue")
+    mount(["-t", "mqueue", "mqueue", f"{stage}/mqueue"], "mounting /dev/mqueue")
+    open(f"{stage}/{DEV_MARK}", "w").close()
+    mount(["--move", stage, "/dev"], "moving the node's /dev in place")
 
 
 def reap_forever():
@@ -79,4 +112,7 @@ def main(spec_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "--dev":  # a running node gets its own /dev (nodes.ensure_private_dev)
+        private_dev(json.loads(sys.argv[2]))
+    else:
+        main(sys.argv[1])

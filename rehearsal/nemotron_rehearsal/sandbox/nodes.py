@@ -9,6 +9,8 @@ What is private to each node (and why), as seen from inside it:
    pid files, its own /opt/NeMo, podman storage, Slurm spool, logs, and `nvidia-smi` only where it
    is installed (compute nodes).
  - /usr: the host's, read-only, so a deploy can't change the host's software by accident.
+ - /dev (compute nodes): a tmpfs of the node's own with the host's entries bound in, plus what a GPU
+   node has and the host lacks: /dev/nvidia*, /dev/mqueue (see nodeinit.private_dev).
 Shared by all nodes like on a real cluster: /home (the sandbox's, not the host's), the shared dir
 (/var/lib/nemotron-sandbox/shared, same path everywhere), /etc/slurm (read-only, the sandbox's
 generated config) and /run/munge (the one munged's socket).
@@ -27,10 +29,11 @@ from pathlib import Path
 from typing import IO
 
 from . import netns
-from .layout import STATE_DIR, Node
+from .layout import NODE_DEV_DIR, STATE_DIR, Node
 from .proc import SandboxError, kill_and_wait, pid_alive, read_pid, run, tail, wait_until
 
 NODEINIT = Path(__file__).with_name("nodeinit.py")
+DEV_MARK = ".nemotron-sandbox-node"  # nodeinit.DEV_MARK (nodeinit.py runs alone, imports nothing of ours)
 SYSTEM_PYTHON = "/usr/bin/python3"
 HOME_DIR = STATE_DIR / "home"  # /home on every node
 MUNGE_RUN_DIR = STATE_DIR / "munge" / "run"  # /run/munge on every node
@@ -163,8 +166,35 @@ def prepare_fs(node: Node, extra_mounts: Sequence[dict] = ()) -> None:
         {"kind": "bind", "source": str(local / "usr-local-bin"), "target": "/usr/local/bin"},
         *extra_mounts,
     ]
+    if node.role == "compute":  # last: the fake devices it binds are in the node's /opt
+        mounts.append(private_dev_mount(node))
     spec = {"hostname": node.name, "pid_file": str(local / "init.pid"), "mounts": mounts}
     (local / "init.json").write_text(json.dumps(spec, indent=1))
+
+
+def private_dev_mount(node: Node) -> dict:
+    """nodeinit.py's entry for a compute node's own /dev (see nodeinit.private_dev)."""
+    return {
+        "kind": "dev",
+        "target": "/dev",
+        "stage": str(node.local_dir / "dev-stage"),
+        "devices": NODE_DEV_DIR,
+    }
+
+
+def ensure_private_dev(node: Node) -> None:
+    """A running compute node that an older `up` started with the host's /dev gets its own, now and
+    at its next start (its init spec)."""
+    entry = private_dev_mount(node)
+    spec_path = node.local_dir / "init.json"
+    spec = json.loads(spec_path.read_text())
+    if not any(m["kind"] == "dev" for m in spec["mounts"]):
+        spec["mounts"].append(entry)
+        spec_path.write_text(json.dumps(spec, indent=1))
+    if run_in(node, ["test", "-e", f"/dev/{DEV_MARK}"], check=False).returncode != 0:
+        run_in(
+            node, [SYSTEM_PYTHON, str(NODEINIT), "--dev", json.dumps(entry)], what=f"{node.name}'s own /dev"
+        )
 
 
 def init_pid(node: Node) -> int | None:

@@ -55,6 +55,9 @@ http:
 """
 
 
+# Where each user's rootless podman storage goes on a compute node (sticky, like /var/tmp: each user
+# makes its own <uid> dir); podman substitutes $UID in storage.conf.
+ROOTLESS_STORAGE = "/var/lib/containers/users"
 RUNC_SHIM = Path(__file__).with_name("runc_sandbox.py")
 NODE_RUNC_SHIM = "/usr/local/bin/runc-sandbox"
 
@@ -82,8 +85,11 @@ def podman_files(registry: str, gpus: int) -> dict[str, str]:
         ),
         "/etc/containers/storage.conf": (
             "# Per-node podman storage: /var/lib/containers and /run are node-private in the sandbox.\n"
+            "# A rootless user's (the podman runtime's jobs run as nemotron) is there too, not in its\n"
+            "# home: /home is shared by the nodes, and each node must keep its own images.\n"
             f'[storage]\ndriver = "{STORAGE_DRIVER}"\n'
             'runroot = "/run/containers/storage"\ngraphroot = "/var/lib/containers/storage"\n'
+            f'rootless_storage_path = "{ROOTLESS_STORAGE}/$UID/storage"\n'
         ),
         "/etc/containers/containers.conf": (
             "# No systemd in the sandbox nodes. runc through runc-sandbox (see runc_sandbox.py): crun\n"
@@ -105,6 +111,14 @@ def prepare(sandbox: Sandbox) -> None:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text)
         install_runc_shim(node)
+        rootless_storage(node)
+
+
+def rootless_storage(node: Node) -> None:
+    """The sticky parent of the users' rootless storage (node-private /var/lib/containers)."""
+    target = nodes.host_path(node, ROOTLESS_STORAGE)
+    target.mkdir(parents=True, exist_ok=True)
+    target.chmod(0o1777)
 
 
 def install_runc_shim(node: Node, *, only_if_changed: bool = False) -> None:
@@ -121,6 +135,7 @@ def refresh_podman(sandbox: Sandbox) -> None:
             if nodes.run_in(node, ["cat", path], check=False).stdout != text:
                 nodes.run_in(node, ["sh", "-c", write, "sh", path], input=text, what=f"writing {path}")
         install_runc_shim(node, only_if_changed=True)
+        rootless_storage(node)
 
 
 def _get(address: str, path: str, method: str = "GET", headers: dict | None = None) -> int:
