@@ -25,7 +25,22 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import docker, etc, gpus, layout, locks, munge, nemo, netns, packages, pyxis, registry, slurm, sshd
+from . import (
+    apptainer,
+    docker,
+    etc,
+    gpus,
+    layout,
+    locks,
+    munge,
+    nemo,
+    netns,
+    packages,
+    pyxis,
+    registry,
+    slurm,
+    sshd,
+)
 from . import nodes as node_ops
 from .layout import SHARED_DIR, STATE_DIR, STATE_FILE, Node, Sandbox, plan, read_state
 from .proc import SandboxError, tail
@@ -146,6 +161,7 @@ def _refresh_programs(sandbox: Sandbox) -> None:
         gpus.install_stand_in(node, only_if_changed=True)
     registry.refresh_podman(sandbox)
     registry.refresh_image(sandbox)
+    apptainer.refresh(sandbox)
     if docker.wanted():
         for node in sandbox.compute:
             docker.install_hook(node)
@@ -235,6 +251,7 @@ def _create(sandbox: Sandbox, log: Log) -> Sandbox:
     _start_login(sandbox)
     mark("login daemons")
     _parallel(_start_compute, sandbox.compute)
+    apptainer.refresh(sandbox)
     mark("compute daemons")
     registry.push_image(sandbox)
     mark("image push")

@@ -1,0 +1,94 @@
+"""Real Apptainer on the sandbox's compute nodes, for the `apptainer` runtime's path.
+
+scripts/setup builds Apptainer 1.4.5 from rehearsal/vendor/ unless one is installed (a site's own is
+used as it is): `apptainer` in /usr/local/bin, its configuration in /etc/apptainer, its starter in
+/usr/local/libexec/apptainer. What the nodes need to run it the way a cluster does:
+ - the program: /usr/local/bin is node-private, so `apptainer` is copied into each compute node, as
+   enroot is (its starter and configuration files are found by the paths built into it);
+ - one sandbox-only setting, in the node's /etc overlay (/etc/apptainer/apptainer.conf: the host's
+   own file with one line changed), so the host's configuration and a real cluster never see it:
+   `root default capabilities = no`. Apptainer's default (`full`) has a root container ask for every
+   capability, and this machine's bounding set lacks CAP_SYS_RESOURCE (the same limit docker's runc
+   shim works around), so every `apptainer exec` as root failed in the starter with
+   "Requesting capability set 0x000001ffffffffff while permitted capability set is
+   0x000001fffeffffff". The jobs run as root here; NeMo needs no capability.
+The sandbox registry is plain HTTP: the sandbox inventory's `registry_tls_verify = False` makes the
+deploy's own `apptainer pull --no-https` (what a site with such a registry writes), nothing here.
+
+All of it is written at `up` and refreshed on a running sandbox (refresh), so a sandbox brought up
+before Apptainer was installed gets it at the next `up` without a restart.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from . import nodes
+from .layout import Node, Sandbox
+
+NODE_CONF = "/etc/apptainer/apptainer.conf"
+ROOT_CAPS = re.compile(r"^root default capabilities = .*$", re.M)
+SANDBOX_ROOT_CAPS = (
+    "# nemotron-deploy sandbox (generated): this machine's bounding set lacks CAP_SYS_RESOURCE, which\n"
+    "# `full` asks for; the starter then refuses every root container.\n"
+    "root default capabilities = no"
+)
+
+
+def find() -> Path | None:
+    """The host's apptainer, or None (the sandbox runs without it; an apptainer deploy then fails its
+    preflight, naming the node that lacks it)."""
+    found = shutil.which("apptainer", path="/usr/local/bin:/usr/bin:/bin")
+    return Path(found) if found else None
+
+
+def sandbox_conf(host_conf: str) -> str:
+    """The host's apptainer.conf with the sandbox's one setting (module docstring)."""
+    if not ROOT_CAPS.search(host_conf):
+        return host_conf.rstrip("\n") + "\n\n" + SANDBOX_ROOT_CAPS + "\n"
+    return ROOT_CAPS.sub(SANDBOX_ROOT_CAPS, host_conf, count=1)
+
+
+def install(node: Node, apptainer: Path) -> None:
+    """Programs into the node's /usr/local/bin (if that is where they live), its apptainer.conf into
+    the node's /etc overlay: each only when it differs from what the node has."""
+    if apptainer.parent == Path("/usr/local/bin"):
+        _copy_program(apptainer, nodes.host_path(node, "/usr/local/bin/apptainer"))
+    conf = Path(NODE_CONF)
+    if conf.is_file():
+        text = sandbox_conf(conf.read_text())
+        if _node_file(node, NODE_CONF) != text:
+            write = 'mkdir -p "${1%/*}" && cat > "$1.tmp" && chmod 644 "$1.tmp" && mv "$1.tmp" "$1"'
+            nodes.run_in(node, ["sh", "-c", write, "sh", NODE_CONF], input=text, what=f"writing {NODE_CONF}")
+
+
+def _copy_program(program: Path, target: Path) -> None:
+    """Copy a program (tens of MB) atomically, unless the node has it already (same size and mtime:
+    every `up` checks, and reading both files each time would cost more than the copy's check)."""
+    source = program.stat()
+    if target.is_file() and (target.stat().st_size, target.stat().st_mtime_ns) == (
+        source.st_size,
+        source.st_mtime_ns,
+    ):
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copy2(program, tmp)
+    tmp.rename(target)
+
+
+def _node_file(node: Node, path: str) -> str | None:
+    """A file as the node sees it (its /etc is an overlay: read through the node)."""
+    result = nodes.run_in(node, ["cat", path], check=False)
+    return result.stdout if result.returncode == 0 else None
+
+
+def refresh(sandbox: Sandbox) -> None:
+    """Install (or bring up to date) Apptainer on every compute node, if the host has it."""
+    apptainer = find()
+    if apptainer is None:
+        return
+    for node in sandbox.compute:
+        install(node, apptainer)
