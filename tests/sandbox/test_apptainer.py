@@ -41,8 +41,9 @@ APPTAINER = {"NEMOTRON_SANDBOX_RUNTIME": "apptainer"}
 IMPORT_OP = f"Import {IMAGE} (apptainer)"
 SIF = f"{IMAGES_DIR}/10.213.0.2+5000+nvidia+nemo+24.01.framework.sif"
 GONE_WITHIN = 20  # seconds: every process of a job gone after its end
-# Apptainer's processes around a container: the starter (its comm) and the runtime parent's title.
-APPTAINER_PROCESSES = "starter|Apptainer runtime parent"
+# Apptainer's process around each container: its starter (comm `starter`, titled "Apptainer runtime
+# parent: <image>"), the parent of the rank's own processes.
+STARTER = "pgrep -ax starter"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,12 +77,7 @@ def _endpoint_generates(sandbox) -> bool:
 def _apptainer_left(sandbox) -> dict[str, str]:
     found = {}
     for node in sandbox.compute_names:
-        out = ssh(sandbox, node, f"pgrep -a '{APPTAINER_PROCESSES}'; true").stdout.strip()
-        out = (
-            out
-            or ssh(sandbox, node, f"pgrep -af '{APPTAINER_PROCESSES}' | grep -v pgrep; true").stdout.strip()
-        )
-        if out:
+        if out := ssh(sandbox, node, f"{STARTER}; true").stdout.strip():
             found[node] = out
     return found
 
@@ -113,8 +109,11 @@ def test_an_apptainer_job_pulls_a_sif_serves_through_the_endpoint_and_scancel_le
     for node in sandbox.compute_names[:2]:
         lines = ssh(sandbox, node, probe).stdout.splitlines()
         assert lines == ["image"] * per_node, f"{node}: {lines}"
-        starters = ssh(sandbox, node, f"pgrep -c '{APPTAINER_PROCESSES}'; true").stdout.strip()
-        assert int(starters or 0) >= per_node, f"{node}: {starters} apptainer processes for {per_node} ranks"
+        starters = ssh(sandbox, node, f"{STARTER}; true").stdout.splitlines()
+        assert len(starters) == per_node, f"{node}: one apptainer starter per rank expected: {starters}"
+        assert all("Apptainer runtime parent:" in line and line.endswith(".sif") for line in starters), (
+            starters
+        )
 
     ssh(sandbox, sandbox.login_host, f"scancel {job_id}")
     wait_for(lambda: job_state(sandbox, job_id) == "CANCELLED", 30, f"job {job_id} to be cancelled")

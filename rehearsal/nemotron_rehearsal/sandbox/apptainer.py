@@ -29,7 +29,8 @@ from . import nodes
 from .layout import Node, Sandbox
 
 NODE_CONF = "/etc/apptainer/apptainer.conf"
-ROOT_CAPS = re.compile(r"^root default capabilities = .*$", re.M)
+# The line, with the sandbox's comment above it if it is there already (applying twice changes nothing).
+ROOT_CAPS = re.compile(r"^(?:# nemotron-deploy sandbox .*\n(?:#.*\n)?)?root default capabilities = .*$", re.M)
 SANDBOX_ROOT_CAPS = (
     "# nemotron-deploy sandbox (generated): this machine's bounding set lacks CAP_SYS_RESOURCE, which\n"
     "# `full` asks for; the starter then refuses every root container.\n"
