@@ -33,6 +33,7 @@ from sshutil import (
     op_statuses,
     pyinfra,
     rehearsal_key,
+    reset_deploy,
     ssh,
     wait_for,
 )
@@ -52,7 +53,9 @@ def apptainer_runtime(sandbox):
     if sb_apptainer.find() is None:
         pytest.fail("apptainer is not installed on this machine: run scripts/setup", pytrace=False)
     with sb_api.exclusive_use("apptainer runtime tests (submit and cancel jobs)"):
-        cancel_jobs(sandbox)
+        # From a never-deployed cluster: whatever another run left (files, a service account's
+        # directories the deploy rightly refuses to adopt) is not this path's to inherit.
+        reset_deploy(sandbox)
         try:
             yield
         finally:
