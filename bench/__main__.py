@@ -29,7 +29,9 @@ parts (--parts, default all):
              emulator processes on loopback: requests/s of 8 clients with 1 and 2 replicas (0.1 s per
              generation, rounds 1,2,2,1 of --endpoint-seconds); latency added by the endpoint (p50,
              p99 of --endpoint-requests sequential requests, direct vs through, interleaved); one
-             replica SIGKILLed under load (4 clients): failed requests, gap, time to slot DOWN
+             replica SIGKILLed under load (4 clients): failed requests, gap, time to slot DOWN;
+             sustained load (2 clients back to back, replicas rolled again and again): failed
+             requests; one refused connection on the only serving replica: failed requests
   deploy     first deploy (after a reset, image already pulled) and no-change re-deploy for each of
              --sizes compute nodes, --runs interleaved rounds, next to the floor (one OpenSSH round
              trip per host that stats + checksums every managed path); SSH commands per host in a
@@ -103,7 +105,8 @@ def parser() -> argparse.ArgumentParser:
         "--endpoint-seconds",
         type=float,
         default=5.0,
-        help="endpoint part: seconds per throughput round (4 rounds) and of load after the kill (default 5)",
+        help="endpoint part: seconds per throughput round (4 rounds) and of load after the kill; the "
+        "sustained load runs max(10, 4x this) (default 5)",
     )
     p.add_argument(
         "--endpoint-requests",

@@ -19,7 +19,7 @@ Everything runs on loopback, no root, nothing shared with the sandbox:
   key-pair script, here), and an API key each (made with ``api-key new``'s code: one key per client,
   as separate users, so the per-key limit of requests in flight does not throttle the load).
 
-Three measurements:
+Five measurements:
 
 1. throughput: replicas with a fixed generation time (``NEMO_EMULATOR_SLOW_SECONDS``), ``clients``
    closed-loop clients through the endpoint, rounds of 1, 2, 2, 1 replicas (drift cancels); for 1,
@@ -29,6 +29,11 @@ Three measurements:
 3. failover: 2 replicas, ``FAILOVER_CLIENTS`` clients, one replica's process SIGKILLed mid-run; failed
    requests, the longest time between two answers around the kill, the request that was on the killed
    replica, and the time until HAProxy shows the slot DOWN (polled on the stats socket).
+4. sustained load: 2 clients back to back against replicas with no generation time (a few hundred
+   requests/s) for max(10, 4 x seconds) s while both replicas are rolled again and again; failed
+   requests, and the time no slot was UP.
+5. refused once: the only serving replica (the other drained) refuses one connection; failed requests
+   in the 1.5 s after it, and how long its slot was not UP (issue 20's 503 bursts).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import http.client
 import json
 import os
 import pwd
+import shutil
 import signal
 import ssl
 import subprocess
@@ -46,6 +52,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from nemotron_rehearsal import tokenizer
 
 from nemotron_deploy import api_keys
 from nemotron_deploy.deploy import endpoint as endpoint_files
@@ -63,6 +71,7 @@ ROUND_PATTERN = (1, 2, 2, 1)
 ROUND_WARMUP = 0.3  # seconds of each round not counted (the clients' first requests start together)
 STATUS_TIMEOUT = 30.0
 END_STRINGS = ["<|endoftext|>", "<extra_id_1>", "\x11", "<extra_id_1>User"]
+MODEL_ID = "nemotron-4-340b-base"  # inventories/h100.py's model, as GET /v1/models names it
 
 # Renders the endpoint for the shipped inventory; run with `python -c` (see the module docstring).
 RENDER = """\
@@ -70,14 +79,22 @@ import grp, os, pwd, sys
 from pathlib import Path
 from nemotron_deploy import inventory
 from nemotron_deploy.deploy import render
-inv, out, sock, port, replicas, keys = sys.argv[1:7]
+from nemotron_deploy.deploy import endpoint, openai_gateway
+inv, out, sock, port, replicas, keys, sockets, tokenizer = sys.argv[1:9]
 cluster = inventory.load(inv, override_data={"endpoint_port": int(port), "endpoint_api_keys_file": keys})
 who = {}
 if os.geteuid() != 0:  # HAProxy can only switch to the user it runs as
     who = {"run_as": pwd.getpwuid(os.geteuid()).pw_name, "socket_group": grp.getgrgid(os.getegid()).gr_name}
+# The OpenAI gateway's sockets in a short temporary directory, its internal listener for our group.
+gw = {"gateway_socket": f"{sockets}/gw.sock", "internal_socket": f"{sockets}/int.sock",
+      "gateway_group": who.get("socket_group", endpoint.RUN_AS)}
 for f in render.render_endpoint(cluster, int(replicas), config_dir=out, stats_socket=sock,
-                                bind_address="127.0.0.1", **who):
+                                bind_address="127.0.0.1", **who, **gw):
     Path(out, f.name).write_text(str(f.content))
+timeout = endpoint.limits(cluster.settings, cluster.plan, int(replicas)).client_timeout_s
+Path(out, openai_gateway.CONFIG_FILE).write_text(openai_gateway.config_text(
+    cluster, listen=f"unix:{sockets}/gw.sock", upstream=f"unix:{sockets}/int.sock", tokenizer=tokenizer,
+    timeout_seconds=timeout))
 print(cluster.settings.endpoint_check_seconds, cluster.settings.endpoint_queue_seconds)
 """
 
@@ -133,6 +150,55 @@ def put(
         conn.close()
 
 
+def _same_path() -> dict[str, str]:
+    """The gateway imports what this process does (sentencepiece from a PYTHONPATH, if that is where it is)."""
+    return {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
+
+
+def completion_body(prompt: str, tokens: int = 16) -> bytes:
+    """The same generation as `body` through the OpenAI API (greedy, the card's end strings)."""
+    return json.dumps(
+        {"model": MODEL_ID, "prompt": prompt, "max_tokens": tokens, "temperature": 0, "stop": END_STRINGS[1:]}
+    ).encode()
+
+
+def post(
+    port: int,
+    path: str,
+    data: bytes,
+    timeout: float = 60.0,
+    *,
+    key: str | None = None,
+    ca_file: str | None = None,
+) -> tuple[int, bytes]:
+    """One OpenAI request on a new connection, to the endpoint over TLS with a key."""
+    context = ssl.create_default_context(cafile=ca_file)
+    conn = http.client.HTTPSConnection(common.LOOPBACK, port, timeout=timeout, context=context)
+    try:
+        conn.request(
+            "POST", path, data, {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+        )
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def openai_problem(status: int, data: bytes) -> str | None:
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        reply = None
+    if (
+        status == 200
+        and isinstance(reply, dict)
+        and isinstance(reply.get("choices"), list)
+        and reply.get("usage")
+    ):
+        return None
+    return f"HTTP {status}: {data[:160].decode(errors='replace')}"
+
+
 def problem(status: int, data: bytes) -> str | None:
     """None for a real answer (200, a JSON object with sentences), else what was wrong."""
     try:
@@ -158,6 +224,12 @@ class Stack:
         self.proc: subprocess.Popen | None = None
         self.keys: list[str] = []
         self.ca_file: str | None = None
+        self.gateway: subprocess.Popen | None = None
+        # Unix socket paths must be short; HAProxy's group reaches the gateway's (setgid), as deployed.
+        self.sockets = Path(tempfile.mkdtemp(prefix="bench-gw-"))
+        if os.geteuid() == 0:
+            os.chown(self.sockets, -1, grp.getgrnam(endpoint_files.RUN_AS).gr_gid)
+            self.sockets.chmod(0o2750)
 
     def client(self, i: int) -> dict:
         """How client `i` calls the endpoint (put's keywords)."""
@@ -178,6 +250,8 @@ class Stack:
                 str(self.port),
                 str(REPLICAS),
                 str(keys_file),
+                str(self.sockets),
+                str(tokenizer.train(self.workdir / "tokenizer.model")),
             ],
             cwd=common.REPO,
             capture_output=True,
@@ -200,6 +274,18 @@ class Stack:
         if made.returncode != 0:
             raise RuntimeError(f"making the self-signed certificate failed: {made.stderr.strip()[-2000:]}")
         self.ca_file = str(cert)
+        gateway_log = self.workdir / "gateway.log"
+        with gateway_log.open("w") as out:
+            self.gateway = subprocess.Popen(
+                [sys.executable, "-m", "nemotron_deploy.service.openai.gateway", "--config",
+                 str(self.workdir / "gateway.json")],
+                cwd=common.REPO, env=common.child_env(**_same_path()), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 15
+        while not (self.sockets / "gw.sock").exists():
+            if self.gateway.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the OpenAI gateway did not start: {gateway_log.read_text()[-2000:]}")
+            time.sleep(0.02)
         with self.haproxy_log.open("w") as out:
             self.proc = subprocess.Popen(
                 [haproxy(), "-f", str(cfg), "-db"],
@@ -224,12 +310,14 @@ class Stack:
             "render_seconds": round(time.monotonic() - t0, 2),
         }
 
-    def emulator(self, name: str, slow: float) -> int:
-        """Start one replica process; returns its port once it can generate."""
+    def emulator(self, name: str, slow: float, load_delay: float = 0.0) -> int:
+        """Start one replica process (its port refuses connections for `load_delay` s, as a loading
+        replica's does); returns its port."""
         port = common.free_port()
         ready = self.workdir / f"{name}.ready"
+        ready.unlink(missing_ok=True)
         env = common.child_env(
-            NEMO_EMULATOR_LOAD_DELAY="0",
+            NEMO_EMULATOR_LOAD_DELAY=f"{load_delay:g}",
             NEMO_EMULATOR_READY_FILE=str(ready),
             NEMO_EMULATOR_TOKEN_SECONDS="0",
             NEMO_EMULATOR_SLOW_SECONDS=f"{slow:g}",
@@ -285,6 +373,9 @@ class Stack:
             common.stop(proc)
         if self.proc is not None:
             common.stop(self.proc)
+        if self.gateway is not None:
+            common.stop(self.gateway)
+        shutil.rmtree(self.sockets, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,7 +383,9 @@ class Stack:
 # --------------------------------------------------------------------------------------------------
 
 
-def load(stack: Stack, clients: int, seconds: float, tag: str, at=None) -> tuple[list[dict], float]:
+def load(
+    stack: Stack, clients: int, seconds: float, tag: str, at=None, *, openai: bool = False
+) -> tuple[list[dict], float]:
     """`clients` closed-loop clients for `seconds`; returns every request (start/end relative to t0)
     and t0. `at`: (delay, callable) run by the calling thread `delay` seconds after t0."""
     records: list[dict] = []
@@ -305,8 +398,15 @@ def load(stack: Stack, clients: int, seconds: float, tag: str, at=None) -> tuple
             n += 1
             start = time.monotonic()
             try:
-                status, data = put(stack.port, body(f"{tag} client {i} request {n}"), **stack.client(i))
-                error = problem(status, data)
+                prompt = f"{tag} client {i} request {n}"
+                if openai:
+                    status, data = post(
+                        stack.port, "/v1/completions", completion_body(prompt), **stack.client(i)
+                    )
+                    error = openai_problem(status, data)
+                else:
+                    status, data = put(stack.port, body(prompt), **stack.client(i))
+                    error = problem(status, data)
             except OSError as exc:
                 error = f"{type(exc).__name__}: {exc}"
             records.append({"client": i, "start": start - t0, "end": time.monotonic() - t0, "error": error})
@@ -323,12 +423,14 @@ def load(stack: Stack, clients: int, seconds: float, tag: str, at=None) -> tuple
     return sorted(records, key=lambda r: r["end"]), t0
 
 
-def throughput(stack: Stack, clients: int, seconds: float, log) -> dict:
+def throughput(stack: Stack, clients: int, seconds: float, log, *, openai: bool = False) -> dict:
+    """Rounds of 1, 2, 2, 1 replicas; `openai`: every request POST /v1/completions (through the gateway)."""
+    what = "openai throughput" if openai else "endpoint throughput"
     rounds = []
     for i, n in enumerate(ROUND_PATTERN):
         stack.sync(r1="b1", r2="b2" if n == 2 else None)
         before = stack.served()
-        records, _ = load(stack, clients, seconds, f"throughput round {i}")
+        records, _ = load(stack, clients, seconds, f"throughput round {i}", openai=openai)
         after = stack.served()
         ends = [r["end"] for r in records if r["error"] is None and ROUND_WARMUP <= r["end"] <= seconds]
         errors = [r for r in records if r["error"] is not None]
@@ -348,9 +450,7 @@ def throughput(stack: Stack, clients: int, seconds: float, log) -> dict:
         )
         if errors:
             rounds[-1]["first_error"] = errors[0]["error"]
-        log(
-            f"endpoint throughput round {i}: {n} replica(s) {rps:.2f} req/s, {len(errors)} errors, by slot {per_slot}"
-        )
+        log(f"{what} round {i}: {n} replica(s) {rps:.2f} req/s, {len(errors)} errors, by slot {per_slot}")
     rps = {n: sum(r["rps"] for r in rounds if r["replicas"] == n) / ROUND_PATTERN.count(n) for n in (1, 2)}
     return {
         "clients": clients,
@@ -369,18 +469,24 @@ def latency(stack: Stack, requests: int, log) -> dict:
     """One client, alternating direct / through the endpoint; replica "a" (no extra time) behind r1."""
     stack.sync(r1="a", r2=None)
     direct_port = stack.emulators["a"][1]
-    paths = {"direct": direct_port, "through": stack.port}
+    paths = {"direct": direct_port, "through": stack.port, "openai": stack.port}
     samples: dict[str, list[float]] = {k: [] for k in paths}
     errors: dict[str, int] = {k: 0 for k in paths}
     first_error: dict[str, str] = {}
     data = body("latency probe")
+    openai_data = completion_body("latency probe")
     for i in range(WARMUP_REQUESTS + requests):
         for name, port in paths.items() if i % 2 == 0 else reversed(paths.items()):
             start = time.perf_counter()
             try:
-                status, reply = put(port, data, **(stack.client(0) if name == "through" else {}))
-                elapsed = time.perf_counter() - start
-                error = problem(status, reply)
+                if name == "openai":
+                    status, reply = post(port, "/v1/completions", openai_data, **stack.client(0))
+                    elapsed = time.perf_counter() - start
+                    error = openai_problem(status, reply)
+                else:
+                    status, reply = put(port, data, **(stack.client(0) if name == "through" else {}))
+                    elapsed = time.perf_counter() - start
+                    error = problem(status, reply)
             except OSError as exc:
                 elapsed, error = float("nan"), f"{type(exc).__name__}: {exc}"
             if i < WARMUP_REQUESTS:
@@ -405,10 +511,14 @@ def latency(stack: Stack, requests: int, log) -> dict:
             "samples": xs,
         }
     out["added"] = {q: out["through"][q] - out["direct"][q] for q in ("p50", "p99")}
+    # What /v1/completions adds over PUT /generate, both through the endpoint to the same replica.
+    out["openai_added"] = {q: out["openai"][q] - out["through"][q] for q in ("p50", "p99")}
     log(
         f"endpoint latency: direct p50 {out['direct']['p50'] * 1e3:.2f} ms p99 {out['direct']['p99'] * 1e3:.2f} ms, "
         f"through p50 {out['through']['p50'] * 1e3:.2f} ms p99 {out['through']['p99'] * 1e3:.2f} ms, "
-        f"added p50 {out['added']['p50'] * 1e3:.2f} ms p99 {out['added']['p99'] * 1e3:.2f} ms"
+        f"added p50 {out['added']['p50'] * 1e3:.2f} ms p99 {out['added']['p99'] * 1e3:.2f} ms; "
+        f"/v1/completions p50 {out['openai']['p50'] * 1e3:.2f} ms p99 {out['openai']['p99'] * 1e3:.2f} ms, "
+        f"over PUT /generate p50 {out['openai_added']['p50'] * 1e3:.2f} ms p99 {out['openai_added']['p99'] * 1e3:.2f} ms"
     )
     return out
 
@@ -468,6 +578,187 @@ def failover(stack: Stack, seconds: float, log) -> dict:
     return out
 
 
+SUSTAINED_CLIENTS = int(
+    __import__("os").environ.get("SUS_CLIENTS", "2")
+)  # back to back, no pause: a few hundred requests/s against replicas with no generation time
+ROLL_LOAD_DELAY = 2.0  # seconds a rolled replica's new process refuses connections while "loading"
+
+
+def _down_reasons(log_text: str) -> dict[str, int]:
+    """HAProxy's own words for each time a slot went DOWN (its log), counted: the evidence of why."""
+    reasons: dict[str, int] = {}
+    for line in log_text.splitlines():
+        if " is DOWN" in line and line.startswith("Server "):
+            why = line.split(" is DOWN", 1)[1].split(". ", 1)[0].strip(", ")
+            why = why.split(" info:")[0].split(" check duration")[0].strip(" ,.()")
+            reasons[why] = reasons.get(why, 0) + 1
+    return reasons
+
+
+def sustained(stack: Stack, seconds: float, log) -> dict:
+    """2 replicas with no generation time, SUSTAINED_CLIENTS clients back to back for `seconds`, while
+    the replicas are rolled one at a time again and again as nemotron_deploy.service.rollout does it
+    where there is no room for one more (drain, wait for the request in flight, maintenance, the old
+    process stopped as scancel would, a new one that refuses connections for ROLL_LOAD_DELAY s while
+    it loads, the slot pointed at it once it generates, wait until HAProxy has it UP).
+    Counts failed requests, and the time no slot was UP (sampled every 10 ms)."""
+    stack.emulator("s1", 0.0)
+    stack.emulator("s2", 0.0)
+    stack.wait_emulators()
+    stack.sync(r1="s1", r2="s2")
+    serving = {"r1": "s1", "r2": "s2"}
+    log_start = stack.haproxy_log.stat().st_size
+    stop = threading.Event()
+    rolls: list[float] = []
+    no_replica: list[tuple[float, float]] = []  # (from, to) monotonic, while no slot was up
+
+    def sample() -> None:
+        since = None
+        while not stop.is_set():
+            up = any(v.status == "up" for k, v in stack.states().items() if k in SLOTS)
+            now = time.monotonic()
+            if not up and since is None:
+                since = now
+            elif up and since is not None:
+                no_replica.append((since, now))
+                since = None
+            time.sleep(0.01)
+        if since is not None:
+            no_replica.append((since, time.monotonic()))
+
+    def wait(what: str, predicate, timeout: float = STATUS_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sustained load: {what} not within {timeout:g}s")
+            time.sleep(0.01)
+
+    def in_flight(slot: str) -> int:
+        lines = endpoint_sync.command(stack.socket, "show stat")
+        return int(endpoint_sync.parse_stat(lines)[slot].get("scur") or 0)
+
+    def roll(slot: str, n: int) -> None:
+        t0 = time.monotonic()
+        old = serving[slot]
+        endpoint_sync.command(stack.socket, f"set server {endpoint_sync.BACKEND}/{slot} state drain")
+        wait(f"{slot}'s request in flight", lambda: in_flight(slot) == 0)
+        endpoint_sync.apply(stack.socket, {slot: (None, 0)})
+        common.stop(stack.emulators[old][0])
+        new = f"{slot}-{n}"
+        stack.emulator(new, 0.0, load_delay=ROLL_LOAD_DELAY)
+        common.wait_ready(stack.workdir / f"{new}.ready", stack.emulators[new][0])
+        endpoint_sync.apply(stack.socket, {slot: (common.LOOPBACK, stack.emulators[new][1])})
+        wait(f"{slot} UP on its new process", lambda: stack.states()[slot].status == "up")
+        serving[slot] = new
+        rolls.append(time.monotonic() - t0)
+
+    def roller() -> None:
+        n = 0
+        while not stop.wait(0.5):
+            n += 1
+            for slot in SLOTS:
+                if stop.is_set():
+                    return
+                roll(slot, n)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    rolling = threading.Thread(target=roller, daemon=True)
+    records, t0 = load(stack, SUSTAINED_CLIENTS, seconds, "sustained", at=(0.0, rolling.start))
+    stop.set()
+    rolling.join(STATUS_TIMEOUT * 2)
+    sampler.join(5)
+    failed = [r for r in records if r["error"] is not None]
+    kinds: dict[str, int] = {}
+    for r in failed:
+        kinds[r["error"][:60]] = kinds.get(r["error"][:60], 0) + 1
+    gaps = [b - a for a, b in no_replica]
+    out = {
+        "clients": SUSTAINED_CLIENTS,
+        "seconds": seconds,
+        "requests": len(records),
+        "rps": len(records) / seconds,
+        "failures": len(failed),
+        "failed_503": sum(1 for r in failed if r["error"].startswith("HTTP 503")),
+        "failure_kinds": kinds,
+        "failed_span": (failed[-1]["end"] - failed[0]["start"]) if failed else 0.0,
+        "rolls": len(rolls),
+        "roll_seconds": common.Summary.of(rolls).as_dict(),
+        "no_replica_up_seconds": sum(gaps),
+        "no_replica_up_longest": max(gaps, default=0.0),
+        "down_reasons": _down_reasons(stack.haproxy_log.read_text()[log_start:]),
+    }
+    log(
+        f"endpoint sustained load: {out['failures']} failed of {out['requests']} ({out['rps']:.0f} req/s, "
+        f"{out['failed_503']} HTTP 503) while {out['rolls']} replica(s) were rolled; no slot UP for "
+        f"{out['no_replica_up_seconds'] * 1e3:.0f} ms in all (longest {out['no_replica_up_longest'] * 1e3:.0f} ms); "
+        f"slots went DOWN: {out['down_reasons'] or 'never'}"
+    )
+    return out
+
+
+def refused_once(stack: Stack, log) -> dict:
+    """One refused connection on the replica that serves while the other slot is drained (a
+    rollout's window): how long its slot was not UP, and how many of the requests sent meanwhile
+    (one client, back to back, for a second after the refusal) failed. The refusal is made by
+    pointing the slot at a closed port for the one try, then back."""
+    import socket
+
+    for fresh in ("o1", "o2"):  # the earlier parts killed or stopped theirs
+        stack.emulator(fresh, GENERATION_SECONDS)
+        common.wait_ready(stack.workdir / f"{fresh}.ready", stack.emulators[fresh][0])
+    stack.sync(r1="o1", r2="o2")
+    name = "o1"
+    endpoint_sync.command(stack.socket, f"set server {endpoint_sync.BACKEND}/r2 state drain")
+    closed = socket.socket()
+    closed.bind((common.LOOPBACK, 0))  # bound, not listening: connections to it are refused
+    records: list[tuple[int, bytes] | str] = []
+    states: list[tuple[float, str]] = []
+    try:
+        target = f"{endpoint_sync.BACKEND}/r1"
+        endpoint_sync.command(
+            stack.socket, f"set server {target} addr {common.LOOPBACK} port {closed.getsockname()[1]}"
+        )
+        first = threading.Thread(
+            target=lambda: records.append(put(stack.port, body("refused once"), **stack.client(0)))
+        )
+        first.start()
+        deadline = time.monotonic() + STATUS_TIMEOUT
+        while int(endpoint_sync.backend_stat(stack.socket)["r1"].get("hanafail") or 0) < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError("refused once: r1's connection was never refused")
+            time.sleep(0.001)
+        endpoint_sync.command(
+            stack.socket, f"set server {target} addr {common.LOOPBACK} port {stack.emulators[name][1]}"
+        )
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.5:
+            try:
+                status, data = put(stack.port, body("after the refusal"), **stack.client(1))
+                records.append((status, data))
+            except OSError as exc:
+                records.append(f"{type(exc).__name__}: {exc}")
+            states.append((time.monotonic() - t0, stack.states()["r1"].status))
+        first.join(STATUS_TIMEOUT)
+    finally:
+        closed.close()
+        endpoint_sync.command(stack.socket, f"set server {endpoint_sync.BACKEND}/r2 state ready")
+    failed = [r for r in records if isinstance(r, str) or problem(*r) is not None]
+    not_up = [t for t, st in states if st != "up"]
+    out = {
+        "requests": len(records),
+        "failures": len(failed),
+        "failed_503": sum(1 for r in failed if not isinstance(r, str) and r[0] == 503),
+        "slot_not_up_seconds": (max(not_up) - min(not_up)) if not_up else 0.0,
+        "slot_states": sorted({st for _, st in states}),
+    }
+    log(
+        f"endpoint refused once: {out['failures']} failed of {out['requests']} requests "
+        f"({out['failed_503']} HTTP 503); the serving slot was not UP for {out['slot_not_up_seconds'] * 1e3:.0f} ms"
+    )
+    return out
+
+
 def run(seconds: float = 5.0, requests: int = 1000, clients: int = 8, *, log=print) -> dict:
     """All three measurements on one endpoint; `seconds` per throughput round (and the failover's
     length after the kill), `requests` latency samples per path."""
@@ -485,7 +776,10 @@ def run(seconds: float = 5.0, requests: int = 1000, clients: int = 8, *, log=pri
             )
             out["latency"] = latency(stack, requests, log)
             out["throughput"] = throughput(stack, clients, seconds, log)
+            out["openai_throughput"] = throughput(stack, clients, seconds, log, openai=True)
             out["failover"] = failover(stack, seconds, log)
+            out["sustained"] = sustained(stack, max(10.0, 4 * seconds), log)
+            out["refused_once"] = refused_once(stack, log)
         except Exception:
             tail = stack.haproxy_log.read_text()[-1500:] if stack.haproxy_log.exists() else ""
             if tail:

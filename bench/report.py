@@ -25,6 +25,7 @@ PYXIS_BYTES_LIMIT = 1.05  # one import for the cluster: the image once (plus a f
 CHECK_COST_LIMIT = 1.5
 ENDPOINT_RATIO_LIMIT = 1.8  # requests/s with 2 replicas over 1, at least
 ENDPOINT_ADDED_P99_LIMIT = 0.005  # seconds the endpoint may add at p99, at most
+OPENAI_ADDED_P99_LIMIT = 0.002  # seconds /v1/completions may add over PUT /generate at p99, at most
 FAILOVER_FAILURES_LIMIT = 1  # client requests that may fail when a replica dies under load
 
 
@@ -163,6 +164,26 @@ def targets(results: dict) -> list[dict]:
                 "met": added <= ENDPOINT_ADDED_P99_LIMIT and failed == 0,
             }
         )
+        if "openai_added" in lat:
+            added = lat["openai_added"]["p99"]
+            out.append(
+                {
+                    "target": f"/v1/completions adds <= {_s(OPENAI_ADDED_P99_LIMIT)} over PUT /generate at p99",
+                    "measured": f"{_ms(added)} at p99, {_ms(lat['openai_added']['p50'])} at p50 "
+                    f"({lat['errors']['openai']} failed requests)",
+                    "met": added <= OPENAI_ADDED_P99_LIMIT and lat["errors"]["openai"] == 0,
+                }
+            )
+        otp = ep.get("openai_throughput")
+        if otp:
+            out.append(
+                {
+                    "target": f"/v1/completions: 2 replicas serve >= {ENDPOINT_RATIO_LIMIT:g}x the requests/s of 1",
+                    "measured": f"{_x(otp['ratio'])} ({otp['rps']['2']:.1f} vs {otp['rps']['1']:.1f} req/s, "
+                    f"{otp['errors']} failed requests)",
+                    "met": otp["ratio"] >= ENDPOINT_RATIO_LIMIT and otp["errors"] == 0,
+                }
+            )
         out.append(
             {
                 "target": f"a replica killed under load: <= {FAILOVER_FAILURES_LIMIT} failed client request",
@@ -170,6 +191,25 @@ def targets(results: dict) -> list[dict]:
                 "met": fo["failures"] <= FAILOVER_FAILURES_LIMIT,
             }
         )
+        su, ro = ep.get("sustained"), ep.get("refused_once")
+        if su:
+            out.append(
+                {
+                    "target": "sustained load while replicas are rolled: no failed client request",
+                    "measured": f"{su['failures']} of {su['requests']} failed ({su['rps']:.0f} req/s, "
+                    f"{su['rolls']} rolls)",
+                    "met": su["failures"] == 0,
+                }
+            )
+        if ro:
+            out.append(
+                {
+                    "target": "one refused connection on the only serving replica: no failed request",
+                    "measured": f"{ro['failures']} of {ro['requests']} failed; slot not UP for "
+                    f"{_s(ro['slot_not_up_seconds'])}",
+                    "met": ro["failures"] == 0,
+                }
+            )
     rg = results.get("registry")
     pyxis = [row for row in (rg or {}).get("rows", []) if row["runtime"] == "pyxis"]
     if pyxis and rg.get("image_bytes"):
@@ -364,7 +404,13 @@ def _endpoint_markdown(ep: dict) -> list[str]:
         "| path | p50 | p99 | max | failed |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
-    for name, label in (("direct", "direct to the replica"), ("through", "through the endpoint")):
+    for name, label in (
+        ("direct", "direct to the replica"),
+        ("through", "through the endpoint"),
+        ("openai", "POST /v1/completions through the endpoint"),
+    ):
+        if name not in lat:
+            continue
         s = lat[name]
         lines.append(
             f"| {label} | {_s(s['p50'])} | {_s(s['p99'])} | {_s(s['max'])} | {lat['errors'][name]} |"
@@ -373,6 +419,14 @@ def _endpoint_markdown(ep: dict) -> list[str]:
     lines += [
         f"| added by the endpoint | {_ms(lat['added']['p50'])} | {_ms(lat['added']['p99'])} "
         f"(≤{_s(ENDPOINT_ADDED_P99_LIMIT)} {'met' if ok else '**missed**'}) | | |",
+    ]
+    if "openai_added" in lat:
+        ok = lat["openai_added"]["p99"] <= OPENAI_ADDED_P99_LIMIT
+        lines.append(
+            f"| added by /v1/completions over PUT /generate | {_ms(lat['openai_added']['p50'])} | "
+            f"{_ms(lat['openai_added']['p99'])} (≤{_s(OPENAI_ADDED_P99_LIMIT)} {'met' if ok else '**missed**'}) | | |"
+        )
+    lines += [
         "",
         f"Failover: {fo['clients']} clients, 2 replicas, {gen} per generation; one replica's process "
         f"SIGKILLed {_s(fo['killed_at'])} into a {_s(fo['seconds'])} run.",
@@ -386,8 +440,8 @@ def _endpoint_markdown(ep: dict) -> list[str]:
         "How to read the failover: the request the killed replica was generating loses its connection "
         "(empty response); HAProxy retries it (`retry-on conn-failure empty-response`). The retry may go "
         "to the dead replica once more (it holds no connection now, and `leastconn` prefers it): that "
-        "connection is refused, which marks the slot DOWN at once (`observe layer4`, `error-limit 1`, "
-        f"`on-error mark-down`; {_s(fo['down_after'])} here), long before the health checks (every "
+        "connection is refused; a second refused one marks the slot DOWN (`observe layer4`, `error-limit 1`, "
+        f"`on-error sudden-death`; {_s(fo['down_after'])} here), long before the health checks (every "
         f"{cfg['check_seconds']} s, `fall 2`) would. After a refused connection HAProxy waits "
         "min(`timeout connect`, 1 s) before the next try, which queues for the surviving replica: "
         "that client gets its answer, about 1 s late (the slowest request above); every other client "
@@ -397,6 +451,29 @@ def _endpoint_markdown(ep: dict) -> list[str]:
     ]
     if fo["failed"]:
         lines += [f"Failed failover requests: {'; '.join(fo['failed'])}", ""]
+    su, ro = ep.get("sustained"), ep.get("refused_once")
+    if su:
+        lines += [
+            f"Sustained load: {su['clients']} clients back to back (no pause) for {_s(su['seconds'])}, 2 "
+            "replicas with no generation time, each rolled again and again as the rollout does where "
+            "there is no room for one more (drain, maintenance, the process stopped, a new one that "
+            "loads, the slot pointed at it once it generates).",
+            "",
+            "| requests | req/s | failed (HTTP 503) | rolls | time with no slot UP |",
+            "| ---: | ---: | ---: | ---: | ---: |",
+            f"| {su['requests']} | {su['rps']:.0f} | {su['failures']} ({su['failed_503']}) | {su['rolls']} "
+            f"| {_s(su['no_replica_up_seconds'])} |",
+            "",
+        ]
+    if ro:
+        lines += [
+            "One refused connection on the only replica serving (the other drained, as in a rollout): "
+            f"{ro['failures']} of {ro['requests']} requests in the 1.5 s after it failed "
+            f"({ro['failed_503']} with 503), the slot was not UP for {_s(ro['slot_not_up_seconds'])}. With "
+            "`on-error mark-down` (before issue 20) that one error put the slot DOWN until its next check, "
+            "a second later, and the endpoint answered 503 to everything meanwhile.",
+            "",
+        ]
     return lines
 
 
@@ -441,16 +518,36 @@ def summary_rows(results: dict) -> list[dict]:
             s["median"] = tp["rps"][str(n)]  # the mean of the rounds, as reported
             add("endpoint", f"{n} replica(s)", "", "throughput_mean_of_rounds", "req/s", s)
         add("endpoint", "2 vs 1", "", "throughput_ratio", "x", _point(tp["ratio"]))
-        for name in ("direct", "through"):
+        for name in ("direct", "through", "openai"):
+            if name not in lat:
+                continue
             s = lat[name]
             add("endpoint", name, "", "latency", "s", {k: s[k] for k in ("n", "median", "min", "max", "p95")})
             add("endpoint", name, "", "latency_p99", "s", _point(s["p99"]))
         for q in ("p50", "p99"):
             add("endpoint", "added", "", f"latency_{q}", "s", _point(lat["added"][q]))
+            if "openai_added" in lat:
+                add("endpoint", "openai added", "", f"latency_{q}", "s", _point(lat["openai_added"][q]))
+        if ep.get("openai_throughput"):
+            add(
+                "endpoint",
+                "openai 2 vs 1",
+                "",
+                "throughput_ratio",
+                "x",
+                _point(ep["openai_throughput"]["ratio"]),
+            )
         add("endpoint", "failover", "", "failed_requests", "count", _point(fo["failures"]))
         add("endpoint", "failover", "", "longest_gap", "s", _point(fo["gap"]))
         add("endpoint", "failover", "", "slowest_in_flight", "s", _point(fo["in_flight_longest"]))
         add("endpoint", "failover", "", "kill_to_down", "s", _point(fo["down_after"]))
+        if su := ep.get("sustained"):
+            add("endpoint", "sustained", "", "failed_requests", "count", _point(su["failures"]))
+            add("endpoint", "sustained", "", "requests", "count", _point(su["requests"]))
+            add("endpoint", "sustained", "", "no_replica_up", "s", _point(su["no_replica_up_seconds"]))
+        if ro := ep.get("refused_once"):
+            add("endpoint", "refused_once", "", "failed_requests", "count", _point(ro["failures"]))
+            add("endpoint", "refused_once", "", "slot_not_up", "s", _point(ro["slot_not_up_seconds"]))
     rg = results.get("registry")
     if rg:
         for row in rg["rows"]:

@@ -171,7 +171,7 @@ WORLD_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock",
 
 def account_name(what: str, default: str):
     """A validator for a setting naming a local account that sudoers, systemd and cron will name
-    (health_user, and the service_user to come): a plain POSIX user name, never a word sudo treats
+    (health_user, service_user): a plain POSIX user name, never a word sudo treats
     specially (ALL, %group, +netgroup, #uid, !negation, an ALL-CAPS alias) (root: each setting's own rule)."""
 
     def check(value: str) -> str:
@@ -209,6 +209,17 @@ def _health_user(value: str) -> str:
             "the health check runs every minute as this user and must not run as root: it needs no "
             "privilege (it only calls the server and writes metrics), and a fault in it would then "
             "act as root; use the default, nemotron-health (the deploy creates it)"
+        )
+    return value
+
+
+def _service_user(value: str) -> str:
+    if value == "root":
+        raise ValueError(
+            "the replicas' jobs are submitted as this user, so NeMo and its containers run as it on "
+            "every compute node; as root, any fault in the server (or anything its requests reach) acts "
+            "as root on the cluster: use an unprivileged account that resolves to the same UID on the "
+            "login and compute nodes, e.g. the default, nemotron"
         )
     return value
 
@@ -389,6 +400,17 @@ class ClusterSettings(BaseModel):
         "serve",
         description="serve: the job keeps serving until its time limit; smoke: it makes one "
         "call_server.py call and ends (a quick end-to-end check of a new cluster).",
+        json_schema_extra=SLURM,
+    )
+    service_user: Annotated[
+        str, account_name("the replicas' jobs", "nemotron"), AfterValidator(_service_user)
+    ] = Field(
+        "nemotron",
+        description="The unprivileged account every replica's job is submitted as: NeMo and its "
+        "containers run as it, and only it writes the job records the check trusts. It must resolve to "
+        "the same UID on the login and every compute node (LDAP/SSSD on most clusters; the deploy "
+        "creates it on the login node where missing, and preflight names each node where it is missing "
+        "or differs). Never root; not the health_user.",
         json_schema_extra=SLURM,
     )
 
@@ -614,6 +636,21 @@ class ClusterSettings(BaseModel):
         "but never queue ahead of another key). Set replicas - 1 to always keep one replica for others.",
         json_schema_extra=ENDPOINT,
     )
+    endpoint_openai: bool = Field(
+        True,
+        description="Serve the OpenAI-compatible API on the endpoint's port too (GET /v1/models, POST "
+        "/v1/completions, POST /v1/chat/completions for a model with a chat template), behind the same "
+        "keys, TLS and limits: a small gateway on the login node (systemd unit nemotron-gateway, user "
+        "nemotron-gateway) translates to PUT /generate. false: PUT /generate only.",
+        json_schema_extra=ENDPOINT,
+    )
+    tokenizer_file: AbsPath | None = Field(
+        None,
+        description="The checkpoint's SentencePiece tokenizer as the login node sees it (the OpenAI "
+        "gateway counts usage with it and decodes token-id prompts). Default: <model_dir>/<the catalog's "
+        "tokenizer_file for the model>; set it when the login node does not see model_dir there.",
+        json_schema_extra=ENDPOINT,
+    )
 
     # --- scheduled health check (login node)
     health_user: Annotated[
@@ -756,6 +793,12 @@ class ClusterSettings(BaseModel):
             raise ValueError(
                 f"endpoint_tls_cert / endpoint_tls_key are set but endpoint_tls = {self.endpoint_tls}, "
                 "which does not use them: set endpoint_tls = files, or remove them"
+            )
+        if self.service_user == self.health_user:
+            raise ValueError(
+                f"service_user and health_user are both {self.service_user!r}: the check (which also "
+                "holds the endpoint's runtime socket) would then write the job records it trusts; use "
+                "two accounts (defaults: service_user = nemotron, health_user = nemotron-health)"
             )
         if self.submit and self.state == "stopped":
             raise ValueError(

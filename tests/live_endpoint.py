@@ -9,10 +9,12 @@ import http.client
 import json
 import os
 import pwd
+import shutil
 import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -146,6 +148,7 @@ class Endpoint:
     log: Path
     keys: dict[str, str] = field(default_factory=dict)  # name -> key (cluster_with makes them)
     ca_file: str | None = None  # the self-signed certificate, with endpoint_tls = self-signed
+    tokenizer: str | None = None  # the gateway's tokenizer file, with gateway=True
 
     @property
     def url(self) -> str:
@@ -191,16 +194,78 @@ def _as_this_user() -> list[str]:
     return ["--run-as", f"{user}:{group}"]
 
 
+def short_socket_dir() -> Path:
+    """Unix socket paths must stay under 108 bytes: pytest's tmp_path may not. As the deploy's socket
+    directory: HAProxy's group, setgid (the gateway's socket gets that group), when HAProxy runs as
+    its own user (tests run as root)."""
+    path = Path(tempfile.mkdtemp(prefix="nmt-gw-"))
+    if os.geteuid() == 0:
+        os.chown(path, -1, grp.getgrnam(endpoint.RUN_AS).gr_gid)
+        path.chmod(0o2750)
+    return path
+
+
+def train_tokenizer(path: Path) -> Path:
+    """The sandbox's stand-in for the checkpoint's SentencePiece file (nemotron_rehearsal.tokenizer)."""
+    from nemotron_rehearsal import tokenizer
+
+    return tokenizer.train(path)
+
+
 @contextmanager
-def running_endpoint(inv: Inventory, replicas: int, directory: Path) -> Iterator[Endpoint]:
+def running_gateway(config: Path, listen: str) -> Iterator[subprocess.Popen]:
+    """The OpenAI gateway as the deploy runs it (python -m ...gateway --config), until its socket is up."""
+    log = config.parent / "gateway.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nemotron_deploy.service.openai.gateway", "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        path = Path(listen[5:])
+        wait_for(lambda: path.exists() or proc.poll() is not None, 15, "the gateway's socket")
+        assert proc.poll() is None, f"the gateway exited {proc.returncode}:\n{log.read_text()}"
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextmanager
+def running_endpoint(
+    inv: Inventory, replicas: int, directory: Path, *, gateway: bool = False
+) -> Iterator[Endpoint]:
     sock = directory / "admin.sock"
+    sockets = short_socket_dir()
+    extra = ["--internal-socket", str(sockets / "int.sock")]
+    if gateway:
+        directory.mkdir(parents=True, exist_ok=True)
+        tok = train_tokenizer(directory / "tokenizer.model")
+        listen = f"unix:{sockets / 'gw.sock'}"
+        extra += ["--gateway-listen", listen, "--tokenizer", str(tok)]
     rendered = subprocess.run(
         [sys.executable, "-m", "nemotron_deploy.cli", "render", "--endpoint", str(inv.path), "--out", str(directory),
          "--replicas", str(replicas), "--config-dir", str(directory), "--stats-socket", str(sock),
-         "--bind", HOST, *_as_this_user()],
+         "--bind", HOST, *_as_this_user(), *extra],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert rendered.returncode == 0, rendered.stderr
+    if gateway:
+        with running_gateway(directory / "gateway.json", listen), _haproxy(inv, directory, sock) as ep:
+            ep.tokenizer = str(tok)
+            yield ep
+    else:
+        with _haproxy(inv, directory, sock) as ep:
+            yield ep
+    shutil.rmtree(sockets, ignore_errors=True)
+
+
+@contextmanager
+def _haproxy(inv: Inventory, directory: Path, sock: Path) -> Iterator[Endpoint]:
     ca_file = str(make_self_signed(directory)) if inv.tls else None
     cfg = directory / endpoint.CONFIG_FILE
     log = directory / "haproxy.log"

@@ -38,6 +38,10 @@ NODE_DIR = "/opt/nemotron-deploy"
 SCRIPTS_DIR = f"{NODE_DIR}/scripts"
 COMPUTE_SCRIPTS = ("call_server.py", "nemo_inference.sh", "nemotron_health.pyz")
 HEALTH_VENV = f"{NODE_DIR}/health-venv"
+# The account the replicas' jobs run as (service_user's default; the sandbox has it on every node):
+# a test that submits a replica by hand submits as it, as the deploy does.
+SERVICE_USER = "nemotron"
+AS_SERVICE_USER = f"runuser -u {SERVICE_USER} --"
 HEALTH_USER = "nemotron-health"
 HEALTH_STATE_DIR = "/var/lib/nemotron-health"
 HEALTH_METRICS_DIR = "/var/lib/nemotron-health-metrics"

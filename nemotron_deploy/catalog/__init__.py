@@ -70,6 +70,27 @@ class ModelSpec(BaseModel):
     activation: str = "gelu"
     share_embeddings_and_output_weights: bool = False
     bytes_per_param: int = 2
+    # The OpenAI front door: the model's id there (default: the key), the checkpoint's name (its
+    # directory as published), its tokenizer file in the checkpoint directory, and for a chat model
+    # the prompt template (system/user/assistant turns with {content}, the generation opening) and
+    # the stop strings chat requests add.
+    served_name: str | None = None
+    checkpoint: str | None = None
+    tokenizer_file: str | None = None
+    chat_template: dict[str, str] | None = None
+    chat_stop: tuple[str, ...] = ()
+
+    @model_validator(mode="after")
+    def _chat_template_complete(self) -> ModelSpec:
+        if self.chat_template is not None:
+            missing = {"system", "user", "assistant", "generation"} - set(self.chat_template)
+            if missing:
+                raise ValueError(f"chat_template lacks {', '.join(sorted(missing))}")
+        return self
+
+    @property
+    def openai_id(self) -> str:
+        return self.served_name or self.key
 
     @model_validator(mode="after")
     def _heads_split_in_groups(self) -> ModelSpec:

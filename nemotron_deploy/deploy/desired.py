@@ -17,8 +17,8 @@ import gevent.lock
 from ..inventory import Cluster
 from ..service import alerts, slurm
 from . import endpoint as endpoint_mod
-from . import render, wheelhouse
-from .operations import health_timer
+from . import openai_gateway, render, wheelhouse
+from .operations import accounts, health_timer
 
 
 @dataclass(frozen=True)
@@ -125,20 +125,28 @@ class Login:
 
     init: str = "systemd"  # systemd units, or a cron entry
     endpoint: bool = True
-    submit_as: str = "root"  # who the deploy submits as (replacements are submitted as the same user)
-    submit_group: str = "root"  # that account's primary group
+    submit_as: str = "nemotron"  # service_user: every replica's job is submitted (and replaced) as it
+    submit_group: str = "nemotron"  # that account's primary group (its own, where the deploy makes it)
     slurm_bin: str = "/usr/bin"  # where sbatch and scancel are
+    deploy_user: str = "root"  # who the deploy's commands run as (it becomes submit_as to submit)
 
     @classmethod
     def of(cls, cluster: Cluster, snap: dict) -> Login:
         ctx = snap.get("submit") or {}
+        account = snap.get("service_user") or {}
+        s = cluster.settings
         return cls(
             init=snap.get("init") or "cron",
             endpoint=endpoint_on(cluster, snap),
-            submit_as=ctx.get("user") or "root",
-            submit_group=ctx.get("group") or "root",
+            submit_as=s.service_user,
+            submit_group=account.get("group") or s.service_user,
             slurm_bin=ctx.get("slurm_bin") or "/usr/bin",
+            deploy_user=ctx.get("user") or "root",
         )
+
+    def as_submitter(self, command: str) -> str:
+        """`command` (a shell command line) run as the service account."""
+        return accounts.run_as(self.submit_as, self.deploy_user, command)
 
 
 def endpoint_files(cluster: Cluster) -> list[WantedFile]:
@@ -218,8 +226,8 @@ def nodes_text(cluster: Cluster) -> str:
 
 
 def records_owner(login: Login) -> tuple[str, str]:
-    """(user, group) of the job records directory: the account that submits the jobs, the one place
-    that decides it (today the deploy's SSH user; a `service_user` later)."""
+    """(user, group) of the job records directory: the account that submits the jobs (service_user),
+    the one place that decides it."""
     return login.submit_as, login.submit_group
 
 
@@ -266,7 +274,7 @@ def sudoers(cluster: Cluster, login: Login) -> str | None:
     sbatch of each replica's job name (no wildcard). None when not needed (no replacement, or the check
     already runs as that user)."""
     s = cluster.settings
-    if not s.replaces_replicas or login.submit_as == s.health_user:
+    if not s.replaces_replicas:
         return None
     sbatch = f"{s.jobs_dir}/nemotron.sbatch"
     lines = []
@@ -277,7 +285,7 @@ def sudoers(cluster: Cluster, login: Login) -> str | None:
     commands = ", \\\n    ".join(lines)
     return (
         "# Installed by nemotron-deploy: the scheduled health check may replace the service's replica\n"
-        f"# jobs ({s.job_name}-r1..r{cluster.plan.replicas}) as {login.submit_as}, the user the deploy submits as; nothing else.\n"
+        f"# jobs ({s.job_name}-r1..r{cluster.plan.replicas}) as {login.submit_as} (service_user), the account they run as; nothing else.\n"
         f"Cmnd_Alias NEMOTRON_REPLICAS = \\\n    {commands}\n"
         f"{s.health_user} ALL=({login.submit_as}) NOPASSWD: NEMOTRON_REPLICAS\n"
     )
@@ -311,6 +319,7 @@ def rollout_command(cluster: Cluster, login: Login) -> str:
         "--budget", str(s.health_startup_budget_seconds),
         "--drain-timeout", str(s.max_generation_seconds + 30),
         "--lock", lock_file(),
+        "--submit-as", login.submit_as,
     ]  # fmt: skip
     if login.endpoint:
         argv += ["--endpoint-socket", endpoint_mod.STATS_SOCKET]
@@ -336,7 +345,7 @@ def for_host(cluster: Cluster, host_name: str, login: Login | None = None) -> Ho
             want.files += compute_files
         return want
 
-    login = login or Login()
+    login = login or Login(submit_as=s.service_user, submit_group=s.service_user)
     submitter, submitter_group = records_owner(login)
     want.dirs += [
         WantedDir(s.deploy_dir, "755", adopt=True, guarded=True),
@@ -397,4 +406,35 @@ def for_host(cluster: Cluster, host_name: str, login: Login | None = None) -> Ho
         want.dirs.append(WantedDir(endpoint_mod.CONFIG_DIR, "755"))
         want.files += endpoint_files(cluster)
         want.links += endpoint_links(cluster)
+        if openai_gateway.enabled(cluster):
+            want.dirs += gateway_dirs()
+            want.files += gateway_files(cluster, login)
     return want
+
+
+def gateway_dirs() -> list[WantedDir]:
+    """The gateway's state directory (root's) and its sockets' (the gateway's, group haproxy, setgid:
+    HAProxy reaches the gateway's socket, the gateway HAProxy's internal one, nobody else either)."""
+    gw = openai_gateway
+    return [
+        WantedDir(gw.STATE_DIR, "755", adopt=True, guarded=True),
+        WantedDir(gw.SOCKET_DIR, "2750", gw.USER, endpoint_mod.RUN_AS, adopt=True),
+        WantedDir(gw.CONFIG_DIR, "755", adopt=True, guarded=True),
+    ]
+
+
+def gateway_files(cluster: Cluster, login: Login) -> list[WantedFile]:
+    """Its config, and its systemd unit (or init script where systemd does not run)."""
+    gw = openai_gateway
+    s = cluster.settings
+    timeout = endpoint_mod.limits(s, cluster.plan, cluster.plan.replicas).client_timeout_s
+    files = [
+        WantedFile(
+            f"{gw.CONFIG_DIR}/{gw.CONFIG_FILE}", gw.config_text(cluster, timeout_seconds=timeout), "644"
+        )
+    ]
+    if login.init == "systemd":
+        files.append(WantedFile(gw.SYSTEMD_UNIT, gw.systemd_unit(s.health_venv), "644"))
+    else:
+        files.append(WantedFile(gw.INIT_SCRIPT, gw.init_script(s.health_venv), "755"))
+    return files

@@ -52,6 +52,11 @@ RETRY_AFTER_SECONDS = 1
 # for this long before its 429.
 INFLIGHT_GRACE_MS = 50
 INFLIGHT_STEP_MS = 5
+# No slot UP but some DOWN (not in maintenance): a replica that failed connections on traffic is
+# checked again within a second (fastinter), one whose check failed every second (downinter). A
+# request waits this long for one, looking every step, before its 503 "No replica is up".
+REPLICA_WAIT_MS = 2000
+REPLICA_STEP_MS = 20
 # (STATS_SOCKET, with BACKEND, SLOT_PREFIX and the spare slot: from endpoint_sync, above.)
 RUN_AS = "haproxy"  # user and group Debian's package creates
 # Where an unassigned slot points: nothing listens on port 1, and the slot is in maintenance anyway.

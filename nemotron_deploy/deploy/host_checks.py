@@ -11,7 +11,7 @@ from typing import Any
 from ..catalog import ModelSpec
 from ..inventory import Cluster
 from ..service.preflight import check_gpus
-from . import desired, endpoint, render
+from . import desired, endpoint, openai_gateway, render
 from .errors import DeployError
 from .facts.disk import FreeSpace
 from .facts.files import ManagedPaths, NodeState, PathChains, ancestors
@@ -22,7 +22,7 @@ from .facts.model import ModelConfig
 from .facts.runtimes import ContainerRuntimes
 from .facts.slurm import JobRecords, ReplicaJobs, SlurmVersion, SubmitContext
 from .facts.snapshot import snapshot
-from .facts.system import InitSystem, UnitEnabled, UserExists
+from .facts.system import InitSystem, ServiceRunning, UnitEnabled, UserExists
 from .operations.health_timer import STATE_DIR, UNIT, USER_MARK
 
 # The endpoint's configuration needs http-check send/expect with bodies and retry-on (2.2+), and is
@@ -44,7 +44,10 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
     """Everything the deploy needs from this host, in one SSH command."""
     s = cluster.settings
     role = desired.role(cluster, host.name)
-    probes: list[tuple[str, type, tuple]] = [("runtimes", ContainerRuntimes, ())]
+    probes: list[tuple[str, type, tuple]] = [
+        ("runtimes", ContainerRuntimes, ()),
+        ("service_user", UserExists, (s.service_user,)),
+    ]
     if role == "compute":
         probes += [("gpus", NvidiaGpus, ()), ("model", ModelConfig, (s.model_dir,))]
         if s.container_runtime in ("docker", "podman") or s.pull_runtime in ("docker", "podman"):
@@ -62,11 +65,18 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
             ("haproxy", Haproxy, ()),
             ("submit", SubmitContext, ()),
         ]
+        if openai_gateway.enabled(cluster):
+            gw = openai_gateway
+            probes += [
+                ("gateway_user", UserExists, (gw.USER,)),
+                ("gateway_running", ServiceRunning, (gw.UNIT, gw.PIDFILE)),
+                ("gateway_enabled", UnitEnabled, (f"{gw.UNIT}.service",)),
+            ]
         records = tuple(s.job_record(i) for i in range(1, cluster.plan.replicas + 1))
         probes.append(("records", JobRecords, (records,)))
         if s.state == "stopped":
             names = ",".join(s.replica_job(i) for i in range(1, cluster.plan.replicas + 1))
-            probes.append(("replica_jobs", ReplicaJobs, (names,)))
+            probes.append(("replica_jobs", ReplicaJobs, (names, s.service_user)))
         if s.image_file:
             probes.append(("free", FreeSpace, (s.images_dir,)))
     probes.append(("paths", ManagedPaths, paths_to_read(cluster, host.name)))
@@ -199,6 +209,11 @@ def paths_to_read(cluster: Cluster, host_name: str) -> tuple[tuple[str, ...], tu
             f"{s.health_venv}/bin/python",
             desired.wheels_marker(cluster),
         ]
+        if openai_gateway.enabled(cluster):
+            # Both service files (the init system is only known after this read); the tokenizer's
+            # presence only (the checkpoint's file: never read whole here).
+            paths += [openai_gateway.SYSTEMD_UNIT, openai_gateway.INIT_SCRIPT]
+            unhashed += (openai_gateway.tokenizer_path(cluster),)
         # Its presence only: it lives in a directory the health user can write, so root never reads it.
         unhashed += (desired.earlier_started_file(),)
         # TLS files: their presence only (never a private key's bytes, not even hashed).
@@ -251,14 +266,68 @@ def health_user_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
     ]
 
 
+# service_user's UID on each host read so far in this run ({id(cluster): {host: uid or None}}): Slurm
+# runs a job with the UID it was submitted with, so the account must be the same one everywhere.
+_service_uids: dict[int, dict[str, str | None]] = {}
+
+
+def service_user_problems(cluster: Cluster, host_name: str, snap: dict[str, Any]) -> list[str]:
+    """service_user's UID here against the hosts read before this one (the later host of a pair names
+    the difference). Missing on the login node is fine: the deploy creates it there."""
+    name = cluster.settings.service_user
+    account = snap.get("service_user")
+    uid = account.get("uid") if account else None
+    seen = _service_uids.setdefault(id(cluster), {})
+    earlier = {h: u for h, u in seen.items() if h != host_name and u is not None}
+    seen[host_name] = uid
+    if uid is None:
+        return []  # the login node: created there; a compute node: compute_problems says so
+    differ = sorted(f"{u} on {h}" for h, u in earlier.items() if u != uid)
+    if not differ:
+        return []
+    return [
+        f"service_user {name} has UID {uid} here but {', '.join(differ[:5])}"
+        + (f" (and {len(differ) - 5} more)" if len(differ) > 5 else "")
+        + ": Slurm runs each replica with the UID it was submitted with, which would be another account "
+        f"here; make {name} one account on every node (your directory service, or the same useradd "
+        "--uid everywhere), or set service_user to an account the nodes share"
+    ]
+
+
+def gateway_user_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
+    """The OpenAI gateway's account must be the deploy's (marked): it gets the sockets HAProxy trusts."""
+    account = snap.get("gateway_user")
+    if account is None or account.get("gecos") == openai_gateway.USER_MARK:
+        return []
+    return [
+        f"the user {openai_gateway.USER} already exists (uid {account.get('uid')}, GECOS {account.get('gecos')!r}) "
+        "and the deploy did not create it: it would run the OpenAI gateway and own the sockets HAProxy "
+        "trusts; remove or rename that account, or set endpoint_openai = false"
+    ]
+
+
+def gateway_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
+    if not openai_gateway.enabled(cluster) or not desired.endpoint_on(cluster, snap):
+        return []
+    tokenizer = openai_gateway.tokenizer_path(cluster)
+    if snap["paths"].get(tokenizer) is None:
+        return [
+            f"the checkpoint's tokenizer {tokenizer} is not on the login node: the OpenAI gateway counts "
+            "usage with it; make model_dir visible there, set tokenizer_file to where the login node "
+            "sees it, or set endpoint_openai = false"
+        ]
+    return []
+
+
 def check_host(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     """Stop the deploy, before any change, if this host can't run the job as planned."""
     s = cluster.settings
     role = desired.role(cluster, host.name)
     # Not skipped by skip_preflight: these keep other accounts from owning what root writes and runs.
     unsafe = directory_problems(cluster, snap, guarded_dirs(cluster, host.name))
+    unsafe += service_user_problems(cluster, host.name, snap)
     if role == "login":
-        unsafe += health_user_problems(cluster, snap)
+        unsafe += health_user_problems(cluster, snap) + gateway_user_problems(cluster, snap)
     if unsafe:
         raise DeployError(
             f"refused on {host.name} ({role}): another account could control what the deploy would run "
@@ -266,7 +335,11 @@ def check_host(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         )
     if s.skip_preflight:
         return
-    problems = login_problems(cluster, snap) if role == "login" else compute_problems(cluster, snap)
+    problems = (
+        login_problems(cluster, snap) + gateway_problems(cluster, snap)
+        if role == "login"
+        else compute_problems(cluster, snap)
+    )
     free = snap.get("free")
     if free is not None and free < s.min_free_gib and not image_present(cluster, snap):
         problems.append(
@@ -384,6 +457,19 @@ def compute_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
             min_driver=s.min_driver_version,
         )
     problems += model_problems(cluster, snap["model"])
+    account = snap.get("service_user")
+    if account is None:
+        problems.append(
+            f"service_user {s.service_user} does not exist here: every replica's job runs as it on the "
+            "compute nodes; create it with the UID it has on the login node (your directory service, or "
+            "useradd --uid), or set service_user to an account the nodes share"
+        )
+    elif s.container_runtime == "docker" and "docker" not in account.get("groups", []):
+        problems.append(
+            f"service_user {s.service_user} is not in the docker group here, and the job's `docker run` "
+            f"runs as it: add it (usermod -aG docker {s.service_user}; note that the docker group can "
+            "act as root on this node), or use container_runtime = pyxis, podman or apptainer"
+        )
     runtime = s.pull_runtime or s.container_runtime
     if s.container_runtime == "pyxis" and (not runtimes.get("enroot") or runtimes.get("pyxis") != "yes"):
         problems.append(

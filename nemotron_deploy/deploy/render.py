@@ -17,7 +17,7 @@ import jinja2
 
 from .. import api_keys
 from ..inventory import Cluster
-from . import endpoint
+from . import endpoint, openai_gateway
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # What rank 0 runs inside the container: the service side, whole (it imports only the stdlib and itself).
@@ -90,10 +90,13 @@ def render(cluster: Cluster) -> list[RenderedFile]:
         "passed_env": [*SLURM_TASK_ENV, *s.job_env],
         "mounts": [
             f"{s.model_dir}:{s.model_dir}:ro",
-            f"{s.scripts_dir}:{s.scripts_dir}",
+            f"{s.scripts_dir}:{s.scripts_dir}:ro",
             f"{s.logs_dir}:{s.logs_dir}",
         ],
         "container_stop_seconds": CONTAINER_STOP_SECONDS,
+        # call_server.py --chat: the model's prompt template (catalog), as Python literals.
+        "chat_template": repr(dict(s.model_spec.chat_template)) if s.model_spec.chat_template else "None",
+        "chat_model": s.model_spec.openai_id,
     }
     env = _environment()
     files = [
@@ -150,6 +153,9 @@ def render_endpoint(
     run_as: str = endpoint.RUN_AS,
     socket_group: str = endpoint.RUN_AS,
     run_group: str | None = None,
+    gateway_socket: str = openai_gateway.SOCKET,
+    internal_socket: str = openai_gateway.INTERNAL_SOCKET,
+    gateway_group: str = openai_gateway.USER,
 ) -> list[RenderedFile]:
     """The endpoint's files (haproxy.cfg, the Lua envelope it loads and, with API keys, the keys'
     map), for `replicas` slots.
@@ -183,6 +189,15 @@ def render_endpoint(
         "retry_after": endpoint.RETRY_AFTER_SECONDS,
         "inflight_grace_ms": endpoint.INFLIGHT_GRACE_MS,
         "inflight_step_ms": endpoint.INFLIGHT_STEP_MS,
+        "replica_wait_ms": endpoint.REPLICA_WAIT_MS,
+        "replica_step_ms": endpoint.REPLICA_STEP_MS,
+        "openai": openai_gateway.enabled(cluster),
+        "openai_routes": openai_gateway.ROUTES,
+        "openai_metrics_path": openai_gateway.METRICS_PATH,
+        "gateway_socket": gateway_socket,
+        "internal_socket": internal_socket,
+        "gateway_group": gateway_group,
+        "gateway_backend": openai_gateway.BACKEND,
     }
     env = _environment()
     files = [

@@ -20,9 +20,11 @@ from pyinfra.operations import files as pyinfra_files
 
 from ..inventory import Cluster, InventoryError, load
 from ..service.slurm import ENDING_STATES
-from . import desired, host_checks
+from . import desired, host_checks, openai_gateway
 from .errors import DeployError
-from .operations import containers, endpoint, files, health_timer, submit
+from .facts.snapshot import snapshot
+from .facts.system import UserExists
+from .operations import accounts, containers, endpoint, files, gateway, health_timer, submit
 
 # One validation per pyinfra Inventory object, dropped with it (an id() could be reused).
 _clusters: weakref.WeakKeyDictionary[Any, Cluster] = weakref.WeakKeyDictionary()
@@ -92,6 +94,12 @@ def ensure_files(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     the login node, then the health check's venv from those wheels, when they changed."""
     s = cluster.settings
     login = desired.role(cluster, host.name) == "login"
+    if login and snap.get("service_user") is None:
+        accounts.service_user(
+            name=f"Service account {s.service_user}",
+            username=s.service_user,
+            uid=_compute_uid(cluster, s.service_user),
+        )
     if login:  # owns the health check's directories
         account = snap["health_user"]
         marked = account is None or account.get("gecos") == health_timer.USER_MARK or s.health_user_existing
@@ -102,6 +110,12 @@ def ensure_files(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
                 exists=account is not None,
                 marked=marked,
             )
+        if desired.endpoint_on(cluster, snap) and openai_gateway.enabled(cluster):
+            gw_account = snap.get("gateway_user")
+            if gw_account is None:  # preflight refused an account the deploy did not make
+                gateway.ensure_user(
+                    name=f"User {openai_gateway.USER}", username=openai_gateway.USER, exists=False
+                )
     want = desired.for_host(cluster, host.name, desired.Login.of(cluster, snap) if login else None)
     venv = _health_venv(cluster, snap) if login else ()
     if not venv and files.tree_in_place(want.dirs, want.files, want.links, snap["paths"]):
@@ -117,6 +131,18 @@ def ensure_files(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         current=snap["paths"],
         then=venv,
     )
+
+
+def _compute_uid(cluster: Cluster, name: str) -> str | None:
+    """The account's UID on the first compute node, to make it the same on the login node (an extra
+    read, only on the run that creates the account)."""
+    from pyinfra import state
+
+    node = state.inventory.get_host(cluster.compute[0], None) if cluster.compute else None
+    if node is None:
+        return None
+    account = snapshot(node, (("account", UserExists, (name,)),))["account"]
+    return account.get("uid") if account else None
 
 
 def _health_venv(cluster: Cluster, snap: dict[str, Any]) -> tuple[Any, ...]:
@@ -196,6 +222,28 @@ def install_health_check(host: Any, cluster: Cluster, snap: dict[str, Any]) -> N
         kind=snap.get("init") or "cron",
         units_changed=units_changed,
         enabled=bool(snap.get("timer_enabled")),
+    )
+
+
+def run_gateway(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
+    """The OpenAI gateway: started, or restarted when its config, service file or venv changed."""
+    if (
+        desired.role(cluster, host.name) != "login"
+        or not desired.endpoint_on(cluster, snap)
+        or not openai_gateway.enabled(cluster)
+    ):
+        return
+    login = desired.Login.of(cluster, snap)
+    paths = snap["paths"]
+    changed = any(
+        files.content_differs(f, paths.get(f.path)) for f in desired.gateway_files(cluster, login)
+    ) or bool(_health_venv(cluster, snap))
+    gateway.ensure_running(
+        name="OpenAI gateway (nemotron-gateway)",
+        kind=login.init,
+        changed=changed,
+        running=bool(snap.get("gateway_running")),
+        enabled=bool(snap.get("gateway_enabled")),
     )
 
 
@@ -337,9 +385,16 @@ def submit_job(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         + ("it completes its smoke test" if smoke else "every replica generates"),
         sbatch_path=f"{s.jobs_dir}/nemotron.sbatch",
         job_names=names,
+        submit_as=login.submit_as,
+        deploy_user=login.deploy_user,
         health_commands={
             name: submit.wait_command(
-                venv=s.health_venv, job_name=name, port=s.port, budget=s.health_startup_budget_seconds
+                venv=s.health_venv,
+                job_name=name,
+                port=s.port,
+                budget=s.health_startup_budget_seconds,
+                job_user=login.submit_as,
+                nodes_file=desired.nodes_file(cluster),
             )
             for name in names
         },

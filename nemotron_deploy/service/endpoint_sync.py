@@ -6,9 +6,11 @@ run by the health timer every minute and right after submit, takes the desired b
 ``{slot: (address or None, port)}`` and, over the stats socket:
 
 * reads ``show servers state <backend>``;
-* for a slot that should serve: ``set server <be>/<slot> addr <ip> port <port>`` if either differs,
-  then, if it is in maintenance, ``health down`` and ``state ready``: it gets traffic once its health
-  check (a real generation) passes;
+* for a slot that should serve: it gets traffic only once its health check (a real generation)
+  passes at its address. Out of maintenance: ``addr`` (if it differs), ``state drain``, ``health
+  down``, ``state ready``. Serving, at another address: ``health down``, then ``addr``. (``state
+  ready`` straight from maintenance would put it UP at once: queued requests would go to a replica
+  that may still be loading, before any check.)
 * for a slot that should not (``None``: no replica, or it is not running): ``state maint`` unless it
   already is. Requests in flight on it finish; new ones go elsewhere.
 
@@ -210,15 +212,27 @@ def plan_commands(current: dict[str, ServerState], desired: Desired, backend: st
             if not state.in_maintenance:
                 commands.append(f"set server {target} state maint")
             continue
-        if state.addr != addr or state.port != port:
-            commands.append(f"set server {target} addr {addr} port {port}")
-        if state.in_maintenance or state.draining:
-            commands.append(f"set server {target} state ready")
+        moved = state.addr != addr or state.port != port
         if state.in_maintenance:
-            # HAProxy takes a server out of maintenance as up ("start OK but check immediately"):
-            # mark it down at once (same command line), so that it gets traffic only once a
-            # generation succeeded; the replica may still be loading.
-            commands.append(f"set server {target} health down")
+            # `state ready` from maintenance puts a slot UP at once ("leaving forced maintenance"),
+            # and HAProxy hands it queued requests before the `health down` that follows: a replica
+            # still loading refuses them. Through drain (no new requests), marked down, then ready,
+            # it leaves DOWN and is UP only once its check, a generation, passes.
+            if moved:
+                commands.append(f"set server {target} addr {addr} port {port}")
+            commands += [
+                f"set server {target} state drain",
+                f"set server {target} health down",
+                f"set server {target} state ready",
+            ]
+        elif moved:
+            # Another replica for a slot that serves: none of its requests go to the new address
+            # before a check passed there (requests in flight to the old one finish).
+            commands += [f"set server {target} health down", f"set server {target} addr {addr} port {port}"]
+            if state.draining:
+                commands.append(f"set server {target} state ready")
+        elif state.draining:
+            commands.append(f"set server {target} state ready")
     return commands
 
 

@@ -167,6 +167,38 @@ STOPPED = (SERVICE_STOPPED, CHECK_TIMESTAMP, CHECK_STATUS)
 CONTRACT: tuple[Metric, ...] = tuple(dict.fromkeys(SINGLE_CHECK + REPLICA + DEPLOYMENT + STOPPED))
 """Every metric the checks write, each once."""
 
+# The OpenAI gateway (service/openai/gateway.py), per API key name (``key``; "" with endpoint_auth =
+# none) and route (``completions``, ``chat.completions``, ``models``). Counters since the gateway
+# started, served at the gateway's GET /metrics (the endpoint's /metrics/openai).
+PER_KEY_ROUTE = ("key", "route")
+OPENAI_REQUESTS = Metric(
+    "nemotron_openai_requests_total",
+    "counter",
+    PER_KEY_ROUTE,
+    "OpenAI API requests answered, errors included",
+)
+OPENAI_PROMPT_TOKENS = Metric(
+    "nemotron_openai_prompt_tokens_total",
+    "counter",
+    PER_KEY_ROUTE,
+    "Prompt tokens of answered requests (the checkpoint's tokenizer)",
+)
+OPENAI_COMPLETION_TOKENS = Metric(
+    "nemotron_openai_completion_tokens_total",
+    "counter",
+    PER_KEY_ROUTE,
+    "Generated tokens of answered requests (the checkpoint's tokenizer)",
+)
+OPENAI_ERRORS = Metric(
+    "nemotron_openai_errors_total",
+    "counter",
+    (*PER_KEY_ROUTE, "status"),
+    "OpenAI API requests answered with an error, by HTTP status",
+)
+OPENAI_GATEWAY = (OPENAI_REQUESTS, OPENAI_PROMPT_TOKENS, OPENAI_COMPLETION_TOKENS, OPENAI_ERRORS)
+"""Served by the gateway itself (not in the textfile): the text is written by
+``service.openai.gateway.Counters.exposition`` from these declarations."""
+
 NODE_EXPORTER = (
     Metric(
         "node_textfile_mtime_seconds",

@@ -30,6 +30,7 @@ import time
 from collections import namedtuple
 
 from .options import positive
+from .slurm import as_account
 from .state import load_state
 
 TYPE_CHECKING = False
@@ -270,12 +271,6 @@ def replace_dead(opts: argparse.Namespace, results: list[Any], states: dict[str,
         record_event(st, event)
 
 
-def _argv(submit_as: str | None, argv: list[str]) -> list[str]:
-    if submit_as and submit_as != getpass.getuser():
-        return ["sudo", "-n", "-u", submit_as, *argv]
-    return argv
-
-
 def replace(
     *, job_name: str, sbatch: str, slurm_bin: str, submit_as: str | None, timeout: float = 60.0
 ) -> tuple[str | None, str]:
@@ -284,8 +279,8 @@ def replace(
 
     # Only the submitting account's jobs: another user may have named a job the same.
     owner = submit_as or getpass.getuser()
-    cancel = _argv(submit_as, [f"{slurm_bin}/scancel", f"--user={owner}", f"--name={job_name}"])
-    submit = _argv(submit_as, [f"{slurm_bin}/sbatch", "--parsable", f"--job-name={job_name}", sbatch])
+    cancel = as_account(submit_as, [f"{slurm_bin}/scancel", f"--user={owner}", f"--name={job_name}"])
+    submit = as_account(submit_as, [f"{slurm_bin}/sbatch", "--parsable", f"--job-name={job_name}", sbatch])
     try:
         res = subprocess.run(cancel, capture_output=True, text=True, timeout=timeout)
         if res.returncode != 0:

@@ -41,7 +41,15 @@ from . import endpoint_sync, replacement
 from .check import wait_for_job
 from .endpoint_sync import SPARE_SLOT
 from .nagios import OK
-from .slurm import RecordTrust, SlurmError, files_digest, query_job, record_path, replica_job_name
+from .slurm import (
+    RecordTrust,
+    SlurmError,
+    as_account,
+    files_digest,
+    query_job,
+    record_path,
+    replica_job_name,
+)
 
 POLL = 0.5
 
@@ -100,8 +108,25 @@ def _in_flight(socket: str, slot: str) -> int:
     return int(endpoint_sync.backend_stat(socket)[slot].get("scur") or 0)
 
 
+def _as_submitter(opts: argparse.Namespace, argv: list[str]) -> list[str]:
+    return as_account(opts.submit_as, argv)
+
+
+def _cancel_old(opts: argparse.Namespace, old_id: str) -> None:
+    """The replica's old job, by the id its trusted record names: as the rollout's own user (root
+    when the deploy runs it), since a release before service_user submitted it as root; an old job
+    of the service account is cancelled all the same."""
+    _slurm([f"{opts.slurm_bin}/scancel", old_id])
+
+
+def _owner(opts: argparse.Namespace) -> list[str]:
+    """scancel's filter: only the service account's jobs, whatever a name or id matches."""
+    return [f"--user={opts.submit_as}"] if opts.submit_as else []
+
+
 def _submit(opts: argparse.Namespace, name: str) -> str:
-    return _slurm([f"{opts.slurm_bin}/sbatch", "--parsable", f"--job-name={name}", opts.sbatch]).split(";")[0]
+    argv = [f"{opts.slurm_bin}/sbatch", "--parsable", f"--job-name={name}", opts.sbatch]
+    return _slurm(_as_submitter(opts, argv)).split(";")[0]
 
 
 def _generates(opts: argparse.Namespace, job_id: str) -> bool:
@@ -128,9 +153,11 @@ def roll_in_place(opts: argparse.Namespace, index: int, old_id: str) -> None:
         say(f"{slot}: no room for one more replica: draining job {old_id} (the others serve meanwhile)")
         _wait(f"job {old_id}'s request in flight", lambda: _in_flight(sock, slot) == 0, opts.drain_timeout)
         endpoint_sync.apply(sock, {slot: (None, opts.port)})
-    _slurm([f"{opts.slurm_bin}/scancel", old_id])
+    _cancel_old(opts, old_id)
     # A job of that name still waiting (an interrupted rollout's) would take the freed nodes first.
-    _slurm([f"{opts.slurm_bin}/scancel", "--state=PENDING", f"--name={name}"])
+    _slurm(
+        _as_submitter(opts, [f"{opts.slurm_bin}/scancel", *_owner(opts), "--state=PENDING", f"--name={name}"])
+    )
     _wait(f"job {old_id} to end and free its nodes", lambda: _gone(old_id), 300)
     new_id = _submit(opts, name)
     say(f"{slot}: cancelled job {old_id}; submitted job {new_id}; waiting until it generates")
@@ -154,7 +181,11 @@ def roll_one(opts: argparse.Namespace, index: int, old_id: str) -> None:
     new_id = _submit(opts, name)
     say(f"{slot}: submitted job {new_id} beside job {old_id}; waiting until it generates")
     if not _generates(opts, new_id):
-        subprocess.run([f"{opts.slurm_bin}/scancel", new_id], capture_output=True, timeout=60)
+        subprocess.run(
+            _as_submitter(opts, [f"{opts.slurm_bin}/scancel", *_owner(opts), new_id]),
+            capture_output=True,
+            timeout=60,
+        )
         raise RolloutError(
             f"{slot}: the new job {new_id} did not generate (see above); it was cancelled, and job {old_id} "
             "keeps serving with the earlier files, as do the replicas not rolled yet. Fix the cause and "
@@ -162,7 +193,7 @@ def roll_one(opts: argparse.Namespace, index: int, old_id: str) -> None:
         )
     node = query_job(new_id).node
     if not opts.endpoint_socket:
-        _slurm([f"{opts.slurm_bin}/scancel", old_id])
+        _cancel_old(opts, old_id)
         say(f"{slot}: job {new_id} on {node} generates; cancelled job {old_id}")
         return
     sock = opts.endpoint_socket
@@ -173,7 +204,7 @@ def roll_one(opts: argparse.Namespace, index: int, old_id: str) -> None:
     endpoint_sync.command(sock, f"set server {endpoint_sync.BACKEND}/{slot} state drain")
     say(f"{slot}: job {new_id} serves in {SPARE_SLOT}; draining job {old_id}")
     _wait(f"job {old_id}'s request in flight", lambda: _in_flight(sock, slot) == 0, opts.drain_timeout)
-    _slurm([f"{opts.slurm_bin}/scancel", old_id])
+    _cancel_old(opts, old_id)
     endpoint_sync.apply(sock, {slot: (node, opts.port)})
     _wait(f"{slot} (job {new_id}) to be UP", lambda: _status(sock, slot) == "up", 60)
     endpoint_sync.command(sock, f"set server {endpoint_sync.BACKEND}/{SPARE_SLOT} state drain")
@@ -202,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
         "--nodes-file",
         help="root's list of the cluster's compute nodes: a record naming another node is ignored",
     )
+    p.add_argument(
+        "--submit-as",
+        metavar="USER",
+        help="the service account the replicas run as: submit and cancel as it (runuser as root, else "
+        "sudo -n), trust only its job records (default: this user)",
+    )
     p.add_argument("--dry-run", action="store_true", help="only list the stale replicas")
     p.add_argument(
         "--surge", action="store_true", help="there is room for one more replica: start each new job first"
@@ -217,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             why = lock.error or f"the scheduled check holds {opts.lock}; try again"
             print(f"rollout: error: {why}", file=sys.stderr)
             return 2
-        trust = RecordTrust(None, opts.nodes_file)  # records of the user the rollout runs as (it submits)
+        trust = RecordTrust(opts.submit_as, opts.nodes_file)  # the service account's records only
         stale = stale_replicas(opts.slurm_job, opts.replicas, opts.records_dir, digest, trust)
         if not stale:
             say("every running replica runs the current files: nothing to roll out")

@@ -100,6 +100,20 @@ def _run(argv: list[str], timeout: float = 30.0) -> subprocess.CompletedProcess[
         raise SlurmError(f"{' '.join(argv)} did not answer within {timeout:g}s (slurmctld busy?)") from None
 
 
+def as_account(user: str | None, argv: list[str]) -> list[str]:
+    """`argv` run as `user` (the service account the replicas are submitted as): as is where this
+    process already is that user, runuser where it is root, else `sudo -n -u` (the deploy's sudo rule
+    lets the health user run exactly the replicas' sbatch and scancel commands so)."""
+    import pwd
+
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    if not user or user == me:
+        return argv
+    if os.geteuid() == 0:
+        return ["runuser", "-u", user, "--", *argv]
+    return ["sudo", "-n", "-u", user, *argv]
+
+
 def parse_scontrol_record(line: str) -> dict[str, str]:
     """Parse one ``scontrol show job -o`` line into ``{"JobId": ..., "JobState": ...}``.
 

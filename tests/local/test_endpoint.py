@@ -16,13 +16,15 @@ tests/test_endpoint_live.py runs the rendered files in a real HAProxy against Ne
 from __future__ import annotations
 
 import difflib
+import grp
+import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 from helpers import A100_40GB_HOSTS, INVENTORIES, REPO, SHIPPED, haproxy, write_inventory
-from live_endpoint import make_self_signed
+from live_endpoint import make_self_signed, short_socket_dir
 
 from nemotron_deploy import inventory
 from nemotron_deploy.deploy import endpoint, render
@@ -43,6 +45,10 @@ def load(name: str, monkeypatch: pytest.MonkeyPatch) -> inventory.Cluster:
 
 def write_endpoint(cluster: inventory.Cluster, replicas: int, out: Path, **kwargs) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    # The OpenAI gateway's internal listener: in a short temporary directory (Unix socket paths are
+    # short), for a group this machine has (the deploy's nemotron-gateway is made by the deploy).
+    kwargs.setdefault("internal_socket", str(short_socket_dir() / "int.sock"))
+    kwargs.setdefault("gateway_group", grp.getgrgid(os.getgid()).gr_name)
     for f in render.render_endpoint(cluster, replicas, config_dir=str(out), **kwargs):
         (out / f.name).write_text(f.content)
     if cluster.settings.endpoint_tls != "none":
@@ -133,10 +139,12 @@ def test_config_health_check_is_a_real_generation(h100_cfg):
 
 def test_config_one_request_per_replica_bounded_queue_and_retries(h100_cfg):
     assert re.search(
-        r"^\s+server-template r 1-3 127\.0\.0\.1:1 disabled check .*maxconn 1 observe layer4 error-limit 1 on-error mark-down$",
+        r"^\s+server-template r 1-3 127\.0\.0\.1:1 disabled check .*maxconn 1 observe layer4 error-limit 1 on-error sudden-death$",
         h100_cfg,
         re.M,
     )
+    # A slot whose check failed is checked every second: it is back a second after it generates again.
+    assert re.search(r"^\s+server-template r 1-3 .* downinter 1s ", h100_cfg, re.M)
     assert "timeout queue 120s" in h100_cfg
     assert re.search(r"http-error status 503 .*The replicas are busy", h100_cfg)
     assert "retry-on conn-failure empty-response" in h100_cfg
@@ -240,10 +248,22 @@ def test_plan_commands_touch_only_slots_that_differ():
     assert endpoint_sync.plan_commands(current, changed) == [
         "set server replicas/r1 state maint",
         "set server replicas/r2 addr 10.0.0.6 port 1424",
-        "set server replicas/r2 state ready",
+        "set server replicas/r2 state drain",
         "set server replicas/r2 health down",
-        "set server replicas/r3 state ready",
+        "set server replicas/r2 state ready",
+        "set server replicas/r3 state drain",
         "set server replicas/r3 health down",
+        "set server replicas/r3 state ready",
+        "set server replicas/r5 state ready",
+    ]
+    # A slot that serves (r4 UP) or drains (r5) and moves: DOWN before its new address, so that no
+    # request goes there before a check passed.
+    moved = {"r4": ("10.0.0.10", 1424), "r5": ("10.0.0.11", 1424)}
+    assert endpoint_sync.plan_commands(current, moved) == [
+        "set server replicas/r4 health down",
+        "set server replicas/r4 addr 10.0.0.10 port 1424",
+        "set server replicas/r5 health down",
+        "set server replicas/r5 addr 10.0.0.11 port 1424",
         "set server replicas/r5 state ready",
     ]
     with pytest.raises(endpoint_sync.SyncError, match="no slot"):

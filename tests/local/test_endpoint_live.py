@@ -36,6 +36,8 @@ from live_endpoint import (
 from nemotron_rehearsal import emulator
 from nemotron_rehearsal.emulator import continuation, serve_in_thread
 
+from nemotron_deploy.service import endpoint_sync
+
 
 @pytest.fixture
 def two(tmp_path) -> Iterator[tuple[Endpoint, Replica, Replica]]:
@@ -174,6 +176,68 @@ def test_killing_a_replica_costs_at_most_one_client_request(two):
     assert ep.put(ask("after the kill"))[0] == 200
 
 
+def test_one_refused_connection_does_not_take_the_serving_replica_out(two):
+    """r2 is drained (a rollout's window: r1 alone serves) and r1 refuses one connection (its slot
+    points at a closed port for that one try, as a lost connection would): the request is retried and
+    answered, r1 stays UP, and the requests right after it are answered too. With `on-error
+    mark-down`, that one error put r1 DOWN until its next check, a second later: with no other
+    replica up, the endpoint answered every request 503 "No replica is up" meanwhile."""
+    ep, a, b = two
+    endpoint_sync.command(ep.socket, "set server replicas/r2 state drain")
+    ep.wait_status("r2", "drain")
+    closed = socket.socket()
+    closed.bind((HOST, 0))  # a port nothing listens on (bound, so that nobody else takes it)
+    try:
+        endpoint_sync.command(ep.socket, f"set server replicas/r1 addr {HOST} port {closed.getsockname()[1]}")
+        first: list[tuple[int, str]] = []
+        sender = threading.Thread(target=lambda: first.append(ep.put(ask("refused once"), timeout=20)))
+        sender.start()
+
+        def refused() -> bool:
+            return int(endpoint_sync.backend_stat(ep.socket)["r1"]["hanafail"] or 0) >= 1
+
+        wait_for(refused, 10, "r1's connection to be refused")
+        endpoint_sync.command(ep.socket, f"set server replicas/r1 addr {HOST} port {a.port}")
+        seen = {ep.state()["r1"].status}
+        after = []
+        for i in range(10):  # about a second of requests after the error
+            after.append(ep.put(ask(f"after the refusal {i}")))
+            seen.add(ep.state()["r1"].status)
+        sender.join(30)
+    finally:
+        closed.close()
+    assert first and first[0][0] == 200, first
+    assert [status for status, _ in after] == [200] * 10, [t for st, t in after if st != 200][:2]
+    assert seen == {"up"}, (seen, ep.log.read_text()[-2000:])
+
+
+def test_a_request_meeting_no_replica_up_waits_for_one_that_is_down(two):
+    """r2 drained, r1 refuses two connections in a row (a dead replica's sign): r1 is DOWN, and the
+    endpoint has no replica UP. A request then waits (the envelope's nemotron_wait_for_replica) while
+    a slot is DOWN rather than in maintenance, and is answered once r1's next check (within a
+    second) brings it back, instead of 503 "No replica is up" at once."""
+    ep, a, b = two
+    endpoint_sync.command(ep.socket, "set server replicas/r2 state drain")
+    ep.wait_status("r2", "drain")
+    closed = socket.socket()
+    closed.bind((HOST, 0))
+    try:
+        endpoint_sync.command(ep.socket, f"set server replicas/r1 addr {HOST} port {closed.getsockname()[1]}")
+        refused = threading.Thread(target=lambda: ep.put(ask("refused twice"), timeout=20))
+        refused.start()
+        ep.wait_status("r1", "down", timeout=10)
+        endpoint_sync.command(ep.socket, f"set server replicas/r1 addr {HOST} port {a.port}")
+        started = time.monotonic()
+        status, text = ep.put(ask("while none is up"))
+        waited = time.monotonic() - started
+        refused.join(30)
+    finally:
+        closed.close()
+    assert status == 200, text
+    assert ep.state()["r1"].status == "up"
+    assert 0.05 < waited < 3, f"answered after {waited:.2f} s"
+
+
 def test_envelope_refuses_too_many_prompts_before_any_replica(two):
     """More prompts than inference_batch (8), or sentences that would wedge NeMo: 400 with a message
     naming the limit and the setting, and no replica sees the request. Log-probs pass on H100 (the
@@ -267,23 +331,28 @@ def test_updater_changes_slots_at_run_time_without_reload(tmp_path):
             sent = ep.sync(r1=(HOST, a.port), r2=(None, 0))
             assert sent == [
                 f"set server replicas/r1 addr {HOST} port {a.port}",
-                "set server replicas/r1 state ready",
+                "set server replicas/r1 state drain",
                 "set server replicas/r1 health down",
+                "set server replicas/r1 state ready",
             ]
             assert ep.sync(r1=(HOST, a.port), r2=(None, 0)) == []
             ep.wait_status("r1", "up")
             assert ep.put(ask("to a"))[0] == 200 and a.requests == ["to a"]
             # the replica moved: same slot, new address (by name, resolved by the updater)
             sent = ep.sync(r1=("localhost", b.port), r2=(None, 0))
-            assert sent == [f"set server replicas/r1 addr 127.0.0.1 port {b.port}"]
+            assert sent == [
+                "set server replicas/r1 health down",  # no request to b before a check passed there
+                f"set server replicas/r1 addr 127.0.0.1 port {b.port}",
+            ]
             wait_for(lambda: ep.state()["r1"].port == b.port, 5, "r1's new port")
             ep.wait_status("r1", "up")
             assert ep.put(ask("to b"))[0] == 200 and b.requests == ["to b"]
             # both, then none
             assert ep.sync(r1=(HOST, b.port), r2=(HOST, a.port)) == [
                 f"set server replicas/r2 addr {HOST} port {a.port}",
-                "set server replicas/r2 state ready",
+                "set server replicas/r2 state drain",
                 "set server replicas/r2 health down",
+                "set server replicas/r2 state ready",
             ]
             ep.wait_status("r2", "up")
             assert ep.sync(r1=(None, 0), r2=(None, 0)) == [
@@ -302,10 +371,11 @@ def test_updater_changes_slots_at_run_time_without_reload(tmp_path):
                 capture_output=True, text=True, timeout=30,
             )  # fmt: skip
             assert cli.returncode == 0, cli.stderr
-            assert cli.stdout.splitlines()[:3] == [
+            assert cli.stdout.splitlines()[:4] == [
                 f"set server replicas/r1 addr {HOST} port {a.port}",
-                "set server replicas/r1 state ready",
+                "set server replicas/r1 state drain",
                 "set server replicas/r1 health down",
+                "set server replicas/r1 state ready",
             ]
             assert "r2 127.0.0.1:" in cli.stdout and "maint" in cli.stdout
             assert ep.proc.pid == pid and ep.proc.poll() is None

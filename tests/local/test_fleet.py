@@ -90,8 +90,9 @@ def slot_commands(port: int, *slots: int) -> list[str]:
     for i in slots:
         out += [
             f"set server replicas/r{i} addr 127.0.0.{i} port {port}",
-            f"set server replicas/r{i} state ready",
+            f"set server replicas/r{i} state drain",
             f"set server replicas/r{i} health down",
+            f"set server replicas/r{i} state ready",
         ]
     return out
 

@@ -250,7 +250,7 @@ def test_pyxis_image_mounts_and_home(name, shipped):
     (mounts,) = (shlex.split(v)[0] for v in re.findall(r"--container-mounts=(\S+)", sbatch))
     assert mounts.split(",") == [
         f"{s.model_dir}:{s.model_dir}:ro",
-        f"{s.scripts_dir}:{s.scripts_dir}",
+        f"{s.scripts_dir}:{s.scripts_dir}:ro",  # the job can't rewrite its own files
         f"{s.logs_dir}:{s.logs_dir}",
     ]
 

@@ -20,6 +20,7 @@ import pytest
 from helpers import model_card_client
 from nemotron_rehearsal import sandbox as sb_api
 from sshutil import (
+    AS_SERVICE_USER,
     CRON_FILE,
     HEALTH_USER,
     HEALTH_VENV,
@@ -245,6 +246,24 @@ def test_every_rank_runs_inside_the_imported_image(sandbox, serving):
         assert probe == ["inside"] * sandbox.gpus_per_node, f"{node}: {probe}"
 
 
+def test_the_server_and_its_job_run_as_the_service_user_not_root(sandbox, serving):
+    """service_user (the sandbox's `nemotron`, the same UID on every node): Slurm runs the job as it
+    and every rank's server process, in its enroot container, is that account's; the job files are
+    mounted read-only into the container."""
+    job_id, _ = serving
+    user = ssh(sandbox, sandbox.login_host, f"squeue -h -j {job_id} -o %u").stdout.strip()
+    assert user == "nemotron", f"job {job_id} runs as {user!r}, not the service user"
+    for node in sandbox.compute_names[:2]:
+        owners = ssh(
+            sandbox, node, "for p in $(pgrep -f '[m]egatron_gpt_eval.py'); do stat -c %U /proc/$p; done"
+        ).stdout.split()
+        assert owners == ["nemotron"] * sandbox.gpus_per_node, f"{node}: server processes of {owners}"
+        pid = ssh(sandbox, node, "pgrep -f '[m]egatron_gpt_eval.py' | head -n 1").stdout.strip()
+        mounts = ssh(sandbox, node, f"cat /proc/{pid}/mounts").stdout
+        scripts = [line for line in mounts.splitlines() if f" {SCRIPTS_DIR} " in line]
+        assert scripts and all(" ro," in line or " ro " in line for line in scripts), scripts or mounts
+
+
 def test_a_new_image_tag_is_imported_beside_the_running_jobs_file(sandbox, serving):
     """pyxis: a new tag is a new file (never the old name reused), imported while the job serves from
     the old one, which stays in place; the sbatch then points at the new file."""
@@ -308,7 +327,9 @@ def test_health_fails_fast_with_the_state_of_a_job_killed_during_startup(sandbox
     login = sandbox.login_host
     try:
         job_id = ssh(
-            sandbox, login, f"sbatch --parsable --export=ALL,NEMO_EMULATOR_LOAD_DELAY=60 {SBATCH}"
+            sandbox,
+            login,
+            f"{AS_SERVICE_USER} sbatch --parsable --export=ALL,NEMO_EMULATOR_LOAD_DELAY=60 {SBATCH}",
         ).stdout.strip()
         assert job_id.isdigit(), job_id
         wait_for(lambda: job_state(sandbox, job_id) == "RUNNING", 30, f"job {job_id} to start")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from nemotron_rehearsal import sandbox as sb_api
 from sshutil import (
+    AS_SERVICE_USER,
     CRON_FILE,
     HEALTH_USER,
     JOB_BASE,
@@ -96,7 +97,7 @@ def test_a_replica_whose_server_stays_unhealthy_is_replaced(sandbox):
     faulty = ssh(
         sandbox,
         sandbox.login_host,
-        f"sbatch --parsable --export=ALL,NEMO_EMULATOR_ERROR_AFTER=1 --job-name={R2} {SBATCH}",
+        f"{AS_SERVICE_USER} sbatch --parsable --export=ALL,NEMO_EMULATOR_ERROR_AFTER=1 --job-name={R2} {SBATCH}",
     ).stdout.strip()
     wait_for(lambda: _jobs(sandbox).get(R2, ("",))[0] == faulty, 120, "the faulty r2 to run")
     # Submitted by hand, it is hidden from the check's user (PrivateData) until its record exists: a

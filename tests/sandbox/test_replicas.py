@@ -22,6 +22,7 @@ import pytest
 from helpers import model_card_client
 from nemotron_rehearsal import sandbox as sb_api
 from sshutil import (
+    AS_SERVICE_USER,
     CRON_FILE,
     HEALTH_USER,
     HEALTH_VENV,
@@ -213,7 +214,7 @@ def test_a_replica_answering_200_with_an_error_string_is_taken_out(sandbox, subm
     ssh(
         sandbox,
         sandbox.login_host,
-        f"sbatch --parsable --export=ALL,NEMO_EMULATOR_ERROR_AFTER=1 --job-name={R2} {SBATCH}",
+        f"{AS_SERVICE_USER} sbatch --parsable --export=ALL,NEMO_EMULATOR_ERROR_AFTER=1 --job-name={R2} {SBATCH}",
     )
     wait_for(lambda: R2 in _jobs(sandbox), 60, "the faulty r2 to run")
     # Submitted by hand, it is hidden from the check's user (PrivateData) until its batch script writes

@@ -30,6 +30,7 @@ from sshutil import (
     deploy_ok,
     pyinfra,
     reset_deploy,
+    results_table,
     ssh,
     wait_for,
 )
@@ -249,3 +250,41 @@ def test_an_existing_account_the_deploy_did_not_make_is_not_made_the_health_user
     assert "health_user_existing = true" in run.output and "nothing was changed" in run.output
     rule = ssh(sandbox, sandbox.login_host, "cat /etc/sudoers.d/nemotron-health", check=False).stdout
     assert "nobody" not in rule, rule
+
+
+def test_a_service_user_missing_on_the_compute_nodes_stops_the_deploy(deployed):
+    """service_user must be one account on every node (Slurm runs the job with the submitting UID):
+    an account the compute nodes don't have stops the deploy before any change, naming each node;
+    the login node does not get it either."""
+    sandbox = deployed
+    run = pyinfra("--data", "service_user=nemotron-nowhere")
+    assert run.rc != 0, run.describe()
+    # pyinfra stops at the first host that fails its checks, before any change anywhere.
+    assert any(f"preflight failed on {node} (compute)" in run.output for node in sandbox.compute_names)
+    assert "service_user nemotron-nowhere does not exist here" in run.output, run.output[-3000:]
+    assert "nothing was changed" in run.output, run.output[-3000:]
+    made = ssh(sandbox, sandbox.login_host, "getent passwd nemotron-nowhere", check=False).stdout
+    assert made == "", f"the login node got the account although the deploy stopped: {made}"
+
+
+def test_the_login_node_gets_the_service_user_with_the_compute_nodes_uid(deployed):
+    """A login node without the account (the compute nodes have it): the deploy creates it there with
+    the compute nodes' UID, marked as the deploy's; the next deploy changes nothing."""
+    sandbox = deployed
+    login = sandbox.login_host
+    uid = ssh(sandbox, sandbox.compute_names[0], "id -u nemotron").stdout.strip()
+    ssh(sandbox, login, "userdel nemotron")
+    try:
+        deploy_ok()
+        account = ssh(sandbox, login, "getent passwd nemotron").stdout.strip().split(":")
+        assert account[2] == uid, f"UID {account[2]} on the login node, {uid} on the compute nodes"
+        assert account[4] == "nemotron-deploy service", account
+        assert (
+            ssh(sandbox, login, "stat -c %U " + f"{SHARED}/nemotron-deploy/records").stdout.strip()
+            == "nemotron"
+        )
+        again = results_table(deploy_ok().output)
+        assert again["Grand total"]["Success"] == "-", f"the next deploy changed things: {again}"
+    finally:
+        if ssh(sandbox, login, "getent passwd nemotron", check=False).stdout == "":
+            ssh(sandbox, login, f"useradd --uid {uid} --user-group --no-create-home nemotron")

@@ -286,7 +286,9 @@ def test_token_seconds_make_big_requests_hold_the_lock():
         small = time.monotonic() - t0
         t0 = time.monotonic()
         generate(h.port, {"sentences": ["x"], "tokens_to_generate": 60, "min_tokens_to_generate": 60})
-        assert time.monotonic() - t0 > max(0.5, 5 * small)
+        big = time.monotonic() - t0
+        # Lower bounds only (60 tokens x 10 ms): a loaded machine makes both slower, never faster.
+        assert big >= 0.6 and big > small, (small, big)
 
 
 def test_hang_after_accepts_but_never_answers():

@@ -192,7 +192,7 @@ def test_image_present_fact_with_a_missing_tool_says_absent():
 
 
 def test_user_and_init_facts():
-    assert run_fact(UserExists, "root") == {"uid": "0", "gecos": "root"}  # the GECOS tells the deploy's own
+    assert run_fact(UserExists, "root") == {"uid": "0", "gecos": "root", "group": "root", "groups": ["root"]}
     assert run_fact(UserExists, "no-such-user-xyz") is None
     assert run_fact(InitSystem) == ("systemd" if Path("/run/systemd/system").is_dir() else "cron")
 

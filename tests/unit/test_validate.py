@@ -666,8 +666,28 @@ def test_plain_user_names_are_accepted(tmp_path, name):
     assert cluster.settings.health_user_existing is False  # an existing account is refused by default
 
 
+@pytest.mark.parametrize(("name", "says"), [("root", "must not"), ("ALL", "means something else to sudo")])
+def test_service_user_root_or_a_sudo_word_is_refused(tmp_path, name, says):
+    path = _bad(tmp_path, service_user=name)
+    problems = only_field(problems_of(path), "service_user")
+    _every_host(problems, path)
+    assert any(says in p.message or "as root" in p.message for p in problems), [p.message for p in problems]
+    assert all("nemotron" in p.message for p in problems)
+
+
+def test_service_user_the_same_as_health_user_is_refused(tmp_path):
+    path = _bad(tmp_path, service_user="nemotron-health")
+    messages = " ".join(p.message for p in problems_of(path))
+    assert "service_user and health_user are both 'nemotron-health'" in messages, messages
+
+
+def test_service_user_defaults_to_nemotron(tmp_path):
+    cluster = inventory.load(str(_bad(tmp_path)))
+    assert cluster.settings.service_user == "nemotron"
+
+
 def test_the_account_name_rule_is_one_reusable_validator():
-    """The rule lives in settings.account_name, for health_user now and a service_user later."""
+    """The rule lives in settings.account_name, for health_user and service_user."""
     from typing import Annotated
 
     from pydantic import TypeAdapter, ValidationError

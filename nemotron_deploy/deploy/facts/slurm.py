@@ -46,11 +46,13 @@ class SubmitContext(ProbeFact):
 
 
 class ReplicaJobs(ProbeFact):
-    """[(job id, state)] of this user's jobs named `names` (comma-separated; another account may name a
+    """[(job id, state)] of `user`'s jobs named `names` (comma-separated; another account may name a
     job the same: never counted); [] when squeue is missing or fails."""
 
-    def snippet(self, names: str) -> str:
-        return f"squeue -h -t all -u \"$(id -un)\" -n {shlex.quote(names)} -o '%i %T' 2>/dev/null || true"
+    def snippet(self, names: str, user: str) -> str:
+        return (
+            f"squeue -h -t all -u {shlex.quote(user)} -n {shlex.quote(names)} -o '%i %T' 2>/dev/null || true"
+        )
 
     def process(self, output: list[str]) -> list[tuple[str, str]]:
         return active_rows("\n".join(output))

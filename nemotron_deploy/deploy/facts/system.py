@@ -18,18 +18,24 @@ class InitSystem(ProbeFact):
 
 
 class UserExists(ProbeFact):
-    """{"uid": ..., "gecos": ...} when `name` is a user here (local or from the directory service), else
-    None. The GECOS field tells an account the deploy made (desired.HEALTH_USER_MARK) from another."""
+    """{"uid": ..., "gecos": ..., "group": primary group's name, "groups": [every group]} when `name`
+    is a user here (local or from the directory service), else None. The GECOS field tells an account
+    the deploy made (desired.HEALTH_USER_MARK) from another."""
 
     def snippet(self, name: str) -> str:
-        return f"getent passwd {shlex.quote(name)} || echo @@none"
+        q = shlex.quote(name)
+        return f'getent passwd {q} && echo "@@groups $(id -gn {q}) $(id -Gn {q})" || echo @@none'
 
     def process(self, output: list[str]) -> dict | None:
+        found = None
         for line in output:
             fields = line.split(":")
-            if len(fields) >= 7:
-                return {"uid": fields[2], "gecos": fields[4]}
-        return None
+            if found is None and len(fields) >= 7:
+                found = {"uid": fields[2], "gecos": fields[4], "group": fields[0], "groups": []}
+            elif found is not None and line.startswith("@@groups "):
+                names = line.split()[1:]
+                found["group"], found["groups"] = (names[0], names[1:]) if names else (found["group"], [])
+        return found
 
 
 class UnitEnabled(ProbeFact):
@@ -44,3 +50,17 @@ class UnitEnabled(ProbeFact):
 
     def process(self, output: list[str]) -> bool:
         return output[-1:] == ["enabled"]
+
+
+class ServiceRunning(ProbeFact):
+    """True when the service `unit` runs: systemd's `is-active`, else the pid in `pidfile` is alive."""
+
+    def snippet(self, unit: str, pidfile: str) -> str:
+        u, p = shlex.quote(unit), shlex.quote(pidfile)
+        return (
+            f"if [ -d /run/systemd/system ]; then systemctl is-active {u} 2>/dev/null || true; "
+            f'elif [ -s {p} ] && kill -0 "$(cat {p})" 2>/dev/null; then echo active; else echo inactive; fi'
+        )
+
+    def process(self, output: list[str]) -> bool:
+        return output[-1:] == ["active"]

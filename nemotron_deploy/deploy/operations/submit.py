@@ -11,6 +11,7 @@ from pyinfra import logger
 from pyinfra.api import FunctionCommand, StringCommand, operation
 
 from ...service.slurm import ACTIVE_STATES, ENDING_STATES, active_rows, parse_scontrol_record
+from .accounts import run_as
 
 
 class SubmitError(Exception):
@@ -21,10 +22,15 @@ class SubmitError(Exception):
 ENDING_WAIT_SECONDS = 300
 
 
-def wait_command(*, venv: str, job_name: str, port: int, budget: int) -> str:
-    """The health check that waits until the submitted job generates (progress as plain lines)."""
+def wait_command(
+    *, venv: str, job_name: str, port: int, budget: int, job_user: str, nodes_file: str | None = None
+) -> str:
+    """The health check that waits until the submitted job generates (progress as plain lines): the
+    job of that name among `job_user`'s, its record trusted only as that account's."""
     argv = [f"{venv}/bin/python", "-m", "nemotron_deploy.service.health", "--wait", "--progress-lines"]
-    argv += ["--slurm-job", job_name, "--port", str(port), "--budget", str(budget)]
+    argv += ["--slurm-job", job_name, "--port", str(port), "--budget", str(budget), "--job-user", job_user]
+    if nodes_file:
+        argv += ["--nodes-file", nodes_file]
     return " ".join(shlex.quote(a) for a in argv)
 
 
@@ -52,10 +58,10 @@ def submit_decision(rows: list[tuple[str, str]]) -> tuple[str, list[str]]:
     return "submit", []
 
 
-def _queued(host, job_name: str) -> list[tuple[str, str]]:
-    # This account's jobs only: another user may have submitted a job of the same name.
+def _queued(host, job_name: str, user: str) -> list[tuple[str, str]]:
+    # The service account's jobs only: another user may have submitted a job of the same name.
     ok, out = host.run_shell_command(
-        f"squeue -h -t all -u \"$(id -un)\" -n {shlex.quote(job_name)} -o '%i %T'"
+        f"squeue -h -t all -u {shlex.quote(user)} -n {shlex.quote(job_name)} -o '%i %T'"
     )
     if not ok:
         raise SubmitError(f"squeue failed: {out.stderr or out.stdout}")
@@ -70,9 +76,11 @@ def submit_and_wait(
     until_done: bool = False,
     budget_seconds: int = 2700,
     started_file: str | None = None,
+    submit_as: str = "nemotron",
+    deploy_user: str = "root",
 ):
     """
-    Submit `sbatch_path` once per job name (``sbatch --job-name=<name>``: one job per replica) unless
+    Submit `sbatch_path` as `submit_as` (service_user: runuser from root, else sudo -n) once per job name (``sbatch --job-name=<name>``: one job per replica) unless
     a job of that name is already pending or running, then wait (printing each replica's progress,
     prefixed with its job name) until every replica's health check sees its server generate.
 
@@ -83,6 +91,8 @@ def submit_and_wait(
       output from the job's own health-check line on. (A health check from outside can miss the few
       milliseconds such a job serves, then sees the job gone and fails a good run.)
     + budget_seconds: with until_done, how long the job may take to end
+    + submit_as: the account the jobs are submitted (and looked up) as, the service account
+    + deploy_user: who this deploy's commands run as on the host
     + started_file: where to record {"at": time, "jobs": {name: id}} once submitted: the scheduled
       check replaces dead replicas only once the service was started, and counts these as starting
 
@@ -129,7 +139,7 @@ def submit_and_wait(
             )
 
     def _submit_one(host, job_name: str) -> str:
-        action, ids = submit_decision(_queued(host, job_name))
+        action, ids = submit_decision(_queued(host, job_name, submit_as))
         deadline = time.monotonic() + ENDING_WAIT_SECONDS
         while action == "wait":
             if time.monotonic() > deadline:
@@ -138,17 +148,21 @@ def submit_and_wait(
                 )
             print(f"{host.print_prefix}job(s) {', '.join(ids)} of {job_name} still ending; waiting")
             gevent.sleep(2)
-            action, ids = submit_decision(_queued(host, job_name))
+            action, ids = submit_decision(_queued(host, job_name, submit_as))
         if action == "reuse" and until_done:
             # A smoke run needs a job of its own: waiting for a serving job to end would never finish.
             raise SubmitError(
                 f"job {job_name} is already queued or running ({ids[0]}): cancel it with "
-                f"`scancel --name={job_name}` before a smoke run, or deploy with mode=serve"
+                f"`scancel --user={submit_as} --name={job_name}` before a smoke run, or deploy with mode=serve"
             )
         if action == "reuse":
             print(f"{host.print_prefix}job {job_name} already queued or running: {ids[0]}")
             return ids[0]
-        command = f"sbatch --parsable --job-name={shlex.quote(job_name)} {shlex.quote(sbatch_path)}"
+        command = run_as(
+            submit_as,
+            deploy_user,
+            f"sbatch --parsable --job-name={shlex.quote(job_name)} {shlex.quote(sbatch_path)}",
+        )
         ok, out = host.run_shell_command(command)
         if not ok:
             raise SubmitError(f"sbatch {sbatch_path} ({job_name}) failed: {out.stderr}")

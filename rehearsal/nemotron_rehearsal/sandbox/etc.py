@@ -42,6 +42,20 @@ def _append(node: Node, path: str, line: str, mode: int) -> None:
     target.chmod(mode)
 
 
+def _join_group(node: Node, group: str, user: str) -> None:
+    """`user` a member of `group` in the node's /etc/group, where the group exists: the jobs run as
+    the service user, and the docker runtime's `docker run` needs the engine's socket (group docker),
+    as a site that offers docker grants it."""
+    target = nodes.host_path(node, "/etc/group")
+    lines = target.read_text().splitlines()
+    for i, line in enumerate(lines):
+        fields = line.split(":")
+        if len(fields) == 4 and fields[0] == group and user not in fields[3].split(","):
+            fields[3] = ",".join(m for m in (*fields[3].split(","), user) if m)
+            lines[i] = ":".join(fields)
+    target.write_text("\n".join(lines) + "\n")
+
+
 def prepare(sandbox: Sandbox) -> None:
     uid, gid = user_ids()
     user = UNPRIVILEGED_USER
@@ -59,6 +73,8 @@ def prepare(sandbox: Sandbox) -> None:
             0o644,
         )
         _append(node, "/etc/group", f"{user}:x:{gid}:", 0o644)
+        if node.role == "compute":
+            _join_group(node, "docker", user)
         _append(node, "/etc/shadow", f"{user}:*:19700:0:99999:7:::", 0o640)
         shadow = nodes.host_path(node, "/etc/shadow")
         stat = Path("/etc/shadow").stat()

@@ -4,8 +4,9 @@
   /opt, where the NeMo container has it) is a verbatim copy of `rehearsal/nemotron_rehearsal/emulator.py`, the
   stdlib-only emulator of NeMo's text-generation server. Until that file exists, a placeholder that
   exits with an explanation is installed instead (`up` says so).
-- On the shared dir, `models/Nemotron-4-340B-Base/` holds the real checkpoint's model_config.yaml
-  values (package data `model_config.yaml`), an empty `model_weights/` and a placeholder tokenizer.
+- On the shared dir, `models/Nemotron-4-340B-Base/` (and `-Instruct/`) hold the real checkpoint's
+  model_config.yaml values (package data `model_config.yaml`), an empty `model_weights/` and a tiny
+  real SentencePiece model in place of the checkpoint's tokenizer (`nemotron_rehearsal.tokenizer`).
 """
 
 from __future__ import annotations
@@ -43,10 +44,16 @@ def install_emulator(node: Node, *, only_if_changed: bool = False) -> None:
     nodes.install_file(node, NODE_EMULATOR_PATH, emulator_bytes(), 0o755, only_if_changed=only_if_changed)
 
 
+INSTRUCT_NAME = "Nemotron-4-340B-Instruct"
+
+
 def install_model(sandbox: Sandbox) -> None:
-    model = sandbox.model_dir
-    (model / "model_weights").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(MODEL_CONFIG, model / "model_config.yaml")
-    (model / TOKENIZER_NAME).write_text(
-        "placeholder for the SentencePiece tokenizer of Nemotron-4-340B-Base (nemotron-deploy sandbox)\n"
-    )
+    """Base at sandbox.model_dir and Instruct beside it (same architecture): model_config.yaml, an
+    empty model_weights/, and a real SentencePiece model where the checkpoint's tokenizer is (a tiny
+    stand-in trained here, nemotron_rehearsal.tokenizer: the OpenAI gateway loads it)."""
+    from .. import tokenizer
+
+    for model in (sandbox.model_dir, sandbox.model_dir.parent / INSTRUCT_NAME):
+        (model / "model_weights").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(MODEL_CONFIG, model / "model_config.yaml")
+        tokenizer.train(model / TOKENIZER_NAME)

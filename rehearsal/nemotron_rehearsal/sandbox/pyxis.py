@@ -5,7 +5,7 @@ they are). Here, what the nodes need to run them the way a cluster does, and the
 in ../shared/docs/enroot-pyxis-sandbox.md:
  - every slurmd (and srun on the login node) loads pyxis from /etc/slurm/plugstack.conf, which is the
    sandbox's generated, shared /etc/slurm;
- - pyxis's runtime dir (/run/pyxis) and enroot's runtime, data and cache dirs (/run, /var/tmp) are
+ - pyxis's runtime dir (/run/pyxis) and enroot's runtime, data and cache dirs (/var/tmp) are
    node-private: several slurmd on one machine otherwise race on them (trap 5);
  - sandbox-only enroot settings live in a conf.d bound over enroot's own inside the nodes only, so
    the host's enroot and a real cluster's configuration never see them: a plain-HTTP registry (trap
@@ -39,10 +39,12 @@ ENROOT_ALLOW_HTTP yes
 # No GPUs here: NeMo's image sets NVIDIA_VISIBLE_DEVICES=all, whose hook needs nvidia-container-cli.
 # A host value wins over the image's for the hook, and the container still sees "all" (trap 6).
 NVIDIA_VISIBLE_DEVICES void
-# Per node (/run and /var/tmp are node-private) and per user: several slurmd share this machine (trap 5).
-ENROOT_RUNTIME_PATH /run/enroot/user-$(id -u)
-ENROOT_DATA_PATH /var/tmp/enroot-data/user-$(id -u)
-ENROOT_CACHE_PATH /var/tmp/enroot-cache/group-$(id -g)
+# Per node (/var/tmp is node-private) and per user: several slurmd share this machine (trap 5). Each
+# directly in the sticky /var/tmp, so each account (the jobs run as service_user, the import as root)
+# creates its own; a shared parent made by the first one would be closed to the others.
+ENROOT_RUNTIME_PATH /var/tmp/enroot-run-user-$(id -u)
+ENROOT_DATA_PATH /var/tmp/enroot-data-user-$(id -u)
+ENROOT_CACHE_PATH /var/tmp/enroot-cache-group-$(id -g)
 """
 
 

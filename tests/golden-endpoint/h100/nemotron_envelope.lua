@@ -135,3 +135,27 @@ core.register_action("nemotron_inflight", { "http-req" }, function(txn)
         waited = waited + INFLIGHT_STEP_MS
     end
 end)
+
+-- No replica UP (nbsrv 0, haproxy.cfg calls this only then): if a slot is DOWN rather than in
+-- maintenance or draining, it may be UP within a check (a replica one failed connection or check took
+-- out, a new one before its first check): wait up to REPLICA_WAIT_MS for one, so that a request meets a
+-- second without replicas as latency, not as a 503. With every slot in maintenance (no replica runs),
+-- the 503 comes at once.
+local BACKEND = "replicas"
+local REPLICA_WAIT_MS, REPLICA_STEP_MS = 2000, 20
+local function replica_coming()
+    local backend = core.backends[BACKEND]
+    if backend == nil then return false end
+    for _, server in pairs(backend.servers) do
+        local status = tostring(server:get_stats().status or "")
+        if status:sub(1, 4) == "DOWN" then return true end
+    end
+    return false
+end
+core.register_action("nemotron_wait_for_replica", { "http-req" }, function(txn)
+    local waited = 0
+    while waited < REPLICA_WAIT_MS and (tonumber(txn.f:nbsrv(BACKEND)) or 0) == 0 and replica_coming() do
+        core.msleep(REPLICA_STEP_MS)
+        waited = waited + REPLICA_STEP_MS
+    end
+end)

@@ -24,6 +24,8 @@ import urllib.request
 
 END_STRINGS = ["<|endoftext|>", "<extra_id_1>", "\x11", "<extra_id_1>User"]
 MAX_SENTENCES = 128  # NeMo's limit per request
+# --chat: nemotron-4-340b-base's prompt template (the catalog's; None: a base model, no chat template).
+CHAT_TEMPLATE = None
 
 
 class ServerError(Exception):
@@ -58,6 +60,13 @@ def parse_args(argv=None):
         help="read the endpoint's API key from this file (default: the environment variable NEMOTRON_API_KEY)",
     )
     p.add_argument("--json", action="store_true", help="print the completions as one JSON list")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send each prompt as a user turn in the model's chat template (an instruct model), with "
+        "--system as the system turn; print the assistant's reply",
+    )
+    p.add_argument("--system", default="", help="with --chat: the system prompt (the card recommends none)")
     return p.parse_args(argv)
 
 
@@ -108,6 +117,17 @@ def generate(args, prompts):
     return [s[len(p):] if s.startswith(p) else s for p, s in zip(prompts, sentences)]
 
 
+def chat_prompt(system, user):
+    t = CHAT_TEMPLATE
+    return t["system"].format(content=system) + t["user"].format(content=user) + t["generation"]
+
+
+def reply_text(completion):
+    """The assistant's reply: up to the first end string (the model card strips <extra_id_1>)."""
+    cut = [i for i in (completion.find(e) for e in END_STRINGS) if i >= 0]
+    return completion[: min(cut)] if cut else completion
+
+
 def read_prompts(args):
     if not args.prompt_file:
         return [args.prompt]
@@ -134,13 +154,20 @@ def main(argv=None):
     if not prompts:
         print("call_server: no prompts to send", file=sys.stderr)
         return 2
+    if args.chat and CHAT_TEMPLATE is None:
+        print("call_server: --chat needs a chat model: nemotron-4-340b-base has no chat template "
+              "(deploy nemotron-4-340b-instruct)", file=sys.stderr)
+        return 2
+    sent = [chat_prompt(args.system, p) for p in prompts] if args.chat else prompts
     completions = []
     try:
-        for start in range(0, len(prompts), MAX_SENTENCES):
-            completions += generate(args, prompts[start:start + MAX_SENTENCES])
+        for start in range(0, len(sent), MAX_SENTENCES):
+            completions += generate(args, sent[start:start + MAX_SENTENCES])
     except ServerError as exc:
         print(f"call_server: {exc}", file=sys.stderr)
         return exc.code
+    if args.chat:
+        completions = [reply_text(c) for c in completions]
     if args.json:
         print(json.dumps(completions))
     else:

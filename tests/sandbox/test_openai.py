@@ -1,0 +1,194 @@
+"""The OpenAI front door as deployed on the sandbox: the gateway on the login node (its account, its
+service, its sockets), reached from this host over the cluster network with the official ``openai``
+library, TLS verified against the deployed certificate, the sandbox's API key.
+
+* Base (the sandbox inventory): models, completions (text, usage by the checkpoint directory's
+  SentencePiece file, finish_reason), streaming, errors as openai's exception classes; a re-deploy
+  changes nothing; a killed gateway is restarted.
+* Instruct (model = nemotron-4-340b-instruct, its own checkpoint directory): chat, streaming chat.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+import httpx
+import openai
+import pytest
+import sentencepiece
+from nemotron_rehearsal import sandbox as sb_api
+from nemotron_rehearsal.emulator import EOD, continuation
+from nemotron_rehearsal.sandbox import nemo
+from sshutil import (
+    ENDPOINT,
+    cancel_jobs,
+    deploy_ok,
+    endpoint_cert,
+    pyinfra,
+    rehearsal_key,
+    reset_deploy,
+    results_table,
+    ssh,
+    wait_for,
+)
+
+from nemotron_deploy import catalog
+from nemotron_deploy.deploy import openai_gateway
+
+BASE = "nemotron-4-340b-base"
+INSTRUCT = "nemotron-4-340b-instruct"
+
+
+def client(key: str | None = None) -> openai.OpenAI:
+    context = ssl.create_default_context(cafile=str(endpoint_cert()))
+    return openai.OpenAI(
+        base_url=f"{ENDPOINT}/v1",
+        api_key=key or rehearsal_key(),
+        max_retries=0,
+        timeout=60,
+        http_client=httpx.Client(verify=context, trust_env=False),
+    )
+
+
+def tokens(sandbox, text: str, model_dir) -> int:
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model_dir / nemo.TOKENIZER_NAME))
+    return len(sp.encode(text))
+
+
+@pytest.fixture(scope="module")
+def served(sandbox):
+    """The sandbox inventory deployed from nothing with submit=true (the checkpoints get their stand-in
+    tokenizer): the first deploy makes the gateway's account, files and service."""
+    nemo.install_model(sandbox)
+    with sb_api.exclusive_use("OpenAI front door tests (submit and cancel jobs)"):
+        reset_deploy(sandbox)
+        run = pyinfra("--data", "submit=true", timeout=400)
+        assert run.rc == 0, run.describe()
+        wait_for(lambda: _models_ok(), 60, "the gateway to answer /v1/models", interval=1)
+        wait_for(_generates, 90, "the replicas to serve through the endpoint", interval=1)
+        yield run
+        cancel_jobs(sandbox)
+
+
+def _generates() -> bool:
+    """A completion through the gateway (the slots come UP with their first passing check)."""
+    try:
+        return bool(client().completions.create(model=_served_model(), prompt="ready?", max_tokens=1).choices)
+    except openai.APIStatusError as exc:
+        if exc.status_code == 503:
+            return False
+        raise
+
+
+def _served_model() -> str:
+    return client().models.list().data[0].id
+
+
+def _models_ok() -> bool:
+    try:
+        return [m.id for m in client().models.list().data] == [BASE]
+    except openai.APIError:
+        return False
+
+
+def test_the_gateway_runs_as_its_own_user_behind_sockets_only_haproxy_reaches(sandbox, served):
+    user = openai_gateway.USER
+    ps = ssh(sandbox, sandbox.login_host, f"ps -o user= -o args= -u {user}").stdout
+    assert "nemotron_deploy.service.openai.gateway" in ps, ps
+    modes = ssh(
+        sandbox,
+        sandbox.login_host,
+        f"stat -c '%n %U:%G %a' {openai_gateway.SOCKET_DIR} {openai_gateway.SOCKET}",
+    ).stdout.split("\n")
+    assert modes[:2] == [
+        f"{openai_gateway.SOCKET_DIR} {user}:haproxy 2750",
+        f"{openai_gateway.SOCKET} {user}:haproxy 660",
+    ]
+    denied = ssh(
+        sandbox, sandbox.login_host, f"runuser -u nobody -- ls {openai_gateway.SOCKET_DIR}", check=False
+    )
+    assert denied.returncode != 0
+
+
+def test_completions_usage_and_finish_reason(sandbox, served):
+    prompt = "The sandbox says:"
+    out = client().completions.create(model=BASE, prompt=prompt, max_tokens=5, temperature=0)
+    assert out.choices[0].text == continuation(prompt, 5)[0]
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.prompt_tokens == tokens(sandbox, prompt, sandbox.model_dir)
+    assert out.usage.completion_tokens == 5
+    long_prompt = "Until the end:"
+    expected, generated = continuation(long_prompt, 1000)
+    done = client().completions.create(model=BASE, prompt=long_prompt, max_tokens=1000, temperature=0)
+    assert done.choices[0].text == expected[: -len(EOD)] and done.choices[0].finish_reason == "stop"
+    assert done.usage.completion_tokens == generated
+    chunks = list(
+        client().completions.create(model=BASE, prompt=prompt, max_tokens=5, temperature=0, stream=True)
+    )
+    assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+def test_errors_are_openai_exceptions_with_their_status(sandbox, served):
+    with pytest.raises(openai.AuthenticationError):
+        client("nmt-wrong").completions.create(model=BASE, prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as bad:
+        client().completions.create(model=BASE, prompt="x", max_tokens=2, presence_penalty=1)
+    assert bad.value.status_code == 400 and bad.value.body["param"] == "presence_penalty"
+    with pytest.raises(openai.BadRequestError) as chat:
+        client().chat.completions.create(model=BASE, messages=[{"role": "user", "content": "hi"}])
+    assert chat.value.body["code"] == "no_chat_template"
+    with pytest.raises(openai.NotFoundError):
+        client().completions.create(model=INSTRUCT, prompt="x", max_tokens=2)
+
+
+def test_a_redeploy_changes_nothing_and_a_killed_gateway_comes_back(sandbox, served):
+    run = deploy_ok()
+    table = results_table(run.output)
+    assert table["Grand total"]["Success"] == "-", f"a second run changed things:\n{run.output[-3000:]}"
+    # the gateway's python only (its process name), not the init script's restart loop around it
+    ssh(sandbox, sandbox.login_host, f"pkill -KILL -u {openai_gateway.USER} -x python")
+    wait_for(lambda: _models_ok(), 30, "the gateway to be restarted", interval=0.5)
+
+
+def test_instruct_chat(sandbox, served):
+    instruct_dir = sandbox.model_dir.parent / nemo.INSTRUCT_NAME
+    cancel_jobs(sandbox)
+    try:
+        deploy_ok(
+            "--data",
+            "submit=true",
+            "--data",
+            f"model={INSTRUCT}",
+            "--data",
+            f"model_dir={instruct_dir}",
+            timeout=400,
+        )
+
+        def ready() -> bool:
+            try:
+                return [m.id for m in client().models.list().data] == [INSTRUCT]
+            except openai.APIError:
+                return False
+
+        wait_for(ready, 60, "the gateway to serve the instruct model", interval=1)
+        wait_for(_generates, 90, "the instruct replicas to serve through the endpoint", interval=1)
+        messages = [{"role": "user", "content": "Which GPU?"}]
+        out = client().chat.completions.create(model=INSTRUCT, messages=messages, max_tokens=6, temperature=0)
+        prompt = "<extra_id_0>System\n\n<extra_id_1>User\nWhich GPU?\n<extra_id_1>Assistant\n"
+        stops = [EOD, *catalog.model(INSTRUCT).chat_stop]
+        assert out.choices[0].message.content == continuation(prompt, 6, end_strings=stops)[0]
+        assert out.choices[0].finish_reason == "length"
+        assert out.usage.prompt_tokens == tokens(sandbox, prompt, instruct_dir)
+        streamed = list(
+            client().chat.completions.create(
+                model=INSTRUCT, messages=messages, max_tokens=6, temperature=0, stream=True
+            )
+        )
+        assert (
+            "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+            == out.choices[0].message.content
+        )
+    finally:
+        cancel_jobs(sandbox)
+        deploy_ok(timeout=400)  # back to the sandbox inventory's model for the next tests
