@@ -4,7 +4,8 @@
 The deploy with `container_runtime = "apptainer"` pulls the image once into a SIF on shared storage
 (`apptainer pull --no-https`: the inventory's registry_tls_verify = false, for the plain-HTTP
 registry), submits the job, and waits until it generates; `srun apptainer exec --nv --no-home` runs
-every rank inside the image. Through the endpoint it generates; after `scancel` no process of the job
+every rank inside the image, as the unprivileged service_user (user namespaces, the SIF mounted with
+squashfuse). Through the endpoint it generates; after `scancel` no process of the job
 (nor an apptainer starter) is left on any node.
 
 The tests cancel the jobs they submitted and deploy the inventory's own runtime again at the end.
@@ -12,7 +13,6 @@ The tests cancel the jobs they submitted and deploy the inventory's own runtime 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -39,12 +39,6 @@ from sshutil import (
     wait_for,
 )
 
-# Not green yet (README, Container runtimes: 4 of 16 tasks exited 255 at start in its one run): kept out
-# of CI until it is, so that it blocks no one's merge; NEMOTRON_TEST_APPTAINER_JOB=1 runs it.
-pytestmark = pytest.mark.skipif(
-    os.environ.get("NEMOTRON_TEST_APPTAINER_JOB") != "1",
-    reason="the apptainer job path is not green yet (README): set NEMOTRON_TEST_APPTAINER_JOB=1 to run it",
-)
 APPTAINER = {"NEMOTRON_SANDBOX_RUNTIME": "apptainer"}
 IMPORT_OP = f"Import {IMAGE} (apptainer)"
 SIF = f"{IMAGES_DIR}/10.213.0.2+5000+nvidia+nemo+24.01.framework.sif"

@@ -11,7 +11,14 @@ used as it is): `apptainer` in /usr/local/bin, its configuration in /etc/apptain
    capability, and this machine's bounding set lacks CAP_SYS_RESOURCE (the same limit docker's runc
    shim works around), so every `apptainer exec` as root failed in the starter with
    "Requesting capability set 0x000001ffffffffff while permitted capability set is
-   0x000001fffeffffff". The jobs run as root here; NeMo needs no capability.
+   0x000001fffeffffff". Only the deploy's `apptainer pull` runs as root now; NeMo needs no capability.
+ - a FUSE device the job's unprivileged user can open, node-private: the jobs run as service_user,
+   and unprivileged Apptainer (user namespaces, no setuid starter) mounts the SIF with squashfuse_ll,
+   which opens /dev/fuse. Every distribution's /dev/fuse is 0666; this machine's (made by the
+   container it runs in, shared by the nodes) is 0600, so every rank failed at start with
+   "squashfuse_ll exited: fuse: failed to open /dev/fuse: Permission denied" (exit 255). The node
+   gets its own device file (10,229, 0666) in its private dev dir, bind-mounted over /dev/fuse in its
+   mount namespace only: the host's /dev/fuse is untouched.
 The sandbox registry is plain HTTP: the sandbox inventory's `registry_tls_verify = False` makes the
 deploy's own `apptainer pull --no-https` (what a site with such a registry writes), nothing here.
 
@@ -21,14 +28,20 @@ before Apptainer was installed gets it at the next `up` without a restart.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 from . import nodes
-from .layout import Node, Sandbox
+from .layout import NODE_DEV_DIR, Node, Sandbox
 
 NODE_CONF = "/etc/apptainer/apptainer.conf"
+FUSE_MAJOR, FUSE_MINOR = 10, 229
+NODE_FUSE = f"{NODE_DEV_DIR}/fuse"
+# In the node: bind its own 0666 FUSE device over /dev/fuse unless that is already open to everyone.
+BIND_FUSE = '[ "$(stat -c %a /dev/fuse)" = 666 ] || mount --bind "$1" /dev/fuse'
 # The line, with the sandbox's comment above it if it is there already (applying twice changes nothing).
 ROOT_CAPS = re.compile(r"^(?:# nemotron-deploy sandbox .*\n(?:#.*\n)?)?root default capabilities = .*$", re.M)
 SANDBOX_ROOT_CAPS = (
@@ -54,7 +67,8 @@ def sandbox_conf(host_conf: str) -> str:
 
 def install(node: Node, apptainer: Path) -> None:
     """Programs into the node's /usr/local/bin (if that is where they live), its apptainer.conf into
-    the node's /etc overlay: each only when it differs from what the node has."""
+    the node's /etc overlay, each only when it differs from what the node has; its own FUSE device
+    over /dev/fuse (module docstring)."""
     if apptainer.parent == Path("/usr/local/bin"):
         _copy_program(apptainer, nodes.host_path(node, "/usr/local/bin/apptainer"))
     conf = Path(NODE_CONF)
@@ -63,6 +77,15 @@ def install(node: Node, apptainer: Path) -> None:
         if _node_file(node, NODE_CONF) != text:
             write = 'mkdir -p "${1%/*}" && cat > "$1.tmp" && chmod 644 "$1.tmp" && mv "$1.tmp" "$1"'
             nodes.run_in(node, ["sh", "-c", write, "sh", NODE_CONF], input=text, what=f"writing {NODE_CONF}")
+    fuse = nodes.host_path(node, NODE_FUSE)
+    if not fuse.is_char_device() or fuse.stat().st_mode & 0o777 != 0o666:
+        fuse.parent.mkdir(parents=True, exist_ok=True)
+        fuse.unlink(missing_ok=True)
+        os.mknod(fuse, stat.S_IFCHR | 0o666, os.makedev(FUSE_MAJOR, FUSE_MINOR))
+        fuse.chmod(0o666)  # mknod's mode is filtered by the umask
+    nodes.run_in(
+        node, ["sh", "-c", BIND_FUSE, "sh", NODE_FUSE], what=f"/dev/fuse for the jobs on {node.name}"
+    )
 
 
 def _copy_program(program: Path, target: Path) -> None:
