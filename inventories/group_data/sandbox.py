@@ -9,6 +9,9 @@ runs every rank in it. NEMOTRON_SANDBOX_RUNTIME selects another path to rehearse
   podman  every compute node pulls the image with podman and each rank runs in a podman container;
   docker  the same with each compute node's own Docker engine, which the sandbox starts only for it
           (`nemotron-deploy sandbox up` with this variable set, or `--docker`);
+  apptainer  the first compute node pulls the image once into a SIF on shared storage (`apptainer pull
+          --no-https`, from registry_tls_verify below) and `srun apptainer exec` runs every rank in it
+          (Apptainer 1.4.5, built by scripts/setup from rehearsal/vendor/);
   host    NeMo "installed on the nodes" (the stand-in at /opt/NeMo), and podman still pulls the image.
 
 The image comes from the sandbox registry's plain-HTTP port (5000), unverified. NEMOTRON_SANDBOX_REGISTRY=tls

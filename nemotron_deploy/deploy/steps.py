@@ -230,6 +230,7 @@ def pull_container(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
             present=present,
             tmp_dir=s.enroot_tmp_dir or f"{s.deploy_dir}/.import-tmp",
             ngc_key=ngc_key(cluster) if runtime == "pyxis" and login and not present else None,
+            tls_verify=s.registry_tls_verify,
             stall_seconds=s.pull_stall_timeout_seconds,
             timeout_seconds=s.pull_timeout_seconds,
         )

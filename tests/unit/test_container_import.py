@@ -166,3 +166,28 @@ def test_an_anonymous_pull_does_not_log_out(monkeypatch):
 
     (watch,) = containers.pull_image._inner(runtime="podman", image="quay.io/x/y:1", present=False)
     assert "logout" not in watch.args[0].command + watch.args[0].cleanup
+
+
+@pytest.mark.parametrize("tls_verify", [True, False])
+def test_apptainer_pull_skips_tls_only_where_the_inventory_says(tmp_path, tls_verify):
+    """registry_tls_verify = false (a plain-HTTP registry such as the sandbox's) is apptainer's
+    `--no-https`, as it is podman's --tls-verify=false; left on, apptainer checks certificates."""
+    bindir = tmp_path / "bin"
+    stand_in(bindir, "apptainer", 'echo "$@" > "$TMPDIR_LOG"; shift $(($# - 2)); echo sif > "$1"')
+    target = tmp_path / "image.sif"
+    (cmd,) = commands(
+        runtime="apptainer",
+        image="10.213.0.2:5000/nvidia/nemo:24.01.framework",
+        target=str(target),
+        present=False,
+        tmp_dir=str(tmp_path / "scratch"),
+        tls_verify=tls_verify,
+    )
+    log = tmp_path / "args"
+    result = run(f"export TMPDIR_LOG={log}; {cmd}", bindir)
+    assert result.returncode == 0, result.stderr
+    args = log.read_text().split()
+    assert args[0] == "pull"
+    assert ("--no-https" in args) is (not tls_verify), args
+    assert args[-2:] == [f"{target}.partial", "docker://10.213.0.2:5000/nvidia/nemo:24.01.framework"]
+    assert target.read_text() == "sif\n"

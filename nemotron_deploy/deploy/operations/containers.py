@@ -203,6 +203,7 @@ def import_image_file(
     present: bool,
     tmp_dir: str,
     ngc_key: str | None = None,
+    tls_verify: bool = True,
     stall_seconds: float = 600,
     timeout_seconds: float | None = None,
 ):
@@ -216,6 +217,8 @@ def import_image_file(
     + tmp_dir: enroot/apptainer scratch on a disk with room (their defaults fill /tmp and /run)
     + ngc_key: the registry's key for pyxis (enroot reads it from a netrc file in a 0700 directory made
       for this import and removed with it, and is held to https), or None for anonymous pulls
+    + tls_verify: apptainer only (`--no-https` when False: no certificate check, plain HTTP allowed,
+      as podman's `--tls-verify=false`); enroot takes it from its own enroot.conf (ENROOT_ALLOW_HTTP)
     + stall_seconds: fail when the import made no progress for this long
     + timeout_seconds: fail when the import takes longer than this; None: no limit
 
@@ -249,7 +252,9 @@ def import_image_file(
     else:
         docker_ref = image.replace("#", "/", 1)
         fetch = (
-            f'APPTAINER_TMPDIR="$S" APPTAINER_CACHEDIR="$S/cache" apptainer pull {q_partial} '
+            'APPTAINER_TMPDIR="$S" APPTAINER_CACHEDIR="$S/cache" apptainer pull'
+            + ("" if tls_verify else " --no-https")
+            + f" {q_partial} "
             + shlex.quote("docker://" + docker_ref)
         )
     # 0644: pyxis refuses a 0600 squashfs with "Invalid image format". This import's scratch (layers, the unpacked rootfs: tens of GB) on the disk tmp_dir names, one

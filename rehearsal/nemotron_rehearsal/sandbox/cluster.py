@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import (
+    apptainer,
     docker,
     etc,
     gpus,
@@ -166,6 +167,7 @@ def _refresh_programs(sandbox: Sandbox) -> None:
     etc.refresh(sandbox)  # the account's subordinate IDs and runtime dir (rootless podman)
     for node in sandbox.compute:
         node_ops.ensure_private_dev(node)
+    apptainer.refresh(sandbox)
     if docker.wanted():
         for node in sandbox.compute:
             docker.install_hook(node)
@@ -256,6 +258,7 @@ def _create(sandbox: Sandbox, log: Log) -> Sandbox:
     _start_login(sandbox)
     mark("login daemons")
     _parallel(_start_compute, sandbox.compute)
+    apptainer.refresh(sandbox)
     mark("compute daemons")
     registry.push_image(sandbox)
     mark("image push")
