@@ -178,7 +178,7 @@ def test_endpoint_part_two_replicas_serve_more_than_one(tmp_path):
     assert tp["ratio"] > 1.5, tp
 
     lat = ep["latency"]
-    assert lat["errors"] == {"direct": 0, "through": 0}
+    assert {"direct", "through"} <= lat["errors"].keys() and not any(lat["errors"].values()), lat["errors"]
     assert lat["direct"]["n"] == lat["through"]["n"] == 50
     assert 0 < lat["direct"]["p50"] < lat["through"]["p50"] < 1
     assert lat["added"]["p50"] == pytest.approx(lat["through"]["p50"] - lat["direct"]["p50"])
