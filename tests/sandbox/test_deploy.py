@@ -193,10 +193,10 @@ def test_first_deploy_places_everything_with_the_right_modes(sandbox, tmp_path):
     assert modes == {
         DEPLOY_SHARED: ROOT_755,
         JOBS_DIR: ROOT_755,
-        # The jobs' output (NeMo logs prompts) is the submitting account's alone; their records only
-        # it writes. Root writes the check's started file and lock in a directory only root writes.
-        LOGS_DIR: ("700", "root", "root"),
-        RECORDS_DIR: ROOT_755,
+        # The jobs' output (NeMo logs prompts) is the service account's alone (the jobs run as it);
+        # their records only it writes. Root writes the check's started file and lock in a directory only root writes.
+        LOGS_DIR: ("700", SERVICE_USER, SERVICE_USER),
+        RECORDS_DIR: ("755", SERVICE_USER, SERVICE_USER),
         SBATCH: ROOT_644,
         CRON_FILE: ROOT_644,
         DEPLOY_STATE_DIR: ROOT_755,
