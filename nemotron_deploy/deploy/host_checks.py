@@ -379,6 +379,14 @@ def login_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
         problems += endpoint_problems(snap["haproxy"])
         problems += endpoint_file_problems(cluster, snap)
     login = desired.Login.of(cluster, snap)
+    account = snap.get("service_user")
+    s = cluster.settings
+    if s.container_runtime == "docker" and account and "docker" not in account.get("groups", []):
+        problems.append(
+            f"service_user {s.service_user} is not in the docker group on this login node: Slurm gives a "
+            "job the groups its controller sees, so the job's `docker run` would be refused on every "
+            f"node; add it here as on the compute nodes (usermod -aG docker {s.service_user})"
+        )
     if desired.sudoers(cluster, login) and not (snap.get("submit") or {}).get("sudo"):
         problems.append(
             f"the scheduled check replaces dead replicas as {login.submit_as} (the user this deploy "

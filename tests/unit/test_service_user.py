@@ -102,3 +102,13 @@ def test_docker_needs_the_service_user_in_the_docker_group(tmp_path):
     assert any("is not in the docker group here" in p for p in found), found
     snap["service_user"]["groups"] = ["svcgrp", "docker"]
     assert not any("docker group" in p for p in host_checks.compute_problems(cluster, snap))
+
+
+def test_docker_needs_the_service_user_in_the_docker_group_on_the_login_node_too(tmp_path):
+    """Slurm gives a job the groups its controller sees: found when the sandbox's login node lacked it."""
+    hosts = "login = ['login01']\ncompute = ['gpu1', 'gpu2']\n"
+    settings = {"container_runtime": "docker", "container_image": "nvcr.io/nvidia/nemo:24.01.framework"}
+    cluster = inventory.load(str(write_inventory(tmp_path, "h100", hosts=hosts, settings=settings)))
+    snap = snap_of("2000", slurm={"version": "22.05.8"}, haproxy={"service": None}, endpoint=False)
+    found = host_checks.login_problems(cluster, snap)
+    assert any("not in the docker group on this login node" in p for p in found), found

@@ -75,6 +75,8 @@ def refresh(sandbox: Sandbox) -> None:
         for path, line in subid_lines().items():
             append = f'grep -q "^{UNPRIVILEGED_USER}:" {path} 2>/dev/null || echo {line} >> {path}'
             nodes.run_in(node, ["sh", "-c", append], what=f"adding {UNPRIVILEGED_USER} to {path}")
+        join = f"! getent group docker >/dev/null || gpasswd -a {UNPRIVILEGED_USER} docker >/dev/null"
+        nodes.run_in(node, ["sh", "-c", join], what=f"adding {UNPRIVILEGED_USER} to the docker group")
         if node.role == "compute":
             runtime_dir(node, uid, gid)
 
@@ -124,11 +126,14 @@ def prepare(sandbox: Sandbox) -> None:
             0o644,
         )
         _append(node, "/etc/group", f"{user}:x:{gid}:", 0o644)
-        if node.role == "compute":
-            _join_group(node, "docker", user)
+        # On every node, as a directory service has it: Slurm gives a job the groups the controller
+        # sees (a job whose login node lacked it ran without the docker group).
+        _join_group(node, "docker", user)
         _append(node, "/etc/shadow", f"{user}:*:19700:0:99999:7:::", 0o640)
         for path, line in subid_lines().items():
             _append(node, path, line, 0o644)
+        join = f"! getent group docker >/dev/null || gpasswd -a {UNPRIVILEGED_USER} docker >/dev/null"
+        nodes.run_in(node, ["sh", "-c", join], what=f"adding {UNPRIVILEGED_USER} to the docker group")
         if node.role == "compute":
             runtime_dir(node, uid, gid)
         shadow = nodes.host_path(node, "/etc/shadow")
