@@ -251,3 +251,13 @@ def test_no_import_circles():
     assert not selfish, f"modules that import themselves: {selfish}"
     circles = [_cycle(graph, c) for c in strongly_connected(graph) if len(c) > 1]
     assert not circles, "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+def test_no_two_test_files_share_a_name_across_tiers():
+    """pytest imports test files by basename (rootdir mode): a second tests/<tier>/test_x.py stops the
+    whole run at collection (found when two branches each added one)."""
+    from collections import Counter
+
+    tests = Path(__file__).resolve().parents[1]
+    names = Counter(p.name for p in tests.glob("*/test_*.py"))
+    assert [n for n, c in names.items() if c > 1] == []
