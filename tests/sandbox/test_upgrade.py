@@ -30,6 +30,7 @@ from sshutil import (
     NODE_DIR,
     RECORDS_DIR,
     REPO,
+    SHARED,
     TEXTFILE_DIR,
     Run,
     cancel_jobs,
@@ -157,15 +158,22 @@ def placed(sandbox) -> dict[str, list[str]]:
         else:
             command = show + f"show '' {NODE_DIR}"
         lines = ssh(sandbox, node, command).stdout.splitlines()
-        # The endpoint's TLS pair is made on the login node, a new one by each first deploy: compare
-        # that it is there with its owner and mode, not its bytes.
+        # What is made on the login node, new by each first deploy (MADE_ON_HOST): compare that it is
+        # there with its owner and mode, not its bytes.
         found[node] = [
             line.rsplit("|", 1)[0] + "|" if line.split("|", 1)[0] in MADE_ON_HOST else line for line in lines
         ]
     return found
 
 
-MADE_ON_HOST = ("/etc/haproxy/nemotron-endpoint.crt", "/etc/haproxy/nemotron-endpoint.crt.key")
+# Secrets made on the login node, new ones by each first deploy: the TLS pair and the replica key.
+MADE_ON_HOST = (
+    "/etc/haproxy/nemotron-endpoint.crt",
+    "/etc/haproxy/nemotron-endpoint.crt.key",
+    "/etc/haproxy/nemotron_replica_key.map",
+    "/var/lib/nemotron-deploy/replica.key",
+    f"{SHARED}/nemotron-deploy/replica.key",
+)
 
 
 def test_upgrade_from_the_old_layout_keeps_the_scheduled_check_running(sandbox, tmp_path):

@@ -95,16 +95,19 @@ def test_the_pull_logs_in_pulls_and_logs_out_as_the_account_with_a_temp_dir_of_i
     work.mkdir(mode=0o700)
     assert sh(fetch.command, bindir, W=str(work)).returncode == pull_rc
     uid = pwd.getpwnam(ACCOUNT).pw_uid
-    assert log.read_text().splitlines() == [
-        f"runuser -u {ACCOUNT} -- env XDG_RUNTIME_DIR=/run/user/{uid} podman login --username $oauthtoken --password-stdin nvcr.io",
-        f"podman login pwd=/ xdg=/run/user/{uid}",
-        "stdin=nvapi-x",
-        f"runuser -u {ACCOUNT} -- env XDG_RUNTIME_DIR=/run/user/{uid} TMPDIR={work}.account podman pull {IMAGE}",
-        f"podman pull pwd=/ xdg=/run/user/{uid}",
-        f"tmp={work}.account {ACCOUNT} 700",
-        f"runuser -u {ACCOUNT} -- env XDG_RUNTIME_DIR=/run/user/{uid} podman logout nvcr.io",
-        f"podman logout pwd=/ xdg=/run/user/{uid}",
-    ]
+    assert (
+        log.read_text().splitlines()
+        == [
+            f"runuser -u {ACCOUNT} -- env XDG_RUNTIME_DIR=/run/user/{uid} podman login --tls-verify=true --username $oauthtoken --password-stdin nvcr.io",  # a key: TLS verified
+            f"podman login pwd=/ xdg=/run/user/{uid}",
+            "stdin=nvapi-x",
+            f"runuser -u {ACCOUNT} -- env XDG_RUNTIME_DIR=/run/user/{uid} TMPDIR={work}.account podman pull --tls-verify=true {IMAGE}",
+            f"podman pull pwd=/ xdg=/run/user/{uid}",
+            f"tmp={work}.account {ACCOUNT} 700",
+            f"runuser -u {ACCOUNT} -- env XDG_RUNTIME_DIR=/run/user/{uid} podman logout nvcr.io",
+            f"podman logout pwd=/ xdg=/run/user/{uid}",
+        ]
+    )
     assert not Path(f"{work}.account").exists(), "the pull left the account's temp dir"
     # Progress is measured where the blobs go; a stopped pull's cleanup removes that dir and logs out.
     Path(f"{work}.account").mkdir()
