@@ -132,8 +132,6 @@ def prepare(sandbox: Sandbox) -> None:
         _append(node, "/etc/shadow", f"{user}:*:19700:0:99999:7:::", 0o640)
         for path, line in subid_lines().items():
             _append(node, path, line, 0o644)
-        join = f"! getent group docker >/dev/null || gpasswd -a {UNPRIVILEGED_USER} docker >/dev/null"
-        nodes.run_in(node, ["sh", "-c", join], what=f"adding {UNPRIVILEGED_USER} to the docker group")
         if node.role == "compute":
             runtime_dir(node, uid, gid)
         shadow = nodes.host_path(node, "/etc/shadow")
