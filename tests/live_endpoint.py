@@ -228,12 +228,17 @@ def running_gateway(config: Path, listen: str) -> Iterator[subprocess.Popen]:
         assert proc.poll() is None, f"the gateway exited {proc.returncode}:\n{log.read_text()}"
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a server the harness started: TERM, then KILL if it is still there after 5 s."""
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 @contextmanager
@@ -279,12 +284,7 @@ def _haproxy(inv: Inventory, directory: Path, sock: Path) -> Iterator[Endpoint]:
         assert proc.poll() is None, f"haproxy exited {proc.returncode}:\n{log.read_text()}"
         yield Endpoint(proc, inv.endpoint_port, str(sock), log, dict(inv.keys), ca_file)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        _stop(proc)
 
 
 def cluster_with(tmp_path: Path, base: str = "h100", hosts: str | None = None, **settings) -> Inventory:
