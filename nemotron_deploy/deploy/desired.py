@@ -18,7 +18,7 @@ from ..inventory import Cluster
 from ..service import alerts, slurm
 from . import endpoint as endpoint_mod
 from . import openai_gateway, render, wheelhouse
-from .operations import accounts, health_timer
+from .operations import health_timer
 
 
 @dataclass(frozen=True)
@@ -143,10 +143,6 @@ class Login:
             slurm_bin=ctx.get("slurm_bin") or "/usr/bin",
             deploy_user=ctx.get("user") or "root",
         )
-
-    def as_submitter(self, command: str) -> str:
-        """`command` (a shell command line) run as the service account."""
-        return accounts.run_as(self.submit_as, self.deploy_user, command)
 
 
 def endpoint_files(cluster: Cluster) -> list[WantedFile]:

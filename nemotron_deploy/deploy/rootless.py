@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import shlex
 
+from .operations.accounts import run_as
+
 
 def account(settings) -> str | None:
     """The account whose podman storage the job reads (service_user), or None: docker pulls into its
@@ -30,12 +32,8 @@ def runtime_dir(user: str) -> str:
 
 
 def as_account(user: str, command: str, env: str = "") -> str:
-    """Shell: `command` run as `user` with its podman environment (`env`: more NAME=value words).
-    A subshell, so a redirection after it (the key on stdin) is made by the caller's shell."""
-    q = shlex.quote(user)
-    become = (
-        f'if [ "$(id -un)" = {q} ]; then set --; elif [ "$(id -u)" = 0 ]; then set -- runuser -u {q} --; '
-        f"else set -- sudo -n -u {q} --; fi"
-    )
+    """Shell: `command` run as `user` with its podman environment (`env`: more NAME=value words), in
+    `/`, the shell deciding how to become it (accounts.run_as). A subshell, so a redirection after it
+    (the key on stdin) is made by the caller's shell."""
     extra = f" {env}" if env else ""
-    return f'( cd / && {become} && exec "$@" env XDG_RUNTIME_DIR={runtime_dir(user)}{extra} {command} )'
+    return run_as(user, f"env XDG_RUNTIME_DIR={runtime_dir(user)}{extra} {command}", cwd="/")

@@ -4,15 +4,17 @@ or differs between nodes (host_checks.service_user_problems)."""
 
 from __future__ import annotations
 
+import getpass
 import os
 import pwd
+import subprocess
 
 import pytest
 from helpers import write_inventory
 
 from nemotron_deploy import inventory
 from nemotron_deploy.deploy import desired, host_checks
-from nemotron_deploy.deploy.operations import submit
+from nemotron_deploy.deploy.operations import accounts, submit
 from nemotron_deploy.service.slurm import as_account
 
 
@@ -38,11 +40,22 @@ def test_jobs_are_submitted_as_the_service_user_whoever_the_deploy_connects_as(c
 
 def test_the_deploy_becomes_the_service_user_with_runuser_as_root_and_sudo_otherwise(cluster):
     command = "sbatch --parsable x.sbatch"
-    as_root = desired.Login(submit_as="nemotron", deploy_user="root").as_submitter(command)
-    assert as_root == f"runuser -u nemotron -- {command}"
-    as_admin = desired.Login(submit_as="nemotron", deploy_user="admin").as_submitter(command)
-    assert as_admin == f"sudo -n -u nemotron -- {command}"
-    assert desired.Login(submit_as="nemotron", deploy_user="nemotron").as_submitter(command) == command
+    assert accounts.run_as("nemotron", command, "root") == f"runuser -u nemotron -- {command}"
+    assert accounts.run_as("nemotron", command, "admin") == f"sudo -n -u nemotron -- {command}"
+    assert accounts.run_as("nemotron", command, "nemotron") == command
+    assert (
+        accounts.run_as("nemotron", command, "root", cwd="/")
+        == f"( cd / && runuser -u nemotron -- {command} )"
+    )
+
+
+def test_the_shell_decides_how_to_become_the_account_where_the_deploy_user_is_not_known():
+    # A fact's read runs before the deploy knows who its shell is: the same three cases, at run time.
+    me = getpass.getuser()
+    done = subprocess.run(["sh", "-c", accounts.run_as(me, "pwd", cwd="/")], capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (0, "/\n")
+    shell = accounts.run_as("nemotron", "id")
+    assert "runuser -u nemotron --" in shell and "sudo -n -u nemotron --" in shell
 
 
 def test_the_deploys_wait_trusts_only_the_service_users_job_and_record():

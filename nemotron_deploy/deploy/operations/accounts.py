@@ -9,14 +9,24 @@ from pyinfra.api import StringCommand, operation
 SERVICE_USER_MARK = "nemotron-deploy service"
 
 
-def run_as(user: str, deploy_user: str, command: str) -> str:
-    """`command` (a shell command line) run as `user`: as is where the deploy already is that user,
-    runuser where it is root, else sudo (non-interactive, so a missing rule fails instead of asking)."""
-    if deploy_user == user:
-        return command
-    if deploy_user == "root":
-        return f"runuser -u {shlex.quote(user)} -- {command}"
-    return f"sudo -n -u {shlex.quote(user)} -- {command}"
+def run_as(user: str, command: str, deploy_user: str | None = None, *, cwd: str | None = None) -> str:
+    """Shell: `command` (a simple command: words) run as `user`, from whoever runs the deploy's shell:
+    as is where that is already `user`, runuser where it is root, else sudo (non-interactive, so a
+    missing rule fails instead of asking). `deploy_user` known: decided here; None (a fact's read,
+    which runs before anyone asks): decided by the shell, in a subshell. `cwd`: run there (root's
+    working directory is closed to the account). A redirection after it is made by the caller's shell."""
+    q = shlex.quote(user)
+    where = f"cd {shlex.quote(cwd)} && " if cwd else ""
+    if deploy_user is not None:
+        become = f"runuser -u {q} -- " if deploy_user == "root" else f"sudo -n -u {q} -- "
+        if deploy_user == user:
+            become = ""
+        return f"( {where}{become}{command} )" if where else f"{become}{command}"
+    choose = (
+        f'if [ "$(id -un)" = {q} ]; then set --; elif [ "$(id -u)" = 0 ]; then set -- runuser -u {q} --; '
+        f"else set -- sudo -n -u {q} --; fi"
+    )
+    return f'( {where}{choose} && exec "$@" {command} )'
 
 
 @operation()

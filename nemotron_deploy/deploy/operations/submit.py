@@ -169,8 +169,8 @@ def submit_and_wait(
             return ids[0]
         command = run_as(
             submit_as,
-            deploy_user,
             f"sbatch --parsable --job-name={shlex.quote(job_name)} {shlex.quote(sbatch_path)}",
+            deploy_user,
         )
         ok, out = host.run_shell_command(command)
         if not ok:
