@@ -109,6 +109,9 @@ class Gateway:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Buffered: the status line, headers and body leave in one write when the handler returns
+    # (handle_one_request flushes), so HAProxy is woken once per answer, not once per part.
+    wbufsize = 64 * 1024
     server_version = "nemotron-gateway"
     sys_version = ""
     gateway: Gateway  # set on the server class

@@ -86,15 +86,27 @@ def _forget(conn: http.client.HTTPConnection) -> None:
         _local.conn = None
 
 
+def _put(conn: http.client.HTTPConnection, data: bytes) -> http.client.HTTPResponse:
+    """PUT /generate in one write (http.client sends the headers and the body apart: two wake-ups of
+    HAProxy, which waits for the whole body), read back as http.client reads any response."""
+    if conn.sock is None:
+        conn.connect()
+    head = (
+        "PUT /generate HTTP/1.1\r\nHost: nemotron-gateway\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
+    conn.sock.sendall(head.encode() + data)
+    resp = http.client.HTTPResponse(conn.sock, method="PUT")
+    resp.begin()
+    return resp
+
+
 def generate(address: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
     """NeMo's answer (a JSON object with sentences), or ApiError in OpenAI's terms. Sent once."""
     data = json.dumps(body).encode()
     conn = _connection(address, timeout)
     try:
-        conn.request(
-            "PUT", "/generate", data, {"Content-Type": "application/json", "Host": "nemotron-gateway"}
-        )
-        resp = conn.getresponse()
+        resp = _put(conn, data)
         text = resp.read().decode("utf-8", errors="replace")
     except TimeoutError:
         _forget(conn)
