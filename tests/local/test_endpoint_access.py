@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from helpers import REPO
-from live_endpoint import HOST, Endpoint, Replica, ask, cluster_with, replica, running_endpoint
+from live_endpoint import HOST, Endpoint, Replica, ask, cluster_with, replica, running_endpoint, wait_for
 from nemotron_rehearsal import emulator
 
 from nemotron_deploy.service import probe
@@ -218,12 +218,17 @@ def test_a_key_at_its_limit_gets_429_and_another_key_is_served(tmp_path, arrival
             ep.wait_status("r1", "up", timeout=20)
             ep.wait_status("r2", "up", timeout=20)
             results: dict[str, tuple[int, str]] = {}
-            holder = _hold(ep, "client", "held", results, seconds=1.0)
-            time.sleep(0.3)
-            started = time.monotonic()
+            holder = _hold(ep, "client", "held", results, seconds=3.0)
+            wait_for(
+                lambda: any(
+                    b'"held"' in r[3] for rep in (slow, fast) for r in client_requests(arrivals, rep)
+                ),
+                20,
+                "the held request at a replica",
+            )
             status, headers, text = ep.request("PUT", "/generate", ask("second"), key="client")
             assert status == 429, text
-            assert time.monotonic() - started < 0.5
+            assert "held" not in results, "the 429 waited for the first request instead of coming at once"
             assert headers.get("retry-after", "").isdigit()
             error = json.loads(text)["error"]
             assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
