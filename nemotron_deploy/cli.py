@@ -120,14 +120,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _openai_summary(cluster) -> str:
-    from .deploy import openai_gateway
+    from .deploy import openai_config
 
     s, spec = cluster.settings, cluster.settings.model_spec
-    if s.endpoint is False or not openai_gateway.enabled(cluster):
+    if s.endpoint is False or not openai_config.enabled(cluster):
         return "off (endpoint_openai = false)" if s.endpoint is not False else "no endpoint"
     routes = "/v1/models, /v1/completions" + (", /v1/chat/completions" if spec.chat_template else "")
     chat = "" if spec.chat_template else " (a base model: no chat)"
-    return f"{routes} as model {spec.openai_id!r}{chat}; usage by {openai_gateway.tokenizer_path(cluster)}"
+    return f"{routes} as model {spec.openai_id!r}{chat}; translated on each replica's front, usage by {openai_config.tokenizer_path(cluster)}"
 
 
 def _replica_changes(cluster) -> dict:
@@ -176,36 +176,12 @@ def cmd_render(args: argparse.Namespace) -> int:
             run_as=user,
             run_group=group,
             socket_group=args.socket_group or group,
-            **_gateway_paths(args, group),
         )
-        if args.gateway_listen:  # the gateway's config beside HAProxy's, for tests and benchmarks
-            from .deploy import openai_gateway
-
-            text = openai_gateway.config_text(
-                cluster,
-                listen=args.gateway_listen,
-                upstream=f"unix:{args.internal_socket}"
-                if args.internal_socket
-                else f"unix:{openai_gateway.INTERNAL_SOCKET}",
-                tokenizer=args.tokenizer,
-                timeout_seconds=endpoint.limits(cluster.settings, cluster.plan, 1).client_timeout_s,
-            )
-            files.append(render.RenderedFile(openai_gateway.CONFIG_FILE, text, "644", "endpoint"))
     else:
         files = render.render(cluster)
     for path in render.write(files, args.out):
         print(path)
     return EXIT_OK
-
-
-def _gateway_paths(args: argparse.Namespace, group: str) -> dict:
-    out = {}
-    if args.gateway_listen and args.gateway_listen.startswith("unix:"):
-        out["gateway_socket"] = args.gateway_listen[5:]
-    if args.internal_socket:
-        out["internal_socket"] = args.internal_socket
-        out["gateway_group"] = group
-    return out
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -330,13 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="HAProxy's user and group, and its stats socket's owner (haproxy:haproxy)",
     )
     g.add_argument("--socket-group", metavar="GROUP", help="the stats socket's group (as --run-as)")
-    g.add_argument(
-        "--gateway-listen",
-        metavar="unix:PATH",
-        help="also write the OpenAI gateway's config (gateway.json), listening on this Unix socket",
-    )
-    g.add_argument("--internal-socket", metavar="PATH", help="HAProxy's internal listener for the gateway")
-    g.add_argument("--tokenizer", metavar="PATH", help="the tokenizer file the gateway loads")
     p.set_defaults(func=cmd_render)
 
     p = sub.add_parser("validate", help="validate inventories, every host and setting (for CI)")

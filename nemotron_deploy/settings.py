@@ -641,15 +641,17 @@ class ClusterSettings(BaseModel):
         True,
         description="Serve the OpenAI-compatible API on the endpoint's port too (GET /v1/models, POST "
         "/v1/completions, POST /v1/chat/completions for a model with a chat template), behind the same "
-        "keys, TLS and limits: a small gateway on the login node (systemd unit nemotron-gateway, user "
-        "nemotron-gateway) translates to PUT /generate. false: PUT /generate only.",
+        "keys, TLS and limits: HAProxy answers /v1/models, and each replica's front translates a request "
+        "to one PUT /generate (with the checkpoint's tokenizer, in the job's container). false: PUT "
+        "/generate only.",
         json_schema_extra=ENDPOINT,
     )
     tokenizer_file: AbsPath | None = Field(
         None,
-        description="The checkpoint's SentencePiece tokenizer as the login node sees it (the OpenAI "
-        "gateway counts usage with it and decodes token-id prompts). Default: <model_dir>/<the catalog's "
-        "tokenizer_file for the model>; set it when the login node does not see model_dir there.",
+        description="The checkpoint's SentencePiece tokenizer as the compute nodes see it (each replica's "
+        "front counts the OpenAI API's usage with it and decodes token-id prompts; outside model_dir it is "
+        "mounted into the job's container read-only). Default: <model_dir>/<the catalog's tokenizer_file "
+        "for the model>.",
         json_schema_extra=ENDPOINT,
     )
 

@@ -17,7 +17,7 @@ import gevent.lock
 from ..inventory import Cluster
 from ..service import alerts, slurm
 from . import endpoint as endpoint_mod
-from . import openai_gateway, render, wheelhouse
+from . import render, wheelhouse
 from .operations import health_timer
 
 
@@ -437,35 +437,5 @@ def for_host(cluster: Cluster, host_name: str, login: Login | None = None) -> Ho
         want.dirs.append(WantedDir(endpoint_mod.CONFIG_DIR, "755"))
         want.files += endpoint_files(cluster)
         want.links += endpoint_links(cluster)
-        if openai_gateway.enabled(cluster):
-            want.dirs += gateway_dirs()
-            want.files += gateway_files(cluster, login)
     return want
 
-
-def gateway_dirs() -> list[WantedDir]:
-    """The gateway's state directory (root's) and its sockets' (the gateway's, group haproxy, setgid:
-    HAProxy reaches the gateway's socket, the gateway HAProxy's internal one, nobody else either)."""
-    gw = openai_gateway
-    return [
-        WantedDir(gw.STATE_DIR, "755", adopt=True, guarded=True),
-        WantedDir(gw.SOCKET_DIR, "2750", gw.USER, endpoint_mod.RUN_AS, adopt=True),
-        WantedDir(gw.CONFIG_DIR, "755", adopt=True, guarded=True),
-    ]
-
-
-def gateway_files(cluster: Cluster, login: Login) -> list[WantedFile]:
-    """Its config, and its systemd unit (or init script where systemd does not run)."""
-    gw = openai_gateway
-    s = cluster.settings
-    timeout = endpoint_mod.limits(s, cluster.plan, cluster.plan.replicas).client_timeout_s
-    files = [
-        WantedFile(
-            f"{gw.CONFIG_DIR}/{gw.CONFIG_FILE}", gw.config_text(cluster, timeout_seconds=timeout), "644"
-        )
-    ]
-    if login.init == "systemd":
-        files.append(WantedFile(gw.SYSTEMD_UNIT, gw.systemd_unit(s.health_venv), "644"))
-    else:
-        files.append(WantedFile(gw.INIT_SCRIPT, gw.init_script(s.health_venv), "755"))
-    return files

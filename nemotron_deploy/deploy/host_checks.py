@@ -11,7 +11,7 @@ from typing import Any
 from ..catalog import ModelSpec
 from ..inventory import Cluster
 from ..service.preflight import check_gpus
-from . import desired, endpoint, openai_gateway, render, replica_key, rootless
+from . import desired, endpoint, openai_config, render, replica_key, rootless
 from .errors import DeployError
 from .facts.disk import FreeSpace
 from .facts.files import ManagedPaths, NodeState, PathChains, ancestors
@@ -22,7 +22,7 @@ from .facts.model import ModelConfig
 from .facts.runtimes import ContainerRuntimes
 from .facts.slurm import AccountJobs, JobRecords, ReplicaJobs, SlurmVersion, SubmitContext
 from .facts.snapshot import snapshot
-from .facts.system import InitSystem, ServiceRunning, UnitEnabled, UserExists
+from .facts.system import InitSystem, UnitEnabled, UserExists
 from .operations.health_timer import STATE_DIR, UNIT, USER_MARK
 
 # The endpoint's configuration needs http-check send/expect with bodies and retry-on (2.2+), and is
@@ -67,13 +67,6 @@ def read_host(host: Any, cluster: Cluster) -> dict[str, Any]:
             ("haproxy", Haproxy, ()),
             ("submit", SubmitContext, ()),
         ]
-        if openai_gateway.enabled(cluster):
-            gw = openai_gateway
-            probes += [
-                ("gateway_user", UserExists, (gw.USER,)),
-                ("gateway_running", ServiceRunning, (gw.UNIT, gw.PIDFILE)),
-                ("gateway_enabled", UnitEnabled, (f"{gw.UNIT}.service",)),
-            ]
         records = tuple(s.job_record(i) for i in range(1, cluster.plan.replicas + 1))
         probes.append(("records", JobRecords, (records,)))
         # Replicas above `replicas` (a scale-down) are this account's jobs of higher index: read them all.
@@ -217,11 +210,6 @@ def paths_to_read(cluster: Cluster, host_name: str) -> tuple[tuple[str, ...], tu
             f"{s.health_venv}/bin/python",
             desired.wheels_marker(cluster),
         ]
-        if openai_gateway.enabled(cluster):
-            # Both service files (the init system is only known after this read); the tokenizer's
-            # presence only (the checkpoint's file: never read whole here).
-            paths += [openai_gateway.SYSTEMD_UNIT, openai_gateway.INIT_SCRIPT]
-            unhashed += (openai_gateway.tokenizer_path(cluster),)
         # Its presence only: it lives in a directory the health user can write, so root never reads it.
         unhashed += (desired.earlier_started_file(),)
         # TLS files: their presence only (never a private key's bytes, not even hashed).
@@ -233,8 +221,12 @@ def paths_to_read(cluster: Cluster, host_name: str) -> tuple[tuple[str, ...], tu
         unhashed = (*unhashed, *(p for p in tls if p))
         # The replica key's copies: stat only, never their bytes (not even hashed).
         unhashed = (*unhashed, *replica_key.paths(cluster))
-    elif s.container_runtime == "host":
-        paths.append(s.eval_script)
+    else:
+        if s.container_runtime == "host":
+            paths.append(s.eval_script)
+        if openai_config.enabled(cluster):
+            # The tokenizer the replica's front loads: its presence only (the checkpoint's file).
+            unhashed += (openai_config.tokenizer_path(cluster),)
     return tuple(dict.fromkeys(paths)), unhashed
 
 
@@ -304,27 +296,16 @@ def service_user_problems(cluster: Cluster, host_name: str, snap: dict[str, Any]
     ]
 
 
-def gateway_user_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
-    """The OpenAI gateway's account must be the deploy's (marked): it gets the sockets HAProxy trusts."""
-    account = snap.get("gateway_user")
-    if account is None or account.get("gecos") == openai_gateway.USER_MARK:
+def tokenizer_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
+    """The OpenAI routes need the checkpoint's tokenizer where the job's container sees it."""
+    if not openai_config.enabled(cluster):
         return []
-    return [
-        f"the user {openai_gateway.USER} already exists (uid {account.get('uid')}, GECOS {account.get('gecos')!r}) "
-        "and the deploy did not create it: it would run the OpenAI gateway and own the sockets HAProxy "
-        "trusts; remove or rename that account, or set endpoint_openai = false"
-    ]
-
-
-def gateway_problems(cluster: Cluster, snap: dict[str, Any]) -> list[str]:
-    if not openai_gateway.enabled(cluster) or not desired.endpoint_on(cluster, snap):
-        return []
-    tokenizer = openai_gateway.tokenizer_path(cluster)
+    tokenizer = openai_config.tokenizer_path(cluster)
     if snap["paths"].get(tokenizer) is None:
         return [
-            f"the checkpoint's tokenizer {tokenizer} is not on the login node: the OpenAI gateway counts "
-            "usage with it; make model_dir visible there, set tokenizer_file to where the login node "
-            "sees it, or set endpoint_openai = false"
+            f"the checkpoint's tokenizer {tokenizer} is not on this node: each replica's front counts the "
+            "OpenAI API's usage with it; point model_dir at the whole checkpoint, set tokenizer_file to "
+            "where the nodes see it, or set endpoint_openai = false"
         ]
     return []
 
@@ -337,7 +318,7 @@ def check_host(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     unsafe = directory_problems(cluster, snap, guarded_dirs(cluster, host.name))
     unsafe += service_user_problems(cluster, host.name, snap)
     if role == "login":
-        unsafe += health_user_problems(cluster, snap) + gateway_user_problems(cluster, snap)
+        unsafe += health_user_problems(cluster, snap)
     if unsafe:
         raise DeployError(
             f"refused on {host.name} ({role}): another account could control what the deploy would run "
@@ -346,9 +327,9 @@ def check_host(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
     if s.skip_preflight:
         return
     problems = (
-        login_problems(cluster, snap) + gateway_problems(cluster, snap)
+        login_problems(cluster, snap)
         if role == "login"
-        else compute_problems(cluster, snap)
+        else compute_problems(cluster, snap) + tokenizer_problems(cluster, snap)
     )
     free = snap.get("free")
     if free is not None and free < s.min_free_gib and not image_present(cluster, snap):

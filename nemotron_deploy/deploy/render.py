@@ -17,8 +17,10 @@ import jinja2
 
 from .. import api_keys
 from ..inventory import Cluster
+from ..service import metrics
+from ..service.openai.translator import USAGE_HEADER
 from ..service.probe import REPLICA_KEY_HEADER
-from . import endpoint, openai_gateway
+from . import endpoint, openai_config
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # What rank 0 runs inside the container: the service side, whole (it imports only the stdlib and itself).
@@ -96,11 +98,14 @@ def render(cluster: Cluster) -> list[RenderedFile]:
             f"{s.logs_dir}:{s.logs_dir}",
             # The replica key, for rank 0's front (replica_front): the file alone, read-only.
             f"{s.replica_key_file}:{s.replica_key_file}:ro",
+            # The tokenizer, for the front's OpenAI routes, where model_dir's mount does not hold it.
+            *filter(None, [openai_config.enabled(cluster) and openai_config.tokenizer_mount(cluster)]),
         ],
         "container_stop_seconds": CONTAINER_STOP_SECONDS,
         # call_server.py --chat: the model's prompt template (catalog), as Python literals.
         "chat_template": repr(dict(s.model_spec.chat_template)) if s.model_spec.chat_template else "None",
         "chat_model": s.model_spec.openai_id,
+        "openai_config": openai_config.CONFIG_FILE if openai_config.enabled(cluster) else None,
     }
     env = _environment()
     files = [
@@ -113,6 +118,9 @@ def render(cluster: Cluster) -> list[RenderedFile]:
             "nemo_inference.sh", env.get_template("nemo_inference.sh.j2").render(context), "755", "compute"
         ),
     ]
+    if openai_config.enabled(cluster):
+        # The replica front's OpenAI translation: the model, its limits and tokenizer.
+        files.append(RenderedFile(openai_config.CONFIG_FILE, openai_config.config_text(cluster), "644", "compute"))
     if s.container_runtime in ("docker", "podman"):
         # Each task runs its container through this script (named, stopped on signal): see the template.
         files.append(
@@ -160,9 +168,6 @@ def render_endpoint(
     run_as: str = endpoint.RUN_AS,
     socket_group: str = endpoint.RUN_AS,
     run_group: str | None = None,
-    gateway_socket: str = openai_gateway.SOCKET,
-    internal_socket: str = openai_gateway.INTERNAL_SOCKET,
-    gateway_group: str = openai_gateway.USER,
     replica_key: str | None = None,
 ) -> list[RenderedFile]:
     """The endpoint's files (haproxy.cfg, the Lua envelope it loads and, with API keys, the keys'
@@ -208,13 +213,22 @@ def render_endpoint(
         "inflight_step_ms": endpoint.INFLIGHT_STEP_MS,
         "replica_wait_ms": endpoint.REPLICA_WAIT_MS,
         "replica_step_ms": endpoint.REPLICA_STEP_MS,
-        "openai": openai_gateway.enabled(cluster),
-        "openai_routes": openai_gateway.ROUTES,
-        "openai_metrics_path": openai_gateway.METRICS_PATH,
-        "gateway_socket": gateway_socket,
-        "internal_socket": internal_socket,
-        "gateway_group": gateway_group,
-        "gateway_backend": openai_gateway.BACKEND,
+        "openai": openai_config.enabled(cluster),
+        "openai_routes": openai_config.ROUTES,
+        "openai_metrics_path": openai_config.METRICS_PATH,
+        "openai_models": openai_config.models_body(cluster) if openai_config.enabled(cluster) else "",
+        "openai_metrics": metrics.OPENAI_METRICS,
+        "usage_header": USAGE_HEADER,
+        # HAProxy's own 503s: a JSON string for PUT /generate (NeMo's way), OpenAI's shape for its routes.
+        "busy_message": (
+            "The replicas are busy (each serves one request at a time): this request waited up to "
+            f"{s.endpoint_queue_seconds} s (endpoint_queue_seconds) for one, or the replicas it was sent to "
+            "failed. Retry later, or run more replicas."
+        ),
+        "no_replica_message": (
+            "No replica is up: the replicas are starting, or every one failed its health check (a one-token "
+            "generation); see nemotron-deploy health."
+        ),
     }
     env = _environment()
     files = [

@@ -21,11 +21,11 @@ from pyinfra.operations import files as pyinfra_files
 from ..inventory import Cluster, InventoryError, load
 from ..service import scale_down as scale
 from ..service.slurm import ENDING_STATES
-from . import desired, host_checks, openai_gateway, replica_key, rootless
+from . import desired, host_checks, replica_key, rootless
 from .errors import DeployError
 from .facts.snapshot import snapshot
 from .facts.system import UserExists
-from .operations import accounts, containers, endpoint, files, gateway, health_timer, submit
+from .operations import accounts, containers, endpoint, files, health_timer, submit
 
 # One validation per pyinfra Inventory object, dropped with it (an id() could be reused).
 _clusters: weakref.WeakKeyDictionary[Any, Cluster] = weakref.WeakKeyDictionary()
@@ -137,12 +137,6 @@ def ensure_files(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
                 exists=account is not None,
                 marked=marked,
             )
-        if desired.endpoint_on(cluster, snap) and openai_gateway.enabled(cluster):
-            gw_account = snap.get("gateway_user")
-            if gw_account is None:  # preflight refused an account the deploy did not make
-                gateway.ensure_user(
-                    name=f"User {openai_gateway.USER}", username=openai_gateway.USER, exists=False
-                )
     want = desired.for_host(cluster, host.name, desired.Login.of(cluster, snap) if login else None)
     venv = _health_venv(cluster, snap) if login else ()
     if not venv and files.tree_in_place(want.dirs, want.files, want.links, snap["paths"]):
@@ -249,28 +243,6 @@ def install_health_check(host: Any, cluster: Cluster, snap: dict[str, Any]) -> N
         kind=snap.get("init") or "cron",
         units_changed=units_changed,
         enabled=bool(snap.get("timer_enabled")),
-    )
-
-
-def run_gateway(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
-    """The OpenAI gateway: started, or restarted when its config, service file or venv changed."""
-    if (
-        desired.role(cluster, host.name) != "login"
-        or not desired.endpoint_on(cluster, snap)
-        or not openai_gateway.enabled(cluster)
-    ):
-        return
-    login = desired.Login.of(cluster, snap)
-    paths = snap["paths"]
-    changed = any(
-        files.content_differs(f, paths.get(f.path)) for f in desired.gateway_files(cluster, login)
-    ) or bool(_health_venv(cluster, snap))
-    gateway.ensure_running(
-        name="OpenAI gateway (nemotron-gateway)",
-        kind=login.init,
-        changed=changed,
-        running=bool(snap.get("gateway_running")),
-        enabled=bool(snap.get("gateway_enabled")),
     )
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 # Beside our own wheel, at the versions installed here: the health check's one dependency, and the
 # wheel installer the login node runs.
-WHEEL_DISTS = ("prometheus-client", "sentencepiece", "installer")
+WHEEL_DISTS = ("prometheus-client", "installer")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # nemotron_deploy/, what the wheel carries
 REPO = PACKAGE_DIR.parent
 

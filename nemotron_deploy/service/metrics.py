@@ -167,9 +167,10 @@ STOPPED = (SERVICE_STOPPED, CHECK_TIMESTAMP, CHECK_STATUS)
 CONTRACT: tuple[Metric, ...] = tuple(dict.fromkeys(SINGLE_CHECK + REPLICA + DEPLOYMENT + STOPPED))
 """Every metric the checks write, each once."""
 
-# The OpenAI gateway (service/openai/gateway.py), per API key name (``key``; "" with endpoint_auth =
-# none) and route (``completions``, ``chat.completions``, ``models``). Counters since the gateway
-# started, served at the gateway's GET /metrics (the endpoint's /metrics/openai).
+# The OpenAI API, per API key name (``key``; "" with endpoint_auth = none) and route (``completions``,
+# ``chat.completions``, ``models``). Counted by HAProxy's Lua (the replicas' fronts report each
+# answer's tokens in a header it removes), since HAProxy started; served at the endpoint's
+# /metrics/openai.
 PER_KEY_ROUTE = ("key", "route")
 OPENAI_REQUESTS = Metric(
     "nemotron_openai_requests_total",
@@ -195,9 +196,9 @@ OPENAI_ERRORS = Metric(
     (*PER_KEY_ROUTE, "status"),
     "OpenAI API requests answered with an error, by HTTP status",
 )
-OPENAI_GATEWAY = (OPENAI_REQUESTS, OPENAI_PROMPT_TOKENS, OPENAI_COMPLETION_TOKENS, OPENAI_ERRORS)
-"""Served by the gateway itself (not in the textfile): the text is written by
-``service.openai.gateway.Counters.exposition`` from these declarations."""
+OPENAI_METRICS = (OPENAI_REQUESTS, OPENAI_PROMPT_TOKENS, OPENAI_COMPLETION_TOKENS, OPENAI_ERRORS)
+"""Served by HAProxy itself (not in the textfile): the endpoint's Lua writes the text from these
+declarations (rendered into it)."""
 
 NODE_EXPORTER = (
     Metric(

@@ -16,15 +16,13 @@ tests/test_endpoint_live.py runs the rendered files in a real HAProxy against Ne
 from __future__ import annotations
 
 import difflib
-import grp
-import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 from helpers import A100_40GB_HOSTS, INVENTORIES, REPO, SHIPPED, haproxy, write_inventory
-from live_endpoint import make_self_signed, short_socket_dir
+from live_endpoint import make_self_signed
 
 from nemotron_deploy import inventory
 from nemotron_deploy.deploy import endpoint, render
@@ -45,10 +43,6 @@ def load(name: str, monkeypatch: pytest.MonkeyPatch) -> inventory.Cluster:
 
 def write_endpoint(cluster: inventory.Cluster, replicas: int, out: Path, **kwargs) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    # The OpenAI gateway's internal listener: in a short temporary directory (Unix socket paths are
-    # short), for a group this machine has (the deploy's nemotron-gateway is made by the deploy).
-    kwargs.setdefault("internal_socket", str(short_socket_dir() / "int.sock"))
-    kwargs.setdefault("gateway_group", grp.getgrgid(os.getgid()).gr_name)
     kwargs.setdefault("replica_key", "0" * 64)  # made by the deploy on the login node, never rendered
     for f in render.render_endpoint(cluster, replicas, config_dir=str(out), **kwargs):
         (out / f.name).write_text(f.content)

@@ -51,16 +51,3 @@ class UnitEnabled(ProbeFact):
     def process(self, output: list[str]) -> bool:
         return output[-1:] == ["enabled"]
 
-
-class ServiceRunning(ProbeFact):
-    """True when the service `unit` runs: systemd's `is-active`, else the pid in `pidfile` is alive."""
-
-    def snippet(self, unit: str, pidfile: str) -> str:
-        u, p = shlex.quote(unit), shlex.quote(pidfile)
-        return (
-            f"if [ -d /run/systemd/system ]; then systemctl is-active {u} 2>/dev/null || true; "
-            f'elif [ -s {p} ] && kill -0 "$(cat {p})" 2>/dev/null; then echo active; else echo inactive; fi'
-        )
-
-    def process(self, output: list[str]) -> bool:
-        return output[-1:] == ["active"]

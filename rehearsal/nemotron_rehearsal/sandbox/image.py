@@ -3,8 +3,8 @@
 It is NOT the NeMo container; it has what a job needs of it, at the same paths, so that the job runs
 inside the container and nothing from the host leaks in:
  1. userland: bash, dash as /bin/sh, the few tools the job scripts call, Python 3 with its standard
-    library (no tests), the shared libraries they load (found with ldd), /etc/passwd and /etc/group,
-    and Debian 12's merged-/usr links;
+    library (no tests), sentencepiece (as NeMo's image has it), the shared libraries they load (found
+    with ldd), /etc/passwd and /etc/group, and Debian 12's merged-/usr links;
  2. NeMo: the stand-in server (emulator.py) at
     /opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py and, again, as the module NeMo's
     script imports its server from (nemo.collections.nlp.modules.common.text_generation_server, under
@@ -164,10 +164,37 @@ def userland() -> _Tree:
             tree.add_host_path(str(path))
             if path.suffix == ".so" and not path.is_symlink() and _is_elf(path):
                 elf.append(str(path))
+    elf += _add_sentencepiece(tree, version)
     for lib in sorted(_shared_libraries(elf)):
-        tree.add_host_path(lib)
+        if "/site-packages/" not in lib:  # the wheel's own libraries: in the image beside it ($ORIGIN)
+            tree.add_host_path(lib)
     tree.add_host_path("/lib64/ld-linux-x86-64.so.2")
     return tree
+
+
+def _add_sentencepiece(tree: _Tree, version: str) -> list[str]:
+    """NeMo's image has sentencepiece (the replica's front loads the checkpoint's tokenizer with it):
+    this interpreter's copy (a dev dependency), into the image's dist-packages; its ELF files."""
+    import sysconfig
+
+    import sentencepiece
+
+    if sysconfig.get_python_version() != version.removeprefix("python"):
+        raise RuntimeError(
+            f"the stand-in image's Python is {version}, this interpreter is "
+            f"{sysconfig.get_python_version()}: run the sandbox with the {version} venv (scripts/setup)"
+        )
+    package = Path(sentencepiece.__file__).parent
+    site = package.parent
+    target = f"usr/local/lib/{version}/dist-packages"
+    elf = []
+    for path in sorted([*package.rglob("*"), *site.glob("sentencepiece.libs/*")]):
+        if "__pycache__" in path.parts or not path.is_file():
+            continue
+        tree.add_file(f"{target}/{path.relative_to(site).as_posix()}", path.read_bytes(), 0o644)
+        if _is_elf(path):
+            elf.append(str(path))
+    return elf
 
 
 # NeMo's package, as far as megatron_gpt_eval.py's server needs it: the emulator (which holds the

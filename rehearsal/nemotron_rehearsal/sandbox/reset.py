@@ -17,7 +17,7 @@ from typing import Any
 def login_script(settings: Any) -> str:
     """The shell script that makes the login node never deployed: HAProxy installed but stopped with
     the package's config only, no health user, none of the deploy's files or directories."""
-    from nemotron_deploy.deploy import desired, endpoint, openai_gateway
+    from nemotron_deploy.deploy import desired, endpoint
     from nemotron_deploy.deploy.operations import health_timer
 
     removed = [
@@ -41,17 +41,12 @@ def login_script(settings: Any) -> str:
     ]
     if settings.prometheus_textfile_dir:
         removed.append(settings.prometheus_textfile_dir)
-    # The OpenAI gateway: stopped (its init script, where the sandbox's login node has no systemd), its
-    # files and account gone.
-    gw = openai_gateway
-    removed += [gw.STATE_DIR, gw.CONFIG_DIR, gw.INIT_SCRIPT, gw.SYSTEMD_UNIT, gw.PIDFILE]
-    accounts = " ".join(shlex.quote(u) for u in (settings.health_user, gw.USER))
+    accounts = shlex.quote(settings.health_user)
     return (
         # The shared dir's deploy tree but its images.
         f"find {shlex.quote(settings.deploy_dir)} -mindepth 1 -maxdepth 1 ! -name images "
         "-exec rm -rf {} + 2>/dev/null; "
         "/etc/init.d/haproxy stop >/dev/null 2>&1; "
-        f"if [ -x {gw.INIT_SCRIPT} ]; then {gw.INIT_SCRIPT} stop >/dev/null 2>&1; fi; "
         f"rm -rf {' '.join(shlex.quote(p) for p in removed)}; "
         f"for u in {accounts}; do "
         'if id "$u" >/dev/null 2>&1; then userdel "$u"; fi; '
