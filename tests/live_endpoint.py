@@ -9,12 +9,10 @@ import http.client
 import json
 import os
 import pwd
-import shutil
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -149,7 +147,8 @@ class Endpoint:
     log: Path
     keys: dict[str, str] = field(default_factory=dict)  # name -> key (cluster_with makes them)
     ca_file: str | None = None  # the self-signed certificate, with endpoint_tls = self-signed
-    tokenizer: str | None = None  # the gateway's tokenizer file, with gateway=True
+    tokenizer: str | None = None  # the replicas' tokenizer file, with openai=True
+    openai_config: Path | None = None  # the fronts' translation config, with openai=True
 
     @property
     def url(self) -> str:
@@ -173,6 +172,28 @@ class Endpoint:
     def state(self) -> dict[str, endpoint_sync.ServerState]:
         return endpoint_sync.servers_state(self.socket)
 
+    @contextmanager
+    def front(self, rep: Replica) -> Iterator[int]:
+        """`rep` behind its replica front as the job runs it (python -m ...replica_front, with the
+        replica key and, with openai=True, the translation config), on a free port of 127.0.0.1:
+        the port to point a slot at."""
+        key_file = self.log.parent / "replica.key"
+        key_file.write_text(REPLICA_KEY + "\n")
+        port = free_port()
+        argv = [sys.executable, "-m", "nemotron_deploy.service.replica_front", "--listen", HOST,
+                "--port", str(port), "--upstream-port", str(rep.port), "--key-file", str(key_file)]  # fmt: skip
+        if self.openai_config is not None:
+            argv += ["--openai", str(self.openai_config)]
+        log = self.log.parent / f"front-{port}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: _listening(port) or proc.poll() is not None, 15, "the replica front")
+            assert proc.poll() is None, f"the replica front exited {proc.returncode}:\n{log.read_text()}"
+            yield port
+        finally:
+            _stop(proc)
+
     def wait_status(self, slot: str, status: str, timeout: float = 15.0) -> None:
         wait_for(
             lambda: self.state()[slot].status == status, timeout, f"{slot} {status}\n{self.log.read_text()}"
@@ -195,15 +216,12 @@ def _as_this_user() -> list[str]:
     return ["--run-as", f"{user}:{group}"]
 
 
-def short_socket_dir() -> Path:
-    """Unix socket paths must stay under 108 bytes: pytest's tmp_path may not. As the deploy's socket
-    directory: HAProxy's group, setgid (the gateway's socket gets that group), when HAProxy runs as
-    its own user (tests run as root)."""
-    path = Path(tempfile.mkdtemp(prefix="nmt-gw-"))
-    if os.geteuid() == 0:
-        os.chown(path, -1, grp.getgrnam(endpoint.RUN_AS).gr_gid)
-        path.chmod(0o2750)
-    return path
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), 0.5).close()
+        return True
+    except OSError:
+        return False
 
 
 def train_tokenizer(path: Path) -> Path:
@@ -211,24 +229,6 @@ def train_tokenizer(path: Path) -> Path:
     from nemotron_rehearsal import tokenizer
 
     return tokenizer.train(path)
-
-
-@contextmanager
-def running_gateway(config: Path, listen: str) -> Iterator[subprocess.Popen]:
-    """The OpenAI gateway as the deploy runs it (python -m ...gateway --config), until its socket is up."""
-    log = config.parent / "gateway.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "nemotron_deploy.service.openai.gateway", "--config", str(config)],
-            stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        path = Path(listen[5:])
-        wait_for(lambda: path.exists() or proc.poll() is not None, 15, "the gateway's socket")
-        assert proc.poll() is None, f"the gateway exited {proc.returncode}:\n{log.read_text()}"
-        yield proc
-    finally:
-        _stop(proc)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -243,33 +243,39 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @contextmanager
 def running_endpoint(
-    inv: Inventory, replicas: int, directory: Path, *, gateway: bool = False
+    inv: Inventory, replicas: int, directory: Path, *, openai: bool = False
 ) -> Iterator[Endpoint]:
+    """The rendered endpoint in HAProxy; `openai`: also the fronts' translation config (with the
+    sandbox's stand-in tokenizer), for replicas behind `Endpoint.front`."""
     sock = directory / "admin.sock"
-    sockets = short_socket_dir()
-    extra = ["--internal-socket", str(sockets / "int.sock")]
-    if gateway:
-        directory.mkdir(parents=True, exist_ok=True)
-        tok = train_tokenizer(directory / "tokenizer.model")
-        listen = f"unix:{sockets / 'gw.sock'}"
-        extra += ["--gateway-listen", listen, "--tokenizer", str(tok)]
     rendered = subprocess.run(
         [sys.executable, "-m", "nemotron_deploy.cli", "render", "--endpoint", str(inv.path), "--out", str(directory),
          "--replicas", str(replicas), "--config-dir", str(directory), "--stats-socket", str(sock),
-         "--bind", HOST, *_as_this_user(), *extra],
+         "--bind", HOST, *_as_this_user()],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert rendered.returncode == 0, rendered.stderr
     # The replica key's map, which the deploy makes on the login node (never rendered).
     (directory / endpoint.REPLICA_KEY_MAP_FILE).write_text(endpoint.replica_key_map(REPLICA_KEY))
-    if gateway:
-        with running_gateway(directory / "gateway.json", listen), _haproxy(inv, directory, sock) as ep:
-            ep.tokenizer = str(tok)
-            yield ep
-    else:
-        with _haproxy(inv, directory, sock) as ep:
-            yield ep
-    shutil.rmtree(sockets, ignore_errors=True)
+    with _haproxy(inv, directory, sock) as ep:
+        if openai:
+            ep.tokenizer = str(train_tokenizer(directory / "tokenizer.model"))
+            ep.openai_config = _openai_config(inv, directory, ep.tokenizer)
+        yield ep
+
+
+def _openai_config(inv: Inventory, directory: Path, tokenizer: str) -> Path:
+    """The job's translation config as `nemotron-deploy render` writes it (in a process of its own:
+    pyinfra, which the inventory's loading imports, patches threads), with the stand-in tokenizer."""
+    jobs = directory / "job-files"
+    rendered = subprocess.run(
+        [sys.executable, "-m", "nemotron_deploy.cli", "render", str(inv.path), "--out", str(jobs)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    config = jobs / "nemotron_openai.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "tokenizer": tokenizer}))
+    return config
 
 
 @contextmanager

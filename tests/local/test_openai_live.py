@@ -1,7 +1,8 @@
 """The OpenAI front door for real: the official ``openai`` library, LangChain's OpenAI classes and curl
-against the rendered HAProxy (keys, limits) + the gateway (``python -m ...openai.gateway``, on a Unix
-socket, with a real SentencePiece model: the sandbox's stand-in for the checkpoint's) + NeMo stand-ins,
-all on loopback. Usage is checked against the tokenizer, texts against the stand-in's continuation.
+against the rendered HAProxy (keys, limits, /v1/models, the Lua counters) + replica fronts that
+translate (``python -m ...replica_front --openai``, with a real SentencePiece model: the sandbox's
+stand-in for the checkpoint's) + NeMo stand-ins behind them, all on loopback. Usage is checked against
+the tokenizer, texts against the stand-in's continuation.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def base(tmp_path_factory) -> Iterator[tuple[Endpoint, Replica]]:
     tmp = tmp_path_factory.mktemp("base")
     rep = replica()
     try:
-        with running_endpoint(cluster_with(tmp), 1, tmp / "ep", gateway=True) as ep:
-            ep.sync(r1=(HOST, rep.port))
+        with running_endpoint(cluster_with(tmp), 1, tmp / "ep", openai=True) as ep, ep.front(rep) as port:
+            ep.sync(r1=(HOST, port))
             ep.wait_status("r1", "up")
             yield ep, rep
     finally:
@@ -42,8 +43,9 @@ def instruct(tmp_path_factory) -> Iterator[tuple[Endpoint, Replica]]:
     tmp = tmp_path_factory.mktemp("instruct")
     rep = replica()
     try:
-        with running_endpoint(cluster_with(tmp, model=INSTRUCT), 1, tmp / "ep", gateway=True) as ep:
-            ep.sync(r1=(HOST, rep.port))
+        inv = cluster_with(tmp, model=INSTRUCT)
+        with running_endpoint(inv, 1, tmp / "ep", openai=True) as ep, ep.front(rep) as port:
+            ep.sync(r1=(HOST, port))
             ep.wait_status("r1", "up")
             yield ep, rep
     finally:
@@ -274,7 +276,7 @@ def test_langchain(base, instruct):
     assert "".join(c.content for c in chat.stream("Hello")) == reply.content
 
 
-def test_curl_and_the_gateway_metrics(base):
+def test_curl_and_the_per_key_metrics(base):
     ep, _ = base
     curl = shutil.which("curl")
     assert curl, "curl is needed (scripts/setup installs it)"
@@ -297,7 +299,7 @@ def test_curl_and_the_gateway_metrics(base):
 
 
 def test_no_replica_is_a_503(tmp_path):
-    with running_endpoint(cluster_with(tmp_path), 1, tmp_path / "ep", gateway=True) as ep:
+    with running_endpoint(cluster_with(tmp_path), 1, tmp_path / "ep", openai=True) as ep:
         with pytest.raises(openai.InternalServerError) as err:
             client(ep).completions.create(model=BASE_ID, prompt="x", max_tokens=2)
     assert err.value.status_code == 503
@@ -332,79 +334,16 @@ def test_the_deployed_call_server_chats_with_an_instruct_model(instruct, tmp_pat
     assert refused.returncode == 2 and "--chat needs a chat model" in refused.stderr
 
 
-def test_the_gateway_init_script_starts_restarts_and_stops_it(tmp_path):
-    """Where systemd does not run (the sandbox's login node), the init script runs the gateway in a
-    restart loop: started, its python killed and back within seconds, stopped with its loop. As root
-    it switches to root (--chuid, as to nemotron-gateway on a login node); as a user it stays that user."""
-    import os
-    import signal
-    import sys
-    import time
-
-    from helpers import shellcheck
-    from live_endpoint import short_socket_dir, train_tokenizer, wait_for
-
-    from nemotron_deploy.deploy import openai_gateway
-
-    sockets = short_socket_dir()
-    config = tmp_path / "gateway.json"
-    config.write_text(json.dumps({
-        "model": BASE_ID, "context_length": 4096, "tokenizer": str(train_tokenizer(tmp_path / "t.model")),
-        "max_prompts": 8, "logprobs_allowed": True, "listen": f"unix:{sockets}/gw.sock",
-        "upstream": f"unix:{sockets}/int.sock", "timeout_seconds": 5,
-    }))  # fmt: skip
-    venv = str(Path(sys.executable).parent.parent)
-    user = "root" if os.geteuid() == 0 else None
-    script = tmp_path / "nemotron-gateway"
-    script.write_text(
-        openai_gateway.init_script(venv, user=user, pidfile=str(tmp_path / "gw.pid"), config=str(config))
-    )
-    script.chmod(0o755)
-    shellcheck(script)
-
-    def run(action: str) -> int:
-        return subprocess.run([str(script), action], capture_output=True, text=True, timeout=30).returncode
-
-    def gateways(group: int) -> list[int]:
-        out = subprocess.run(["ps", "-e", "-o", "pid=,pgid=,comm="], capture_output=True, text=True).stdout
-        return [
-            int(p)
-            for p, g, c in (line.split() for line in out.splitlines())
-            if int(g) == group and c == "python"
-        ]
-
-    def health() -> bool:
-        from nemotron_deploy.service.openai import upstream
-
-        try:
-            conn = upstream.connection(f"unix:{sockets}/gw.sock", 2)
-            conn.request("GET", "/health")
-            return conn.getresponse().status == 200
-        except OSError:
-            return False
-
-    assert run("start") == 0
-    try:
-        wait_for(health, 20, "the gateway to answer /health")
-        assert run("status") == 0
-        loop = int((tmp_path / "gw.pid").read_text())
-        group = os.getpgid(loop)
-        (first,) = wait_for(lambda: gateways(group), 10, "the gateway's python")
-        os.kill(first, signal.SIGKILL)
-        wait_for(lambda: [p for p in gateways(group) if p != first], 10, "the loop to start it again")
-        wait_for(health, 20, "the restarted gateway to answer /health")
-    finally:
-        assert run("stop") == 0
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (gateways(group) or os.path.exists(f"/proc/{loop}")):
-        time.sleep(0.05)
-    assert not gateways(group) and not os.path.exists(f"/proc/{loop}"), "stop left the loop or the gateway"
-    assert run("status") == 3
+def _counter(metrics: str, series: str) -> int:
+    for line in metrics.splitlines():
+        if line.startswith(series + " "):
+            return int(line.split()[-1])
+    return 0
 
 
-def test_routes_methods_and_a_spoofed_key_name(base):
-    """Exact routes (405 with Allow, 404 in OpenAI's shape, both before the gateway), and the key name
-    the gateway counts is HAProxy's, never one a client sends."""
+def test_routes_methods_and_the_fronts_token_counts(base):
+    """Exact routes (405 with Allow, 404 in OpenAI's shape, both answered by HAProxy), and each answer's
+    token counts go from the replica's front to the per-key counters, never to the client."""
     ep, _ = base
     status, headers, text = ep.request("GET", "/v1/completions")
     assert (status, headers.get("allow")) == (405, "POST"), text
@@ -414,8 +353,16 @@ def test_routes_methods_and_a_spoofed_key_name(base):
     assert status == 404 and json.loads(text)["error"]["code"] == "not_found"
     status, _, _ = ep.request("GET", "/v1/models", key=None)
     assert status == 401
-    body = {"model": BASE_ID, "prompt": "spoof", "max_tokens": 1, "temperature": 0}
-    status, _, text = ep.request("POST", "/v1/completions", body, headers={"X-Nemotron-Key": "someone-else"})
+    series = '{key="client",route="completions"}'
+    _, _, before = ep.request("GET", "/metrics/openai", key=None)
+    body = {"model": BASE_ID, "prompt": "count these tokens", "max_tokens": 3, "temperature": 0}
+    status, headers, text = ep.request("POST", "/v1/completions", body)
     assert status == 200, text
-    _, _, metrics = ep.request("GET", "/metrics/openai", key=None)
-    assert 'key="someone-else"' not in metrics
+    assert "x-nemotron-usage" not in headers
+    usage = json.loads(text)["usage"]
+    _, _, after = ep.request("GET", "/metrics/openai", key=None)
+    for name, field in (("prompt", "prompt_tokens"), ("completion", "completion_tokens")):
+        metric = f"nemotron_openai_{name}_tokens_total{series}"
+        assert _counter(after, metric) - _counter(before, metric) == usage[field], (name, after)
+    requests = f"nemotron_openai_requests_total{series}"
+    assert _counter(after, requests) - _counter(before, requests) == 1
