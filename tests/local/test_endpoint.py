@@ -141,7 +141,10 @@ def test_config_one_request_per_replica_bounded_queue_and_retries(h100_cfg):
     # A slot whose check failed is checked every second: it is back a second after it generates again.
     assert re.search(r"^\s+server-template r 1-3 .* downinter 1s ", h100_cfg, re.M)
     assert "timeout queue 120s" in h100_cfg
-    assert re.search(r"http-error status 503 .*The replicas are busy", h100_cfg)
+    # The 503 after the queue: NeMo's JSON string for PUT /generate, OpenAI's shape for its routes (Lua).
+    assert re.search(r"http-error status 503 .*lf-string \"%\[lua\.nemotron_busy\]\"", h100_cfg)
+    lua = {f.name: f.content for f in render.render_endpoint(inventory.load(str(INVENTORIES / "h100.py")), 3)}
+    assert 'local MSG_BUSY = "The replicas are busy' in lua[endpoint.LUA_FILE]
     assert "retry-on conn-failure empty-response" in h100_cfg
     assert "option redispatch 1" in h100_cfg
     assert re.search(r"^\s+retries 4$", h100_cfg, re.M)

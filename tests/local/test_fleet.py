@@ -500,9 +500,9 @@ def test_endpoint_envelope_refusal_is_critical_with_its_message(tmp_path, capsys
 
 
 def test_the_endpoint_texts_the_check_reads_are_in_the_template():
-    """The probe recognises the endpoint's 503s by their text: the template must still say it."""
-    template = (REPO / "nemotron_deploy/deploy/templates/haproxy.cfg.j2").read_text()
-    assert probe.ENDPOINT_BUSY_TEXT in template and probe.ENDPOINT_NO_REPLICA_TEXT in template
+    """The probe recognises the endpoint's 503s by their text: what renders the endpoint must still say it."""
+    source = (REPO / "nemotron_deploy/deploy/render.py").read_text()
+    assert probe.ENDPOINT_BUSY_TEXT in source and probe.ENDPOINT_NO_REPLICA_TEXT in source
 
 
 def test_records_the_submitting_account_did_not_write_are_not_trusted(tmp_path, slurm, capsys):

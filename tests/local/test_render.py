@@ -23,7 +23,7 @@ from helpers import GOLDEN, INVENTORIES, REPO, SHIPPED, run_main, shellcheck, wr
 from nemotron_deploy import inventory
 from nemotron_deploy.deploy import render
 
-ALWAYS = ("call_server.py", "nemo_inference.sh", "nemo_launch.py", "nemotron.sbatch")
+ALWAYS = ("call_server.py", "nemo_inference.sh", "nemo_launch.py", "nemotron.sbatch", "nemotron_openai.json")
 SHELL = ("nemo_inference.sh", "nemotron.sbatch")
 PER_TASK_VARS = ("SLURM_PROCID", "SLURM_NODEID", "SLURM_LOCALID")
 RUNTIMES = ("pyxis", "docker", "podman", "apptainer", "host")

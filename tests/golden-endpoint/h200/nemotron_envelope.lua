@@ -122,6 +122,7 @@ end)
 -- limit): a request answered a moment ago still counts until HAProxy frees its stream, just after its
 -- answer left, so a client that sends its next request at once would be refused by a race. Look again
 -- for up to INFLIGHT_GRACE_MS; still over the limit, the request is refused (429).
+local count_error = function(txn, status) end  -- the OpenAI API's counter, when it is served (below)
 local MAX_INFLIGHT = 2  -- endpoint_max_inflight_per_key
 local INFLIGHT_GRACE_MS, INFLIGHT_STEP_MS = 50, 5
 core.register_action("nemotron_inflight", { "http-req" }, function(txn)
@@ -129,6 +130,7 @@ core.register_action("nemotron_inflight", { "http-req" }, function(txn)
     while (tonumber(txn.f:sc0_conn_cur()) or 0) > MAX_INFLIGHT do
         if waited >= INFLIGHT_GRACE_MS then
             txn:set_var("txn.nemotron_over_limit", true)
+            count_error(txn, 429)
             return
         end
         core.msleep(INFLIGHT_STEP_MS)
@@ -158,4 +160,100 @@ core.register_action("nemotron_wait_for_replica", { "http-req" }, function(txn)
         core.msleep(REPLICA_STEP_MS)
         waited = waited + REPLICA_STEP_MS
     end
+end)
+
+-- The OpenAI API's counters per API key name and route (declared in service/metrics.py), since
+-- HAProxy started, served at /metrics/openai. The replicas' fronts translate; this only counts:
+-- each request, each answer's tokens (the front's X-Nemotron-Usage header, removed here) and errors,
+-- HAProxy's own included. One Lua state serves every thread (lua-load): updates never interleave.
+local METRICS = {
+    { name = "nemotron_openai_requests_total", kind = "counter", help = "OpenAI API requests answered, errors included", labels = { "key", "route" } },
+    { name = "nemotron_openai_prompt_tokens_total", kind = "counter", help = "Prompt tokens of answered requests (the checkpoint's tokenizer)", labels = { "key", "route" } },
+    { name = "nemotron_openai_completion_tokens_total", kind = "counter", help = "Generated tokens of answered requests (the checkpoint's tokenizer)", labels = { "key", "route" } },
+    { name = "nemotron_openai_errors_total", kind = "counter", help = "OpenAI API requests answered with an error, by HTTP status", labels = { "key", "route", "status" } },
+}
+local REQUESTS, PROMPT, COMPLETION, ERRORS = "nemotron_openai_requests_total", "nemotron_openai_prompt_tokens_total", "nemotron_openai_completion_tokens_total", "nemotron_openai_errors_total"
+local USAGE_HEADER = "x-nemotron-usage"
+local ROUTE_METHOD = { models = "GET", completions = "POST", ["chat.completions"] = "POST" }
+local counts = {}  -- metric name -> { label values joined by "\0" -> value }
+for _, m in ipairs(METRICS) do counts[m.name] = {} end
+
+local function add(name, value, ...)
+    local labels = table.concat({ ... }, "\0")
+    counts[name][labels] = (counts[name][labels] or 0) + value
+end
+
+local function labels_of(txn)
+    return txn:get_var("txn.nemotron_key") or "", txn:get_var("txn.nemotron_route")
+end
+
+count_error = function(txn, status)
+    local key, route = labels_of(txn)
+    if route then add(ERRORS, 1, key, route, tostring(status)) end
+end
+
+local function openai_error(txn, status, message, code)
+    count_error(txn, status)
+    return '{"error":{"message":' .. json_string(message) .. ',"type":"server_error","param":null,"code":"'
+        .. code .. '"}}'  -- no newline: log-format (haproxy.cfg's lf-string) would escape it
+end
+
+-- A request on an OpenAI route, with its route's method (a 405 is not an API request).
+core.register_action("nemotron_openai_request", { "http-req" }, function(txn)
+    local key, route = labels_of(txn)
+    if ROUTE_METHOD[route] == txn.f:method() then add(REQUESTS, 1, key, route) end
+end)
+
+-- A replica's answer: its tokens, or its error.
+core.register_action("nemotron_openai_answer", { "http-res" }, function(txn)
+    local key, route = labels_of(txn)
+    local status = tonumber(txn.sf:status()) or 0
+    if status >= 400 then add(ERRORS, 1, key, route, tostring(status)) end
+    local usage = txn.http:res_get_headers()[USAGE_HEADER]
+    local prompt, completion = (usage and usage[0] or ""):match("^(%d+) (%d+)$")
+    if prompt then
+        add(PROMPT, tonumber(prompt), key, route)
+        add(COMPLETION, tonumber(completion), key, route)
+    end
+end)
+
+-- HAProxy's own 503s (haproxy.cfg's http-error and return): NeMo's JSON string for PUT /generate,
+-- OpenAI's error shape (counted) for its routes.
+local MSG_BUSY = "The replicas are busy (each serves one request at a time): this request waited up to 120 s (endpoint_queue_seconds) for one, or the replicas it was sent to failed. Retry later, or run more replicas."
+core.register_fetches("nemotron_busy", function(txn)
+    if not select(2, labels_of(txn)) then return json_string(MSG_BUSY) end
+    return openai_error(txn, 503, MSG_BUSY, "replicas_busy")
+end)
+core.register_fetches("nemotron_openai_no_replica", function(txn)
+    return openai_error(txn, 503, "No replica is up: the replicas are starting, or every one failed its health check (a one-token generation); see nemotron-deploy health.", "replicas_unavailable")
+end)
+
+local function escape(value)
+    return (value:gsub('[\\"\n]', { ["\\"] = "\\\\", ['"'] = '\\"', ["\n"] = "\\n" }))
+end
+
+core.register_service("nemotron_openai_metrics", "http", function(applet)
+    local out = {}
+    for _, m in ipairs(METRICS) do
+        out[#out + 1] = "# HELP " .. m.name .. " " .. m.help
+        out[#out + 1] = "# TYPE " .. m.name .. " " .. m.kind
+        local series = {}
+        for labels in pairs(counts[m.name]) do series[#series + 1] = labels end
+        table.sort(series)
+        for _, labels in ipairs(series) do
+            local pairs_, i = {}, 0
+            for value in (labels .. "\0"):gmatch("([^\0]*)\0") do
+                i = i + 1
+                pairs_[i] = m.labels[i] .. '="' .. escape(value) .. '"'
+            end
+            out[#out + 1] = m.name .. "{" .. table.concat(pairs_, ",") .. "} "
+                .. string.format("%d", counts[m.name][labels])
+        end
+    end
+    local body = table.concat(out, "\n") .. "\n"
+    applet:set_status(200)
+    applet:add_header("content-type", "text/plain; version=0.0.4")
+    applet:add_header("content-length", tostring(#body))
+    applet:start_response()
+    applet:send(body)
 end)

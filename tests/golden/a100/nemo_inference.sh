@@ -89,9 +89,10 @@ if [[ "${MODE}" == smoke ]]; then
 fi
 
 # Other hosts reach the server only through its front, with the replica key (the health check's
-# zipapp holds the front: nemotron_deploy.service.replica_front, standard library only).
+# zipapp holds the front: nemotron_deploy.service.replica_front, standard library only; it also
+# translates the OpenAI API's POST routes to PUT /generate, with the container's sentencepiece).
 PYTHONPATH="${SCRIPTS_DIR}/nemotron_health.pyz" "${PYTHON}" -m nemotron_deploy.service.replica_front \
-    --port "${PORT}" --key-file "${REPLICA_KEY_FILE}" &
+    --port "${PORT}" --key-file "${REPLICA_KEY_FILE}" --openai "${SCRIPTS_DIR}/nemotron_openai.json" &
 FRONT_PID=$!
 log "replica front started: http://$(hostname):${PORT}/generate with the replica key"
 status=0
