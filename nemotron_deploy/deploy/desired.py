@@ -438,4 +438,3 @@ def for_host(cluster: Cluster, host_name: str, login: Login | None = None) -> Ho
         want.files += endpoint_files(cluster)
         want.links += endpoint_links(cluster)
     return want
-

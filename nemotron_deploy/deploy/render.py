@@ -120,7 +120,9 @@ def render(cluster: Cluster) -> list[RenderedFile]:
     ]
     if openai_config.enabled(cluster):
         # The replica front's OpenAI translation: the model, its limits and tokenizer.
-        files.append(RenderedFile(openai_config.CONFIG_FILE, openai_config.config_text(cluster), "644", "compute"))
+        files.append(
+            RenderedFile(openai_config.CONFIG_FILE, openai_config.config_text(cluster), "644", "compute")
+        )
     if s.container_runtime in ("docker", "podman"):
         # Each task runs its container through this script (named, stopped on signal): see the template.
         files.append(

@@ -51,7 +51,10 @@ def test_haproxy_answers_models_and_sends_the_posts_to_the_replicas(tmp_path):
     # no other backend: the POSTs reach the replicas' backend like PUT /generate
     assert cfg.count("\nbackend ") == 2 and "use_backend" not in cfg
     # the fronts' token counts are read, then removed before the client sees the answer
-    assert "http-response lua.nemotron_openai_answer" in cfg and "http-response del-header X-Nemotron-Usage" in cfg
+    assert (
+        "http-response lua.nemotron_openai_answer" in cfg
+        and "http-response del-header X-Nemotron-Usage" in cfg
+    )
     assert 'core.register_service("nemotron_openai_metrics"' in lua
     assert "nemotron_openai_prompt_tokens_total" in lua
 
@@ -73,7 +76,9 @@ def test_preflight_wants_the_tokenizer_on_the_compute_nodes(tmp_path):
     assert "/lustre/models/Nemotron-4-340B-Base/nemotron_2_256k.model" in problem
     assert "tokenizer_file" in problem and "endpoint_openai = false" in problem
     assert host_checks.tokenizer_problems(c, {"paths": {OC.tokenizer_path(c): object()}}) == []
-    assert host_checks.tokenizer_problems(cluster(tmp_path / "off", endpoint_openai=False), {"paths": {}}) == []
+    assert (
+        host_checks.tokenizer_problems(cluster(tmp_path / "off", endpoint_openai=False), {"paths": {}}) == []
+    )
 
 
 def test_the_login_node_gets_no_translator_of_its_own(tmp_path):

@@ -50,4 +50,3 @@ class UnitEnabled(ProbeFact):
 
     def process(self, output: list[str]) -> bool:
         return output[-1:] == ["enabled"]
-

@@ -53,7 +53,9 @@ def nemo_answer(status: int, text: str) -> dict[str, Any]:
         try:
             answer = json.loads(text)
         except ValueError:
-            raise ApiError(502, "The model server's answer was not JSON", code="bad_upstream_answer") from None
+            raise ApiError(
+                502, "The model server's answer was not JSON", code="bad_upstream_answer"
+            ) from None
         if isinstance(answer, dict) and "sentences" in answer:
             return answer
         # NeMo's way of refusing a request: HTTP 200 with a JSON string.
@@ -109,7 +111,9 @@ class Translator:
             raise
         except Exception as exc:  # a bug here: the client still gets OpenAI's shape, the log the cause
             print(f"replica front: {route}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-            return Reply(500, ApiError(500, "The replica's front failed on this request (see the job's log)").body())
+            return Reply(
+                500, ApiError(500, "The replica's front failed on this request (see the job's log)").body()
+            )
 
     def _reply(self, route: str, raw: bytes, generate: Callable[[bytes], tuple[int, str]]) -> Reply:
         if self.tokenizer is None:
@@ -126,7 +130,9 @@ class Translator:
         body, usage = shaping.response(job, self.limits.model, answer, self.tokenizer)
         counts = [(USAGE_HEADER, f"{usage['prompt_tokens']} {usage['completion_tokens']}")]
         if job.stream:
-            return Reply(200, shaping.sse(body), "text/event-stream", [("Cache-Control", "no-cache"), *counts])
+            return Reply(
+                200, shaping.sse(body), "text/event-stream", [("Cache-Control", "no-cache"), *counts]
+            )
         return Reply(200, json.dumps(body).encode() + b"\n", headers=counts)
 
 
@@ -134,4 +140,6 @@ def _json_body(raw: bytes) -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise ApiError(400, "The request body must be one JSON object in UTF-8", code="invalid_json") from None
+        raise ApiError(
+            400, "The request body must be one JSON object in UTF-8", code="invalid_json"
+        ) from None
