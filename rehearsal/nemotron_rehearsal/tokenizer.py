@@ -1,14 +1,14 @@
 """STAND-IN for the checkpoint's SentencePiece tokenizer (``nemotron_2_256k.model``, 256000 pieces).
 
 The real file comes with the checkpoint; the sandbox and the tests need *a* real SentencePiece model
-where the checkpoint's would be, so the OpenAI gateway loads it with the real ``sentencepiece``
+where the checkpoint's would be, so the replica's front loads it with the real ``sentencepiece``
 library. :func:`train` makes a tiny BPE model (about 10 KB, 700 pieces, trained in ~20 ms) whose
 pieces agree with the emulator's notion of a token: each generated word (``" word"``, from the
 emulator's vocabulary) is one piece and ``<|endoftext|>`` is one piece, so usage counted with this
 tokenizer matches what the emulator says it generated, as the checkpoint's tokenizer matches NeMo's.
 Any other text is encodable too (byte fallback). Ids as Nemotron's: eos = 3.
 
-Needs ``sentencepiece`` (a dev dependency; the deploy ships it to the login node in its wheelhouse).
+Needs ``sentencepiece`` (a dev dependency; NeMo's container has it, and the sandbox's stand-in image gets it).
 """
 
 from __future__ import annotations

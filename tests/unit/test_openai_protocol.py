@@ -1,8 +1,8 @@
-"""The OpenAI gateway's translation (service/openai/protocol.py, chat.py, shaping.py), held against
+"""The OpenAI translation (service/openai/protocol.py, chat.py, shaping.py), held against
 NeMo's own request validation: every OpenAI field that maps to a NeMo field is sent at its edge values,
-and every body the gateway builds is PUT to NeMo's own Flask app (tests/nemo_reference.py, the
+and every body the translation builds is PUT to NeMo's own Flask app (tests/nemo_reference.py, the
 vendored text_generation_server.py of nemo_toolkit 1.23.0), which must accept it (a JSON object with
-sentences, not its 200-with-a-string refusal). What NeMo would refuse, the gateway refuses first with
+sentences, not its 200-with-a-string refusal). What NeMo would refuse, the translation refuses first with
 400 naming the OpenAI field."""
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ ACCEPTED = [
 
 
 @pytest.mark.parametrize("fields", ACCEPTED, ids=[json.dumps(f)[:60] for f in ACCEPTED])
-def test_every_body_the_gateway_builds_is_accepted_by_nemo(nemo, tok, fields):
+def test_every_body_the_translation_builds_is_accepted_by_nemo(nemo, tok, fields):
     if fields.get("max_tokens") == "the rest of the context":
         fields = {"max_tokens": 4096 - tok.count("hello")}
     job = completion(tok, **fields)
@@ -134,8 +134,8 @@ REFUSED = [
 @pytest.mark.parametrize(
     ("fields", "param", "nemo_body"), REFUSED, ids=[r[1] + json.dumps(r[0]) for r in REFUSED]
 )
-def test_what_nemo_refuses_the_gateway_refuses_first(nemo, tok, fields, param, nemo_body):
-    """NeMo answers the same value, mapped naively, with its 200-with-a-string: the gateway says 400
+def test_what_nemo_refuses_the_translation_refuses_first(nemo, tok, fields, param, nemo_body):
+    """NeMo answers the same value, mapped naively, with its 200-with-a-string: the translation says 400
     and names the OpenAI field instead."""
     with pytest.raises(ApiError) as err:
         completion(tok, **fields)

@@ -71,8 +71,9 @@ def key_file(tmp_path: Path) -> Path:
     return path
 
 
-def start_front(key_file: Path, port: int) -> replica_front.FrontServer:
-    server = replica_front.FrontServer((FRONT, port), replica_front.KeyFile(str(key_file)), port, 30.0)
+def start_front(key_file: Path, port: int, translator=None) -> replica_front.FrontServer:
+    keys = replica_front.KeyFile(str(key_file))
+    server = replica_front.FrontServer((FRONT, port), keys, port, 30.0, translator)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server
 
@@ -302,6 +303,108 @@ def _launch(tree: Path, port: int, *, nemo_on_path: bool = True) -> subprocess.P
          "trainer.num_nodes=1", "server=True", f"port={port}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+# --- the OpenAI routes (--openai): translated here, one PUT /generate each
+
+COMPLETION = json.dumps({"model": "nemotron-4-340b-base", "prompt": "The capital of France is",
+                         "max_tokens": 4, "temperature": 0}).encode()  # fmt: skip
+
+
+def translator(tmp_path: Path, tokenizer: Path | None = None):
+    from nemotron_rehearsal import tokenizer as stand_in
+
+    from nemotron_deploy.service.openai.translator import Translator
+
+    path = tokenizer or stand_in.train(tmp_path / "nemotron_2_256k.model")
+    t = Translator({"model": "nemotron-4-340b-base", "context_length": 4096, "tokenizer": str(path),
+                    "max_prompts": 8, "logprobs_allowed": True})  # fmt: skip
+    t.load_tokenizer()
+    return t
+
+
+@pytest.fixture
+def openai_replica(key_file: Path, tmp_path: Path):
+    port = free_port()
+    with serve_in_thread(port) as nemo:
+        assert nemo.wait_ready()
+        front = start_front(key_file, port, translator(tmp_path))
+        try:
+            yield nemo, port
+        finally:
+            front.shutdown()
+            front.server_close()
+
+
+def test_an_openai_request_needs_the_key_too(openai_replica):
+    _, port = openai_replica
+    status, _, body = call(port, "POST", "/v1/completions", COMPLETION, {"Content-Type": "application/json"})
+    assert status == 401 and json.loads(body)["error"]["code"] == "replica_key_missing"
+
+
+def test_an_openai_request_is_one_generation_answered_in_openais_shape(openai_replica):
+    _, port = openai_replica
+    status, headers, body = call(port, "POST", "/v1/completions", COMPLETION, {replica_front.KEY_HEADER: KEY})
+    assert status == 200, body
+    answer = json.loads(body)
+    assert answer["object"] == "text_completion" and answer["choices"][0]["finish_reason"] in (
+        "stop",
+        "length",
+    )
+    usage = answer["usage"]
+    # the token counts for HAProxy's per-key metrics (HAProxy removes the header)
+    assert headers["X-Nemotron-Usage"] == f"{usage['prompt_tokens']} {usage['completion_tokens']}"
+
+
+def test_an_openai_request_nemo_never_answered_gets_no_answer_either(key_file, tmp_path):
+    """As for PUT /generate: the connection closes without an answer, so HAProxy may try another replica."""
+    port = free_port()  # nothing listens on 127.0.0.1:port
+    front = start_front(key_file, port, translator(tmp_path))
+    try:
+        with pytest.raises(http.client.RemoteDisconnected):
+            call(port, "POST", "/v1/completions", COMPLETION, {replica_front.KEY_HEADER: KEY})
+    finally:
+        front.shutdown()
+        front.server_close()
+
+
+def test_without_its_tokenizer_the_replica_still_generates_and_the_openai_routes_say_why(key_file, tmp_path):
+    port = free_port()
+    missing = tmp_path / "absent" / "nemotron_2_256k.model"
+    with serve_in_thread(port) as nemo:
+        assert nemo.wait_ready()
+        front = start_front(key_file, port, translator(tmp_path, missing))
+        try:
+            status, headers, body = call(
+                port, "POST", "/v1/completions", COMPLETION, {replica_front.KEY_HEADER: KEY}
+            )
+            json_key = {replica_front.KEY_HEADER: KEY, "Content-Type": "application/json"}
+            generate = call(port, body=GENERATE, headers=json_key)
+        finally:
+            front.shutdown()
+            front.server_close()
+    error = json.loads(body)["error"]
+    assert (status, error["code"], headers.get("Retry-After")) == (503, "tokenizer_unavailable", "1")
+    assert str(missing) in error["message"]
+    assert generate[0] == 200 and "sentences" in json.loads(generate[2])
+
+
+def test_nemos_refusals_become_openai_errors():
+    from nemotron_deploy.service.openai.errors import ApiError
+    from nemotron_deploy.service.openai.translator import nemo_answer
+
+    assert nemo_answer(200, '{"sentences": ["x"]}') == {"sentences": ["x"]}
+    for status, text, expected in (
+        (200, '"temperature must be a positive number"', 400),  # NeMo's 200-with-a-string
+        (200, "not json", 502),
+        (500, "<html>Internal Server Error</html>", 502),
+    ):
+        with pytest.raises(ApiError) as err:
+            nemo_answer(status, text)
+        assert err.value.status == expected, (status, text)
+    with pytest.raises(ApiError) as err:
+        nemo_answer(200, '"temperature must be a positive number"')
+    assert "temperature must be a positive number" in err.value.message
 
 
 def test_the_launcher_keeps_nemos_server_on_loopback(nemo_tree):

@@ -6,7 +6,7 @@ import json
 
 
 class ApiError(Exception):
-    """A request the gateway answers with an error; `param` names the field at fault."""
+    """A request answered with an error; `param` names the field at fault."""
 
     def __init__(
         self,

@@ -7,7 +7,7 @@ from .errors import invalid
 
 class Tokenizer:
     def __init__(self, path: str) -> None:
-        import sentencepiece  # the service's runtime dependency for the gateway (shipped in the wheelhouse)
+        import sentencepiece  # in the job's container (NeMo's has it), where the replica front runs
 
         self.path = path
         self._sp = sentencepiece.SentencePieceProcessor(model_file=path)

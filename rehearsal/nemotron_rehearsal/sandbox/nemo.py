@@ -57,7 +57,7 @@ INSTRUCT_NAME = "Nemotron-4-340B-Instruct"
 def install_model(sandbox: Sandbox) -> None:
     """Base at sandbox.model_dir and Instruct beside it (same architecture): model_config.yaml, an
     empty model_weights/, and a real SentencePiece model where the checkpoint's tokenizer is (a tiny
-    stand-in trained here, nemotron_rehearsal.tokenizer: the OpenAI gateway loads it)."""
+    stand-in trained here, nemotron_rehearsal.tokenizer: the replica front loads it)."""
     from .. import tokenizer
 
     for model in (sandbox.model_dir, sandbox.model_dir.parent / INSTRUCT_NAME):
