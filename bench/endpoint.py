@@ -11,7 +11,11 @@ Everything runs on loopback, no root, nothing shared with the sandbox:
   and this process's clients are threads.
 * Each replica is the emulator in script mode (the real ``megatron_gpt_eval.py`` command line), one
   process each, as the sandbox runs it, listening on 127.0.0.1 (``NEMO_EMULATOR_BIND``). Slots are
-  pointed at them by ``endpoint_sync.apply`` over the stats socket, as the health timer does.
+  pointed at them by ``endpoint_sync.apply`` over the stats socket, as the health timer does. For
+  latency and throughput each is behind its replica front (``service/replica_front.py`` with the
+  replica key and the OpenAI translation config, as a job starts it), so ``PUT /generate`` and
+  ``/v1/completions`` take the deployed path; failover, sustained load and the refused connection
+  point the slots at the emulators themselves (what HAProxy does with a dying process).
 * Clients are threads here, each sending the model card client's body (one prompt, a few tokens,
   ``PUT /generate``), a new connection per request as ``call_server.py`` does; an answer counts when
   it is 200 with a JSON object holding ``sentences``. Through the endpoint they do what the deployed
@@ -25,7 +29,8 @@ Five measurements:
    closed-loop clients through the endpoint, rounds of 1, 2, 2, 1 replicas (drift cancels); for 1,
    slot r2 is in maintenance. Requests/s = answers completed in the round's window / its length.
 2. latency: a replica without extra generation time, one client, requests alternating between the
-   replica's own port and the endpoint (same replica behind it), after a warm-up.
+   replica's own port, ``PUT /generate`` through the endpoint and ``POST /v1/completions`` through
+   the endpoint (same replica, same front), after a warm-up.
 3. failover: 2 replicas, ``FAILOVER_CLIENTS`` clients, one replica's process SIGKILLed mid-run; failed
    requests, the longest time between two answers around the kill, the request that was on the killed
    replica, and the time until HAProxy shows the slot DOWN (polled on the stats socket).
@@ -43,7 +48,6 @@ import http.client
 import json
 import os
 import pwd
-import shutil
 import signal
 import ssl
 import subprocess
@@ -73,30 +77,29 @@ STATUS_TIMEOUT = 30.0
 END_STRINGS = ["<|endoftext|>", "<extra_id_1>", "\x11", "<extra_id_1>User"]
 MODEL_ID = "nemotron-4-340b-base"  # inventories/h100.py's model, as GET /v1/models names it
 
+REPLICA_KEY = "0" * 64  # the replica key HAProxy sends (its map rendered beside haproxy.cfg), the fronts ask
 # Renders the endpoint for the shipped inventory; run with `python -c` (see the module docstring).
-RENDER = """\
+RENDER = (
+    f"REPLICA_KEY = {REPLICA_KEY!r}\n"
+    + """\
 import grp, os, pwd, sys
 from pathlib import Path
 from nemotron_deploy import inventory
 from nemotron_deploy.deploy import render
-from nemotron_deploy.deploy import endpoint, openai_gateway
-inv, out, sock, port, replicas, keys, sockets, tokenizer = sys.argv[1:9]
+from nemotron_deploy.deploy import openai_config
+inv, out, sock, port, replicas, keys, tokenizer = sys.argv[1:8]
 cluster = inventory.load(inv, override_data={"endpoint_port": int(port), "endpoint_api_keys_file": keys})
 who = {}
 if os.geteuid() != 0:  # HAProxy can only switch to the user it runs as
     who = {"run_as": pwd.getpwuid(os.geteuid()).pw_name, "socket_group": grp.getgrgid(os.getegid()).gr_name}
-# The OpenAI gateway's sockets in a short temporary directory, its internal listener for our group.
-gw = {"gateway_socket": f"{sockets}/gw.sock", "internal_socket": f"{sockets}/int.sock",
-      "gateway_group": who.get("socket_group", endpoint.RUN_AS)}
 for f in render.render_endpoint(cluster, int(replicas), config_dir=out, stats_socket=sock,
-                                bind_address="127.0.0.1", replica_key="0" * 64, **who, **gw):
+                                bind_address="127.0.0.1", replica_key=REPLICA_KEY, **who):
     Path(out, f.name).write_text(str(f.content))
-timeout = endpoint.limits(cluster.settings, cluster.plan, int(replicas)).client_timeout_s
-Path(out, openai_gateway.CONFIG_FILE).write_text(openai_gateway.config_text(
-    cluster, listen=f"unix:{sockets}/gw.sock", upstream=f"unix:{sockets}/int.sock", tokenizer=tokenizer,
-    timeout_seconds=timeout))
+# The replica fronts' translation config, as the job carries it, with the stand-in tokenizer.
+Path(out, openai_config.CONFIG_FILE).write_text(openai_config.config_text(cluster, tokenizer=tokenizer))
 print(cluster.settings.endpoint_check_seconds, cluster.settings.endpoint_queue_seconds)
 """
+)
 
 
 def haproxy() -> str:
@@ -151,7 +154,7 @@ def put(
 
 
 def _same_path() -> dict[str, str]:
-    """The gateway imports what this process does (sentencepiece from a PYTHONPATH, if that is where it is)."""
+    """A front imports what this process does (sentencepiece from a PYTHONPATH, if that is where it is)."""
     return {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
 
 
@@ -224,12 +227,9 @@ class Stack:
         self.proc: subprocess.Popen | None = None
         self.keys: list[str] = []
         self.ca_file: str | None = None
-        self.gateway: subprocess.Popen | None = None
-        # Unix socket paths must be short; HAProxy's group reaches the gateway's (setgid), as deployed.
-        self.sockets = Path(tempfile.mkdtemp(prefix="bench-gw-"))
-        if os.geteuid() == 0:
-            os.chown(self.sockets, -1, grp.getgrnam(endpoint_files.RUN_AS).gr_gid)
-            self.sockets.chmod(0o2750)
+        # Replica fronts (service/replica_front.py, as a job starts one once NeMo generates), by the
+        # emulator's name: (process, port).
+        self.fronts: dict[str, tuple[subprocess.Popen, int]] = {}
 
     def client(self, i: int) -> dict:
         """How client `i` calls the endpoint (put's keywords)."""
@@ -250,7 +250,6 @@ class Stack:
                 str(self.port),
                 str(REPLICAS),
                 str(keys_file),
-                str(self.sockets),
                 str(tokenizer.train(self.workdir / "tokenizer.model")),
             ],
             cwd=common.REPO,
@@ -274,18 +273,6 @@ class Stack:
         if made.returncode != 0:
             raise RuntimeError(f"making the self-signed certificate failed: {made.stderr.strip()[-2000:]}")
         self.ca_file = str(cert)
-        gateway_log = self.workdir / "gateway.log"
-        with gateway_log.open("w") as out:
-            self.gateway = subprocess.Popen(
-                [sys.executable, "-m", "nemotron_deploy.service.openai.gateway", "--config",
-                 str(self.workdir / "gateway.json")],
-                cwd=common.REPO, env=common.child_env(**_same_path()), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        deadline = time.monotonic() + 15
-        while not (self.sockets / "gw.sock").exists():
-            if self.gateway.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the OpenAI gateway did not start: {gateway_log.read_text()[-2000:]}")
-            time.sleep(0.02)
         with self.haproxy_log.open("w") as out:
             self.proc = subprocess.Popen(
                 [haproxy(), "-f", str(cfg), "-db"],
@@ -333,15 +320,40 @@ class Stack:
         self.emulators[name] = (proc, port)
         return port
 
+    def front(self, name: str) -> int:
+        """The replica front before emulator `name` (the replica key, the translation config), on a
+        port of its own; the emulator must generate already. Returns the front's port."""
+        key_file = self.workdir / "replica.key"
+        key_file.write_text(REPLICA_KEY + "\n")
+        key_file.chmod(0o600)
+        port = common.free_port()
+        log = self.workdir / f"front-{name}.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "nemotron_deploy.service.replica_front", "--listen", common.LOOPBACK,
+                 "--port", str(port), "--upstream-port", str(self.emulators[name][1]), "--key-file",
+                 str(key_file), "--openai", str(self.workdir / "nemotron_openai.json")],
+                cwd=common.REPO, env=common.child_env(**_same_path()), stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.fronts[name] = (proc, port)
+        deadline = time.monotonic() + 15
+        while "replica front: 127.0.0.1" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the replica front for {name} did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.02)
+        return port
+
     def wait_emulators(self) -> None:
         for name, (proc, _) in self.emulators.items():
             common.wait_ready(self.workdir / f"{name}.ready", proc)
 
-    def sync(self, **slots: str | None) -> None:
-        """Point each slot at an emulator by name, or None for maintenance; wait until each pointed one is UP."""
+    def sync(self, *, fronts: bool = False, **slots: str | None) -> None:
+        """Point each slot at an emulator by name (`fronts`: at its front), or None for maintenance;
+        wait until each pointed one is UP."""
+        ports = {name: port for name, (_, port) in (self.fronts if fronts else self.emulators).items()}
         desired = {
-            slot: ((common.LOOPBACK, self.emulators[name][1]) if name else (None, 0))
-            for slot, name in slots.items()
+            slot: ((common.LOOPBACK, ports[name]) if name else (None, 0)) for slot, name in slots.items()
         }
         endpoint_sync.apply(self.socket, desired)
         deadline = time.monotonic() + STATUS_TIMEOUT
@@ -369,13 +381,10 @@ class Stack:
         return out
 
     def stop(self) -> None:
-        for proc, _ in self.emulators.values():
+        for proc, _ in [*self.fronts.values(), *self.emulators.values()]:
             common.stop(proc)
         if self.proc is not None:
             common.stop(self.proc)
-        if self.gateway is not None:
-            common.stop(self.gateway)
-        shutil.rmtree(self.sockets, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -424,11 +433,12 @@ def load(
 
 
 def throughput(stack: Stack, clients: int, seconds: float, log, *, openai: bool = False) -> dict:
-    """Rounds of 1, 2, 2, 1 replicas; `openai`: every request POST /v1/completions (through the gateway)."""
+    """Rounds of 1, 2, 2, 1 replicas behind their fronts, as in a job; `openai`: every request POST
+    /v1/completions (translated on the front)."""
     what = "openai throughput" if openai else "endpoint throughput"
     rounds = []
     for i, n in enumerate(ROUND_PATTERN):
-        stack.sync(r1="b1", r2="b2" if n == 2 else None)
+        stack.sync(r1="b1", r2="b2" if n == 2 else None, fronts=True)
         before = stack.served()
         records, _ = load(stack, clients, seconds, f"throughput round {i}", openai=openai)
         after = stack.served()
@@ -466,8 +476,9 @@ def throughput(stack: Stack, clients: int, seconds: float, log, *, openai: bool 
 
 
 def latency(stack: Stack, requests: int, log) -> dict:
-    """One client, alternating direct / through the endpoint; replica "a" (no extra time) behind r1."""
-    stack.sync(r1="a", r2=None)
+    """One client, alternating direct (to the emulator) / PUT /generate through the endpoint /
+    /v1/completions through the endpoint; replica "a" (no extra time), behind its front, in r1."""
+    stack.sync(r1="a", r2=None, fronts=True)
     direct_port = stack.emulators["a"][1]
     paths = {"direct": direct_port, "through": stack.port, "openai": stack.port}
     samples: dict[str, list[float]] = {k: [] for k in paths}
@@ -771,8 +782,11 @@ def run(seconds: float = 5.0, requests: int = 1000, clients: int = 8, *, log=pri
             stack.emulator("b1", GENERATION_SECONDS)
             stack.emulator("b2", GENERATION_SECONDS)
             stack.wait_emulators()
+            for name in ("a", "b1", "b2"):
+                stack.front(name)
             log(
-                f"endpoint: HAProxy on 127.0.0.1:{stack.port} ({INVENTORY}, {REPLICAS} slots), 3 replica processes"
+                f"endpoint: HAProxy on 127.0.0.1:{stack.port} ({INVENTORY}, {REPLICAS} slots), 3 replica "
+                "processes, each behind its front"
             )
             out["latency"] = latency(stack, requests, log)
             out["throughput"] = throughput(stack, clients, seconds, log)
