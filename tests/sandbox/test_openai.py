@@ -1,15 +1,19 @@
-"""The OpenAI front door as deployed on the sandbox: the gateway on the login node (its account, its
-service, its sockets), reached from this host over the cluster network with the official ``openai``
-library, TLS verified against the deployed certificate, the sandbox's API key.
+"""The OpenAI front door as deployed on the sandbox: HAProxy answers /v1/models and sends the POSTs
+to the replicas, whose fronts (inside the job's container, the stand-in image's sentencepiece, the
+checkpoint directory's tokenizer) translate; reached from this host over the cluster network with the
+official ``openai`` library, TLS verified against the deployed certificate, the sandbox's API key.
 
 * Base (the sandbox inventory): models, completions (text, usage by the checkpoint directory's
-  SentencePiece file, finish_reason), streaming, errors as openai's exception classes; a re-deploy
-  changes nothing; a killed gateway is restarted.
+  SentencePiece file, finish_reason), streaming, errors as openai's exception classes, the per-key
+  counters; the translation runs in the job, as the service user, behind the replica key (an
+  unprivileged user calling a replica's node directly gets 401); a re-deploy changes nothing.
 * Instruct (model = nemotron-4-340b-instruct, its own checkpoint directory): chat, streaming chat.
 """
 
 from __future__ import annotations
 
+import json
+import shlex
 import ssl
 
 import httpx
@@ -21,6 +25,10 @@ from nemotron_rehearsal.emulator import EOD, continuation
 from nemotron_rehearsal.sandbox import nemo
 from sshutil import (
     ENDPOINT,
+    JOB_NAME,
+    PORT,
+    RECORDS_DIR,
+    SERVICE_USER,
     cancel_jobs,
     deploy_ok,
     endpoint_cert,
@@ -33,7 +41,6 @@ from sshutil import (
 )
 
 from nemotron_deploy import catalog
-from nemotron_deploy.deploy import openai_gateway
 
 BASE = "nemotron-4-340b-base"
 INSTRUCT = "nemotron-4-340b-instruct"
@@ -58,20 +65,20 @@ def tokens(sandbox, text: str, model_dir) -> int:
 @pytest.fixture(scope="module")
 def served(sandbox):
     """The sandbox inventory deployed from nothing with submit=true (the checkpoints get their stand-in
-    tokenizer): the first deploy makes the gateway's account, files and service."""
+    tokenizer): the jobs' fronts translate from their first start."""
     nemo.install_model(sandbox)
     with sb_api.exclusive_use("OpenAI front door tests (submit and cancel jobs)"):
         reset_deploy(sandbox)
         run = pyinfra("--data", "submit=true", timeout=400)
         assert run.rc == 0, run.describe()
-        wait_for(lambda: _models_ok(), 60, "the gateway to answer /v1/models", interval=1)
+        wait_for(lambda: _models_ok(), 60, "the endpoint to answer /v1/models", interval=1)
         wait_for(_generates, 90, "the replicas to serve through the endpoint", interval=1)
         yield run
         cancel_jobs(sandbox)
 
 
 def _generates() -> bool:
-    """A completion through the gateway (the slots come UP with their first passing check)."""
+    """A completion through the endpoint (the slots come UP with their first passing check)."""
     try:
         return bool(client().completions.create(model=_served_model(), prompt="ready?", max_tokens=1).choices)
     except openai.APIStatusError as exc:
@@ -91,23 +98,57 @@ def _models_ok() -> bool:
         return False
 
 
-def test_the_gateway_runs_as_its_own_user_behind_sockets_only_haproxy_reaches(sandbox, served):
-    user = openai_gateway.USER
-    ps = ssh(sandbox, sandbox.login_host, f"ps -o user= -o args= -u {user}").stdout
-    assert "nemotron_deploy.service.openai.gateway" in ps, ps
-    modes = ssh(
-        sandbox,
-        sandbox.login_host,
-        f"stat -c '%n %U:%G %a' {openai_gateway.SOCKET_DIR} {openai_gateway.SOCKET}",
-    ).stdout.split("\n")
-    assert modes[:2] == [
-        f"{openai_gateway.SOCKET_DIR} {user}:haproxy 2750",
-        f"{openai_gateway.SOCKET} {user}:haproxy 660",
+# A keyless POST /v1/completions to a replica's node, as someone on the cluster could send it.
+CALL = """
+import http.client, json, sys
+conn = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=20)
+body = json.dumps({"model": "nemotron-4-340b-base", "prompt": "Skip the endpoint?", "max_tokens": 2})
+conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+reply = conn.getresponse()
+print(reply.status, reply.read().decode()[:300])
+"""
+
+
+def test_the_replicas_fronts_translate_in_the_job_behind_the_replica_key(sandbox, served):
+    """Nothing translates on the login node; on a replica's node the front runs with --openai as the
+    service user (the job's process), and an unprivileged user there or on the login node gets 401
+    for /v1/completions: the translation is no way around the endpoint's keys."""
+    login = ssh(sandbox, sandbox.login_host, "ps -e -o args=").stdout
+    assert "replica_front" not in login and "gateway" not in login, login
+    with open(f"{RECORDS_DIR}/{JOB_NAME}.job.json") as f:
+        node = json.load(f)["node"]
+    fronts = [
+        line.split(None, 1)
+        for line in ssh(sandbox, node, "ps -e -o user=,args=").stdout.splitlines()
+        if "nemotron_deploy.service.replica_front" in line
     ]
-    denied = ssh(
-        sandbox, sandbox.login_host, f"runuser -u nobody -- ls {openai_gateway.SOCKET_DIR}", check=False
-    )
-    assert denied.returncode != 0
+    assert fronts and all(user == SERVICE_USER and "--openai" in args for user, args in fronts), fronts
+    address = sandbox.node(node).address
+    for where in (sandbox.login_host, node):
+        command = f"runuser -u nobody -- python3 -c {shlex.quote(CALL)} {address} {PORT}"
+        status, _, body = ssh(sandbox, where, command).stdout.strip().partition(" ")
+        assert status == "401" and "replica_key_missing" in body, (where, status, body)
+
+
+def test_the_per_key_counters(sandbox, served):
+    """Requests and tokens per API key name and route, from HAProxy (this host is not in
+    endpoint_metrics_allow: the sandbox's key reads them)."""
+    out = client().completions.create(model=BASE, prompt="Count me:", max_tokens=3, temperature=0)
+    context = ssl.create_default_context(cafile=str(endpoint_cert()))
+    with httpx.Client(verify=context, trust_env=False) as http:
+        text = http.get(
+            f"{ENDPOINT}/metrics/openai", headers={"Authorization": f"Bearer {rehearsal_key()}"}
+        ).text
+    counters = {
+        line.rsplit(" ", 1)[0]: int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"
+    }
+    completions = [
+        k
+        for k in counters
+        if k.startswith("nemotron_openai_completion_tokens_total{") and 'route="completions"' in k
+    ]
+    assert completions and sum(counters[k] for k in completions) >= out.usage.completion_tokens, text
+    assert any(k.startswith("nemotron_openai_requests_total{") for k in counters), text
 
 
 def test_completions_usage_and_finish_reason(sandbox, served):
@@ -142,13 +183,11 @@ def test_errors_are_openai_exceptions_with_their_status(sandbox, served):
         client().completions.create(model=INSTRUCT, prompt="x", max_tokens=2)
 
 
-def test_a_redeploy_changes_nothing_and_a_killed_gateway_comes_back(sandbox, served):
+def test_a_redeploy_changes_nothing(sandbox, served):
     run = deploy_ok()
     table = results_table(run.output)
     assert table["Grand total"]["Success"] == "-", f"a second run changed things:\n{run.output[-3000:]}"
-    # the gateway's python only (its process name), not the init script's restart loop around it
-    ssh(sandbox, sandbox.login_host, f"pkill -KILL -u {openai_gateway.USER} -x python")
-    wait_for(lambda: _models_ok(), 30, "the gateway to be restarted", interval=0.5)
+    assert _models_ok()
 
 
 def test_instruct_chat(sandbox, served):
@@ -171,7 +210,7 @@ def test_instruct_chat(sandbox, served):
             except openai.APIError:
                 return False
 
-        wait_for(ready, 60, "the gateway to serve the instruct model", interval=1)
+        wait_for(ready, 60, "the endpoint to name the instruct model", interval=1)
         wait_for(_generates, 90, "the instruct replicas to serve through the endpoint", interval=1)
         messages = [{"role": "user", "content": "Which GPU?"}]
         out = client().chat.completions.create(model=INSTRUCT, messages=messages, max_tokens=6, temperature=0)
