@@ -46,7 +46,10 @@ deploy.ensure_replica_key(host, cluster, snapshot)
 # 7. The scheduled health check on the login node: its systemd timer enabled (cron needs nothing).
 deploy.install_health_check(host, cluster, snapshot)
 
-# 7b. Replicas above `replicas` (it was lowered): drained out of the endpoint, then cancelled.
+# 7b. An earlier release's OpenAI gateway on the login node: stopped and removed (the fronts translate).
+deploy.retire_gateway(host, cluster, snapshot)
+
+# 7c. Replicas above `replicas` (it was lowered): drained out of the endpoint, then cancelled.
 deploy.scale_down(host, cluster, snapshot)
 
 # 8. The endpoint: started, or reloaded if its files changed, its slots pointed at the replicas.

@@ -23,6 +23,7 @@ from .facts.runtimes import ContainerRuntimes
 from .facts.slurm import AccountJobs, JobRecords, ReplicaJobs, SlurmVersion, SubmitContext
 from .facts.snapshot import snapshot
 from .facts.system import InitSystem, UnitEnabled, UserExists
+from .operations import gateway_retired
 from .operations.health_timer import STATE_DIR, UNIT, USER_MARK
 
 # The endpoint's configuration needs http-check send/expect with bodies and retry-on (2.2+), and is
@@ -212,6 +213,8 @@ def paths_to_read(cluster: Cluster, host_name: str) -> tuple[tuple[str, ...], tu
         ]
         # Its presence only: it lives in a directory the health user can write, so root never reads it.
         unhashed += (desired.earlier_started_file(),)
+        # An earlier release's OpenAI gateway, to retire: its unit or init script.
+        unhashed += gateway_retired.FOUND_BY
         # TLS files: their presence only (never a private key's bytes, not even hashed).
         # (With endpoint_tls = files the deploy's paths are links, read with the other paths.)
         tls = {

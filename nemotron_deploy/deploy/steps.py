@@ -25,7 +25,7 @@ from . import desired, host_checks, replica_key, rootless
 from .errors import DeployError
 from .facts.snapshot import snapshot
 from .facts.system import UserExists
-from .operations import accounts, containers, endpoint, files, health_timer, submit
+from .operations import accounts, containers, endpoint, files, gateway_retired, health_timer, submit
 
 # One validation per pyinfra Inventory object, dropped with it (an id() could be reused).
 _clusters: weakref.WeakKeyDictionary[Any, Cluster] = weakref.WeakKeyDictionary()
@@ -244,6 +244,17 @@ def install_health_check(host: Any, cluster: Cluster, snap: dict[str, Any]) -> N
         units_changed=units_changed,
         enabled=bool(snap.get("timer_enabled")),
     )
+
+
+def retire_gateway(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
+    """The OpenAI gateway an earlier release ran on the login node: stopped and removed, once (each
+    replica's front translates now)."""
+    if desired.role(cluster, host.name) != "login":
+        return
+    if any(snap["paths"].get(path) is not None for path in gateway_retired.FOUND_BY):
+        gateway_retired.retire(
+            name="Retire the earlier release's OpenAI gateway (the replicas' fronts translate now)"
+        )
 
 
 def ensure_replica_key(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:

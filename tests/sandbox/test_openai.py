@@ -41,6 +41,7 @@ from sshutil import (
 )
 
 from nemotron_deploy import catalog
+from nemotron_deploy.deploy.operations import gateway_retired
 
 BASE = "nemotron-4-340b-base"
 INSTRUCT = "nemotron-4-340b-instruct"
@@ -188,6 +189,46 @@ def test_a_redeploy_changes_nothing(sandbox, served):
     table = results_table(run.output)
     assert table["Grand total"]["Success"] == "-", f"a second run changed things:\n{run.output[-3000:]}"
     assert _models_ok()
+
+
+# An earlier release's gateway as it ran where systemd does not (the sandbox's login node): its marked
+# account, its directories, an init script whose service runs as that account.
+PLANT_GATEWAY = f"""
+useradd --system --no-create-home --shell /usr/sbin/nologin --comment {shlex.quote(gateway_retired.USER_MARK)} {gateway_retired.USER}
+mkdir -p {gateway_retired.CONFIG_DIR} {gateway_retired.STATE_DIR}/run
+echo '{{}}' > {gateway_retired.CONFIG_DIR}/gateway.json
+chown {gateway_retired.USER}:haproxy {gateway_retired.STATE_DIR}/run && chmod 2750 {gateway_retired.STATE_DIR}/run
+cat > {gateway_retired.INIT_SCRIPT} <<'SCRIPT'
+#!/bin/sh
+case "$1" in
+  start) start-stop-daemon --start --background --make-pidfile --pidfile {gateway_retired.PIDFILE} \\
+           --chuid {gateway_retired.USER} --exec /bin/sleep -- 86401 ;;
+  stop) start-stop-daemon --stop --quiet --pidfile {gateway_retired.PIDFILE} --remove-pidfile; true ;;
+esac
+SCRIPT
+chmod 755 {gateway_retired.INIT_SCRIPT} && {gateway_retired.INIT_SCRIPT} start
+"""
+
+
+def test_an_earlier_releases_gateway_is_retired_once(sandbox, served):
+    """A login node that ran the earlier release's gateway: the deploy stops it, removes its account
+    and files; the next deploy finds nothing to do."""
+    login = sandbox.login_host
+    ssh(sandbox, login, PLANT_GATEWAY)
+    planted = lambda: ssh(sandbox, login, "pgrep -f 'sleep 86401'", check=False).returncode == 0  # noqa: E731
+    wait_for(planted, 10, "the planted gateway")
+    run = deploy_ok()
+    assert "Retire the earlier release's OpenAI gateway" in run.output, run.output[-3000:]
+    left = ssh(
+        sandbox,
+        login,
+        f"id {gateway_retired.USER}; ls -d {gateway_retired.CONFIG_DIR} {gateway_retired.STATE_DIR} "
+        f"{gateway_retired.INIT_SCRIPT} {gateway_retired.PIDFILE}; pgrep -f 'sleep 86401'",
+        check=False,
+    )
+    assert left.stdout.strip() == "", left.stdout
+    again = deploy_ok()
+    assert results_table(again.output)["Grand total"]["Success"] == "-", again.output[-3000:]
 
 
 def test_instruct_chat(sandbox, served):
