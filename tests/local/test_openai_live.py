@@ -365,3 +365,69 @@ def test_routes_methods_and_the_fronts_token_counts(base):
         assert _counter(after, metric) - _counter(before, metric) == usage[field], (name, after)
     requests = f"nemotron_openai_requests_total{series}"
     assert _counter(after, requests) - _counter(before, requests) == 1
+
+
+def test_the_queue_timeout_is_a_503_in_openais_shape_counted_per_key(tmp_path):
+    """One replica, busy: a second /v1/completions waits endpoint_queue_seconds (1) and gets HAProxy's
+    own 503, in OpenAI's shape on this route (NeMo's JSON string on PUT /generate), with Retry-After,
+    and counted as an error of its key and route."""
+    import threading
+
+    from live_endpoint import wait_for
+
+    a = replica(slow_seconds=5.0)
+    try:
+        inv = cluster_with(tmp_path, endpoint_queue_seconds=1)
+        with running_endpoint(inv, 1, tmp_path / "ep", openai=True) as ep, ep.front(a) as port:
+            ep.sync(r1=(HOST, port))
+            ep.wait_status("r1", "up", timeout=20)
+            held: dict[str, tuple] = {}
+            body = {"model": BASE_ID, "prompt": "hold the replica", "max_tokens": 1, "temperature": 0}
+            first = threading.Thread(
+                target=lambda: held.update(r=ep.request("POST", "/v1/completions", body))
+            )
+            first.start()
+            wait_for(lambda: "hold the replica" in a.requests, 10, "the first request to reach the replica")
+            status, headers, text = ep.request(
+                "POST", "/v1/completions", {**body, "prompt": "queued"}, key="health"
+            )
+            assert "r" not in held, "the first request was answered before the second's 503"
+            first.join(30)
+            assert held["r"][0] == 200, held
+            error = json.loads(text)["error"]
+            assert (status, error["code"], headers.get("retry-after")) == (503, "replicas_busy", "1"), text
+            assert "endpoint_queue_seconds" in error["message"] and "queued" not in a.requests
+            _, _, metrics = ep.request("GET", "/metrics/openai", key=None)
+            assert 'nemotron_openai_errors_total{key="health",route="completions",status="503"} 1' in metrics
+    finally:
+        a.handle.stop()
+
+
+def test_a_key_over_its_limit_gets_429_counted_per_key(tmp_path):
+    """endpoint_max_inflight_per_key = 1: while a key's request is held, its next is a 429 (OpenAI's
+    shape, from HAProxy), counted as an error of that key and route."""
+    import threading
+
+    from live_endpoint import wait_for
+
+    a = replica(slow_seconds=3.0)
+    try:
+        inv = cluster_with(tmp_path, endpoint_max_inflight_per_key=1)
+        with running_endpoint(inv, 1, tmp_path / "ep", openai=True) as ep, ep.front(a) as port:
+            ep.sync(r1=(HOST, port))
+            ep.wait_status("r1", "up", timeout=20)
+            held: dict[str, tuple] = {}
+            body = {"model": BASE_ID, "prompt": "hold the key", "max_tokens": 1, "temperature": 0}
+            first = threading.Thread(
+                target=lambda: held.update(r=ep.request("POST", "/v1/completions", body))
+            )
+            first.start()
+            wait_for(lambda: "hold the key" in a.requests, 10, "the first request to reach the replica")
+            status, _, text = ep.request("POST", "/v1/completions", {**body, "prompt": "one too many"})
+            assert "r" not in held, "the first request was answered before the 429"
+            first.join(30)
+            assert status == 429 and json.loads(text)["error"]["code"] == "rate_limit_exceeded", text
+            _, _, metrics = ep.request("GET", "/metrics/openai", key=None)
+            assert 'nemotron_openai_errors_total{key="client",route="completions",status="429"} 1' in metrics
+    finally:
+        a.handle.stop()
