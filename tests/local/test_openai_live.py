@@ -11,6 +11,8 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import openai
 import pytest
@@ -367,67 +369,59 @@ def test_routes_methods_and_the_fronts_token_counts(base):
     assert _counter(after, requests) - _counter(before, requests) == 1
 
 
-def test_the_queue_timeout_is_a_503_in_openais_shape_counted_per_key(tmp_path):
-    """One replica, busy: a second /v1/completions waits endpoint_queue_seconds (1) and gets HAProxy's
-    own 503, in OpenAI's shape on this route (NeMo's JSON string on PUT /generate), with Retry-After,
-    and counted as an error of its key and route."""
+@contextmanager
+def one_held_request(tmp_path: Path, **settings) -> Iterator[tuple[Endpoint, Replica, dict]]:
+    """One slow replica behind its front, and a /v1/completions (key "client") it is generating:
+    yields once that request reached the replica; its answer lands in the dict's "answer"."""
     import threading
 
     from live_endpoint import wait_for
 
     a = replica(slow_seconds=5.0)
     try:
-        inv = cluster_with(tmp_path, endpoint_queue_seconds=1)
-        with running_endpoint(inv, 1, tmp_path / "ep", openai=True) as ep, ep.front(a) as port:
-            ep.sync(r1=(HOST, port))
-            ep.wait_status("r1", "up", timeout=20)
-            held: dict[str, tuple] = {}
-            body = {"model": BASE_ID, "prompt": "hold the replica", "max_tokens": 1, "temperature": 0}
-            first = threading.Thread(
-                target=lambda: held.update(r=ep.request("POST", "/v1/completions", body))
-            )
-            first.start()
-            wait_for(lambda: "hold the replica" in a.requests, 10, "the first request to reach the replica")
-            status, headers, text = ep.request(
-                "POST", "/v1/completions", {**body, "prompt": "queued"}, key="health"
-            )
-            assert "r" not in held, "the first request was answered before the second's 503"
-            first.join(30)
-            assert held["r"][0] == 200, held
-            error = json.loads(text)["error"]
-            assert (status, error["code"], headers.get("retry-after")) == (503, "replicas_busy", "1"), text
-            assert "endpoint_queue_seconds" in error["message"] and "queued" not in a.requests
-            _, _, metrics = ep.request("GET", "/metrics/openai", key=None)
-            assert 'nemotron_openai_errors_total{key="health",route="completions",status="503"} 1' in metrics
+        with running_endpoint(cluster_with(tmp_path, **settings), 1, tmp_path / "ep", openai=True) as ep:
+            with ep.front(a) as port:
+                ep.sync(r1=(HOST, port))
+                ep.wait_status("r1", "up", timeout=20)
+                held: dict = {}
+                body = {"model": BASE_ID, "prompt": "hold it", "max_tokens": 1, "temperature": 0}
+                first = threading.Thread(
+                    target=lambda: held.update(answer=ep.request("POST", "/v1/completions", body))
+                )
+                first.start()
+                wait_for(lambda: "hold it" in a.requests, 10, "the first request to reach the replica")
+                yield ep, a, held
+                first.join(30)
+                assert held["answer"][0] == 200, held
     finally:
         a.handle.stop()
+
+
+def _second(ep: Endpoint, key: str) -> tuple[int, dict, dict]:
+    body = {"model": BASE_ID, "prompt": "one more", "max_tokens": 1, "temperature": 0}
+    status, headers, text = ep.request("POST", "/v1/completions", body, key=key)
+    return status, headers, json.loads(text)["error"]
+
+
+def test_the_queue_timeout_is_a_503_in_openais_shape_counted_per_key(tmp_path):
+    """A second /v1/completions waits endpoint_queue_seconds (1) and gets HAProxy's own 503, in
+    OpenAI's shape on this route (NeMo's JSON string on PUT /generate), with Retry-After, and counted
+    as an error of its key and route."""
+    with one_held_request(tmp_path, endpoint_queue_seconds=1) as (ep, a, held):
+        status, headers, error = _second(ep, "health")
+        assert "answer" not in held, "the first request was answered before the second's 503"
+        assert (status, error["code"], headers.get("retry-after")) == (503, "replicas_busy", "1"), error
+        assert "endpoint_queue_seconds" in error["message"] and "one more" not in a.requests
+        _, _, metrics = ep.request("GET", "/metrics/openai", key=None)
+        assert 'nemotron_openai_errors_total{key="health",route="completions",status="503"} 1' in metrics
 
 
 def test_a_key_over_its_limit_gets_429_counted_per_key(tmp_path):
     """endpoint_max_inflight_per_key = 1: while a key's request is held, its next is a 429 (OpenAI's
     shape, from HAProxy), counted as an error of that key and route."""
-    import threading
-
-    from live_endpoint import wait_for
-
-    a = replica(slow_seconds=3.0)
-    try:
-        inv = cluster_with(tmp_path, endpoint_max_inflight_per_key=1)
-        with running_endpoint(inv, 1, tmp_path / "ep", openai=True) as ep, ep.front(a) as port:
-            ep.sync(r1=(HOST, port))
-            ep.wait_status("r1", "up", timeout=20)
-            held: dict[str, tuple] = {}
-            body = {"model": BASE_ID, "prompt": "hold the key", "max_tokens": 1, "temperature": 0}
-            first = threading.Thread(
-                target=lambda: held.update(r=ep.request("POST", "/v1/completions", body))
-            )
-            first.start()
-            wait_for(lambda: "hold the key" in a.requests, 10, "the first request to reach the replica")
-            status, _, text = ep.request("POST", "/v1/completions", {**body, "prompt": "one too many"})
-            assert "r" not in held, "the first request was answered before the 429"
-            first.join(30)
-            assert status == 429 and json.loads(text)["error"]["code"] == "rate_limit_exceeded", text
-            _, _, metrics = ep.request("GET", "/metrics/openai", key=None)
-            assert 'nemotron_openai_errors_total{key="client",route="completions",status="429"} 1' in metrics
-    finally:
-        a.handle.stop()
+    with one_held_request(tmp_path, endpoint_max_inflight_per_key=1) as (ep, _, held):
+        status, _, error = _second(ep, "client")
+        assert "answer" not in held, "the first request was answered before the 429"
+        assert (status, error["code"]) == (429, "rate_limit_exceeded"), error
+        _, _, metrics = ep.request("GET", "/metrics/openai", key=None)
+        assert 'nemotron_openai_errors_total{key="client",route="completions",status="429"} 1' in metrics

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
@@ -78,18 +79,24 @@ def start_front(key_file: Path, port: int, translator=None) -> replica_front.Fro
     return server
 
 
-@pytest.fixture
-def replica(key_file: Path):
+@contextmanager
+def fronted(key_file: Path, translator=None):
     """The emulator on 127.0.0.1:<port> and the front on 127.0.0.2:<port>."""
     port = free_port()
     with serve_in_thread(port) as nemo:
         assert nemo.wait_ready()
-        front = start_front(key_file, port)
+        front = start_front(key_file, port, translator)
         try:
             yield nemo, port
         finally:
             front.shutdown()
             front.server_close()
+
+
+@pytest.fixture
+def replica(key_file: Path):
+    with fronted(key_file) as pair:
+        yield pair
 
 
 def test_a_request_without_the_key_gets_401_and_never_reaches_nemo(replica):
@@ -325,15 +332,8 @@ def translator(tmp_path: Path, tokenizer: Path | None = None):
 
 @pytest.fixture
 def openai_replica(key_file: Path, tmp_path: Path):
-    port = free_port()
-    with serve_in_thread(port) as nemo:
-        assert nemo.wait_ready()
-        front = start_front(key_file, port, translator(tmp_path))
-        try:
-            yield nemo, port
-        finally:
-            front.shutdown()
-            front.server_close()
+    with fronted(key_file, translator(tmp_path)) as pair:
+        yield pair
 
 
 def test_an_openai_request_needs_the_key_too(openai_replica):
@@ -369,20 +369,13 @@ def test_an_openai_request_nemo_never_answered_gets_no_answer_either(key_file, t
 
 
 def test_without_its_tokenizer_the_replica_still_generates_and_the_openai_routes_say_why(key_file, tmp_path):
-    port = free_port()
     missing = tmp_path / "absent" / "nemotron_2_256k.model"
-    with serve_in_thread(port) as nemo:
-        assert nemo.wait_ready()
-        front = start_front(key_file, port, translator(tmp_path, missing))
-        try:
-            status, headers, body = call(
-                port, "POST", "/v1/completions", COMPLETION, {replica_front.KEY_HEADER: KEY}
-            )
-            json_key = {replica_front.KEY_HEADER: KEY, "Content-Type": "application/json"}
-            generate = call(port, body=GENERATE, headers=json_key)
-        finally:
-            front.shutdown()
-            front.server_close()
+    with fronted(key_file, translator(tmp_path, missing)) as (_, port):
+        status, headers, body = call(
+            port, "POST", "/v1/completions", COMPLETION, {replica_front.KEY_HEADER: KEY}
+        )
+        json_key = {replica_front.KEY_HEADER: KEY, "Content-Type": "application/json"}
+        generate = call(port, body=GENERATE, headers=json_key)
     error = json.loads(body)["error"]
     assert (status, error["code"], headers.get("Retry-After")) == (503, "tokenizer_unavailable", "1")
     assert str(missing) in error["message"]
