@@ -37,6 +37,7 @@ SBATCH = f"{JOBS_DIR}/nemotron.sbatch"
 NODE_DIR = "/opt/nemotron-deploy"
 SCRIPTS_DIR = f"{NODE_DIR}/scripts"
 COMPUTE_SCRIPTS = ("call_server.py", "nemo_inference.sh", "nemo_launch.py", "nemotron_health.pyz")
+COMPUTE_CONFIGS = ("nemotron_openai.json",)  # the replica front's OpenAI translation config (0644)
 HEALTH_VENV = f"{NODE_DIR}/health-venv"
 # The account the replicas' jobs run as (service_user's default; the sandbox has it on every node):
 # a test that submits a replica by hand submits as it, as the deploy does.

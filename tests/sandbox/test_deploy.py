@@ -30,6 +30,7 @@ from helpers import write_inventory
 from nemotron_rehearsal import sandbox as sb_api
 from sshutil import (
     ACCOUNT_PODMAN,
+    COMPUTE_CONFIGS,
     COMPUTE_SCRIPTS,
     CRON_FILE,
     DEPLOY_SHARED,
@@ -118,7 +119,9 @@ def deployed(sandbox):
 def _watched(sandbox) -> dict[str, dict[str, str]]:
     """Checksums and mtimes of what the deploy placed on every host, to prove a run changed nothing."""
     watched = {
-        node: file_state(sandbox, node, [compute_script(name) for name in COMPUTE_SCRIPTS])
+        node: file_state(
+            sandbox, node, [compute_script(name) for name in (*COMPUTE_SCRIPTS, *COMPUTE_CONFIGS)]
+        )
         for node in sandbox.compute_names
     }
     watched[sandbox.login_host] = file_state(
@@ -172,13 +175,17 @@ def test_first_deploy_places_everything_with_the_right_modes(sandbox, tmp_path):
         timeout=120,
     )
     assert render.returncode == 0, render.stdout + render.stderr
-    assert sorted(p.name for p in rendered.iterdir()) == sorted([*COMPUTE_SCRIPTS, "nemotron.sbatch"])
+    assert sorted(p.name for p in rendered.iterdir()) == sorted(
+        [*COMPUTE_SCRIPTS, *COMPUTE_CONFIGS, "nemotron.sbatch"]
+    )
 
     for node in sandbox.compute_names:
         scripts = [compute_script(name) for name in COMPUTE_SCRIPTS]
-        modes = stat_paths(sandbox, node, [NODE_DIR, SCRIPTS_DIR, *scripts])
-        assert modes == {path: ROOT_755 for path in [NODE_DIR, SCRIPTS_DIR, *scripts]}, node
-        for name in COMPUTE_SCRIPTS:
+        configs = [compute_script(name) for name in COMPUTE_CONFIGS]
+        modes = stat_paths(sandbox, node, [NODE_DIR, SCRIPTS_DIR, *scripts, *configs])
+        expected = {path: ROOT_755 for path in [NODE_DIR, SCRIPTS_DIR, *scripts]}
+        assert modes == {**expected, **{path: ROOT_644 for path in configs}}, node
+        for name in (*COMPUTE_SCRIPTS, *COMPUTE_CONFIGS):
             assert read_bytes(sandbox, node, compute_script(name)) == (rendered / name).read_bytes(), (
                 f"{name} on {node} differs from `nemotron-deploy render`"
             )
