@@ -19,7 +19,11 @@ import json
 import posixpath
 import re
 
-ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions")
+from ..service.openai.translator import ROUTES as TRANSLATED
+
+# Each route: its name (the per-key counters' `route` label) and its method. HAProxy answers the GET;
+# the POSTs are the ones the replicas' fronts translate (their names are the translator's).
+ROUTES = {"/v1/models": ("models", "GET"), **{path: (name, "POST") for path, name in TRANSLATED.items()}}
 METRICS_PATH = "/metrics/openai"  # HAProxy's Lua counters, through the endpoint's /metrics rule
 CONFIG_FILE = "nemotron_openai.json"  # one of the job's files, beside nemo_inference.sh
 

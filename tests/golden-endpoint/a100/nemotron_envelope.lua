@@ -174,7 +174,7 @@ local METRICS = {
 }
 local REQUESTS, PROMPT, COMPLETION, ERRORS = "nemotron_openai_requests_total", "nemotron_openai_prompt_tokens_total", "nemotron_openai_completion_tokens_total", "nemotron_openai_errors_total"
 local USAGE_HEADER = "x-nemotron-usage"
-local ROUTE_METHOD = { models = "GET", completions = "POST", ["chat.completions"] = "POST" }
+local ROUTE_METHOD = { ["models"] = "GET", ["completions"] = "POST", ["chat.completions"] = "POST" }
 local counts = {}  -- metric name -> { label values joined by "\0" -> value }
 for _, m in ipairs(METRICS) do counts[m.name] = {} end
 
