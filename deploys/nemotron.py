@@ -60,5 +60,6 @@ deploy.run_endpoint(host, cluster, snapshot)
 deploy.roll_out(host, cluster, snapshot)
 
 # 10. Only with --data submit=true: submit every replica not queued (one Slurm job each), wait until
-#     all generate, then put them in the endpoint. With state=stopped: cancel them all instead.
+#     all generate, then put them in the endpoint and wait until it serves. With state=stopped: cancel
+#     them all instead.
 deploy.submit_job(host, cluster, snapshot)

@@ -190,6 +190,21 @@ def sync_command(cluster: Cluster, login: Login) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
 
+def serving_wait_command(cluster: Cluster, within: int = 60) -> str:
+    """As the check's user: wait until HAProxy has every replica's slot UP (its check, a generation,
+    passed), so the deploy ends with an endpoint that serves; exit 1 naming the slots that are not."""
+    s = cluster.settings
+    argv = [
+        "runuser", "-u", s.health_user, "--",
+        f"{s.health_venv}/bin/python", "-m", "nemotron_deploy.service.endpoint_sync",
+        "--socket", endpoint_mod.STATS_SOCKET,
+        "--within", str(within),
+    ]  # fmt: skip
+    for slot in endpoint_mod.slot_names(cluster.plan.replicas):
+        argv += ["--wait-up", slot]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
 # What root writes for the check on the login node lives in a directory only root writes: root never
 # creates, opens or renames a file in a directory the health user (or anyone else) can write.
 DEPLOY_STATE_DIR = "/var/lib/nemotron-deploy"

@@ -455,3 +455,7 @@ def submit_job(host: Any, cluster: Cluster, snap: dict[str, Any]) -> None:
         endpoint.sync_now(
             name="Endpoint: point its slots at the replicas", command=desired.sync_command(cluster, login)
         )
+        endpoint.serving(
+            name="Endpoint: wait until it serves (every slot UP)",
+            command=desired.serving_wait_command(cluster),
+        )

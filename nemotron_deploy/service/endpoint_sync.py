@@ -29,6 +29,7 @@ import ipaddress
 import re
 import socket
 import sys
+import time
 from dataclasses import dataclass
 
 # The endpoint's names, defined here (stdlib-only: the health check and the rollout import this
@@ -276,6 +277,23 @@ def apply(
     return commands
 
 
+def not_up(
+    socket_path: str, slots: list[str], within: float, backend: str = BACKEND
+) -> dict[str, ServerState]:
+    """Wait (at most `within` seconds) until HAProxy has every one of `slots` UP, i.e. its check (a
+    one-token generation) passed; return the slots still not UP then ({} when all are)."""
+    deadline = time.monotonic() + within
+    while True:
+        current = servers_state(socket_path, backend)
+        unknown = sorted(set(slots) - set(current))
+        if unknown:
+            raise SyncError(f"the endpoint's backend {backend} has no slot(s) {', '.join(unknown)}")
+        waiting = {slot: current[slot] for slot in slots if current[slot].status != "up"}
+        if not waiting or time.monotonic() >= deadline:
+            return waiting
+        time.sleep(0.2)
+
+
 def _slot_arg(text: str) -> tuple[str, tuple[str | None, int | None]]:
     slot, sep, target = text.partition("=")
     if not sep or not re.fullmatch(SLOT_PREFIX + r"[1-9][0-9]*", slot):
@@ -306,17 +324,41 @@ def main(argv: list[str] | None = None) -> int:
         help="a slot's replica (its first node and port), or - for none; repeat per slot",
     )
     parser.add_argument("--show", action="store_true", help="print every slot's state after applying")
+    parser.add_argument(
+        "--wait-up",
+        dest="wait_up",
+        action="append",
+        default=[],
+        metavar="SLOT",
+        help="then wait until HAProxy has this slot UP (its check, a generation, passed); repeat per "
+        "slot; exit 1 naming the slots still not UP after --within seconds",
+    )
+    parser.add_argument(
+        "--within", type=float, default=60.0, metavar="SECONDS", help="the bound of --wait-up (default 60)"
+    )
     opts = parser.parse_args(argv)
     desired = {slot: (host, port or 0) for slot, (host, port) in opts.slots}
     try:
         for line in apply(opts.socket, desired, opts.backend):
             print(line)
+        waiting = not_up(opts.socket, opts.wait_up, opts.within, opts.backend) if opts.wait_up else {}
         if opts.show:
             for name, state in sorted(servers_state(opts.socket, opts.backend).items()):
                 print(f"{name} {state.addr}:{state.port} {state.status}")
     except SyncError as exc:
         print(f"endpoint_sync: {exc}", file=sys.stderr)
         return 2
+    if waiting:
+        slots = ", ".join(
+            f"{name} ({state.addr}:{state.port}, {state.status})" for name, state in waiting.items()
+        )
+        print(
+            f"endpoint_sync: not UP in the endpoint after {opts.within:.0f}s: {slots}. HAProxy's check of "
+            "each (a one-token generation from this node) has not passed: see `nemotron-deploy health` "
+            "and whether this node reaches the replica's port.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -384,6 +384,37 @@ def test_updater_changes_slots_at_run_time_without_reload(tmp_path):
         b.handle.stop()
 
 
+def test_wait_up_returns_once_the_check_passed_and_names_the_slot_that_never_comes_up(tmp_path):
+    """`endpoint_sync --wait-up` (the deploy's last step after a submit): a slot pointed at a replica
+    that generates is UP when it returns 0, and the endpoint serves at once; a slot pointed at a port
+    where nothing answers makes it exit 1 after its bound, naming that slot, its address and state."""
+    a = replica()
+    dead = socket.socket()
+    dead.bind((HOST, 0))  # a port that is bound and never listens: the check's connection is refused
+    try:
+        with running_endpoint(cluster_with(tmp_path), 2, tmp_path / "ep") as ep:
+            sync = [sys.executable, "-m", "nemotron_deploy.service.endpoint_sync", "--socket", ep.socket]
+            ready = subprocess.run(
+                [*sync, "--set", f"r1={HOST}:{a.port}", "--wait-up", "r1", "--within", "30"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert ready.returncode == 0, ready.stderr
+            assert ep.state()["r1"].status == "up"
+            assert ep.put(ask("at once"))[0] == 200 and a.requests == ["at once"]
+
+            port = dead.getsockname()[1]
+            never = subprocess.run(
+                [*sync, "--set", f"r2={HOST}:{port}", "--wait-up", "r1", "--wait-up", "r2", "--within", "3"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert never.returncode == 1, never.stderr
+            assert f"not UP in the endpoint after 3s: r2 ({HOST}:{port}, down)" in never.stderr
+            assert "r1 (" not in never.stderr
+    finally:
+        dead.close()
+        a.handle.stop()
+
+
 def test_model_card_client_is_answered_through_an_open_endpoint(tmp_path):
     """The model card's unchanged call_server.py (it calls localhost:1424, no key, no TLS) gets its
     answer through an endpoint opened on purpose (endpoint_auth = none, endpoint_tls = none) listening

@@ -20,16 +20,20 @@ import pytest
 from nemotron_rehearsal import sandbox as sb_api
 from sshutil import (
     ENDPOINT_CERT,
+    HEALTH_USER,
     HEALTH_VENV,
     cancel_jobs,
     deploy_ok,
     endpoint_put,
+    op_statuses,
     pyinfra,
     rehearsal_key,
     results_table,
     ssh,
     wait_for,
 )
+
+from nemotron_deploy.service import endpoint_sync
 
 KEYS_MAP = "/etc/haproxy/nemotron_api_keys.map"
 CONFIG = "/etc/haproxy/haproxy.cfg"
@@ -44,8 +48,27 @@ def served(sandbox):
         cancel_jobs(sandbox)
         run = pyinfra("--data", "submit=true", timeout=300)
         assert run.rc == 0, run.describe()
+        # The deploy returns with the endpoint serving: its last step waited until every slot was UP.
+        waited = op_statuses(run.output, "Endpoint: wait until it serves")
+        assert waited == {sandbox.login_host: "Success"}, run.output[-3000:]
+        assert _slot_statuses(sandbox) == {"r1": "up", "r2": "up"}
         yield run
         cancel_jobs(sandbox)
+
+
+def _slot_statuses(sandbox) -> dict[str, str]:
+    """HAProxy's view of the replica slots now ({"r1": "up", ...}), read as the check's user."""
+    script = (
+        "from nemotron_deploy.service import endpoint_sync as e; "
+        f"print(' '.join(n + '=' + s.status for n, s in e.servers_state({endpoint_sync.SOCKET!r}).items()))"
+    )
+    out = ssh(
+        sandbox,
+        sandbox.login_host,
+        f"runuser -u {HEALTH_USER} -- {HEALTH_VENV}/bin/python -c {shlex.quote(script)}",
+    ).stdout
+    pairs = dict(item.split("=", 1) for item in out.split())
+    return {n: v for n, v in pairs.items() if n.startswith(endpoint_sync.SLOT_PREFIX)}
 
 
 def _as_nobody(sandbox, command: str, stdin: str | None = None):

@@ -62,6 +62,21 @@ def sync_now(command: str):
     yield StringCommand(f"{command} || true")
 
 
+@operation(is_idempotent=False)
+def serving(command: str):
+    """
+    Wait (bounded) until HAProxy has every replica's slot UP, its check (a generation) passed: the
+    deploy ends with an endpoint that serves, or fails naming the slots HAProxy cannot use.
+
+    **Example:**
+
+    .. code:: python
+
+        serving(name="Endpoint serves", command="runuser -u nemotron-health -- /opt/.../python -m ...")
+    """
+    yield StringCommand(command)
+
+
 @operation()
 def self_signed_certificate(script: str, present: bool):
     """
