@@ -30,6 +30,7 @@ import re
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # The endpoint's names, defined here (stdlib-only: the health check and the rollout import this
@@ -196,14 +197,18 @@ def resolve(host: str) -> str | None:
     return (v4 or addrs or [None])[0]
 
 
-def plan_commands(current: dict[str, ServerState], desired: Desired, backend: str = BACKEND) -> list[str]:
-    """The runtime API commands that bring `current` to `desired`; none for slots already there."""
-    unknown = sorted(set(desired) - set(current))
+def _require_slots(current: dict[str, ServerState], slots: Iterable[str], backend: str) -> None:
+    unknown = sorted(set(slots) - set(current))
     if unknown:
         raise SyncError(
             f"the endpoint's backend {backend} has no slot(s) {', '.join(unknown)} (it has "
             f"{', '.join(sorted(current)) or 'none'}): re-render the endpoint for this many replicas"
         )
+
+
+def plan_commands(current: dict[str, ServerState], desired: Desired, backend: str = BACKEND) -> list[str]:
+    """The runtime API commands that bring `current` to `desired`; none for slots already there."""
+    _require_slots(current, desired, backend)
     commands = []
     for slot in sorted(desired, key=lambda name: (len(name), name)):
         addr, port = desired[slot]
@@ -285,9 +290,7 @@ def not_up(
     deadline = time.monotonic() + within
     while True:
         current = servers_state(socket_path, backend)
-        unknown = sorted(set(slots) - set(current))
-        if unknown:
-            raise SyncError(f"the endpoint's backend {backend} has no slot(s) {', '.join(unknown)}")
+        _require_slots(current, slots, backend)
         waiting = {slot: current[slot] for slot in slots if current[slot].status != "up"}
         if not waiting or time.monotonic() >= deadline:
             return waiting
