@@ -194,6 +194,17 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
 # --- the state of the nodes -----------------------------------------------------------------------
 
 
+def endpoint_slots(sandbox) -> dict[str, tuple[str, str]]:
+    """HAProxy's endpoint slots now, {name: (address, status)}, as `endpoint_sync --show` prints them
+    on the login node for the check's user (with no --set it changes nothing)."""
+    show = f"runuser -u {HEALTH_USER} -- {HEALTH_VENV}/bin/python -m nemotron_deploy.service.endpoint_sync --show"
+    slots = {}
+    for line in ssh(sandbox, sandbox.login_host, show).stdout.splitlines():
+        name, target, status = line.split()
+        slots[name] = (target.rpartition(":")[0], status)
+    return slots
+
+
 def stat_paths(sandbox, node: str, paths: list[str] | tuple[str, ...]) -> dict[str, tuple[str, str, str]]:
     """{path: (octal mode, user, group)} for the paths that exist on the node (one SSH command)."""
     quoted = " ".join(shlex.quote(p) for p in paths)

@@ -20,11 +20,11 @@ import pytest
 from nemotron_rehearsal import sandbox as sb_api
 from sshutil import (
     ENDPOINT_CERT,
-    HEALTH_USER,
     HEALTH_VENV,
     cancel_jobs,
     deploy_ok,
     endpoint_put,
+    endpoint_slots,
     op_statuses,
     pyinfra,
     rehearsal_key,
@@ -32,8 +32,6 @@ from sshutil import (
     ssh,
     wait_for,
 )
-
-from nemotron_deploy.service import endpoint_sync
 
 KEYS_MAP = "/etc/haproxy/nemotron_api_keys.map"
 CONFIG = "/etc/haproxy/haproxy.cfg"
@@ -52,24 +50,10 @@ def served(sandbox):
         waited = op_statuses(run.output, "Endpoint: wait until it serves")
         assert waited.pop(sandbox.login_host) == "Success", run.output[-3000:]
         assert set(waited.values()) == {"Skipped"}, waited  # the compute nodes have no endpoint
-        assert _slot_statuses(sandbox) == {"r1": "up", "r2": "up"}
+        slots = endpoint_slots(sandbox)
+        assert {name: slots[name][1] for name in ("r1", "r2")} == {"r1": "up", "r2": "up"}, slots
         yield run
         cancel_jobs(sandbox)
-
-
-def _slot_statuses(sandbox) -> dict[str, str]:
-    """HAProxy's view of the replica slots now ({"r1": "up", ...}), read as the check's user."""
-    script = (
-        "from nemotron_deploy.service import endpoint_sync as e; "
-        f"print(' '.join(n + '=' + s.status for n, s in e.servers_state({endpoint_sync.SOCKET!r}).items()))"
-    )
-    out = ssh(
-        sandbox,
-        sandbox.login_host,
-        f"runuser -u {HEALTH_USER} -- {HEALTH_VENV}/bin/python -c {shlex.quote(script)}",
-    ).stdout
-    pairs = dict(item.split("=", 1) for item in out.split())
-    return {n: v for n, v in pairs.items() if n.startswith(endpoint_sync.SLOT_PREFIX)}
 
 
 def _as_nobody(sandbox, command: str, stdin: str | None = None):

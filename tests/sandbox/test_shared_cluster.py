@@ -20,7 +20,6 @@ from sshutil import (
     HEALTH_METRICS_DIR,
     HEALTH_STATE_DIR,
     HEALTH_USER,
-    HEALTH_VENV,
     INVENTORY,
     JOB_BASE,
     LOGS_DIR,
@@ -28,6 +27,7 @@ from sshutil import (
     SHARED,
     cancel_jobs,
     deploy_ok,
+    endpoint_slots,
     pyinfra,
     reset_deploy,
     results_table,
@@ -37,7 +37,6 @@ from sshutil import (
 
 R1 = f"{JOB_BASE}-r1"
 FORGED_NODE = "10.213.0.250"  # no compute node of the cluster: an impostor's address
-SOCKET = "/run/haproxy/admin.sock"
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +78,7 @@ def run_check(sandbox) -> str:
 
 
 def slot_address(sandbox, slot: str) -> str:
-    code = (
-        "from nemotron_deploy.service import endpoint_sync as e; "
-        f"print(e.servers_state({SOCKET!r})[{slot!r}].addr)"
-    )
-    return ssh(sandbox, sandbox.login_host, f"{HEALTH_VENV}/bin/python -c {shlex.quote(code)}").stdout.strip()
+    return endpoint_slots(sandbox)[slot][0]
 
 
 def forged(job_id: str = "4242", node: str = FORGED_NODE) -> str:
